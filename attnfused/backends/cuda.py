@@ -1,0 +1,10 @@
+"""The `cuda` backend: CUDA kernels of the compiled extension (not built yet)."""
+from __future__ import annotations
+
+import torch
+
+NAME = "cuda"
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    return "the C++ extension's cuda kernels are not part of this build yet"

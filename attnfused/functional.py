@@ -1,0 +1,107 @@
+"""Functional forms of the fused blocks: check arguments, pick the backend, call the op.
+
+Every function takes `backend="auto"` (SPEC §3) and returns a tensor shaped, typed and
+laid out (NCHW or channels_last) like `x`. Weights may be float32 while `x` is half
+precision (autocast); all reductions and small math run in float32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks, backends, ops
+from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS,
+                       check_choice, spatial_in_channels)
+
+
+def native_layout(x: Tensor) -> Tensor:
+    """x itself if NCHW- or channels_last-contiguous, else one copy to NCHW (SPEC §4)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
+    _checks.check_input(x)
+    check_choice("kind", kind, CHANNEL_KINDS)
+    check_choice("pool", pool, CHANNEL_POOLS)
+    check_choice("act", act, HIDDEN_ACTS)
+    check_choice("gate", gate, GATES)
+    check_choice("padding", padding, CONV_PADDINGS)
+    C = x.shape[1]
+    if kind == "mlp":
+        _checks.check_weight("w1", w1, x)
+        if w1.dim() != 2 or w1.shape[1] != C or w1.shape[0] < 1:
+            raise ValueError(f"w1 must have shape (hidden, {C}) with hidden >= 1, got {tuple(w1.shape)}")
+        hidden = w1.shape[0]
+        _checks.check_weight("w2", w2, x, (C, hidden))
+        _checks.check_weight("b1", b1, x, (hidden,), optional=True)
+        _checks.check_weight("b2", b2, x, (C,), optional=True)
+    else:
+        _checks.check_weight("w1", w1, x)
+        if w1.dim() != 3 or w1.shape[:2] != (1, 1) or w1.shape[2] % 2 == 0:
+            raise ValueError(f"w1 (the 1D conv weight) must have shape (1, 1, k) with k odd, got {tuple(w1.shape)}")
+        for name, w in (("b1", b1), ("w2", w2), ("b2", b2)):
+            if w is not None:
+                raise ValueError(f"{name} must be None for kind='conv', got a tensor")
+
+
+def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="bias", gate_name="gate"):
+    check_choice("maps", maps, SPATIAL_MAPS)
+    check_choice(gate_name, gate, GATES)
+    _checks.check_weight(weight_name, weight, x)
+    m = spatial_in_channels(maps)
+    if weight.dim() != 4 or weight.shape[:2] != (1, m) or weight.shape[2] != weight.shape[3] \
+            or weight.shape[2] % 2 == 0:
+        raise ValueError(f"{weight_name} must have shape (1, {m}, k, k) with k odd for maps={maps!r}, "
+                         f"got {tuple(weight.shape)}")
+    _checks.check_weight(bias_name, bias, x, (1,), optional=True)
+
+
+def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tensor | None = None,
+                      b2: Tensor | None = None, *, kind: str = "mlp", pool: str = "avg", act: str = "relu",
+                      gate: str = "sigmoid", padding: str = "zeros", backend: str = "auto") -> Tensor:
+    """`x * gate(f(pool(x)))`: f is the MLP `w2 @ act(w1 @ v + b1) + b2` (kind "mlp") or the
+    1D conv of weight `w1` (1, 1, k) along channels (kind "conv")."""
+    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+    x = native_layout(x)
+    return ops.channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding,
+                                 backends.resolve(backend, x))[0]
+
+
+def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, maps: str = "max_mean",
+                      gate: str = "sigmoid", backend: str = "auto") -> Tensor:
+    """`x * gate(conv2d(maps(x), weight, bias))[n, h, w]` with a k x k conv, padding (k-1)//2."""
+    _checks.check_input(x)
+    _spatial_args(x, weight, bias, maps, gate)
+    x = native_layout(x)
+    return ops.spatial_attention(x, weight, bias, maps, gate, backends.resolve(backend, x))[0]
+
+
+def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
+         spatial_weight: Tensor, spatial_bias: Tensor | None = None, *, kind: str = "mlp",
+         pool: str = "avg+max", act: str = "relu", gate: str = "sigmoid", padding: str = "zeros",
+         maps: str = "max_mean", spatial_gate: str = "sigmoid", backend: str = "auto") -> Tensor:
+    """Channel attention then spatial attention, fused: the channel-scaled tensor is never stored."""
+    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+    _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, "spatial_weight", "spatial_bias",
+                  "spatial_gate")
+    x = native_layout(x)
+    return ops.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding, maps,
+                    spatial_gate, backends.resolve(backend, x))[0]
+
+
+def spatial_pool(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The max and mean over channels as one (N, 2, H, W) float32 tensor ([max, mean]); its
+    gradient goes to the mean and to one maximal channel."""
+    _checks.check_input(x)
+    x = native_layout(x)
+    return ops.spatial_pool(x, backends.resolve(backend, x))[0]
+
+
+def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
+    """`x * t[:, None]` for a map t of shape (N, H, W)."""
+    _checks.check_input(x)
+    _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
+    x = native_layout(x)
+    return ops.spatial_scale(x, t.contiguous(), backends.resolve(backend, x))

@@ -1,0 +1,101 @@
+"""The fused blocks: the reference classes' structure (same constructor, submodules and
+`state_dict`), with a forward that runs one fused op. Extra keyword: `backend="auto"`.
+"""
+from __future__ import annotations
+
+from . import _checks, functional as F
+from ._options import BACKENDS
+from .reference import modules as ref
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+class _FusedMixin:
+    backend: str
+
+    def _set_backend(self, backend):
+        self.backend = check_backend(backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class SEBlock(_FusedMixin, ref.SEBlock):
+    def __init__(self, mode: str, channels: int, ratio: int, *, backend: str = "auto"):
+        super().__init__(mode, channels, ratio)
+        self._set_backend(backend)
+
+    def forward(self, x):
+        _checks.check_input(x, self.channels)
+        return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
+                                   kind="mlp", pool=self.mode, backend=self.backend)
+
+
+class ECABlock(_FusedMixin, ref.ECABlock):
+    def __init__(self, channels: int, gamma=2, b=1, *, backend: str = "auto"):
+        super().__init__(channels, gamma, b)
+        self._set_backend(backend)
+
+    def forward(self, x):
+        _checks.check_input(x, self.channels)
+        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg", backend=self.backend)
+
+
+class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
+    def __init__(self, channels: int, ratio: int, *, backend: str = "auto"):
+        super().__init__(channels, ratio)
+        self._set_backend(backend)
+
+    def forward(self, x):
+        _checks.check_input(x, self.channels)
+        return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
+                                   kind="mlp", pool="avg+max", backend=self.backend)
+
+
+class ChannelAttentionConv(_FusedMixin, ref.ChannelAttentionConv):
+    def __init__(self, channels: int, gamma=2, b=1, *, backend: str = "auto"):
+        super().__init__(channels, gamma, b)
+        self._set_backend(backend)
+
+    def forward(self, x):
+        _checks.check_input(x, self.channels)
+        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg+max", backend=self.backend)
+
+
+class SpatialAttention(_FusedMixin, ref.SpatialAttention):
+    def __init__(self, k: int, *, backend: str = "auto"):
+        super().__init__(k)
+        self._set_backend(backend)
+
+    def forward(self, x):
+        _checks.check_input(x)
+        return F.spatial_attention(x, self.conv.weight, maps="max_mean", backend=self.backend)
+
+
+class CBAMBlock(_FusedMixin, ref.CBAMBlock):
+    _channel_classes = {"FC": ChannelAttentionFC, "Conv": ChannelAttentionConv}
+    _spatial_class = SpatialAttention
+
+    def __init__(self, channel_attention_mode: str, spatial_attention_kernel_size: int, channels: int = None,
+                 ratio: int = None, gamma: int = None, b: int = None, *, backend: str = "auto"):
+        super().__init__(channel_attention_mode, spatial_attention_kernel_size, channels, ratio, gamma, b)
+        self._set_backend(backend)
+        for child in (self.channel_attention_block, self.spatial_attention_block):
+            child.backend = self.backend
+
+    def extra_repr(self) -> str:
+        return f"channel_attention_mode={self.channel_attention_mode!r}, backend={self.backend!r}"
+
+    def forward(self, x):
+        ch = self.channel_attention_block
+        _checks.check_input(x, ch.channels)
+        if self.channel_attention_mode == "FC":
+            w1, w2, kind = ch.fc_layers[0].weight, ch.fc_layers[2].weight, "mlp"
+        else:
+            w1, w2, kind = ch.conv.weight, None, "conv"
+        return F.cbam(x, w1, None, w2, None, self.spatial_attention_block.conv.weight, kind=kind,
+                      pool="avg+max", maps="max_mean", backend=self.backend)

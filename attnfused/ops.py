@@ -1,0 +1,266 @@
+"""The custom operators under `torch.ops.attnfused`: one forward and one backward op per
+fused computation, each with a fake (meta) implementation and an autograd formula.
+
+Every op takes `backend` (a concrete name; `attnfused.functional` resolves "auto") and
+runs that backend's kernel from the registry. Option arguments are the strings listed
+in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
+
+- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding)`
+  -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the max)`.
+  kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
+- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate)`
+  -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
+- `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate)`
+  -> `(y, pooled, argmax, smaps, sargmax)`, the spatial maps taken of x1 = x * s.
+- `spatial_pool(x)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W])` -> `x * t`: the two
+  halves of spatial attention for when ordinary ops run between them (BatchNorm in training).
+- Each `<op>_backward` takes `grad_y` (same strides as x), the forward's inputs and saved
+  outputs, and returns `grad_x` (x's dtype and strides) and one gradient per weight (the
+  weight's shape and dtype; an empty tensor where the weight is None).
+
+Outputs the size of x have x's dtype and strides; only x and the small saved tensors are
+kept for backward, never a second tensor of x's size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_LIB = "attnfused"
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _grad_like(w: Optional[Tensor], ref: Tensor) -> Tensor:
+    return ref.new_empty(0) if w is None else torch.empty_like(w)
+
+
+def same_strides_as(grad: Tensor, x: Tensor) -> Tensor:
+    """`grad` laid out exactly like `x` (the kernels read both with x's strides)."""
+    if grad.stride() == x.stride() and grad.dtype == x.dtype:
+        return grad
+    return torch.empty_like(x).copy_(grad)
+
+
+def _none_if_empty(w: Optional[Tensor], g: Tensor) -> Optional[Tensor]:
+    return None if w is None else g
+
+
+# ----------------------------------------------------------------------------- channel attention
+
+@torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
+def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+                      kind: str, pool: str, act: str, gate: str, padding: str,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+
+
+@channel_attention.register_fake
+def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
+    N, C = x.shape[:2]
+    return (torch.empty_like(x), x.new_empty((N, 2, C), dtype=_acc(x)),
+            x.new_empty((N, C), dtype=torch.int64))
+
+
+@torch.library.custom_op(f"{_LIB}::channel_attention_backward", mutates_args=())
+def channel_attention_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, w1: Tensor,
+                               b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+                               kind: str, pool: str, act: str, gate: str, padding: str,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "channel_attention_backward")(
+        grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding))
+
+
+@channel_attention_backward.register_fake
+def _(grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
+    return (torch.empty_like(x), torch.empty_like(w1), _grad_like(b1, w1), _grad_like(w2, w1),
+            _grad_like(b2, w1))
+
+
+def _channel_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, *opts = inputs
+    ctx.opts = opts
+    ctx.save_for_backward(x, output[1], output[2], w1, b1, w2, b2)
+
+
+def _channel_backward(ctx, grad_y, _grad_pooled, _grad_argmax):
+    x, pooled, argmax, w1, b1, w2, b2 = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = channel_attention_backward(same_strides_as(grad_y, x), x, pooled, argmax, w1, b1,
+                                                        w2, b2, *ctx.opts)
+    return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2),
+            None, None, None, None, None, None)
+
+
+channel_attention.register_autograd(_channel_backward, setup_context=_channel_setup)
+
+
+# ----------------------------------------------------------------------------- spatial attention
+
+@torch.library.custom_op(f"{_LIB}::spatial_attention", mutates_args=())
+def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.kernel(backend, "spatial_attention")(x, weight, bias, maps, gate)
+
+
+def _spatial_saved_fake(x):
+    N, _, H, W = x.shape
+    return x.new_empty((N, 2, H, W), dtype=_acc(x)), x.new_empty((N, H, W), dtype=torch.int64)
+
+
+@spatial_attention.register_fake
+def _(x, weight, bias, maps, gate, backend):
+    return (torch.empty_like(x), *_spatial_saved_fake(x))
+
+
+@torch.library.custom_op(f"{_LIB}::spatial_attention_backward", mutates_args=())
+def spatial_attention_backward(grad_y: Tensor, x: Tensor, smaps: Tensor, sargmax: Tensor, weight: Tensor,
+                               bias: Optional[Tensor], maps: str, gate: str,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "spatial_attention_backward")(
+        grad_y, x, smaps, sargmax, weight, bias, maps, gate))
+
+
+@spatial_attention_backward.register_fake
+def _(grad_y, x, smaps, sargmax, weight, bias, maps, gate, backend):
+    return torch.empty_like(x), torch.empty_like(weight), _grad_like(bias, weight)
+
+
+def _spatial_setup(ctx, inputs, output):
+    x, weight, bias, *opts = inputs
+    ctx.opts = opts
+    ctx.save_for_backward(x, output[1], output[2], weight, bias)
+
+
+def _spatial_backward(ctx, grad_y, _g1, _g2):
+    x, smaps, sargmax, weight, bias = ctx.saved_tensors
+    gx, gw, gb = spatial_attention_backward(same_strides_as(grad_y, x), x, smaps, sargmax, weight, bias,
+                                            *ctx.opts)
+    return gx, gw, _none_if_empty(bias, gb), None, None, None
+
+
+spatial_attention.register_autograd(_spatial_backward, setup_context=_spatial_setup)
+
+
+# ----------------------------------------------------------------------------- CBAM
+
+@torch.library.custom_op(f"{_LIB}::cbam", mutates_args=())
+def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+         sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
+         maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "cbam")(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
+                                                  padding, maps, sgate))
+
+
+@cbam.register_fake
+def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, backend):
+    N, C = x.shape[:2]
+    return (torch.empty_like(x), x.new_empty((N, 2, C), dtype=_acc(x)), x.new_empty((N, C), dtype=torch.int64),
+            *_spatial_saved_fake(x))
+
+
+@torch.library.custom_op(f"{_LIB}::cbam_backward", mutates_args=())
+def cbam_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, smaps: Tensor, sargmax: Tensor,
+                  w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor], sweight: Tensor,
+                  sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str, maps: str,
+                  sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "cbam_backward")(
+        grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
+        padding, maps, sgate))
+
+
+@cbam_backward.register_fake
+def _(grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, *opts):
+    return (torch.empty_like(x), torch.empty_like(w1), _grad_like(b1, w1), _grad_like(w2, w1),
+            _grad_like(b2, w1), torch.empty_like(sweight), _grad_like(sbias, sweight))
+
+
+def _cbam_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, sweight, sbias, *opts = inputs
+    ctx.opts = opts
+    ctx.save_for_backward(x, output[1], output[2], output[3], output[4], w1, b1, w2, b2, sweight, sbias)
+
+
+def _cbam_backward(ctx, grad_y, *_saved_grads):
+    x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2, gsw, gsb = cbam_backward(same_strides_as(grad_y, x), x, pooled, argmax, smaps,
+                                                     sargmax, w1, b1, w2, b2, sweight, sbias, *ctx.opts)
+    return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2), gsw,
+            _none_if_empty(sbias, gsb)) + (None,) * len(ctx.opts)
+
+
+cbam.register_autograd(_cbam_backward, setup_context=_cbam_setup)
+
+
+# ----------------------------------------------------------------------------- spatial halves
+
+@torch.library.custom_op(f"{_LIB}::spatial_pool", mutates_args=())
+def spatial_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "spatial_pool")(x))
+
+
+@spatial_pool.register_fake
+def _(x, backend):
+    return _spatial_saved_fake(x)
+
+
+@torch.library.custom_op(f"{_LIB}::spatial_pool_backward", mutates_args=())
+def spatial_pool_backward(grad_smaps: Tensor, x: Tensor, sargmax: Tensor, backend: str) -> Tensor:
+    return backends.kernel(backend, "spatial_pool_backward")(grad_smaps, x, sargmax)
+
+
+@spatial_pool_backward.register_fake
+def _(grad_smaps, x, sargmax, backend):
+    return torch.empty_like(x)
+
+
+def _pool_setup(ctx, inputs, output):
+    ctx.backend = inputs[1]
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _pool_backward(ctx, grad_smaps, _grad_argmax):
+    x, sargmax = ctx.saved_tensors
+    return spatial_pool_backward(grad_smaps.contiguous(), x, sargmax, ctx.backend), None
+
+
+spatial_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::spatial_scale", mutates_args=())
+def spatial_scale(x: Tensor, t: Tensor, backend: str) -> Tensor:
+    return backends.kernel(backend, "spatial_scale")(x, t)
+
+
+@spatial_scale.register_fake
+def _(x, t, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::spatial_scale_backward", mutates_args=())
+def spatial_scale_backward(grad_y: Tensor, x: Tensor, t: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "spatial_scale_backward")(grad_y, x, t))
+
+
+@spatial_scale_backward.register_fake
+def _(grad_y, x, t, backend):
+    return torch.empty_like(x), torch.empty_like(t)
+
+
+def _scale_setup(ctx, inputs, output):
+    ctx.backend = inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _scale_backward(ctx, grad_y):
+    x, t = ctx.saved_tensors
+    gx, gt = spatial_scale_backward(same_strides_as(grad_y, x), x, t, ctx.backend)
+    return gx, gt, None
+
+
+spatial_scale.register_autograd(_scale_backward, setup_context=_scale_setup)

@@ -1,0 +1,127 @@
+"""The oracle: every computation the fused ops do, in plain PyTorch with autograd.
+
+Written for clarity, not speed. Gradients of max pooling go to one maximal element
+(the index `torch.max(dim)` returns), as `AdaptiveMaxPool2d` does. Reductions and the
+small MLP/conv math run in float32 (float64 for float64 input), like the kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of reductions and small math: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gate(z: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sigmoid":
+        return torch.sigmoid(z)
+    if kind == "hardsigmoid":
+        return F.hardsigmoid(z)
+    raise ValueError(f"gate must be 'sigmoid' or 'hardsigmoid', got {kind!r}")
+
+
+def hidden_act(z: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "relu":
+        return F.relu(z)
+    if kind == "silu":
+        return F.silu(z)
+    raise ValueError(f"act must be 'relu' or 'silu', got {kind!r}")
+
+
+def pool_space(x: torch.Tensor):
+    """avg and max over (H, W): two (N, C) tensors in the accumulation dtype."""
+    flat = x.flatten(2).to(acc_dtype(x.dtype))
+    return flat.mean(2), flat.max(2).values
+
+
+def pool_channels(x: torch.Tensor):
+    """mean and max over C: two (N, H, W) maps in the accumulation dtype."""
+    xa = x.to(acc_dtype(x.dtype))
+    return xa.mean(1), xa.max(1).values
+
+
+def mlp(v, w1, b1, w2, b2, act: str):
+    """Linear(C, C//r) -> act -> Linear(C//r, C) on (N, C) vectors."""
+    h = hidden_act(F.linear(v, w1.to(v.dtype), None if b1 is None else b1.to(v.dtype)), act)
+    return F.linear(h, w2.to(v.dtype), None if b2 is None else b2.to(v.dtype))
+
+
+def channel_conv1d(v, weight, padding: str):
+    """ECA's 1D cross-correlation along channels, one in/out channel, no bias.
+
+    `weight` is (1, 1, k). Zero padding or circular (CecaModule) padding of (k-1)//2.
+    """
+    k = weight.shape[-1]
+    p = (k - 1) // 2
+    C = v.shape[1]
+    if padding == "zeros":
+        return F.conv1d(v.unsqueeze(1), weight.to(v.dtype), padding=p).squeeze(1)
+    if padding == "circular":
+        # index form of circular padding: works for any C, also when p > C
+        idx = (torch.arange(C + 2 * p, device=v.device) - p) % C
+        return F.conv1d(v[:, idx].unsqueeze(1), weight.to(v.dtype)).squeeze(1)
+    raise ValueError(f"padding must be 'zeros' or 'circular', got {padding!r}")
+
+
+def channel_logits(avg, mx, w1, b1, w2, b2, *, kind: str, pool: str, act: str, padding: str):
+    """Logits of channel attention from the pooled (N, C) vectors."""
+    if kind == "mlp":
+        f = lambda v: mlp(v, w1, b1, w2, b2, act)  # noqa: E731
+    elif kind == "conv":
+        f = lambda v: channel_conv1d(v, w1, padding)  # noqa: E731
+    else:
+        raise ValueError(f"kind must be 'mlp' or 'conv', got {kind!r}")
+    if pool == "avg":
+        return f(avg)
+    if pool == "max":
+        return f(mx)
+    if pool == "avg+max":
+        return f(avg) + f(mx)
+    if pool == "mix":
+        return f(0.5 * avg + 0.5 * mx)
+    raise ValueError(f"pool must be one of avg, max, avg+max, mix, got {pool!r}")
+
+
+def channel_attention(x, w1, b1=None, w2=None, b2=None, *, kind="mlp", pool="avg", act="relu",
+                      gate_kind="sigmoid", padding="zeros"):
+    """y = x * gate(f(pool(x)))[n, c]."""
+    avg, mx = pool_space(x)
+    s = gate(channel_logits(avg, mx, w1, b1, w2, b2, kind=kind, pool=pool, act=act, padding=padding),
+             gate_kind)
+    return (x.to(s.dtype) * s[:, :, None, None]).to(x.dtype)
+
+
+def spatial_maps(mean, mx, maps: str):
+    """The conv's input (N, 1 or 2, H, W) from the mean and max maps."""
+    if maps == "max_mean":
+        return torch.stack((mx, mean), 1)
+    if maps == "mean_max":
+        return torch.stack((mean, mx), 1)
+    if maps == "mix":
+        return (0.5 * mean + 0.5 * mx).unsqueeze(1)
+    raise ValueError(f"maps must be one of max_mean, mean_max, mix, got {maps!r}")
+
+
+def spatial_logits(mean, mx, weight, bias, maps: str):
+    k = weight.shape[-1]
+    m = spatial_maps(mean, mx, maps)
+    b = None if bias is None else bias.to(m.dtype)
+    return F.conv2d(m, weight.to(m.dtype), b, padding=(k - 1) // 2).squeeze(1)
+
+
+def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid"):
+    """y = x * gate(conv2d(maps(x)))[n, h, w]."""
+    mean, mx = pool_channels(x)
+    t = gate(spatial_logits(mean, mx, weight, bias, maps), gate_kind)
+    return (x.to(t.dtype) * t[:, None]).to(x.dtype)
+
+
+def cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias=None, *, kind="mlp", pool="avg+max",
+         act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid"):
+    """Channel attention, then spatial attention on its output."""
+    x1 = channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate_kind,
+                           padding=padding)
+    return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate)
