@@ -1,0 +1,150 @@
+// Shared by the CPU and CUDA kernels: option enums parsed from the ops' string arguments
+// (names listed in attnfused/_options.py), argument checks, and the tiny scalar math.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <string>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define AF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define AF_HOST_DEVICE inline
+#endif
+
+namespace attnfused {
+
+enum class Kind { MLP, CONV };
+enum class Pool { AVG, MAX, AVG_MAX, MIX };
+enum class Act { RELU, SILU };
+enum class Gate { SIGMOID, HARDSIGMOID };
+enum class Padding { ZEROS, CIRCULAR };
+enum class Maps { MAX_MEAN, MEAN_MAX, MIX };
+
+namespace detail {
+template <typename E, size_t N>
+E parse(const char* arg, c10::string_view s, const char* const (&names)[N], const E (&values)[N]) {
+  std::string all;
+  for (size_t i = 0; i < N; ++i) {
+    if (s == names[i]) return values[i];
+    all += (i ? ", " : "") + std::string(names[i]);
+  }
+  TORCH_CHECK_VALUE(false, arg, " must be one of [", all, "], got '", std::string(s), "'");
+}
+}  // namespace detail
+
+inline Kind parse_kind(c10::string_view s) {
+  static const char* const n[] = {"mlp", "conv"};
+  return detail::parse("kind", s, n, {Kind::MLP, Kind::CONV});
+}
+inline Pool parse_pool(c10::string_view s) {
+  static const char* const n[] = {"avg", "max", "avg+max", "mix"};
+  return detail::parse("pool", s, n, {Pool::AVG, Pool::MAX, Pool::AVG_MAX, Pool::MIX});
+}
+inline Act parse_act(c10::string_view s) {
+  static const char* const n[] = {"relu", "silu"};
+  return detail::parse("act", s, n, {Act::RELU, Act::SILU});
+}
+inline Gate parse_gate(c10::string_view s, const char* arg = "gate") {
+  static const char* const n[] = {"sigmoid", "hardsigmoid"};
+  return detail::parse(arg, s, n, {Gate::SIGMOID, Gate::HARDSIGMOID});
+}
+inline Padding parse_padding(c10::string_view s) {
+  static const char* const n[] = {"zeros", "circular"};
+  return detail::parse("padding", s, n, {Padding::ZEROS, Padding::CIRCULAR});
+}
+inline Maps parse_maps(c10::string_view s) {
+  static const char* const n[] = {"max_mean", "mean_max", "mix"};
+  return detail::parse("maps", s, n, {Maps::MAX_MEAN, Maps::MEAN_MAX, Maps::MIX});
+}
+
+// Channel-attention options, parsed once per call.
+struct ChannelOptions {
+  Kind kind;
+  Pool pool;
+  Act act;
+  Gate gate;
+  Padding padding;
+};
+
+inline ChannelOptions parse_channel_options(c10::string_view kind, c10::string_view pool, c10::string_view act,
+                                            c10::string_view gate, c10::string_view padding) {
+  return {parse_kind(kind), parse_pool(pool), parse_act(act), parse_gate(gate), parse_padding(padding)};
+}
+
+// ---------------------------------------------------------------------------- checks
+
+#define AF_CHECK_DEVICE(t, dev) \
+  TORCH_CHECK_VALUE((t).device() == (dev), #t " must be on ", (dev), ", got ", (t).device())
+
+// x: 4-D floating, NCHW- or channels_last-contiguous (the only layouts the kernels read).
+inline void check_input(const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name, " must have a floating dtype, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+                    " must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+}
+
+// true when x is stored channels_last (NHWC in memory) and not also plain contiguous.
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// grad_y must share x's strides (the autograd layer guarantees it).
+inline void check_same_layout(const at::Tensor& g, const at::Tensor& x, const char* name = "grad_y") {
+  TORCH_CHECK_VALUE(g.sizes() == x.sizes() && g.strides() == x.strides(), name,
+                    " must have x's shape and strides, got sizes ", g.sizes(), " strides ", g.strides(),
+                    " for x sizes ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), name, " must have x's dtype ", x.scalar_type(),
+                   ", got ", g.scalar_type());
+}
+
+inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), name, " must have a floating dtype, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == x.device(), name, " must be on ", x.device(), ", got ", w.device());
+  TORCH_CHECK_VALUE(w.sizes() == shape, name, " must have shape ", shape, ", got ", w.sizes());
+}
+
+// ---------------------------------------------------------------------------- scalar math (float or double)
+
+template <typename T>
+AF_HOST_DEVICE T sigmoid(T z) {
+  return T(1) / (T(1) + std::exp(-z));
+}
+
+template <typename T>
+AF_HOST_DEVICE T gate_fwd(T z, Gate g) {
+  if (g == Gate::SIGMOID) return sigmoid(z);
+  T v = (z + T(3)) / T(6);
+  return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
+}
+
+// d gate / dz, with torch's conventions at the kinks (hardsigmoid: 1/6 on the open interval (-3, 3)).
+template <typename T>
+AF_HOST_DEVICE T gate_grad(T z, Gate g) {
+  if (g == Gate::SIGMOID) {
+    T s = sigmoid(z);
+    return s * (T(1) - s);
+  }
+  return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
+}
+
+template <typename T>
+AF_HOST_DEVICE T act_fwd(T z, Act a) {
+  if (a == Act::RELU) return z > T(0) ? z : T(0);
+  return z * sigmoid(z);
+}
+
+// d act / dz; relu'(0) = 0 as in torch.
+template <typename T>
+AF_HOST_DEVICE T act_grad(T z, Act a) {
+  if (a == Act::RELU) return z > T(0) ? T(1) : T(0);
+  T s = sigmoid(z);
+  return s * (T(1) + z * (T(1) - s));
+}
+
+}  // namespace attnfused

@@ -1,0 +1,27 @@
+// Operator schemas of the compiled extension (namespace attnfused_C). Kernels register per
+// device with TORCH_LIBRARY_IMPL in cpu/ and cuda/. The public ops (torch.ops.attnfused.*)
+// are defined in attnfused/ops.py and dispatch here for the "cpu" and "cuda" backends; the
+// contracts (saved tensors, dtypes, strides) are documented there.
+#include <torch/library.h>
+
+TORCH_LIBRARY(attnfused_C, m) {
+  m.def("channel_attention(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, "
+        "str act, str gate, str padding) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_attention_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor w1, "
+        "Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, str act, str gate, str padding) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("spatial_attention(Tensor x, Tensor weight, Tensor? bias, str maps, str gate) -> (Tensor, Tensor, Tensor)");
+  m.def("spatial_attention_backward(Tensor grad_y, Tensor x, Tensor smaps, Tensor sargmax, Tensor weight, "
+        "Tensor? bias, str maps, str gate) -> (Tensor, Tensor, Tensor)");
+  m.def("cbam(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, "
+        "str pool, str act, str gate, str padding, str maps, str sgate) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cbam_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor smaps, Tensor sargmax, "
+        "Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, str pool, "
+        "str act, str gate, str padding, str maps, str sgate) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("spatial_pool(Tensor x) -> (Tensor, Tensor)");
+  m.def("spatial_pool_backward(Tensor grad_smaps, Tensor x, Tensor sargmax) -> Tensor");
+  m.def("spatial_scale(Tensor x, Tensor t) -> Tensor");
+  m.def("spatial_scale_backward(Tensor grad_y, Tensor x, Tensor t) -> (Tensor, Tensor)");
+}
