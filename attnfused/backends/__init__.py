@@ -71,23 +71,30 @@ def resolve(backend: str, x: torch.Tensor) -> str:
     """The concrete backend for input `x`: `auto` (or $ATTNFUSED_BACKEND) picks, a name is checked."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return _resolve(backend, x.device, x.dtype)
+
+
+# A constant to torch.compile: traced once per (backend, device, dtype), so the imports and the
+# environment lookup below never break a graph (fullgraph=True).
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     requested = backend
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             backend, requested = env, f"{env} (from ${ENV_VAR})"
     if backend == "auto":
-        for name in AUTO_ORDER.get(x.device.type, ("reference",)):
-            if unavailable_reason(name, x.device, x.dtype) is None:
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device, dtype) is None:
                 return name
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {requested!r}")
-    why = unavailable_reason(backend, x.device, x.dtype)
+    why = unavailable_reason(backend, device, dtype)
     if why is not None:
-        can = available_backends(x.device, x.dtype)
+        can = available_backends(device, dtype)
         raise BackendUnavailableError(
-            f"backend {requested!r} cannot run on {x.device.type} tensors of dtype {x.dtype}: {why}. "
+            f"backend {requested!r} cannot run on {device.type} tensors of dtype {dtype}: {why}. "
             f"Backends that can: {can}")
     return backend
 
