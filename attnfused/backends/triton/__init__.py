@@ -1,10 +1,57 @@
-"""The `triton` backend: Triton kernels (not written yet)."""
+"""The `triton` backend: Triton kernels for every op, forward and backward.
+
+Runs on CUDA tensors (float32, float16, bfloat16), and on CPU tensors under the Triton
+interpreter (TRITON_INTERPRET=1, set before triton is imported; float32 and float16: the
+interpreter has no bfloat16), which is how the CPU-only CI tests these kernels.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
+from .. import register
+
 NAME = "triton"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR = None
+except ImportError as e:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = e
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str | None:
-    return "the Triton kernels are not part of this build yet"
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    device = torch.device(device)
+    if dtype is not None and dtype not in _DTYPES:
+        return f"the Triton kernels take float32, float16 and bfloat16, not {dtype}"
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under the interpreter (TRITON_INTERPRET=1, set before import)"
+        if dtype == torch.bfloat16:
+            return "the Triton interpreter does not support bfloat16"
+        return None
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+if _IMPORT_ERROR is None:
+    from . import cbam as _cbam, channel as _channel, spatial as _spatial
+
+    for _op, _fn in {
+        "channel_attention": _channel.channel_attention_forward,
+        "channel_attention_backward": _channel.channel_attention_backward,
+        "spatial_attention": _spatial.spatial_attention_forward,
+        "spatial_attention_backward": _spatial.spatial_attention_backward,
+        "cbam": _cbam.cbam_forward,
+        "cbam_backward": _cbam.cbam_backward,
+        "spatial_pool": _spatial.spatial_pool,
+        "spatial_pool_backward": _spatial.spatial_pool_backward,
+        "spatial_scale": _spatial.spatial_scale_forward,
+        "spatial_scale_backward": _spatial.spatial_scale_backward,
+    }.items():
+        register(NAME, _op)(_fn)

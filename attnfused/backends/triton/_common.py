@@ -1,0 +1,126 @@
+"""Shared pieces of the Triton kernels: option codes, scalar math, the max-with-index
+combine, launch configurations and the device guard.
+
+Under TRITON_INTERPRET=1 (CPU tests) every launcher uses one fixed, small configuration
+whose tiles and splits are small enough that the test shapes run the same multi-block,
+multi-split reductions as the GPU does.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# option name -> the integer the kernels take as a constexpr
+GATES = {"sigmoid": 0, "hardsigmoid": 1}
+ACTS = {"relu": 0, "silu": 1}
+POOLS = {"avg": 0, "max": 1, "avg+max": 2, "mix": 3}
+MAPS = {"max_mean": 0, "mean_max": 1, "mix": 2}
+PADDINGS = {"zeros": 0, "circular": 1}
+
+IDX_NONE = 2**31 - 1  # index of a lane that has seen no element yet (loses every tie)
+IDX_NONE_T = tl.constexpr(IDX_NONE)
+
+
+def code(table: dict, name: str, value: str) -> int:
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"{name} must be one of {list(table)}, got {value!r}") from None
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on x's device (Triton launches on the current device and stream)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def programs_wanted(x: torch.Tensor) -> int:
+    """How many programs a reduction over x should spread over (a few per SM)."""
+    if not x.is_cuda:
+        return 0
+    return 4 * _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def geometry(t: torch.Tensor):
+    """(stride_n, stride_c, stride_h, stride_w, FLAT) of a 4-D tensor. FLAT: (h, w) flattens to
+    p = h*W + w addressed as p * stride_w (NCHW, channels_last, or a size-1 H or W)."""
+    sn, sc, sh, sw = t.stride()
+    H, W = t.shape[2], t.shape[3]
+    if W == 1:
+        return sn, sc, sh, sh, True
+    return sn, sc, sh, sw, H == 1 or sh == W * sw
+
+
+# ----------------------------------------------------------------------------- scalar math
+
+@triton.jit
+def gate_fn(z, GATE: tl.constexpr):
+    if GATE == 0:
+        g = 1.0 / (1.0 + tl.exp(-z))
+    else:
+        g = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    return g
+
+
+@triton.jit
+def gate_grad_fn(z, GATE: tl.constexpr):
+    """d gate / dz, torch's convention at the kinks of hardsigmoid (0 at +-3)."""
+    if GATE == 0:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        d = s * (1.0 - s)
+    else:
+        d = tl.where((z > -3.0) & (z < 3.0), 1.0 / 6.0, 0.0)
+    return d
+
+
+@triton.jit
+def act_fn(z, ACT: tl.constexpr):
+    if ACT == 0:
+        a = tl.where(z < 0.0, 0.0, z)  # keeps NaN, like torch.relu
+    else:
+        a = z / (1.0 + tl.exp(-z))
+    return a
+
+
+@triton.jit
+def act_grad_fn(z, ACT: tl.constexpr):
+    if ACT == 0:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        d = s * (1.0 + z * (1.0 - s))
+    return d
+
+
+@triton.jit
+def argmax_combine(v1, i1, v2, i2):
+    """The larger of two (value, index) pairs; NaN wins (as in torch.max), ties go to the
+    smaller index. Associative and commutative, so any fixed tree gives the same answer."""
+    nan1 = v1 != v1
+    nan2 = v2 != v2
+    take2 = ((v2 > v1) & ~nan1) | (nan2 & ~nan1) | (((v2 == v1) | (nan1 & nan2)) & (i2 < i1))
+    return tl.where(take2, v2, v1), tl.where(take2, i2, i1)
+
+
+@triton.jit
+def argmax_rows(v, i):
+    """Row-wise (axis 1) argmax_combine of a tile of (value, index) pairs, through the builtin
+    max and min reductions (exact, so the order they use does not matter)."""
+    nan = v != v
+    has_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+    key = tl.where(nan, float("inf"), v)
+    m = tl.max(key, axis=1)
+    cand = tl.where(has_nan[:, None], nan, key == m[:, None])
+    best_i = tl.min(tl.where(cand, i, IDX_NONE_T), axis=1)
+    return tl.where(has_nan, float("nan"), m), best_i
