@@ -19,7 +19,9 @@ def gate(z: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "sigmoid":
         return torch.sigmoid(z)
     if kind == "hardsigmoid":
-        return F.hardsigmoid(z)
+        # relu6(z + 3) / 6, as timm writes it: torch's own hardsigmoid backward scales by a
+        # float32 1/6 even for float64 input, which would blur the float64 oracle
+        return F.relu6(z + 3) / 6
     raise ValueError(f"gate must be 'sigmoid' or 'hardsigmoid', got {kind!r}")
 
 

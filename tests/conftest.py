@@ -1,0 +1,21 @@
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """A fresh seed per test and per run; pytest shows it with a failure's captured output."""
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
