@@ -1,0 +1,288 @@
+"""The `cuda` backend on a GPU: parity with the float64 oracle for every op, option, dtype and
+layout (forward, input and weight gradients), shapes that exercise every tiling path, opcheck,
+bit-identical reruns, torch.compile(fullgraph=True), CUDA graph capture, a non-default stream,
+and one input past 2**31 elements. Every test is marked `cuda` (skipped without a GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnfused
+from attnfused.backends import reference as ref_backend
+from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
+
+pytestmark = pytest.mark.cuda
+
+BACKEND = "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LAYOUTS = ("nchw", "channels_last")
+# small shapes with pairwise-distinct values in every dtype (ties make a max's gradient ambiguous):
+# B % 8 == 0 in one layout and not the other, so both the 16-byte and the scalar path run
+SMALL_SHAPE = {torch.float32: (3, 40, 9, 8), torch.float64: (2, 37, 7, 7), torch.float16: (2, 16, 6, 7),
+               torch.bfloat16: (2, 16, 6, 7)}
+# float32 shapes that exercise the tiling: many chunks along space, along channels, several rows
+# per thread, few samples, odd sizes, ResNet- and MobileNet-like stages
+TILING_SHAPES = [(2, 256, 28, 28), (1, 64, 56, 56), (64, 512, 7, 7), (5, 33, 17, 13), (1, 2048, 7, 7),
+                 (16, 96, 14, 14)]
+
+
+def _available():
+    return torch.cuda.is_available() and attnfused.backends.unavailable_reason(BACKEND, "cuda") is None
+
+
+@pytest.fixture(autouse=True)
+def _needs_backend():
+    if not _available():
+        pytest.skip(f"cuda backend unavailable: {attnfused.backends.unavailable_reason(BACKEND, 'cuda')}")
+
+
+def _leaves(x, w):
+    names = [k for k, v in w.items() if v is not None]
+    return names, [x] + [w[k] for k in names]
+
+
+def _check(case, shape, dtype, lay, distinct=True):
+    """Forward and every gradient on the GPU against the float64 oracle on the CPU."""
+    wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # autocast-style weights
+    x64 = (rand_distinct(*shape, dtype=dtype) if distinct else rand(*shape)).to(dtype).double()
+    w64 = {k: None if v is None else v.to(wdt).double() for k, v in case.weights(shape[1]).items()}
+    xr = x64.clone().requires_grad_()
+    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
+    ref = case.run(xr, wr)
+    g = rand(*ref.shape).to(dtype).double()
+    names, leaves = _leaves(xr, wr)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+
+    x = layout(x64.to(dtype).cuda(), lay).requires_grad_()
+    w = {k: None if v is None else v.to(wdt).cuda().requires_grad_() for k, v in w64.items()}
+    out = case.run(x, w, BACKEND)
+    assert out.shape == x.shape and out.dtype == dtype and out.stride() == x.stride()
+    err = rel_err(out.cpu(), ref)
+    assert err <= TOLERANCE[dtype], f"{case} {shape} {dtype} {lay}: forward rel err {err:.3g}"
+    _, leaves = _leaves(x, w)
+    grads = torch.autograd.grad(out, leaves, layout(g.to(dtype).cuda(), lay))
+    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
+        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
+        if name == "x":
+            assert gr.stride() == leaf.stride()
+        err = rel_err(gr.cpu(), gref)
+        assert err <= GRAD_TOLERANCE[leaf.dtype], f"{case} {shape} {dtype} {lay}: grad of {name} rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_parity_all_options(case, dtype, lay):
+    _check(case, SMALL_SHAPE[dtype], dtype, lay)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("shape", TILING_SHAPES, ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[10], SPATIAL_CASES[0], SPATIAL_CASES[2],
+                                  CBAM_CASES[0], CBAM_CASES[9]], ids=str)
+def test_parity_tiling(case, shape, lay):
+    _check(case, shape, torch.float32, lay, distinct=False)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_spatial_halves(dtype, lay):
+    """spatial_pool / spatial_scale and their backward against the reference backend's math."""
+    shape = SMALL_SHAPE[dtype]
+    x = layout(rand_distinct(*shape, dtype=dtype).to(dtype).cuda(), lay)
+    xc = x.cpu()
+    smaps, sargmax = torch.ops.attnfused.spatial_pool(x, BACKEND)
+    rsmaps, rsargmax = torch.ops.attnfused.spatial_pool(xc, "reference")
+    assert rel_err(smaps.cpu(), rsmaps) <= TOLERANCE[dtype] and torch.equal(sargmax.cpu(), rsargmax)
+    gs = rand(*smaps.shape, dtype=smaps.dtype).cuda()
+    gx = torch.ops.attnfused.spatial_pool_backward(gs, x, sargmax, BACKEND)
+    assert gx.stride() == x.stride()
+    assert rel_err(gx.cpu(), torch.ops.attnfused.spatial_pool_backward(gs.cpu(), xc, rsargmax, "reference")) \
+        <= TOLERANCE[dtype]
+    t = torch.rand(shape[0], *shape[2:], dtype=torch.float32).cuda()
+    y = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
+    assert y.stride() == x.stride()
+    assert rel_err(y.cpu(), torch.ops.attnfused.spatial_scale(xc, t.cpu(), "reference")) <= TOLERANCE[dtype]
+    g = layout(rand(*shape, dtype=dtype).cuda(), lay)
+    gx, gt = torch.ops.attnfused.spatial_scale_backward(g, x, t, BACKEND)
+    rgx, rgt = torch.ops.attnfused.spatial_scale_backward(g.cpu(), xc, t.cpu(), "reference")
+    assert rel_err(gx.cpu(), rgx) <= TOLERANCE[dtype]
+    assert gt.dtype == t.dtype and rel_err(gt.cpu(), rgt) <= GRAD_TOLERANCE[torch.float32]
+
+
+def _op_samples():
+    """(op, args) for every public op on CUDA: inputs (and saved tensors) made on the CPU by the
+    reference backend, then moved to the GPU."""
+    ops = torch.ops.attnfused
+    cpu = []
+    x = rand(2, 16, 5, 8, dtype=torch.float32)
+    g = rand(2, 16, 5, 8, dtype=torch.float32)
+    for case in (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3]):
+        o, w = case.o, {k: None if v is None else v.float() for k, v in case.weights(16).items()}
+        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
+        if case.op == "channel":
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
+            _, pooled, argmax = ops.channel_attention(x, *wts, *copts, "reference")
+            cpu.append((ops.channel_attention.default, (x, *wts, *copts)))
+            cpu.append((ops.channel_attention_backward.default, (g, x, pooled, argmax, *wts, *copts)))
+        elif case.op == "spatial":
+            sopts = (o["maps"], o["sgate"])
+            _, smaps, sargmax = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, "reference")
+            cpu.append((ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts)))
+            cpu.append((ops.spatial_attention_backward.default, (g, x, smaps, sargmax, w["sw"], w["sb"], *sopts)))
+        else:
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
+            opts = (*copts, o["maps"], o["sgate"])
+            saved = ops.cbam(x, *wts, *opts, "reference")[1:]
+            cpu.append((ops.cbam.default, (x, *wts, *opts)))
+            cpu.append((ops.cbam_backward.default, (g, x, *saved, *wts, *opts)))
+    smaps, sargmax = ops.spatial_pool(x, "reference")
+    cpu.append((ops.spatial_pool.default, (x,)))
+    cpu.append((ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32), x, sargmax)))
+    t = torch.rand(2, 5, 8)
+    cpu.append((ops.spatial_scale.default, (x, t)))
+    cpu.append((ops.spatial_scale_backward.default, (g, x, t)))
+    for op, args in cpu:
+        yield op, tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args) + (BACKEND,)
+
+
+def test_opcheck_every_op():
+    seen = set()
+    for op, args in _op_samples():
+        grad = "backward" not in op.name()
+        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
+                     if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+        seen.add(op.name().split("::")[1].split(".")[0])
+    assert seen == set(attnfused.backends.OPS)
+
+
+def _train_step(case, x, w, g):
+    xx = x.clone().requires_grad_()
+    ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
+    out = case.run(xx, ww, BACKEND)
+    names, leaves = _leaves(xx, ww)
+    return [out] + list(torch.autograd.grad(out, leaves, g))
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[3], CHANNEL_CASES[12], SPATIAL_CASES[2], CBAM_CASES[1],
+                                  CBAM_CASES[12]], ids=str)
+def test_bit_identical_twice(case, dtype, lay):
+    x = layout(rand(8, 96, 28, 28, dtype=dtype, device="cuda"), lay)
+    w = {k: None if v is None else v.float().cuda() for k, v in case.weights(96).items()}
+    g = layout(rand(8, 96, 28, 28, dtype=dtype, device="cuda"), lay)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _train_step(case, x, w, g), _train_step(case, x, w, g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CBAM_CASES[0]], ids=str)
+def test_empty_batch(case):
+    x = torch.empty(0, 8, 5, 6, device="cuda", requires_grad=True)
+    w = {k: None if v is None else v.float().cuda().requires_grad_() for k, v in case.weights(8).items()}
+    out = case.run(x, w, BACKEND)
+    assert out.shape == (0, 8, 5, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+
+
+def test_compile_fullgraph():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    block = attnfused.CBAMBlock("FC", 7, channels=64, ratio=8, backend=BACKEND).cuda()
+    x = rand(4, 64, 14, 14, device="cuda").float().contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(block, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = block(xe), compiled(xc)
+    assert torch.equal(ye, yc)
+    ye.sum().backward()
+    yc.sum().backward()
+    assert torch.equal(xe.grad, xc.grad)
+
+
+def test_cuda_graph_capture():
+    case = CBAM_CASES[0]
+    w = {k: None if v is None else v.float().cuda() for k, v in case.weights(32).items()}
+    static_x = rand(4, 32, 12, 12, device="cuda").float()
+    for _ in range(2):  # warm up before capture (loads the extension, fills the allocator)
+        case.run(static_x, w, BACKEND)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = case.run(static_x, w, BACKEND)
+    for _ in range(2):
+        new_x = rand(4, 32, 12, 12, device="cuda").float()
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, case.run(new_x, w, BACKEND))
+
+
+def test_non_default_stream():
+    case = CBAM_CASES[9]
+    x = rand(6, 48, 20, 20, device="cuda").float()
+    w = {k: None if v is None else v.float().cuda() for k, v in case.weights(48).items()}
+    g = rand(6, 48, 20, 20, device="cuda").float()
+    expected = _train_step(case, x, w, g)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _train_step(case, x, w, g)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lay", LAYOUTS)
+def test_past_2_31_elements(lay):
+    """One input of 2**31 + elements (64-bit indexing), channel attention forward and the input
+    gradient of spatial_scale, checked at sampled positions and through exact small reductions."""
+    shape = (2, 4, 16384, 16400)  # 2.15e9 elements, 4.3 GB in float16
+    need = 4 * 2 * 4 * 16384 * 16400 + (2 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    torch.manual_seed(0)
+    x = torch.empty(shape, dtype=torch.float16, device="cuda")
+    x = layout(x, lay)
+    x.normal_()
+    assert x.numel() > 2**31
+    case = CHANNEL_CASES[2]
+    w = {k: None if v is None else v.float().cuda() for k, v in case.weights(4).items()}
+    o = case.o
+    y, pooled, argmax = torch.ops.attnfused.channel_attention(
+        x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], BACKEND)
+    assert y.stride() == x.stride()
+    for n in range(shape[0]):
+        for c in range(shape[1]):
+            plane = x[n, c].float()
+            assert torch.allclose(pooled[n, 0, c], plane.mean(), rtol=1e-4, atol=1e-6)
+            assert pooled[n, 1, c] == plane.max()
+            assert plane.flatten()[argmax[n, c]] == plane.max()
+            del plane
+    _, s = ref_backend.channel_gate_values(pooled, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"],
+                                           o["act"], o["gate"], o["padding"])
+    idx = torch.randint(0, x.numel(), (4096,), device="cuda")
+    idx[:2] = torch.tensor([0, x.numel() - 1])
+    n, rest = idx // (x[0].numel()), idx % (x[0].numel())
+    c, hw = rest // (shape[2] * shape[3]), rest % (shape[2] * shape[3])
+    h, ww = hw // shape[3], hw % shape[3]
+    expect = (x[n, c, h, ww].float() * s[n, c]).half()
+    assert torch.equal(y[n, c, h, ww], expect)
+    del y
+    t = torch.rand(shape[0], shape[2], shape[3], device="cuda")
+    ys = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
+    assert torch.equal(ys[n, c, h, ww], (x[n, c, h, ww].float() * t[n, h, ww]).half())
