@@ -7,6 +7,7 @@ under `torch.ops.attnfused`. Nothing compiles at import.
 from . import functional, ops, reference
 from .backends import BackendUnavailableError, available_backends
 from .modules import CBAMBlock, ChannelAttentionConv, ChannelAttentionFC, ECABlock, SEBlock, SpatialAttention
+from .convert import ConvertEntry, convert  # after .modules: convert builds on them
 
 __version__ = "0.1.0"
 

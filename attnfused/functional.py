@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, backends, ops
+from .reference import functional as R
 from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS,
                        check_choice, spatial_in_channels)
 
@@ -64,6 +65,9 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
     """`x * gate(f(pool(x)))`: f is the MLP `w2 @ act(w1 @ v + b1) + b2` (kind "mlp") or the
     1D conv of weight `w1` (1, 1, k) along channels (kind "conv")."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+    if torch.onnx.is_in_onnx_export():  # the exported graph is the reference math: standard operators
+        return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
+                                   padding=padding)
     x = native_layout(x)
     return ops.channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding,
                                  backends.resolve(backend, x))[0]
@@ -74,6 +78,8 @@ def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     """`x * gate(conv2d(maps(x), weight, bias))[n, h, w]` with a k x k conv, padding (k-1)//2."""
     _checks.check_input(x)
     _spatial_args(x, weight, bias, maps, gate)
+    if torch.onnx.is_in_onnx_export():
+        return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate)
     x = native_layout(x)
     return ops.spatial_attention(x, weight, bias, maps, gate, backends.resolve(backend, x))[0]
 
@@ -86,6 +92,9 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
     _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, "spatial_weight", "spatial_bias",
                   "spatial_gate")
+    if torch.onnx.is_in_onnx_export():
+        return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
+                      padding=padding, maps=maps, spatial_gate=spatial_gate)
     x = native_layout(x)
     return ops.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding, maps,
                     spatial_gate, backends.resolve(backend, x))[0]
@@ -95,6 +104,9 @@ def spatial_pool(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The max and mean over channels as one (N, 2, H, W) float32 tensor ([max, mean]); its
     gradient goes to the mean and to one maximal channel."""
     _checks.check_input(x)
+    if torch.onnx.is_in_onnx_export():
+        mean, mx = R.pool_channels(x)
+        return torch.stack((mx, mean), 1)
     x = native_layout(x)
     return ops.spatial_pool(x, backends.resolve(backend, x))[0]
 
@@ -103,5 +115,7 @@ def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
     """`x * t[:, None]` for a map t of shape (N, H, W)."""
     _checks.check_input(x)
     _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
+    if torch.onnx.is_in_onnx_export():
+        return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
     x = native_layout(x)
     return ops.spatial_scale(x, t.contiguous(), backends.resolve(backend, x))

@@ -1,0 +1,310 @@
+"""`attnfused.convert`: swap the attention modules of an existing model for fused ones.
+
+Supported (exact types; a subclass may change the forward, so it is left alone):
+timm `SEModule`, `EffectiveSEModule`, `EcaModule`, `CecaModule`, `CbamModule`,
+`LightCbamModule` (and their halves `ChannelAttn`, `LightChannelAttn`, `SpatialAttn`,
+`LightSpatialAttn` where they stand alone), timm's EfficientNet `SqueezeExcite`, torchvision's
+`ops.SqueezeExcitation`, and attnfused's reference classes (to their `attnfused.<Name>` twins).
+The fused module keeps the original's parameters and buffers under the same names: the
+model's `state_dict` is unchanged, so checkpoints load before or after. A configuration the
+fused ops cannot run (another gate or activation, a norm layer in the MLP, ...) is left in
+place, with the reason in the report.
+
+timm and torchvision are not dependencies: their classes are looked up only when the package
+has already been imported (a model made of their modules has imported it).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import sys
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import modules as fused_modules
+from .modules import check_backend
+from .reference import modules as ref
+from .variants import (ChannelConfig, FusedCbam, FusedChannelConv, FusedChannelMLP, FusedSpatial, SpatialConfig,
+                       _FusedVariant)
+
+__all__ = ["convert", "ConvertEntry", "Unsupported"]
+
+
+class Unsupported(Exception):
+    """A module of a supported type whose configuration the fused ops cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertEntry:
+    """One attention module `convert` met: where, what, and what became of it."""
+    path: str  # "" for the model itself
+    type: str  # qualified class name of the original module
+    replaced_by: Optional[str]  # class name of the fused module, or None when left in place
+    reason: str = ""  # why it was left in place
+
+    @property
+    def converted(self) -> bool:
+        return self.replaced_by is not None
+
+    def __str__(self) -> str:
+        where = self.path or "<model>"
+        if self.converted:
+            return f"{where}: {self.type} -> {self.replaced_by}"
+        return f"{where}: {self.type} left in place: {self.reason}"
+
+
+# ----------------------------------------------------------------------------- layer kinds
+
+def _classes(spec: dict[str, tuple[str, ...]]) -> tuple[type, ...]:
+    """Classes `module: (names)` of the packages already imported (no import of timm here)."""
+    found = []
+    for mod_name, names in spec.items():
+        if mod_name.split(".")[0] not in sys.modules and not mod_name.startswith("torch."):
+            continue
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(found)
+
+
+_GATE_CLASSES = {
+    "sigmoid": {"torch.nn": ("Sigmoid",), "timm.layers.activations": ("Sigmoid",)},
+    "hardsigmoid": {"torch.nn": ("Hardsigmoid",), "timm.layers.activations": ("HardSigmoid",),
+                    "timm.layers.activations_me": ("HardSigmoidMe",)},
+}
+_ACT_CLASSES = {
+    "relu": {"torch.nn": ("ReLU",)},
+    "silu": {"torch.nn": ("SiLU",), "timm.layers.activations": ("Swish",), "timm.layers.activations_me": ("SwishMe",)},
+}
+
+
+def _kind(m: nn.Module, table: dict, what: str) -> str:
+    for name, spec in table.items():
+        if type(m) in _classes(spec):
+            return name
+    raise Unsupported(f"{what} {type(m).__name__} is not one of {list(table)}")
+
+
+def gate_kind(m: nn.Module) -> str:
+    """"sigmoid" or "hardsigmoid" for a gate layer; Unsupported for anything else."""
+    return _kind(m, _GATE_CLASSES, "gate")
+
+
+def act_kind(m: nn.Module) -> str:
+    """"relu" or "silu" for a hidden activation layer; Unsupported for anything else."""
+    return _kind(m, _ACT_CLASSES, "activation")
+
+
+def _require(ok: bool, reason: str) -> None:
+    if not ok:
+        raise Unsupported(reason)
+
+
+# ----------------------------------------------------------------------------- adapters
+# Each takes the original module and the backend, and returns the fused module or raises
+# Unsupported. They state what the original's forward computes; the variants check the layers.
+
+def _se_module(m, backend):  # timm.layers.SEModule
+    _require(type(m.bn) is nn.Identity, f"norm_layer on the hidden vector ({type(m.bn).__name__}) is not supported")
+    return FusedChannelMLP(m, fc1="fc1", fc2="fc2", pool="mix" if m.add_maxpool else "avg", act=act_kind(m.act),
+                           gate=gate_kind(m.gate), backend=backend)
+
+
+def _effective_se(m, backend):  # timm.layers.EffectiveSEModule: one 1x1 conv with bias
+    return FusedChannelMLP(m, fc1="fc", fc2=None, pool="mix" if m.add_maxpool else "avg", gate=gate_kind(m.gate),
+                           backend=backend)
+
+
+def _eca_conv_padding(conv: nn.Conv1d) -> str:
+    p = (conv.kernel_size[0] - 1) // 2
+    _require(conv.padding == (p,), f"conv padding {conv.padding} is not (k-1)//2 = {p}")
+    _require(conv.padding_mode in ("zeros", "circular"), f"conv padding_mode {conv.padding_mode!r} is not supported")
+    return conv.padding_mode
+
+
+def _eca(m, backend):  # timm.layers.EcaModule
+    _require(m.conv2 is None, "use_mlp (a conv, an activation and a second conv) is not supported")
+    _require(type(m.conv) is nn.Conv1d, f"conv {type(m.conv).__name__} is not an nn.Conv1d")
+    _require(m.conv.bias is None, "a conv bias is not supported")
+    return FusedChannelConv(m, conv="conv", pool="avg", padding=_eca_conv_padding(m.conv), gate=gate_kind(m.gate),
+                            backend=backend)
+
+
+def _ceca(m, backend):  # timm.layers.CecaModule: circular F.pad of m.padding, then an unpadded conv
+    _require(type(m.conv) is nn.Conv1d, f"conv {type(m.conv).__name__} is not an nn.Conv1d")
+    _require(m.conv.bias is None, "a conv bias (act_layer set) is not supported")
+    k = m.conv.kernel_size[0]
+    _require(m.conv.padding == (0,) and m.padding == (k - 1) // 2,
+             f"circular padding {m.padding} with conv padding {m.conv.padding} is not (k-1)//2 = {(k - 1) // 2}")
+    return FusedChannelConv(m, conv="conv", pool="avg", padding="circular", gate=gate_kind(m.gate), backend=backend)
+
+
+def _channel_attn_config(m, prefix: str, light: bool) -> ChannelConfig:
+    """timm ChannelAttn: gate(mlp(avg) + mlp(max)); LightChannelAttn: sigmoid(mlp(avg/2 + max/2))
+    (its forward calls F.sigmoid whatever its gate layer)."""
+    return ChannelConfig("mlp", prefix + "fc1", prefix + "fc2", pool="mix" if light else "avg+max",
+                         act=act_kind(m.act), gate="sigmoid" if light else gate_kind(m.gate))
+
+
+def _spatial_attn_config(m, prefix: str, light: bool) -> SpatialConfig:
+    """timm SpatialAttn: gate(bn(conv([mean, max]))); LightSpatialAttn: one map mean/2 + max/2.
+    The conv is a timm ConvNormAct: .conv, .bn (BatchNormAct2d without act, or empty), .aa."""
+    cna = m.conv
+    _require(getattr(cna, "aa", None) is None, "an anti-aliasing layer after the spatial conv is not supported")
+    _require(set(cna._modules) <= {"conv", "bn", "aa"}, f"extra layers in the spatial ConvNormAct: "
+             f"{sorted(set(cna._modules) - {'conv', 'bn', 'aa'})}")
+    bn = None if type(cna.bn) is nn.Sequential and len(cna.bn) == 0 else prefix + "conv.bn"
+    return SpatialConfig(prefix + "conv.conv", bn, maps="mix" if light else "mean_max", gate=gate_kind(m.gate))
+
+
+def _timm_cbam(light: bool):
+    def adapt(m, backend):  # timm.layers.CbamModule / LightCbamModule
+        want_c, want_s = ("LightChannelAttn", "LightSpatialAttn") if light else ("ChannelAttn", "SpatialAttn")
+        _require(type(m.channel).__name__ == want_c and type(m.spatial).__name__ == want_s,
+                 f"halves {type(m.channel).__name__}, {type(m.spatial).__name__} are not {want_c}, {want_s}")
+        return FusedCbam(m, channel=_channel_attn_config(m.channel, "channel.", light),
+                         spatial=_spatial_attn_config(m.spatial, "spatial.", light), backend=backend)
+    return adapt
+
+
+def _timm_channel_attn(light: bool):
+    def adapt(m, backend):
+        cfg = _channel_attn_config(m, "", light)
+        return FusedChannelMLP(m, fc1=cfg.w1, fc2=cfg.w2, pool=cfg.pool, act=cfg.act, gate=cfg.gate, backend=backend)
+    return adapt
+
+
+def _timm_spatial_attn(light: bool):
+    def adapt(m, backend):
+        cfg = _spatial_attn_config(m, "", light)
+        return FusedSpatial(m, conv=cfg.conv, bn=cfg.bn, maps=cfg.maps, gate=cfg.gate, backend=backend)
+    return adapt
+
+
+def _efficientnet_se(m, backend):  # timm.models._efficientnet_blocks.SqueezeExcite
+    return FusedChannelMLP(m, fc1="conv_reduce", fc2="conv_expand", pool="avg", act=act_kind(m.act1),
+                           gate=gate_kind(m.gate), backend=backend)
+
+
+def _torchvision_se(m, backend):  # torchvision.ops.SqueezeExcitation
+    _require(type(m.avgpool) is nn.AdaptiveAvgPool2d and m.avgpool.output_size in (1, (1, 1)),
+             f"pooling {m.avgpool} is not a global average")
+    return FusedChannelMLP(m, fc1="fc1", fc2="fc2", pool="avg", act=act_kind(m.activation),
+                           gate=gate_kind(m.scale_activation), backend=backend)
+
+
+# attnfused's reference classes -> their fused twins, built with the same constructor
+# arguments (on the meta device: no memory, no draw from the RNG), then given the
+# original's own tensors.
+_REFERENCE_ARGS: dict[type, Callable] = {
+    ref.SEBlock: lambda m: (m.mode, m.channels, m.ratio),
+    ref.ECABlock: lambda m: (m.channels, m.gamma, m.b),
+    ref.ChannelAttentionFC: lambda m: (m.channels, m.ratio),
+    ref.ChannelAttentionConv: lambda m: (m.channels, m.gamma, m.b),
+    ref.SpatialAttention: lambda m: (m.k,),
+    ref.CBAMBlock: lambda m: (m.channel_attention_mode, m.spatial_attention_block.k,
+                              m.channel_attention_block.channels, getattr(m.channel_attention_block, "ratio", None),
+                              getattr(m.channel_attention_block, "gamma", None),
+                              getattr(m.channel_attention_block, "b", None)),
+}
+
+
+def _reference(m, backend):
+    cls = getattr(fused_modules, type(m).__name__)
+    with torch.device("meta"):
+        fused = cls(*_REFERENCE_ARGS[type(m)](m), backend=backend)
+    theirs, ours = dict(m.named_modules()), dict(fused.named_modules())
+    _require(theirs.keys() == ours.keys(), f"submodules {sorted(theirs)} differ from the class's {sorted(ours)}")
+    for name, sub in theirs.items():
+        # the fused halves subclass the reference ones; every other layer must be the same class
+        _require(isinstance(ours[name], type(sub)) and (type(sub) in _REFERENCE_ARGS or type(ours[name]) is type(sub)),
+                 f"submodule {name or '<self>'} is a {type(sub).__name__}, the class has {type(ours[name]).__name__}")
+        mine = ours[name]
+        for table in ("_parameters", "_buffers"):
+            src, dst = getattr(sub, table), getattr(mine, table)
+            _require(src.keys() == dst.keys(), f"{name or '<self>'} holds {sorted(src)}, the class {sorted(dst)}")
+            for key, t in src.items():
+                _require(t is None or dst[key].shape == t.shape,
+                         f"{name}.{key} has shape {tuple(t.shape)}, the class {tuple(dst[key].shape)}")
+                dst[key] = t
+        mine.training = sub.training
+    return fused
+
+
+def _adapters() -> dict[type, Callable]:
+    table: dict[type, Callable] = {cls: _reference for cls in _REFERENCE_ARGS}
+    specs = [
+        ("timm.layers.squeeze_excite", "SEModule", _se_module),
+        ("timm.layers.squeeze_excite", "EffectiveSEModule", _effective_se),
+        ("timm.layers.eca", "EcaModule", _eca),
+        ("timm.layers.eca", "CecaModule", _ceca),
+        ("timm.layers.cbam", "CbamModule", _timm_cbam(light=False)),
+        ("timm.layers.cbam", "LightCbamModule", _timm_cbam(light=True)),
+        ("timm.layers.cbam", "ChannelAttn", _timm_channel_attn(light=False)),
+        ("timm.layers.cbam", "LightChannelAttn", _timm_channel_attn(light=True)),
+        ("timm.layers.cbam", "SpatialAttn", _timm_spatial_attn(light=False)),
+        ("timm.layers.cbam", "LightSpatialAttn", _timm_spatial_attn(light=True)),
+        ("timm.models._efficientnet_blocks", "SqueezeExcite", _efficientnet_se),
+        ("torchvision.ops.misc", "SqueezeExcitation", _torchvision_se),
+    ]
+    for mod_name, cls_name, adapt in specs:
+        for cls in _classes({mod_name: (cls_name,)}):
+            table[cls] = adapt
+    return table
+
+
+def _qualname(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+# ----------------------------------------------------------------------------- convert
+
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False):
+    """Swap every supported attention module of `model` for a fused one with the same weights.
+
+    Args:
+        model: any `nn.Module` (the model itself may be an attention module).
+        backend: the fused modules' backend, "auto" (SPEC §3) or a name.
+        inplace: convert `model` itself (the fused modules hold its very parameters, so an
+            optimizer built on them keeps working); otherwise a deep copy is converted.
+        report: also return the list of `ConvertEntry`, one per attention module met:
+            its path, type, and what replaced it or why nothing did.
+
+    Returns:
+        the converted model, or `(model, entries)` when `report` is true.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    adapters = _adapters()
+    entries: list[ConvertEntry] = []
+
+    def visit(m: nn.Module, path: str) -> nn.Module:
+        """`m` converted (the fused module, or `m` with its children converted)."""
+        adapt = adapters.get(type(m))
+        if adapt is not None:
+            try:
+                fused = adapt(m, backend)
+            except (Unsupported, ValueError, TypeError, AttributeError) as e:
+                entries.append(ConvertEntry(path, _qualname(type(m)), None, str(e)))
+            else:
+                entries.append(ConvertEntry(path, _qualname(type(m)), type(fused).__name__))
+                return fused
+        if isinstance(m, (_FusedVariant, fused_modules._FusedMixin)):
+            return m  # already fused
+        for name, child in list(m._modules.items()):
+            if child is not None:
+                new = visit(child, f"{path}.{name}" if path else name)
+                if new is not child:
+                    m._modules[name] = new
+        return m
+
+    model = visit(model, "")
+    return (model, entries) if report else model
