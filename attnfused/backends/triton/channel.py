@@ -52,7 +52,8 @@ def _mlp_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, CR, POOL: tl.constexpr, HAS_B1
         b1 = tl.load(b1_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
         hpa += b1
         hpb += b1
-    return hpa, hpb
+    # padding rows are 0 * v, NaN where v is infinite: zero them
+    return tl.where(r_ok, hpa, 0.0), tl.where(r_ok, hpb, 0.0)
 
 
 @triton.jit
@@ -132,8 +133,8 @@ def _channel_mlp_bwd_kernel(pooled_ptr, dot_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         d = tl.where(c_ok, d, 0.0)
         tl.store(dlog_ptr + n * C + c, d, mask=c_ok)
         dh += tl.sum(w2 * d[:, None], axis=0)
-    dhpa = dh * act_grad_fn(hpa, ACT)
-    dhpb = dh * act_grad_fn(hpb, ACT)
+    dhpa = tl.where(r_ok, dh * act_grad_fn(hpa, ACT), 0.0)
+    dhpb = tl.where(r_ok, dh * act_grad_fn(hpb, ACT), 0.0)
     tl.store(h_ptr + n * NV * CR + r, ha, mask=r_ok)
     tl.store(dhp_ptr + n * NV * CR + r, dhpa, mask=r_ok)
     if POOL == 2:

@@ -1,0 +1,279 @@
+"""The `triton` backend against the float64 oracle: every op, option and layout, forward and
+input and weight gradients, through the functional API, the modules and the ops; opcheck,
+determinism, empty batch, non-finite input. On a GPU when there is one, else on CPU under
+the Triton interpreter (same kernels, same tiling and split reductions, smaller blocks).
+
+Shapes are small so the directory runs in a few minutes under the interpreter; they still
+take several channel and pixel blocks and several splits of every reduction
+(interpreter blocks: 16 wide, 32 per split).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnfused
+from attnfused import backends
+from attnfused.reference import functional as R
+from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
+from tests.triton._env import DEVICES, INTERPRET, dtypes
+
+B = "triton"
+# (N, C, H, W): several blocks and splits along C (37 > 2 * 16) and along H*W (7*5 > 32), odd sizes
+SHAPE = (2, 37, 7, 5)
+SMALL = (2, 6, 5, 3)  # the option sweep: every op's code path, quickly
+HALF_SHAPE = (2, 11, 5, 3)  # pairwise-distinct half-precision values
+SHAPES = [SHAPE, (1, 3, 1, 1), (2, 1, 4, 9), (1, 5, 12, 12)]
+
+
+def _leaves(x, w):
+    names = [k for k, v in w.items() if v is not None]
+    return names, [x] + [w[k] for k in names]
+
+
+def check_against_oracle(case, shape, device, dtype=torch.float32, lay="nchw"):
+    """Forward and every gradient of the Triton op against the float64 oracle."""
+    wdt = torch.float32 if dtype != torch.float64 else dtype  # half inputs take float32 weights (autocast)
+    x64 = rand_distinct(*shape, dtype=dtype).to(dtype).double()
+    w64 = {k: None if v is None else v.to(wdt).double() for k, v in case.weights(shape[1]).items()}
+    xr = x64.clone().requires_grad_()
+    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
+    ref = case.run(xr, wr)
+    g = rand(*ref.shape).to(dtype).double()
+    names, leaves = _leaves(xr, wr)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+
+    x = layout(x64.to(device=device, dtype=dtype), lay).requires_grad_()
+    w = {k: None if v is None else v.to(device=device, dtype=wdt).requires_grad_() for k, v in w64.items()}
+    out = case.run(x, w, B)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    if lay != "strided":
+        assert out.stride() == x.stride()
+    err = rel_err(out.cpu(), ref)
+    assert err <= TOLERANCE[dtype], f"{case} forward rel err {err:.3g}"
+    _, leaves = _leaves(x, w)
+    grads = torch.autograd.grad(out, leaves, g.to(device=device, dtype=dtype))
+    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
+        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
+        err = rel_err(gr.cpu(), gref)
+        assert err <= GRAD_TOLERANCE[dtype], f"{case} grad of {name} rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_every_option(case, device):
+    check_against_oracle(case, SMALL, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[13], SPATIAL_CASES[0], CBAM_CASES[1],
+                                  CBAM_CASES[10]], ids=str)
+def test_half_precision(case, device):
+    for dtype in dtypes(device)[1:]:
+        check_against_oracle(case, HALF_SHAPE, device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[6], SPATIAL_CASES[4], CBAM_CASES[9]], ids=str)
+def test_shapes_layouts(case, shape, lay, device):
+    if INTERPRET and shape != SHAPE and lay == "strided":
+        pytest.skip("strided views: one shape is enough under the interpreter")
+    check_against_oracle(case, shape, device, lay=lay)
+
+
+# ----------------------------------------------------------------------------- modules
+
+def _module_pairs(C):
+    return [(attnfused.reference.SEBlock("max", C, 4), attnfused.SEBlock("max", C, 4, backend=B)),
+            (attnfused.reference.ECABlock(C), attnfused.ECABlock(C, backend=B)),
+            (attnfused.reference.ChannelAttentionFC(C, 4), attnfused.ChannelAttentionFC(C, 4, backend=B)),
+            (attnfused.reference.SpatialAttention(5), attnfused.SpatialAttention(5, backend=B)),
+            (attnfused.reference.CBAMBlock("FC", 7, C, ratio=4), attnfused.CBAMBlock("FC", 7, C, ratio=4, backend=B)),
+            (attnfused.reference.CBAMBlock("Conv", 3, C, gamma=2, b=1),
+             attnfused.CBAMBlock("Conv", 3, C, gamma=2, b=1, backend=B))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(6))
+def test_modules(index, device):
+    """The fused module on Triton against the reference module with the same state dict."""
+    C = 20
+    ref, fused = _module_pairs(C)[index]
+    ref = ref.double()
+    fused.load_state_dict(ref.state_dict())
+    fused = fused.float().to(device)
+    x = rand(2, C, 6, 5).to(memory_format=torch.channels_last)
+    xr = x.clone().requires_grad_()
+    xf = x.float().to(device).requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    assert out_f.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out_f.cpu(), out_r) <= TOLERANCE[torch.float32]
+    g = rand(*x.shape)
+    out_r.backward(g)
+    out_f.backward(g.float().to(device))
+    assert rel_err(xf.grad.cpu(), xr.grad) <= GRAD_TOLERANCE[torch.float32]
+    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
+        assert rel_err(pf.grad.cpu(), pr.grad) <= GRAD_TOLERANCE[torch.float32], name
+
+
+# ----------------------------------------------------------------------------- the ops
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_saved_tensors_match_reference_backend(lay, device):
+    """pooled/argmax/smaps/sargmax of the Triton ops equal the reference backend's."""
+    case = CBAM_CASES[0]
+    o = case.o
+    x = layout(rand(*SHAPE, dtype=torch.float32), lay)
+    w = {k: None if v is None else v.float() for k, v in case.weights(SHAPE[1]).items()}
+    args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
+            o["padding"], o["maps"], o["sgate"])
+    ref = torch.ops.attnfused.cbam(x, *args, "reference")
+    dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    out = torch.ops.attnfused.cbam(x.to(device), *dev_args, B)
+    for name, a, b in zip(("y", "pooled", "argmax", "smaps", "sargmax"), out, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if a.dtype == torch.int64:
+            assert torch.equal(a.cpu(), b), name
+        else:
+            assert rel_err(a.cpu(), b) <= TOLERANCE[torch.float32], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_spatial_halves(lay, device):
+    """spatial_pool and spatial_scale (the halves with ordinary ops between them) and their
+    gradients, against the float64 oracle."""
+    x64 = rand(*SHAPE)
+    t64 = torch.rand(SHAPE[0], SHAPE[2], SHAPE[3], dtype=torch.float64)
+    xr, tr = x64.clone().requires_grad_(), t64.clone().requires_grad_()
+    mean, mx = R.pool_channels(xr)
+    ref_maps = torch.stack((mx, mean), 1)
+    ref_y = xr * tr[:, None]
+    gm, gy = rand(*ref_maps.shape), rand(*SHAPE)
+    ref_gx, = torch.autograd.grad(ref_maps, xr, gm)
+    ref_gx2, ref_gt = torch.autograd.grad(ref_y, (xr, tr), gy)
+
+    x = layout(x64.float().to(device), lay).requires_grad_()
+    t = t64.float().to(device).requires_grad_()
+    maps = attnfused.functional.spatial_pool(x, backend=B)
+    y = attnfused.functional.spatial_scale(x, t, backend=B)
+    assert y.stride() == x.stride()
+    assert rel_err(maps.cpu(), ref_maps) <= TOLERANCE[torch.float32]
+    assert rel_err(y.cpu(), ref_y) <= TOLERANCE[torch.float32]
+    gx, = torch.autograd.grad(maps, x, gm.float().to(device))
+    gx2, gt = torch.autograd.grad(y, (x, t), gy.float().to(device))
+    assert rel_err(gx.cpu(), ref_gx) <= GRAD_TOLERANCE[torch.float32]
+    assert rel_err(gx2.cpu(), ref_gx2) <= GRAD_TOLERANCE[torch.float32]
+    assert rel_err(gt.cpu(), ref_gt) <= GRAD_TOLERANCE[torch.float32]
+
+
+def _op_samples(device):
+    """(op, args) for every public forward and backward op, on fresh inputs."""
+    ops = torch.ops.attnfused
+    x = rand(2, 6, 5, 3, dtype=torch.float32, device=device)
+    g = rand(2, 6, 5, 3, dtype=torch.float32, device=device)
+    for case in (CHANNEL_CASES[5], SPATIAL_CASES[1], CBAM_CASES[11]):
+        o = case.o
+        w = {k: None if v is None else v.float().to(device) for k, v in case.weights(6).items()}
+        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
+        if case.op == "channel":
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
+            saved = ops.channel_attention(x, *wts, *copts, B)[1:]
+            yield ops.channel_attention.default, (x, *wts, *copts, B)
+            yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, B)
+        elif case.op == "spatial":
+            sopts = (o["maps"], o["sgate"])
+            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, B)[1:]
+            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, B)
+            yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, B)
+        else:
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
+            opts = (*copts, o["maps"], o["sgate"])
+            saved = ops.cbam(x, *wts, *opts, B)[1:]
+            yield ops.cbam.default, (x, *wts, *opts, B)
+            yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, B)
+    smaps, sargmax = ops.spatial_pool(x, B)
+    yield ops.spatial_pool.default, (x, B)
+    yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x, sargmax, B)
+    t = torch.rand(2, 5, 3, device=device)
+    yield ops.spatial_scale.default, (x, t, B)
+    yield ops.spatial_scale_backward.default, (g, x, t, B)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    seen = set()
+    # the autograd checks run forward and backward several times: the forward ops get them on a
+    # GPU, under the interpreter the schema, fake and dispatch checks
+    tests = None if device == "cuda" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in _op_samples(device):
+        grad = "backward" not in op.name()
+        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
+                     if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args, test_utils=tests or ("test_schema", "test_autograd_registration",
+                                                             "test_faketensor", "test_aot_dispatch_dynamic"))
+        seen.add(op.name().split("::")[1].split(".")[0])
+    assert seen == set(backends.OPS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CBAM_CASES[1], CBAM_CASES[12]], ids=str)
+def test_deterministic(case, lay, device):
+    """Bit-identical outputs and gradients run after run (fixed-order reductions)."""
+    x = layout(rand(*SHAPE, dtype=torch.float32, device=device), lay)
+    w = {k: None if v is None else v.float().to(device) for k, v in case.weights(SHAPE[1]).items()}
+    g = layout(rand(*SHAPE, dtype=torch.float32, device=device), lay)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
+        out = case.run(xx, ww, B)
+        names, leaves = _leaves(xx, ww)
+        return [out] + list(torch.autograd.grad(out, leaves, g))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[9], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
+def test_empty_batch(case, device):
+    x = torch.empty(0, 4, 5, 6, device=device, requires_grad=True)
+    w = {k: None if v is None else v.float().to(device).requires_grad_() for k, v in case.weights(4).items()}
+    out = case.run(x, w, B)
+    assert out.shape == (0, 4, 5, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
+def test_nonfinite_like_reference(case, special, device):
+    x = rand(2, 6, 5, 4, dtype=torch.float32)
+    x[1, 2, 3, 1] = special
+    w = {k: None if v is None else v.float() for k, v in case.weights(6).items()}
+    ref = case.run(x.double(), {k: None if v is None else v.double() for k, v in w.items()})
+    out = case.run(x.to(device), {k: None if v is None else v.to(device) for k, v in w.items()}, B).cpu()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert rel_err(out[fin], ref[fin]) <= TOLERANCE[torch.float32]
+
+
+def test_availability_messages():
+    assert backends.unavailable_reason(B, "cpu", torch.float64) is not None
+    why = backends.unavailable_reason(B, "cpu", torch.bfloat16)
+    assert why is not None and ("bfloat16" in why or "TRITON_INTERPRET" in why)
+    if INTERPRET:
+        assert backends.unavailable_reason(B, "cpu", torch.float32) is None
+        assert backends.unavailable_reason(B, "cpu", torch.float16) is None
+    else:
+        assert "TRITON_INTERPRET" in backends.unavailable_reason(B, "cpu", torch.float32)
