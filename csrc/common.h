@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -107,6 +108,57 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* n
                    w.scalar_type());
   TORCH_CHECK_VALUE(w.device() == x.device(), name, " must be on ", x.device(), ", got ", w.device());
   TORCH_CHECK_VALUE(w.sizes() == shape, name, " must have shape ", shape, ", got ", w.sizes());
+}
+
+// Channel-attention weights for x (kind mlp: w1 [Cr, C], b1 [Cr]?, w2 [C, Cr], b2 [C]?; kind conv:
+// w1 [1, 1, k] with k odd, no others). Returns Cr (mlp) or k (conv).
+inline int64_t check_channel_weights(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+                                     Kind kind) {
+  const int64_t C = x.size(1);
+  if (kind == Kind::MLP) {
+    TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(0) >= 1, "w1 must have shape (hidden, ", C,
+                      ") with hidden >= 1, got ", w1.sizes());
+    const int64_t Cr = w1.size(0);
+    check_weight(w1, x, "w1", {Cr, C});
+    TORCH_CHECK_VALUE(w2.has_value() && w2->defined(), "w2 must be given for kind='mlp'");
+    check_weight(*w2, x, "w2", {C, Cr});
+    if (b1.has_value() && b1->defined()) check_weight(*b1, x, "b1", {Cr});
+    if (b2.has_value() && b2->defined()) check_weight(*b2, x, "b2", {C});
+    return Cr;
+  }
+  TORCH_CHECK_VALUE(w1.dim() == 3 && w1.size(0) == 1 && w1.size(1) == 1 && w1.size(2) % 2 == 1,
+                    "w1 (the 1D conv weight) must have shape (1, 1, k) with k odd, got ", w1.sizes());
+  check_weight(w1, x, "w1", w1.sizes());
+  TORCH_CHECK_VALUE(!(b1.has_value() && b1->defined()), "b1 must be None for kind='conv'");
+  TORCH_CHECK_VALUE(!(w2.has_value() && w2->defined()), "w2 must be None for kind='conv'");
+  TORCH_CHECK_VALUE(!(b2.has_value() && b2->defined()), "b2 must be None for kind='conv'");
+  return w1.size(2);
+}
+
+// Spatial conv weight [1, M, k, k] (M = 2, or 1 for maps 'mix'), k odd, bias [1]?. Returns k.
+inline int64_t check_spatial_weights(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                     Maps maps, const char* wname = "weight", const char* bname = "bias") {
+  const int64_t M = maps == Maps::MIX ? 1 : 2;
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == 1 && w.size(1) == M && w.size(2) == w.size(3) &&
+                        w.size(2) % 2 == 1,
+                    wname, " must have shape (1, ", M, ", k, k) with k odd, got ", w.sizes());
+  check_weight(w, x, wname, w.sizes());
+  if (b.has_value() && b->defined()) check_weight(*b, x, bname, {1});
+  return w.size(2);
+}
+
+// A tensor saved by the forward (pooled, argmax, smaps, ...): shape, dtype and device as promised.
+inline void check_saved(const at::Tensor& t, const at::Tensor& x, const char* name, at::IntArrayRef shape,
+                        at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+}
+
+// Reductions and small math run in this dtype: float64 for float64 x, else float32.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // ---------------------------------------------------------------------------- scalar math (float or double)

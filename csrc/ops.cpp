@@ -4,6 +4,32 @@
 // contracts (saved tensors, dtypes, strides) are documented there.
 #include <torch/library.h>
 
+#include <string>
+
+// Build facts baked in by the compile flags (attnfused/backends/extension.py: build_flags).
+#define AF_STR2(x) #x
+#define AF_STR(x) AF_STR2(x)
+#ifndef AF_BUILD
+#define AF_BUILD unknown
+#endif
+#ifndef AF_CPU_ARCH
+#define AF_CPU_ARCH unknown
+#endif
+#ifdef AF_WITH_CUDA
+#define AF_CUDA_FLAG "1"
+#else
+#define AF_CUDA_FLAG "0"
+#define AF_CUDA_ARCHS
+#endif
+
+namespace {
+// "key=value;..." read by attnfused.backends.extension.build_info().
+std::string build_info() {
+  return std::string("cpu=1;cuda=") + AF_CUDA_FLAG + ";cuda_archs=" AF_STR(AF_CUDA_ARCHS) ";build=" AF_STR(AF_BUILD)
+         ";cpu_arch=" AF_STR(AF_CPU_ARCH);
+}
+}  // namespace
+
 TORCH_LIBRARY(attnfused_C, m) {
   m.def("channel_attention(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, "
         "str act, str gate, str padding) -> (Tensor, Tensor, Tensor)");
@@ -24,4 +50,5 @@ TORCH_LIBRARY(attnfused_C, m) {
   m.def("spatial_pool_backward(Tensor grad_smaps, Tensor x, Tensor sargmax) -> Tensor");
   m.def("spatial_scale(Tensor x, Tensor t) -> Tensor");
   m.def("spatial_scale_backward(Tensor grad_y, Tensor x, Tensor t) -> (Tensor, Tensor)");
+  m.def("_build_info() -> str", &build_info);
 }

@@ -1,0 +1,132 @@
+// CBAM on CPU as one op: channel attention, then spatial attention on x1 = x * s, with x1 never
+// stored (recomputed from x and the small s wherever it is read).
+// Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
+// Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
+#include "cpu/cpu_common.h"
+
+#include <torch/library.h>
+
+namespace attnfused {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
+    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
+    c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
+    c10::string_view sgate) {
+  check_input(x);
+  const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  const Maps mp = parse_maps(maps);
+  const Gate sg = parse_gate(sgate, "sgate");
+  const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
+  const int64_t k = check_spatial_weights(x, sweight, sbias, mp, "sweight", "sbias");
+  const Dims d = dims_of(x);
+  const auto acc = acc_dtype(x);
+  const Tensor swa = to_acc(sweight, acc), sba = to_acc(sbias, acc);
+  Tensor y = at::empty_like(x);
+  Tensor pooled = at::empty({d.N, 2, d.C}, x.options().dtype(acc));
+  Tensor argmax = at::empty({d.N, d.C}, x.options().dtype(at::kLong));
+  Tensor smaps = at::empty({d.N, 2, d.H, d.W}, x.options().dtype(acc));
+  Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>());
+    const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
+    pool_channels<scalar_t>(px, d, f.S.data(), smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
+    std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
+    spatial_small_forward<acc_t>(smaps.const_data_ptr<acc_t>(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
+                                 mp, sg, d.N, d.H, d.W, k, z.data(), t.data());
+    apply<scalar_t, true, true, false, true, false>(y.data_ptr<scalar_t>(), px, d, t.data(), nullptr, f.S.data(),
+                                                    nullptr);
+  });
+  return {y, pooled, argmax, smaps, sargmax};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward_kernel(
+    const Tensor& grad_y, const Tensor& x, const Tensor& pooled, const Tensor& argmax, const Tensor& smaps,
+    const Tensor& sargmax, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
+    c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
+    c10::string_view sgate) {
+  check_input(x);
+  check_same_layout(grad_y, x);
+  const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  const Maps mp = parse_maps(maps);
+  const Gate sg = parse_gate(sgate, "sgate");
+  const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
+  const int64_t k = check_spatial_weights(x, sweight, sbias, mp, "sweight", "sbias");
+  const Dims d = dims_of(x);
+  const auto acc = acc_dtype(x);
+  check_saved(pooled, x, "pooled", {d.N, 2, d.C}, acc);
+  check_saved(argmax, x, "argmax", {d.N, d.C}, at::kLong);
+  check_saved(smaps, x, "smaps", {d.N, 2, d.H, d.W}, acc);
+  check_saved(sargmax, x, "sargmax", {d.N, d.H, d.W}, at::kLong);
+  const Tensor pooled_c = pooled.contiguous(), argmax_c = argmax.contiguous();
+  const Tensor smaps_c = smaps.contiguous(), sargmax_c = sargmax.contiguous();
+  const Tensor swa = to_acc(sweight, acc), sba = to_acc(sbias, acc);
+  Tensor dx = at::empty_like(x);
+  Tensor dsw = at::empty(swa.sizes(), swa.options()), dsb = at::empty({1}, swa.options());
+  Tensor dw1, db1, dw2, db2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
+    const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
+    const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
+    const int64_t NHW = d.N * d.HW, NC = d.N * d.C;
+    // recompute the gates
+    const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
+    std::vector<acc_t> zs(NHW), t(NHW), dzs(NHW), dmax_s(NHW), B(NHW);
+    spatial_small_forward<acc_t>(sm, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d.N, d.H, d.W,
+                                 k, zs.data(), t.data());
+    // spatial backward on x1 = x * s: dzs = sum_c dy * x1, through the gate and the conv
+    dot_channels<scalar_t, true>(pdy, px, d, f.S.data(), dzs.data());
+    for (int64_t i = 0; i < NHW; ++i) dzs[i] *= gate_grad(zs[i], sg);
+    spatial_small_backward<acc_t>(sm, dzs.data(), swa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k,
+                                  dmax_s.data(), B.data(), dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
+    for (int64_t i = 0; i < NHW; ++i) B[i] /= acc_t(d.C);
+    // channel backward with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored):
+    // dz[n, c] = sum_hw dx1 * x, the one-hot part added per pixel in a fixed order
+    std::vector<acc_t> dz(NC), dpooled(d.N * 2 * d.C), A(NC);
+    dot_space<scalar_t, true, true>(pdy, px, d, t.data(), B.data(), dz.data());
+    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n)
+        for (int64_t hw = 0; hw < d.HW; ++hw) {
+          const int64_t c = sam[n * d.HW + hw];
+          TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
+                            ")");
+          dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
+        }
+    });
+    for (int64_t i = 0; i < NC; ++i) dz[i] *= gate_grad(f.Z[i], o.gate);
+    channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
+    for (int64_t n = 0; n < d.N; ++n)
+      for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
+    // dx = dx1 * s + A + one-hot(argmax) dmax_c
+    scalar_t* pdx = dx.data_ptr<scalar_t>();
+    apply<scalar_t, true, true, true, true, true>(pdx, pdy, d, t.data(), B.data(), f.S.data(), A.data());
+    const int64_t* am = argmax_c.const_data_ptr<int64_t>();
+    fix_hot(pdx, d, am, sam, [&](int64_t n, int64_t c, int64_t hw) {
+      const int64_t i = n * d.HW + hw, nc = n * d.C + c;
+      const acc_t dx1 = static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
+      return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
+    });
+  });
+  return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1),
+          grad_out(dsw, sweight, sweight), grad_out(dsb, sbias, sweight)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnfused_C, CPU, m) {
+  m.impl("cbam", &cbam_kernel);
+  m.impl("cbam_backward", &cbam_backward_kernel);
+}
+
+}  // namespace cpu
+}  // namespace attnfused

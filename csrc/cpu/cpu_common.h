@@ -1,0 +1,652 @@
+// Building blocks of the CPU kernels: vector IO in the accumulation type, the passes over the big
+// tensor (pooling over space or over channels, dot products, the fused elementwise apply), and the
+// batch drivers of the small math (csrc/small_math.h; the MLP uses vectorized fixed-order dots).
+//
+// Layouts: x is (N, C, H, W) stored NCHW (rows = channels, each a contiguous run of HW) or
+// channels_last (rows = pixels, each a contiguous run of C). Every pass is either a "row" pass
+// (along the contiguous run) or a "column" pass (across rows). Each output element is reduced by one
+// thread in a fixed order, and the work split depends only on the shape, so results are bit-identical
+// whatever the thread count.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "small_math.h"
+
+namespace attnfused {
+namespace cpu {
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;  // float for float/half/bfloat16, double for double
+
+// Elements per parallel chunk of the elementwise passes (big enough to amortise the thread hand-off).
+constexpr int64_t kGrainElems = 32768;
+// Columns per task of the column passes (accumulators stay in L1).
+constexpr int64_t kColBlock = 256;
+
+inline int64_t grain_rows(int64_t row_len) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_len));
+}
+
+// ---------------------------------------------------------------------------- vector IO
+
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static Vec load(const scalar_t* p, int64_t n = kSize) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return n == kSize ? Vec::loadu(p) : Vec::loadu(p, n);
+    } else {
+      auto r = at::vec::Vectorized<scalar_t>::loadu(p, n);
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(r));
+    }
+  }
+  static void store(scalar_t* p, const Vec& v, int64_t n = kSize) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p, n);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t lanes_sum(const at::vec::Vectorized<acc_t>& v) {
+  alignas(64) acc_t a[at::vec::Vectorized<acc_t>::size()];
+  v.store(a);
+  acc_t s = acc_t(0);
+  for (int64_t i = 0; i < at::vec::Vectorized<acc_t>::size(); ++i) s += a[i];
+  return s;
+}
+
+// Max with NaN propagation (the first NaN wins), as torch.max.
+template <typename T>
+inline bool max_takes(T v, T m) {
+  return v > m || (std::isnan(v) && !std::isnan(m));
+}
+
+// ---------------------------------------------------------------------------- small vector helpers
+
+// Fixed-order vectorized dot product and axpy on acc_t arrays (the small MLP).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  acc_t s = lanes_sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec va(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// ---------------------------------------------------------------------------- pooling passes
+
+// Sum, max and first argmax of the row p[0..L) scaled by `scale` (one factor for the whole row).
+template <typename scalar_t, bool kScaled>
+inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t> scale, acc_type<scalar_t>& sum,
+                     acc_type<scalar_t>& mx, int64_t& arg) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  auto val = [&](acc_t v) { return kScaled ? v * scale : v; };
+  const Vec vs(scale);
+  Vec vsum(acc_t(0)), vmax(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + IO::kSize <= L; i += IO::kSize) {
+    Vec v = IO::load(p + i);
+    if constexpr (kScaled) v = v * vs;
+    vsum += v;
+    vmax = at::vec::maximum(vmax, v);  // propagates NaN
+  }
+  alignas(64) acc_t lm[IO::kSize];
+  vmax.store(lm);
+  acc_t s = lanes_sum(vsum), m = lm[0];
+  for (int64_t l = 1; l < IO::kSize; ++l) m = max_takes(lm[l], m) ? lm[l] : m;
+  for (; i < L; ++i) {
+    acc_t v = val(static_cast<acc_t>(p[i]));
+    s += v;
+    m = max_takes(v, m) ? v : m;
+  }
+  // the row is in L1 now: find the first element equal to the max (or the first NaN)
+  int64_t a = 0;
+  const bool nan = std::isnan(m);
+  for (int64_t j = 0; j < L; ++j) {
+    acc_t v = val(static_cast<acc_t>(p[j]));
+    if (nan ? std::isnan(v) : v == m) {
+      a = j;
+      break;
+    }
+  }
+  sum = s;
+  mx = m;
+  arg = a;
+}
+
+// Column pass: for columns [j0, j0 + L) of R rows (row r at base + r * stride), sum, max and first
+// argmax over the rows, each row scaled by rscale[r] if given.
+template <typename scalar_t>
+inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j0, int64_t L,
+                      const acc_type<scalar_t>* rscale, acc_type<scalar_t>* sum, acc_type<scalar_t>* mx,
+                      int64_t* arg) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  for (int64_t r = 0; r < R; ++r) {
+    const scalar_t* p = base + r * stride + j0;
+    const acc_t sc = rscale ? rscale[r] : acc_t(1);
+    const Vec vs(sc);
+    int64_t j = 0;
+    for (; j < L; j += IO::kSize) {
+      const int64_t n = std::min<int64_t>(IO::kSize, L - j);
+      Vec v = IO::load(p + j, n);
+      if (rscale) v = v * vs;
+      if (r == 0) {
+        v.store(sum + j, n);
+        v.store(mx + j, n);
+        for (int64_t l = 0; l < n; ++l) arg[j + l] = 0;
+        continue;
+      }
+      (Vec::loadu(sum + j, n) + v).store(sum + j, n);
+      Vec m = Vec::loadu(mx + j, n);
+      Vec take = (v > m) | (v.isnan() & (m == m));
+      if (take.zero_mask() != (1 << Vec::size()) - 1) {  // rare after the first rows: update the lanes
+        Vec::blendv(m, v, take).store(mx + j, n);
+        alignas(64) acc_t t[IO::kSize];
+        take.store(t);
+        for (int64_t l = 0; l < n; ++l)
+          if (t[l] != acc_t(0) || std::isnan(t[l])) arg[j + l] = r;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- dot passes
+
+// sum_i A_i * X_i over a contiguous row, A_i = a[i] (* T[i]) (+ B[i]), X_i = x[i] (* S[i]).
+template <typename scalar_t, bool kT, bool kB, bool kS>
+inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t L, const acc_type<scalar_t>* T,
+                                  const acc_type<scalar_t>* B, const acc_type<scalar_t>* S) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + IO::kSize <= L; i += IO::kSize) {
+    Vec va = IO::load(a + i), vx = IO::load(x + i);
+    if constexpr (kT) va = va * Vec::loadu(T + i);
+    if constexpr (kB) va = va + Vec::loadu(B + i);
+    if constexpr (kS) vx = vx * Vec::loadu(S + i);
+    acc = at::vec::fmadd(va, vx, acc);
+  }
+  acc_t s = lanes_sum(acc);
+  for (; i < L; ++i) {
+    acc_t va = static_cast<acc_t>(a[i]), vx = static_cast<acc_t>(x[i]);
+    if constexpr (kT) va = va * T[i];
+    if constexpr (kB) va = va + B[i];
+    if constexpr (kS) vx = vx * S[i];
+    s += va * vx;
+  }
+  return s;
+}
+
+// Column form: out[j] = sum_r A_rj * X_rj for columns [j0, j0 + L), with per-row T[r], B[r], S[r].
+template <typename scalar_t, bool kT, bool kB, bool kS>
+inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t stride, int64_t j0, int64_t L,
+                     const acc_type<scalar_t>* T, const acc_type<scalar_t>* B, const acc_type<scalar_t>* S,
+                     acc_type<scalar_t>* out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  for (int64_t j = 0; j < L; ++j) out[j] = acc_t(0);
+  for (int64_t r = 0; r < R; ++r) {
+    const scalar_t* pa = a + r * stride + j0;
+    const scalar_t* px = x + r * stride + j0;
+    const Vec vt(kT ? T[r] : acc_t(1)), vb(kB ? B[r] : acc_t(0)), vs(kS ? S[r] : acc_t(1));
+    for (int64_t j = 0; j < L; j += IO::kSize) {
+      const int64_t n = std::min<int64_t>(IO::kSize, L - j);
+      Vec va = IO::load(pa + j, n), vx = IO::load(px + j, n);
+      if constexpr (kT) va = va * vt;
+      if constexpr (kB) va = va + vb;
+      if constexpr (kS) vx = vx * vs;
+      at::vec::fmadd(va, vx, Vec::loadu(out + j, n)).store(out + j, n);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- the passes on (N, C, HW)
+
+// Shape of the big tensor and its layout.
+struct Dims {
+  int64_t N, C, H, W, HW;
+  bool cl;  // channels_last
+  int64_t rows() const { return cl ? HW : C; }     // rows per sample
+  int64_t row_len() const { return cl ? C : HW; }  // contiguous run
+  int64_t sample() const { return C * HW; }
+  int64_t at(int64_t n, int64_t c, int64_t hw) const {
+    return n * C * HW + (cl ? hw * C + c : c * HW + hw);
+  }
+};
+
+inline Dims dims_of(const at::Tensor& x) {
+  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), is_channels_last(x)};
+  return d;
+}
+
+// Over space per (n, c): pooled [N, 2, C] = (mean, max) and argmax [N, C] of x.
+template <typename scalar_t>
+void pool_space(const scalar_t* x, const Dims& d, acc_type<scalar_t>* pooled, int64_t* argmax) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t inv = acc_t(1) / acc_t(d.HW);
+  if (!d.cl) {
+    at::parallel_for(0, d.N * d.C, grain_rows(d.HW), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / d.C, c = i % d.C;
+        acc_t s, m;
+        row_pool<scalar_t, false>(x + i * d.HW, d.HW, acc_t(1), s, m, argmax[i]);
+        pooled[n * 2 * d.C + c] = s * inv;
+        pooled[n * 2 * d.C + d.C + c] = m;
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (d.C + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.C - j0);
+      acc_t* avg = pooled + n * 2 * d.C;
+      cols_pool<scalar_t>(x + n * d.sample(), d.HW, d.C, j0, L, nullptr, avg + j0, avg + d.C + j0,
+                          argmax + n * d.C + j0);
+      for (int64_t j = j0; j < j0 + L; ++j) avg[j] *= inv;
+    }
+  });
+}
+
+// Over channels per (n, hw): smaps [N, 2, HW] = (max, mean) and sargmax [N, HW] of x * s[n, c]
+// (s may be null: plain x).
+template <typename scalar_t>
+void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s, acc_type<scalar_t>* smaps,
+                   int64_t* sargmax) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t inv = acc_t(1) / acc_t(d.C);
+  if (d.cl) {
+    // rows are pixels: a row pass; with s the scale varies along the row, so scale by a temp copy
+    at::parallel_for(0, d.N * d.HW, grain_rows(d.C), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> tmp(s ? d.C : 0);
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / d.HW, hw = i % d.HW;
+        acc_t sum, m;
+        int64_t a;
+        if (s) {
+          const scalar_t* p = x + i * d.C;
+          const acc_t* sn = s + n * d.C;
+          for (int64_t c = 0; c < d.C; ++c) tmp[c] = static_cast<acc_t>(p[c]) * sn[c];
+          row_pool<acc_t, false>(tmp.data(), d.C, acc_t(1), sum, m, a);
+        } else {
+          row_pool<scalar_t, false>(x + i * d.C, d.C, acc_t(1), sum, m, a);
+        }
+        smaps[n * 2 * d.HW + hw] = m;
+        smaps[n * 2 * d.HW + d.HW + hw] = sum * inv;
+        sargmax[i] = a;
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (d.HW + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.HW - j0);
+      acc_t* mx = smaps + n * 2 * d.HW;
+      acc_t* mean = mx + d.HW;
+      cols_pool<scalar_t>(x + n * d.sample(), d.C, d.HW, j0, L, s ? s + n * d.C : nullptr, mean + j0, mx + j0,
+                          sargmax + n * d.HW + j0);
+      for (int64_t j = j0; j < j0 + L; ++j) mean[j] *= inv;
+    }
+  });
+}
+
+// Per (n, c): out[n, c] = sum over space of (a * T[n, hw] + B[n, hw]) * x   (T, B optional).
+template <typename scalar_t, bool kT, bool kB>
+void dot_space(const scalar_t* a, const scalar_t* x, const Dims& d, const acc_type<scalar_t>* T,
+               const acc_type<scalar_t>* B, acc_type<scalar_t>* out) {
+  if (!d.cl) {
+    at::parallel_for(0, d.N * d.C, grain_rows(d.HW), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / d.C;
+        out[i] = row_dot<scalar_t, kT, kB, false>(a + i * d.HW, x + i * d.HW, d.HW, kT ? T + n * d.HW : nullptr,
+                                                  kB ? B + n * d.HW : nullptr, nullptr);
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (d.C + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.C - j0);
+      cols_dot<scalar_t, kT, kB, false>(a + n * d.sample(), x + n * d.sample(), d.HW, d.C, j0, L,
+                                        kT ? T + n * d.HW : nullptr, kB ? B + n * d.HW : nullptr, nullptr,
+                                        out + n * d.C + j0);
+    }
+  });
+}
+
+// Per (n, hw): out[n, hw] = sum over channels of a * (x * S[n, c])   (S optional).
+template <typename scalar_t, bool kS>
+void dot_channels(const scalar_t* a, const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S,
+                  acc_type<scalar_t>* out) {
+  if (d.cl) {
+    at::parallel_for(0, d.N * d.HW, grain_rows(d.C), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t n = i / d.HW;
+        out[i] = row_dot<scalar_t, false, false, kS>(a + i * d.C, x + i * d.C, d.C, nullptr, nullptr,
+                                                     kS ? S + n * d.C : nullptr);
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (d.HW + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.HW - j0);
+      cols_dot<scalar_t, false, false, kS>(a + n * d.sample(), x + n * d.sample(), d.C, d.HW, j0, L, nullptr,
+                                           nullptr, kS ? S + n * d.C : nullptr, out + n * d.HW + j0);
+    }
+  });
+}
+
+// The elementwise pass: out = (in * T[n, hw] + B[n, hw]) * S[n, c] + A[n, c], each factor optional
+// (kIn false: in = 0). One read of `in`, one write of `out`.
+template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA>
+void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scalar_t>* T,
+           const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  const int64_t R = d.rows(), L = d.row_len();
+  at::parallel_for(0, d.N * R, grain_rows(L), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / R, r = i % R;
+      const scalar_t* pin = in + i * L;
+      scalar_t* po = out + i * L;
+      // along the row: NCHW runs over hw (T, B vary, S, A fixed); channels_last over c (the reverse)
+      const acc_t* Tn = kT ? T + n * d.HW : nullptr;
+      const acc_t* Bn = kB ? B + n * d.HW : nullptr;
+      const acc_t* Sn = kS ? S + n * d.C : nullptr;
+      const acc_t* An = kA ? A + n * d.C : nullptr;
+      const bool cl = d.cl;
+      auto elem = [&](acc_t v, int64_t j) {
+        const int64_t hw = cl ? r : j, c = cl ? j : r;
+        if constexpr (kT) v = v * Tn[hw];
+        if constexpr (kB) v = v + Bn[hw];
+        if constexpr (kS) v = v * Sn[c];
+        if constexpr (kA) v = v + An[c];
+        return v;
+      };
+      int64_t j = 0;
+      if (!cl) {
+        const Vec vs(kS ? Sn[r] : acc_t(1)), va(kA ? An[r] : acc_t(0));
+        for (; j + IO::kSize <= L; j += IO::kSize) {
+          Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
+          if constexpr (kT) v = v * Vec::loadu(Tn + j);
+          if constexpr (kB) v = v + Vec::loadu(Bn + j);
+          if constexpr (kS) v = v * vs;
+          if constexpr (kA) v = v + va;
+          IO::store(po + j, v);
+        }
+      } else {
+        const Vec vt(kT ? Tn[r] : acc_t(1)), vb(kB ? Bn[r] : acc_t(0));
+        for (; j + IO::kSize <= L; j += IO::kSize) {
+          Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
+          if constexpr (kT) v = v * vt;
+          if constexpr (kB) v = v + vb;
+          if constexpr (kS) v = v * Vec::loadu(Sn + j);
+          if constexpr (kA) v = v + Vec::loadu(An + j);
+          IO::store(po + j, v);
+        }
+      }
+      for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
+    }
+  });
+}
+
+// Rewrite the elements that take the gradient of a max: (n, c, argmax[n, c]) for each channel if
+// `argmax` is given, and (n, sargmax[n, hw], hw) for each pixel if `sargmax` is given. `value(n, c, hw)`
+// recomputes the whole gradient there (so the rounding matches the plain pass plus the one-hot term).
+template <typename scalar_t, typename F>
+void fix_hot(scalar_t* out, const Dims& d, const int64_t* argmax, const int64_t* sargmax, const F& value) {
+  at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      if (argmax)
+        for (int64_t c = 0; c < d.C; ++c) {
+          const int64_t hw = argmax[n * d.C + c];
+          TORCH_CHECK_INDEX(hw >= 0 && hw < d.HW, "argmax[", n, ", ", c, "] = ", hw, " is outside [0, H*W = ",
+                            d.HW, ")");
+          out[d.at(n, c, hw)] = static_cast<scalar_t>(value(n, c, hw));
+        }
+      if (sargmax)
+        for (int64_t hw = 0; hw < d.HW; ++hw) {
+          const int64_t c = sargmax[n * d.HW + hw];
+          TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C, ")");
+          out[d.at(n, c, hw)] = static_cast<scalar_t>(value(n, c, hw));
+        }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- small math, batch level
+
+// Weights of channel attention in the accumulation type (contiguous); absent ones are undefined.
+struct ChannelWeights {
+  at::Tensor w1, b1, w2, b2;
+  int64_t C = 0, Cr = 0, k = 0;  // Cr for kind mlp, k for kind conv
+};
+
+// Per-batch intermediates of the channel small math (recomputed in backward from `pooled`).
+// Small tensors (weights, t, grad_smaps) in the accumulation dtype, contiguous; undefined if absent.
+inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+inline at::Tensor to_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? to_acc(*t, acc) : at::Tensor();
+}
+
+inline ChannelWeights channel_weights(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                      const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+                                      const ChannelOptions& o) {
+  const int64_t size = check_channel_weights(x, w1, b1, w2, b2, o.kind);
+  const auto acc = acc_dtype(x);
+  ChannelWeights w{to_acc(w1, acc), to_acc(b1, acc), to_acc(w2, acc), to_acc(b2, acc), x.size(1), 0, 0};
+  (o.kind == Kind::MLP ? w.Cr : w.k) = size;
+  return w;
+}
+
+// Weight gradient in the weight's dtype, or an empty tensor where the weight is absent (the ops' contract).
+inline at::Tensor grad_out(const at::Tensor& g, const std::optional<at::Tensor>& w, const at::Tensor& like) {
+  if (!(w.has_value() && w->defined())) return at::empty({0}, like.options());
+  return g.to(w->scalar_type());
+}
+
+template <typename acc_t>
+inline const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+template <typename acc_t>
+struct ChannelSmall {
+  int64_t N, C, P, Cr;
+  std::vector<acc_t> V;   // [N*P, C] the inputs of f
+  std::vector<acc_t> HP;  // [N*P, Cr] MLP pre-activations
+  std::vector<acc_t> Z;   // [N, C] logits
+  std::vector<acc_t> S;   // [N, C] gate
+};
+
+template <typename acc_t>
+ChannelSmall<acc_t> channel_small_forward(const acc_t* pooled, const ChannelWeights& w, const ChannelOptions& o,
+                                          int64_t N) {
+  const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr;
+  ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(N * P * C), std::vector<acc_t>(N * P * Cr),
+                        std::vector<acc_t>(N * C), std::vector<acc_t>(N * C)};
+  const acc_t* w1 = w.w1.data_ptr<acc_t>();
+  const acc_t* b1 = w.b1.defined() ? w.b1.data_ptr<acc_t>() : nullptr;
+  const acc_t* w2 = w.w2.defined() ? w.w2.data_ptr<acc_t>() : nullptr;
+  const acc_t* b2 = w.b2.defined() ? w.b2.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> h(Cr);
+    for (int64_t n = b; n < e; ++n) {
+      const acc_t* avg = pooled + n * 2 * C;
+      const acc_t* mx = avg + C;
+      acc_t* z = r.Z.data() + n * C;
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t* v = r.V.data() + (n * P + p) * C;
+        for (int64_t c = 0; c < C; ++c) v[c] = small::pool_input(avg[c], mx[c], o.pool, int(p));
+        if (o.kind == Kind::MLP) {
+          acc_t* hp = r.HP.data() + (n * P + p) * Cr;
+          for (int64_t j = 0; j < Cr; ++j) {
+            hp[j] = (b1 ? b1[j] : acc_t(0)) + dot(w1 + j * C, v, C);
+            h[j] = act_fwd(hp[j], o.act);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t out = (b2 ? b2[c] : acc_t(0)) + dot(w2 + c * Cr, h.data(), Cr);
+            z[c] = p ? z[c] + out : out;
+          }
+        } else {
+          small::conv1d_forward(v, w1, w.k, C, o.padding, z, p > 0);
+        }
+      }
+      small::gate_forward(z, o.gate, C, r.S.data() + n * C);
+    }
+  });
+  return r;
+}
+
+// Back through f: from dz [N, C] (gradient of the logits) to dpooled [N, 2, C] and the weight
+// gradients (acc dtype tensors shaped like the weights; undefined where the weight is absent).
+template <typename acc_t>
+void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const ChannelWeights& w,
+                            const ChannelOptions& o, acc_t* dpooled, at::Tensor& dw1, at::Tensor& db1,
+                            at::Tensor& dw2, at::Tensor& db2) {
+  const int64_t N = f.N, C = f.C, P = f.P, Cr = f.Cr, rows = N * P;
+  const acc_t* w1 = w.w1.data_ptr<acc_t>();
+  std::vector<acc_t> DHP(o.kind == Kind::MLP ? rows * Cr : 0);
+  // per sample: input gradients (and the hidden gradients of the MLP)
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> dv(C);
+    for (int64_t n = b; n < e; ++n) {
+      acc_t* davg = dpooled + n * 2 * C;
+      acc_t* dmax = davg + C;
+      for (int64_t c = 0; c < C; ++c) davg[c] = dmax[c] = acc_t(0);
+      const acc_t* d = dz + n * C;
+      for (int64_t p = 0; p < P; ++p) {
+        if (o.kind == Kind::MLP) {
+          const acc_t* w2 = w.w2.data_ptr<acc_t>();
+          const acc_t* hp = f.HP.data() + (n * P + p) * Cr;
+          acc_t* dhp = DHP.data() + (n * P + p) * Cr;
+          // dh = W2^T d, as a fixed-order sum of rows of W2
+          for (int64_t j = 0; j < Cr; ++j) dhp[j] = acc_t(0);
+          for (int64_t c = 0; c < C; ++c) axpy(d[c], w2 + c * Cr, dhp, Cr);
+          for (int64_t j = 0; j < Cr; ++j) dhp[j] *= act_grad(hp[j], o.act);
+          std::fill(dv.begin(), dv.end(), acc_t(0));
+          for (int64_t j = 0; j < Cr; ++j) axpy(dhp[j], w1 + j * C, dv.data(), C);
+        } else {
+          small::conv1d_backward(d, w1, w.k, C, o.padding, dv.data(), false);
+        }
+        for (int64_t c = 0; c < C; ++c) small::pool_input_backward(dv[c], o.pool, int(p), davg[c], dmax[c]);
+      }
+    }
+  });
+  // weight gradients: one thread per weight row, samples summed in order
+  auto opts = w.w1.options();
+  if (o.kind == Kind::MLP) {
+    dw1 = at::zeros({Cr, C}, opts);
+    dw2 = at::zeros({C, Cr}, opts);
+    db1 = w.b1.defined() ? at::empty({Cr}, opts) : at::Tensor();
+    db2 = w.b2.defined() ? at::empty({C}, opts) : at::Tensor();
+    acc_t* gw1 = dw1.data_ptr<acc_t>();
+    acc_t* gw2 = dw2.data_ptr<acc_t>();
+    std::vector<acc_t> Hh(rows * Cr);
+    for (int64_t i = 0; i < rows * Cr; ++i) Hh[i] = act_fwd(f.HP[i], o.act);
+    at::parallel_for(0, Cr, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        for (int64_t r = 0; r < rows; ++r) axpy(DHP[r * Cr + j], f.V.data() + r * C, gw1 + j * C, C);
+        if (db1.defined()) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
+      }
+    });
+    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        for (int64_t r = 0; r < rows; ++r) axpy(dz[(r / P) * C + c], Hh.data() + r * Cr, gw2 + c * Cr, Cr);
+        if (db2.defined()) db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
+      }
+    });
+  } else {
+    dw1 = at::empty({1, 1, w.k}, opts);
+    acc_t* gw = dw1.data_ptr<acc_t>();
+    at::parallel_for(0, w.k, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(f.V.data(), dz, rows, P, w.k, C, o.padding, j);
+    });
+  }
+}
+
+// Spatial small math: z [N, HW] and t = gate(z) from the saved (max, mean) maps.
+template <typename acc_t>
+void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t* bias, Maps maps, Gate gate,
+                           int64_t N, int64_t H, int64_t W, int64_t k, acc_t* z, acc_t* t) {
+  const int64_t HW = H * W;
+  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / H, h = i % H;
+      const acc_t* mx = smaps + n * 2 * HW;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t o = n * HW + h * W + w;
+        z[o] = small::spatial_conv_at(mx, mx + HW, maps, weight, bias, H, W, k, h, w);
+        t[o] = gate_fwd(z[o], gate);
+      }
+    }
+  });
+}
+
+// Back through the spatial conv: from dz [N, HW] to dmax, dmean [N, HW] and the weight gradients.
+template <typename acc_t>
+void spatial_small_backward(const acc_t* smaps, const acc_t* dz, const acc_t* weight, Maps maps, int64_t N,
+                            int64_t H, int64_t W, int64_t k, acc_t* dmax, acc_t* dmean, acc_t* dweight,
+                            acc_t* dbias) {
+  const int64_t HW = H * W;
+  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = i / H, h = i % H;
+      for (int64_t w = 0; w < W; ++w)
+        small::spatial_dmaps_at(dz + n * HW, weight, maps, H, W, k, h, w, dmax[n * HW + h * W + w],
+                                dmean[n * HW + h * W + w]);
+    }
+  });
+  const int M = small::spatial_in_channels(maps);
+  at::parallel_for(0, M * k * k, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      dweight[i] = small::spatial_dweight_at(smaps, dz, maps, N, H, W, k, int(i / (k * k)), (i / k) % k, i % k);
+  });
+  if (dbias) *dbias = small::sum_at(dz, N * HW);
+}
+
+}  // namespace cpu
+}  // namespace attnfused

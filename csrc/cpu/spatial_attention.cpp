@@ -1,0 +1,90 @@
+// Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
+// Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax.
+#include "cpu/cpu_common.h"
+
+#include <torch/library.h>
+
+namespace attnfused {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, const Tensor& weight,
+                                                            const OptTensor& bias, c10::string_view maps,
+                                                            c10::string_view gate) {
+  check_input(x);
+  const Maps mp = parse_maps(maps);
+  const Gate g = parse_gate(gate);
+  const int64_t k = check_spatial_weights(x, weight, bias, mp);
+  const Dims d = dims_of(x);
+  const auto acc = acc_dtype(x);
+  const Tensor wa = to_acc(weight, acc), ba = to_acc(bias, acc);
+  Tensor y = at::empty_like(x);
+  Tensor smaps = at::empty({d.N, 2, d.H, d.W}, x.options().dtype(acc));
+  Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    pool_channels<scalar_t>(px, d, nullptr, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
+    std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
+    spatial_small_forward<acc_t>(smaps.const_data_ptr<acc_t>(), wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba),
+                                 mp, g, d.N, d.H, d.W, k, z.data(), t.data());
+    apply<scalar_t, true, true, false, false, false>(y.data_ptr<scalar_t>(), px, d, t.data(), nullptr, nullptr,
+                                                     nullptr);
+  });
+  return {y, smaps, sargmax};
+}
+
+std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tensor& grad_y, const Tensor& x,
+                                                                     const Tensor& smaps, const Tensor& sargmax,
+                                                                     const Tensor& weight, const OptTensor& bias,
+                                                                     c10::string_view maps, c10::string_view gate) {
+  check_input(x);
+  check_same_layout(grad_y, x);
+  const Maps mp = parse_maps(maps);
+  const Gate g = parse_gate(gate);
+  const int64_t k = check_spatial_weights(x, weight, bias, mp);
+  const Dims d = dims_of(x);
+  const auto acc = acc_dtype(x);
+  check_saved(smaps, x, "smaps", {d.N, 2, d.H, d.W}, acc);
+  check_saved(sargmax, x, "sargmax", {d.N, d.H, d.W}, at::kLong);
+  const Tensor smaps_c = smaps.contiguous(), sargmax_c = sargmax.contiguous();
+  const Tensor wa = to_acc(weight, acc), ba = to_acc(bias, acc);
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::empty(wa.sizes(), wa.options());
+  Tensor db = at::empty({1}, wa.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
+    const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
+    const int64_t NHW = d.N * d.HW;
+    std::vector<acc_t> z(NHW), t(NHW), dz(NHW), dmax(NHW), dmean(NHW);
+    spatial_small_forward<acc_t>(sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, d.N, d.H, d.W, k,
+                                 z.data(), t.data());
+    dot_channels<scalar_t, false>(pdy, px, d, nullptr, dz.data());
+    for (int64_t i = 0; i < NHW; ++i) dz[i] *= gate_grad(z[i], g);
+    spatial_small_backward<acc_t>(sm, dz.data(), wa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k, dmax.data(),
+                                  dmean.data(), dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
+    for (int64_t i = 0; i < NHW; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
+    scalar_t* pdx = dx.data_ptr<scalar_t>();
+    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), dmean.data(), nullptr, nullptr);
+    fix_hot(pdx, d, nullptr, sargmax_c.const_data_ptr<int64_t>(), [&](int64_t n, int64_t c, int64_t hw) {
+      const int64_t i = n * d.HW + hw;
+      return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + dmean[i] + dmax[i];
+    });
+  });
+  return {dx, grad_out(dw, weight, weight), grad_out(db, bias, weight)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnfused_C, CPU, m) {
+  m.impl("spatial_attention", &spatial_attention_kernel);
+  m.impl("spatial_attention_backward", &spatial_attention_backward_kernel);
+}
+
+}  // namespace cpu
+}  // namespace attnfused
