@@ -25,7 +25,7 @@ MAPS = {"max_mean": 0, "mean_max": 1, "mix": 2}
 PADDINGS = {"zeros": 0, "circular": 1}
 
 IDX_NONE = 2**31 - 1  # index of a lane that has seen no element yet (loses every tie)
-IDX_NONE_T = tl.constexpr(IDX_NONE)
+IDX_NONE_T = tl.constexpr(IDX_NONE)  # the same, visible inside kernels
 
 
 def code(table: dict, name: str, value: str) -> int:

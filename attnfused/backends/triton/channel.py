@@ -166,7 +166,7 @@ def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv,
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_A], dtype=tl.float32)
     for n in range(0, N):
-        n64 = tl.full([1], n, tl.int64)
+        n64 = n + tl.zeros([1], dtype=tl.int64)  # 64-bit offsets
         for v in range(0, NV):
             a = tl.load(a_ptr + n64 * a_sn + v * a_sv + i, mask=i_ok, other=0.0)
             b = tl.load(b_ptr + n64 * b_sn + v * b_sv + j, mask=j_ok, other=0.0)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, IDX_NONE, argmax_combine, argmax_rows, geometry, programs_wanted
+from ._common import INTERPRET, IDX_NONE_T, argmax_combine, argmax_rows, geometry, programs_wanted
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def _reduce_partial_kernel(
     l_end = tl.minimum(l_start + L_PER_SPLIT, L)
     acc = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
     best = tl.full([BLOCK_K, BLOCK_L], float("-inf"), tl.float32)
-    best_i = tl.full([BLOCK_K, BLOCK_L], IDX_NONE, tl.int32)
+    best_i = tl.full([BLOCK_K, BLOCK_L], IDX_NONE_T, tl.int32)
     for l0 in range(l_start, l_end, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
         mask = k_ok[:, None] & (l < l_end)[None, :]
@@ -112,13 +112,13 @@ def _reduce_finalize_kernel(sum_ptr, max_ptr, idx_ptr, mean_ptr, mean_sn, maxo_p
     ok = k < K
     total = tl.zeros([BLOCK], dtype=tl.float32)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.full([BLOCK], IDX_NONE, tl.int32)
+    best_i = tl.full([BLOCK], IDX_NONE_T, tl.int32)
     for s in range(0, S):
         o = (n * S + s) * K + k
         total += tl.load(sum_ptr + o, mask=ok, other=0.0)
         if POOL:
             best, best_i = argmax_combine(best, best_i, tl.load(max_ptr + o, mask=ok, other=0.0),
-                                          tl.load(idx_ptr + o, mask=ok, other=IDX_NONE))
+                                          tl.load(idx_ptr + o, mask=ok, other=IDX_NONE_T))
     if POOL:
         tl.store(mean_ptr + n * mean_sn + k, total / L, mask=ok)
         tl.store(maxo_ptr + n * maxo_sn + k, best, mask=ok)
@@ -130,11 +130,10 @@ def _reduce_finalize_kernel(sum_ptr, max_ptr, idx_ptr, mean_ptr, mean_sn, maxo_p
 def _reduce_config(x: torch.Tensor, N: int, K: int, L: int, l_contiguous: bool):
     """(BLOCK_K, BLOCK_L, L_PER_SPLIT, S, num_warps): a fixed function of the shape and the
     device, so the reduction order, hence every bit of the result, is the same run to run."""
-    if INTERPRET or not x.is_cuda:
+    if INTERPRET:
         bk, bl, warps, per = 16, 16, 1, 32  # small: the tests' shapes still take several splits
     else:
         bk, bl, warps = (16, 128, 4) if l_contiguous else (64, 32, 4)
-        bk = min(bk, triton.next_power_of_2(K))
         splits = max(1, min(triton.cdiv(programs_wanted(x), N * triton.cdiv(K, bk)), triton.cdiv(L, bl), 128))
         per = triton.cdiv(triton.cdiv(L, splits), bl) * bl
     return bk, bl, per, triton.cdiv(L, per), warps
@@ -264,7 +263,7 @@ def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_gra
             C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow)
     flags = dict(BWD=bwd, HAS_DY=dy is not None, HAS_S=s is not None, HAS_T=t is not None,
                  CH_GRAD=ch_grad is not None, SP_GRAD=sp_grad is not None, FLAT=flat)
-    if INTERPRET or not x.is_cuda:
+    if INTERPRET:
         bc, bp = 16, 16
         _apply_kernel[(N * triton.cdiv(P, bp), triton.cdiv(C, bc))](*args, **flags, BLOCK_C=bc, BLOCK_P=bp,
                                                                     num_warps=1)

@@ -128,10 +128,6 @@ def _spatial_bwd_dw_kernel(smaps_ptr, dlog_ptr, part_ptr, H, W, K, TAPS, MAPS: t
     tl.store(base + TAPS, tl.sum(accb, axis=0))
 
 
-def _block_p(P: int) -> int:
-    return 16 if INTERPRET else min(256, triton.next_power_of_2(P))
-
-
 def _blocks(P: int, K: int):
     """(BLOCK over pixels, padded tap count)."""
     kk = triton.next_power_of_2(K * K)
