@@ -1,0 +1,186 @@
+"""Output of a run: the stdout table, the CSV, the plots, the device folder's README, and
+the markdown table of the project README (`python -m bench.report CSV --markdown`)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import COLUMNS
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- stdout table
+
+_TABLE = [("block", "block"), ("shape", "shape"), ("dtype", "dtype"), ("layout", "layout"), ("mode", "mode"),
+          ("provider", "provider"), ("median_ms", "ms"), ("copy_ms", "copy ms"), ("speedup_eager", "x eager"),
+          ("speedup_compile", "x compile"), ("copy_frac", "copy frac"), ("saved_x", "saved/x"),
+          ("status", "status"), ("note", "")]
+
+
+def table(rows: list[dict]) -> str:
+    cells = [[h for _, h in _TABLE]] + [[_fmt(r.get(k), 3 if k.startswith(("speedup", "copy_f", "saved"))
+                                                else 4) for k, _ in _TABLE] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_TABLE))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def write_csv(rows: list[dict], meta: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v, 6) for k, v in {**meta, **r}.items()})
+
+
+def read_csv(path: Path) -> list[dict]:
+    def num(v):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    with open(path, newline="") as f:
+        return [{k: (num(v) if v != "" else None) if k not in ("commit", "shape", "torch", "triton") else v
+                 for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _grid(rows, value: str, skip: tuple[str, ...], title: str, ylabel: str, path: Path) -> Path | None:
+    """Grouped bars: one panel per (block) x (mode, layout), shapes on x, one bar per provider."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get(value) not in (None, "") and r["provider"] not in skip]
+    if not rows:
+        return None
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    cols = list(dict.fromkeys((r["mode"], r["layout"]) for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(len(blocks), len(cols), figsize=(3.2 + 3.0 * len(cols), 0.6 + 2.4 * len(blocks)),
+                             squeeze=False, sharey="row")
+    width = 0.8 / len(provs)
+    for i, b in enumerate(blocks):
+        for j, (m, lay) in enumerate(cols):
+            ax = axes[i][j]
+            sub = [r for r in rows if r["block"] == b and (r["mode"], r["layout"]) == (m, lay)]
+            shapes = list(dict.fromkeys(r["shape"] for r in sub))
+            for k, p in enumerate(provs):
+                val = {r["shape"]: r[value] for r in sub if r["provider"] == p}
+                ax.bar([s + (k - (len(provs) - 1) / 2) * width for s in range(len(shapes))],
+                       [val.get(s, 0) or 0 for s in shapes], width, label=p, color=f"C{k}")
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_xticks(range(len(shapes)), [s.split("x", 1)[1] for s in shapes], rotation=30, fontsize=7)
+            ax.set_title(f"{b} {m} {lay}" + (f" (N={shapes[0].split('x')[0]})" if shapes else ""), fontsize=9)
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
+    """`<stem>_speedup_<dtype>.png` (over eager; 1 = eager) and `<stem>_copyfrac_<dtype>.png`
+    (copy time / block time; 1 = as fast as a copy), one pair per dtype and batch."""
+    out = []
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["dtype"], r["shape"].split("x")[0])].append(r)
+    for (dt, n), sub in groups.items():
+        tag = f"{dt}_n{n}"
+        where = f"{meta['device']}, {dt}, batch {n}, torch {meta['torch']}, commit {meta['commit']}"
+        out.append(_grid(sub, "speedup_eager", ("eager",), f"speed-up over eager PyTorch ({where})",
+                         "x eager", stem.with_name(f"{stem.name}_speedup_{tag}.png")))
+        out.append(_grid(sub, "copy_frac", (), f"fraction of copy speed, copy_ms / ms ({where})",
+                         "copy / block", stem.with_name(f"{stem.name}_copyfrac_{tag}.png")))
+    return [p for p in out if p is not None]
+
+
+# ----------------------------------------------------------------------------- README of a device folder
+
+def write_run_meta(meta: dict, extra: dict, stem: Path) -> None:
+    stem.with_name(stem.name + ".json").write_text(json.dumps({**meta, **extra}, indent=1) + "\n")
+
+
+def write_device_readme(folder: Path) -> Path:
+    """README.md listing every run in the folder (from the `<stem>.json` files the runs leave)."""
+    runs = [json.loads(p.read_text()) | {"stem": p.stem} for p in sorted(folder.glob("*.json"))]
+    lines = [f"# Benchmark results: {runs[0]['device'] if runs else folder.name}", "",
+             "Written by `python -m bench` / `python -m bench.e2e`; do not edit by hand.", ""]
+    for r in runs:
+        lines += [f"## {r['stem']}", "",
+                  f"- device: {r.get('device_long', r['device'])}",
+                  f"- torch {r['torch']}, triton {r['triton']}, python {r.get('python', '?')}, "
+                  f"threads {r.get('threads', '?')}, OMP_WAIT_POLICY {r.get('omp_wait_policy')}, "
+                  f"load average at the end {r.get('load_avg_end', '?')}",
+                  f"- commit {r['commit']}, date {r['date']}, wall time {r.get('wall_s', '?')} s",
+                  f"- command: `{r.get('command', '?')}`"]
+        if r.get("skipped"):
+            lines.append("- providers not run here: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()))
+        files = sorted(p.name for p in folder.glob(r["stem"] + "*") if p.suffix in (".csv", ".png"))
+        lines += [f"- files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
+        lines += [f"![{f}]({f})" for f in files if f.endswith(".png") and "speedup" in f] + [""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- markdown for the project README
+
+def markdown(rows: list[dict]) -> str:
+    """One line per (block, shape, dtype, layout, mode): copy time, each provider's time and
+    speed-up over eager (WRONG/ERROR where it failed the parity check or did not run)."""
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    keys = list(dict.fromkeys((r["block"], r["shape"], r["dtype"], r["layout"], r["mode"]) for r in rows))
+    by = {(r["block"], r["shape"], r["dtype"], r["layout"], r["mode"], r["provider"]): r for r in rows}
+    head = ["block", "shape", "dtype", "layout", "mode", "copy ms"] + [f"{p} ms (x eager)" for p in provs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        cells = list(k)
+        first = next(by[k + (p,)] for p in provs if k + (p,) in by)
+        cells.append(_fmt(first.get("copy_ms"), 3))
+        for p in provs:
+            r = by.get(k + (p,))
+            if r is None:
+                cells.append("")
+            elif r.get("status") != "ok":
+                cells.append(str(r.get("status")))
+            elif p == "eager":
+                cells.append(_fmt(r["median_ms"], 3))
+            else:
+                cells.append(f"{_fmt(r['median_ms'], 3)} ({_fmt(r.get('speedup_eager'), 2)}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("--markdown", action="store_true", help="print the README table of the CSV")
+    ap.add_argument("--table", action="store_true", help="print the stdout table of the CSV")
+    a = ap.parse_args(argv)
+    rows = read_csv(a.csv)
+    print(markdown(rows) if a.markdown or not a.table else table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Timers (SPEC §6): medians, after warm-up, with the compile/first-call cost excluded.
+
+GPU: CUDA events through `triton.testing.do_bench` (median, L2 flushed before every call);
+the warm-L2 figure (no flush) is taken apart with CUDA events around each call.
+CPU: wall-clock medians of samples that each run the function enough times to last
+`sample_s`, interleaved across the providers of a case; the caches are not flushed (the
+large shapes do not fit them anyway). The minimum is kept too: on a shared machine it is
+the figure least disturbed by other processes.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timer:
+    device: torch.device
+    reps: int = 10          # CPU samples / the floor of CUDA-event samples
+    sample_s: float = 0.02  # CPU: minimum duration of one sample
+    warmup_s: float = 0.05  # CPU: warm-up time after the first calls
+    rep_ms: int = 100       # GPU: do_bench's measuring time
+    warmup_calls: int = 2   # CPU: least calls after the first, before sampling
+
+    def time_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, dict[str, float | None]]:
+        """{name: {"median": ms, "min": ms, "warm": warm-L2 median ms (GPU) or None}}.
+
+        On CPU the functions' samples are interleaved round-robin, so that load from other
+        processes on a shared machine falls on every provider (and the copy) alike."""
+        if self.device.type == "cuda":
+            return {k: {"median": _cuda_cold(f, self.rep_ms), "min": None,
+                        "warm": _cuda_warm(f, self.reps, self.rep_ms)} for k, f in fns.items()}
+        return _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
+
+
+def _cpu(fns, reps: int, sample_s: float, warmup_s: float, warmup_calls: int):
+    inner = {}
+    for k, fn in fns.items():
+        fn()
+        t0, n = time.perf_counter(), 0
+        while n < max(1, warmup_calls) or time.perf_counter() - t0 < warmup_s:
+            fn()
+            n += 1
+        inner[k] = max(1, round(sample_s / ((time.perf_counter() - t0) / n)))
+    samples = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(reps):
+        for k in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
+            fn, n = fns[k], inner[k]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[k].append((time.perf_counter() - t) / n)
+    return {k: {"median": 1e3 * statistics.median(v), "min": 1e3 * min(v), "warm": None}
+            for k, v in samples.items()}
+
+
+def _cuda_cold(fn, rep_ms: int) -> float:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _cuda_events(fn, max(10, rep_ms // 2), flush=True)
+    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _cuda_warm(fn, reps: int, rep_ms: int) -> float:
+    # as many calls as fit in rep_ms (like do_bench), at least `reps`
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(reps, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
+    return _cuda_events(fn, n, flush=False)
+
+
+_FLUSH: torch.Tensor | None = None
+
+
+def _cuda_events(fn, n: int, flush: bool) -> float:
+    """Median over n calls, each between its own pair of CUDA events."""
+    global _FLUSH
+    if flush and _FLUSH is None:
+        _FLUSH = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")  # > any L2 today
+    for _ in range(3):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        if flush:
+            _FLUSH.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

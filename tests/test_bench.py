@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark harness (bench/) on tiny shapes: the parity check passes
+correct providers and reports a wrong one without timing it; the CSV header is exact."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench import harness, report
+from bench.__main__ import main as bench_main
+from bench.providers import PROVIDERS, Provider
+from bench.timing import Timer
+
+HEADER = "device,torch,triton,commit,date,block,shape,dtype,layout,mode,provider,median_ms,copy_ms".split(",")
+FAST = Timer(torch.device("cpu"), reps=2, sample_s=0.0, warmup_s=0.0)
+
+
+class _Counted(nn.Module):
+    """Wraps a module, counts calls, optionally scales the output (a wrong kernel)."""
+
+    def __init__(self, inner: nn.Module, scale: float):
+        super().__init__()
+        self.inner, self.scale, self.calls = inner, scale, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x) * self.scale
+
+
+def _provider(name: str, scale: float, built: list) -> Provider:
+    def build(block, channels, ref):
+        m = _Counted(PROVIDERS["eager"].build(block, channels, ref), scale)
+        built.append(m)
+        return m
+    return Provider(name, build, lambda device, dtype: None)
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+@pytest.mark.parametrize("layout", list(harness.LAYOUTS))
+def test_parity_passes_and_wrong_is_not_timed(mode, layout):
+    built: list = []
+    providers = {"eager": PROVIDERS["eager"], "reference": PROVIDERS["reference"],
+                 "good": _provider("good", 1.0, built), "bad": _provider("bad", 1.0 + 1e-3, built)}
+    case = harness.Case("cbam_fc", (2, 32, 6, 5), "fp32", layout, mode)
+    rows = {r["provider"]: r for r in harness.run_case(case, providers, FAST, "cpu", seed=1)}
+    for name in ("eager", "reference", "good"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["rel_err"] <= r["tol"] <= 1e-5 or r["rel_err"] <= r["tol"]
+        assert r["median_ms"] > 0 and r["copy_ms"] > 0
+        assert (r.get("saved_bytes") or 0) > 0 or mode == "fwd"
+    assert rows["good"]["speedup_eager"] > 0
+    bad = rows["bad"]
+    assert bad["status"] == "WRONG" and "not timed" in bad["note"]
+    assert bad.get("median_ms") is None and bad["rel_err"] > bad["tol"]
+    good_mod, bad_mod = built
+    assert bad_mod.calls == 1  # the parity call only
+    assert good_mod.calls > 1
+
+
+def test_failing_provider_is_an_error_row():
+    def build(block, channels, ref):
+        raise RuntimeError("no kernel here")
+    providers = {"eager": PROVIDERS["eager"], "broken": Provider("broken", build, lambda d, t: None)}
+    rows = harness.run_case(harness.Case("se", (1, 16, 4, 4), "fp32", "nchw", "fwd"), providers, FAST, "cpu")
+    broken = next(r for r in rows if r["provider"] == "broken")
+    assert broken["status"] == "ERROR" and "no kernel here" in broken["note"] and broken.get("median_ms") is None
+
+
+def test_unavailable_provider_says_why():
+    assert harness.unavailable("eager", "cpu", torch.float32) is None
+    assert "unknown provider" in harness.unavailable("nope", "cpu", torch.float32)
+    assert harness.unavailable("compile-max", "cpu", torch.float32)  # GPU only
+    if not torch.cuda.is_available():
+        assert harness.unavailable("cuda", "cpu", torch.float32)
+
+
+def test_cli_writes_exact_csv_header_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc = bench_main(["--blocks", "se,spatial", "--shapes", "tiny", "--batch", "2", "--modes", "fwd,bwd",
+                     "--layouts", "nchw,cl", "--providers", "eager,reference", "--reps", "2", "--sample-s", "0",
+                     "--out", str(tmp_path), "--name", "t", "--no-progress"])
+    assert rc == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:len(HEADER)] == HEADER
+    assert header == harness.COLUMNS
+    rows = report.read_csv(tmp_path / "t.csv")
+    assert len(rows) == 2 * 2 * 2 * 2 and all(r["status"] == "ok" for r in rows)
+    assert {r["device"] for r in rows} == {rows[0]["device"]} and rows[0]["torch"] == torch.__version__
+    assert (tmp_path / "README.md").exists() and list(tmp_path.glob("t_speedup_*.png"))
+    out = capsys.readouterr().out
+    assert "provider" in out and "reference" in out
+    assert report.markdown(rows).count("\n") == 2 * 2 * 2 + 1
+
+
+def test_cli_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        bench_main(["--blocks", "nope", "--no-progress"])
+    with pytest.raises(SystemExit):
+        bench_main(["--shapes", "12x", "--no-progress"])
+
+
+def test_e2e_tiny(tmp_path):
+    pytest.importorskip("torchvision")
+    from bench import e2e
+
+    rc = e2e.main(["--attn", "plain,se", "--batch", "2", "--res", "32", "--modes", "infer,train", "--reps", "1",
+                   "--backend", "reference", "--out", str(tmp_path), "--name", "e", "--no-progress"])
+    assert rc == 0
+    rows = report.read_csv(tmp_path / "e.csv")
+    assert [(r["attn"], r["provider"]) for r in rows[:3]] == [("plain", "eager"), ("se", "eager"), ("se", "fused")]
+    fused = rows[2]
+    assert fused["rel_err"] is not None and fused["rel_err"] < 1e-4 and fused["images_s"] > 0
