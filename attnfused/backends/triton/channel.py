@@ -32,63 +32,78 @@ def _load_vecs(pooled_ptr, n, C, c, ok, POOL: tl.constexpr):
 
 
 @triton.jit
-def _mlp_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, CR, POOL: tl.constexpr, HAS_B1: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Pre-activations w1 @ v + b1 of the hidden layer for va (and vb), kept in registers."""
-    r = tl.arange(0, BLOCK_R)
+def _dot(a, b):
+    # float32 products and sums (no TF32): the small math keeps full float32 accuracy
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _mlp_hidden_kernel(pooled_ptr, w1_ptr, b1_ptr, hp_ptr, N, C, CR, NV, POOL: tl.constexpr,
+                       HAS_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """Hidden pre-activations hp[n, v] = w1 @ vec_v[n] + b1 for a block of samples and of
+    hidden units: a small matmul, each w1 tile read once per block of samples."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = n < N
     r_ok = r < CR
-    hpa = tl.zeros([BLOCK_R], dtype=tl.float32)
-    hpb = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        va, vb = _load_vecs(pooled_ptr, n, C, c, c_ok, POOL)
-        w1 = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                     other=0.0).to(tl.float32)
-        hpa += tl.sum(w1 * va[None, :], axis=1)
+        va, vb = _load_vecs(pooled_ptr, n[:, None], C, c[None, :], n_ok[:, None] & c_ok[None, :], POOL)
+        w1t = tl.load(w1_ptr + r[None, :] * C + c[:, None], mask=c_ok[:, None] & r_ok[None, :],
+                      other=0.0).to(tl.float32)
+        acc_a += _dot(va, w1t)
         if POOL == 2:
-            hpb += tl.sum(w1 * vb[None, :], axis=1)
+            acc_b += _dot(vb, w1t)
     if HAS_B1:
-        b1 = tl.load(b1_ptr + r, mask=r_ok, other=0.0).to(tl.float32)
-        hpa += b1
-        hpb += b1
-    # padding rows are 0 * v, NaN where v is infinite: zero them
-    return tl.where(r_ok, hpa, 0.0), tl.where(r_ok, hpb, 0.0)
-
-
-@triton.jit
-def _mlp_logits(w2_ptr, b2_ptr, ha, hb, c, c_ok, CR, POOL: tl.constexpr, HAS_B2: tl.constexpr,
-                BLOCK_R: tl.constexpr):
-    """Logits at channels c: w2 @ ha + b2 (+ w2 @ hb + b2 for avg+max), and the w2 tile."""
-    r = tl.arange(0, BLOCK_R)
-    w2 = tl.load(w2_ptr + c[:, None] * CR + r[None, :], mask=c_ok[:, None] & (r < CR)[None, :],
-                 other=0.0).to(tl.float32)
-    z = tl.sum(w2 * ha[None, :], axis=1)
-    if HAS_B2:
-        b2 = tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        z += b2
+        b1 = tl.load(b1_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        acc_a += b1
+        acc_b += b1
+    out = hp_ptr + n[:, None] * NV * CR + r[None, :]
+    ok = n_ok[:, None] & r_ok[None, :]
+    tl.store(out, acc_a, mask=ok)
     if POOL == 2:
-        zb = tl.sum(w2 * hb[None, :], axis=1)
-        if HAS_B2:
-            zb += b2
-        z += zb
-    return z, w2
+        tl.store(out + CR, acc_b, mask=ok)
 
 
 @triton.jit
-def _channel_mlp_fwd_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, s_ptr, C, CR,
-                            POOL: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr,
-                            HAS_B2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One sample per program: s = gate(f(pooled))."""
-    n = tl.program_id(0).to(tl.int64)
-    hpa, hpb = _mlp_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, CR, POOL, HAS_B1, BLOCK_C, BLOCK_R)
-    ha = act_fn(hpa, ACT)
-    hb = act_fn(hpb, ACT)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        z, _ = _mlp_logits(w2_ptr, b2_ptr, ha, hb, c, c_ok, CR, POOL, HAS_B2, BLOCK_R)
-        tl.store(s_ptr + n * C + c, gate_fn(z, GATE), mask=c_ok)
+def _mlp_out_kernel(hp_ptr, w2_ptr, b2_ptr, dot_ptr, out_ptr, N, C, CR, NV, BWD: tl.constexpr,
+                    POOL: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, HAS_B2: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Logits z = sum_v (w2 @ act(hp_v) + b2) for a block of samples and channels; writes
+    s = gate(z), or with BWD dlogits = dot * gate'(z)."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    c_ok = c < C
+    za = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    zb = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, CR, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < CR
+        hrow = hp_ptr + n[:, None] * NV * CR + r[None, :]
+        hok = n_ok[:, None] & r_ok[None, :]
+        w2t = tl.load(w2_ptr + c[None, :] * CR + r[:, None], mask=r_ok[:, None] & c_ok[None, :],
+                      other=0.0).to(tl.float32)
+        za += _dot(act_fn(tl.load(hrow, mask=hok, other=0.0), ACT), w2t)
+        if POOL == 2:
+            zb += _dot(act_fn(tl.load(hrow + CR, mask=hok, other=0.0), ACT), w2t)
+    if HAS_B2:
+        b2 = tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        za += b2
+        zb += b2
+    if POOL == 2:
+        za += zb
+    ok = n_ok[:, None] & c_ok[None, :]
+    o = n[:, None] * C + c[None, :]
+    if BWD:
+        res = tl.load(dot_ptr + o, mask=ok, other=0.0) * gate_grad_fn(za, GATE)
+    else:
+        res = gate_fn(za, GATE)
+    tl.store(out_ptr + o, res, mask=ok)
 
 
 @triton.jit
@@ -111,47 +126,61 @@ def _store_dpooled(dpooled_ptr, n, C, c, ok, dva, dvb, POOL: tl.constexpr):
 
 
 @triton.jit
-def _channel_mlp_bwd_kernel(pooled_ptr, dot_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                            dlog_ptr, h_ptr, dhp_ptr, vecs_ptr, dpooled_ptr, C, CR, NV,
-                            POOL: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr,
-                            HAS_B2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One sample per program: back through gate and MLP from dot = sum_p(dy * x).
-    Writes dlogits, the hidden activations, their gradients and the input vectors (for the
-    weight gradients, summed over samples in a fixed order by _outer_sum_kernel) and dpooled."""
-    n = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
+def _mlp_dh_kernel(dlog_ptr, w2_ptr, hp_ptr, h_ptr, dhp_ptr, N, C, CR, NV, POOL: tl.constexpr,
+                   ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dh = dlogits @ w2 for a block of samples and hidden units; writes h_v = act(hp_v) and
+    dhp_v = dh * act'(hp_v) (for the weight gradients and dv)."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_ok = n < N
     r_ok = r < CR
-    hpa, hpb = _mlp_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, CR, POOL, HAS_B1, BLOCK_C, BLOCK_R)
-    ha = act_fn(hpa, ACT)
-    hb = act_fn(hpb, ACT)
-    dh = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dh = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        z, w2 = _mlp_logits(w2_ptr, b2_ptr, ha, hb, c, c_ok, CR, POOL, HAS_B2, BLOCK_R)
-        d = tl.load(dot_ptr + n * C + c, mask=c_ok, other=0.0) * gate_grad_fn(z, GATE)
-        d = tl.where(c_ok, d, 0.0)
-        tl.store(dlog_ptr + n * C + c, d, mask=c_ok)
-        dh += tl.sum(w2 * d[:, None], axis=0)
-    dhpa = tl.where(r_ok, dh * act_grad_fn(hpa, ACT), 0.0)
-    dhpb = tl.where(r_ok, dh * act_grad_fn(hpb, ACT), 0.0)
-    tl.store(h_ptr + n * NV * CR + r, ha, mask=r_ok)
-    tl.store(dhp_ptr + n * NV * CR + r, dhpa, mask=r_ok)
+        d = tl.load(dlog_ptr + n[:, None] * C + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        w2 = tl.load(w2_ptr + c[:, None] * CR + r[None, :], mask=c_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)
+        dh += _dot(d, w2)
+    ok = n_ok[:, None] & r_ok[None, :]
+    o = n[:, None] * NV * CR + r[None, :]
+    hp = tl.load(hp_ptr + o, mask=ok, other=0.0)
+    tl.store(h_ptr + o, act_fn(hp, ACT), mask=ok)
+    tl.store(dhp_ptr + o, dh * act_grad_fn(hp, ACT), mask=ok)
     if POOL == 2:
-        tl.store(h_ptr + n * NV * CR + CR + r, hb, mask=r_ok)
-        tl.store(dhp_ptr + n * NV * CR + CR + r, dhpb, mask=r_ok)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+        hp = tl.load(hp_ptr + o + CR, mask=ok, other=0.0)
+        tl.store(h_ptr + o + CR, act_fn(hp, ACT), mask=ok)
+        tl.store(dhp_ptr + o + CR, dh * act_grad_fn(hp, ACT), mask=ok)
+
+
+@triton.jit
+def _mlp_dv_kernel(dhp_ptr, w1_ptr, pooled_ptr, vecs_ptr, dpooled_ptr, N, C, CR, NV, POOL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dv_v = dhp_v @ w1 for a block of samples and channels, routed to dpooled; writes the
+    input vectors too (for the weight gradient of w1)."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
+    c_ok = c < C
+    dva = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    dvb = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, CR, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < CR
+        hrow = dhp_ptr + n[:, None] * NV * CR + r[None, :]
+        hok = n_ok[:, None] & r_ok[None, :]
         w1 = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
                      other=0.0).to(tl.float32)
-        dva = tl.sum(w1 * dhpa[:, None], axis=0)
-        dvb = tl.sum(w1 * dhpb[:, None], axis=0)
-        va, vb = _load_vecs(pooled_ptr, n, C, c, c_ok, POOL)
-        tl.store(vecs_ptr + n * NV * C + c, va, mask=c_ok)
+        dva += _dot(tl.load(hrow, mask=hok, other=0.0), w1)
         if POOL == 2:
-            tl.store(vecs_ptr + n * NV * C + C + c, vb, mask=c_ok)
-        _store_dpooled(dpooled_ptr, n, C, c, c_ok, dva, dvb, POOL)
+            dvb += _dot(tl.load(hrow + CR, mask=hok, other=0.0), w1)
+    ok = n_ok[:, None] & c_ok[None, :]
+    va, vb = _load_vecs(pooled_ptr, n[:, None], C, c[None, :], ok, POOL)
+    vrow = vecs_ptr + n[:, None] * NV * C + c[None, :]
+    tl.store(vrow, va, mask=ok)
+    if POOL == 2:
+        tl.store(vrow + C, vb, mask=ok)
+    _store_dpooled(dpooled_ptr, n[:, None], C, c[None, :], ok, dva, dvb, POOL)
 
 
 @triton.jit
@@ -271,11 +300,29 @@ def _cfg_c(C: int) -> int:
 
 
 def _mlp_blocks(C: int, CR: int):
-    """BLOCK_R holds the whole hidden layer; BLOCK_C keeps the weight tile near 8K elements."""
-    br = triton.next_power_of_2(CR)
+    """(BLOCK_N, BLOCK_C, BLOCK_R) of the small matmuls (tl.dot wants 16 or more)."""
     if INTERPRET:
-        return 16, br
-    return max(16, min(triton.next_power_of_2(C), 8192 // br)), br
+        return 16, 16, 16
+    return 16, min(64, max(16, triton.next_power_of_2(C))), min(64, max(16, triton.next_power_of_2(CR)))
+
+
+def _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=None, out=None):
+    """Hidden pre-activations hp [N, NV, CR] and out = s (or dlogits, given dot) [N, C]."""
+    N, _, C = pooled.shape
+    CR = w1.shape[0]
+    NV = 2 if pool == "avg+max" else 1
+    bn, bc, br = _mlp_blocks(C, CR)
+    POOL = code(POOLS, "pool", pool)
+    b1, w2, b2 = _contig(b1), w2.contiguous(), _contig(b2)
+    hp = torch.empty((N, NV, CR), dtype=torch.float32, device=pooled.device)
+    _mlp_hidden_kernel[(triton.cdiv(N, bn), triton.cdiv(CR, br))](
+        pooled, w1, w1 if b1 is None else b1, hp, N, C, CR, NV, POOL=POOL, HAS_B1=b1 is not None,
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+    _mlp_out_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc))](
+        hp, w2, w2 if b2 is None else b2, out if dot is None else dot, out, N, C, CR, NV, BWD=dot is not None,
+        POOL=POOL, ACT=code(ACTS, "act", act), GATE=code(GATES, "gate", gate), HAS_B2=b2 is not None,
+        BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+    return hp
 
 
 def _contig(w):
@@ -291,12 +338,7 @@ def channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
     POOL, GATE = code(POOLS, "pool", pool), code(GATES, "gate", gate)
     w1 = w1.contiguous()
     if kind == "mlp":
-        CR = w1.shape[0]
-        bc, br = _mlp_blocks(C, CR)
-        b1, w2, b2 = _contig(b1), w2.contiguous(), _contig(b2)
-        _channel_mlp_fwd_kernel[(N,)](pooled, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,
-                                      s, C, CR, POOL=POOL, ACT=code(ACTS, "act", act), GATE=GATE,
-                                      HAS_B1=b1 is not None, HAS_B2=b2 is not None, BLOCK_C=bc, BLOCK_R=br)
+        _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, out=s)
     else:
         bc = _cfg_c(C)
         ncb = triton.cdiv(C, bc)
@@ -325,14 +367,15 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
             return dpooled, [dw1, db1, dw2, db2]
         NV = 2 if pool == "avg+max" else 1
         dlog = torch.empty((N, C), **f32)
-        h, dhp = torch.empty((N, NV, CR), **f32), torch.empty((N, NV, CR), **f32)
+        hp = _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=dot, out=dlog)
+        h, dhp = torch.empty_like(hp), torch.empty_like(hp)
         vecs = torch.empty((N, NV, C), **f32)
-        bc, br = _mlp_blocks(C, CR)
-        b1c, w2c, b2c = _contig(b1), w2.contiguous(), _contig(b2)
-        _channel_mlp_bwd_kernel[(N,)](pooled, dot, w1, b1c if b1c is not None else w1, w2c,
-                                      b2c if b2c is not None else w2c, dlog, h, dhp, vecs, dpooled, C, CR, NV,
-                                      POOL=POOL, ACT=code(ACTS, "act", act), GATE=GATE, HAS_B1=b1 is not None,
-                                      HAS_B2=b2 is not None, BLOCK_C=bc, BLOCK_R=br)
+        bn, bc, br = _mlp_blocks(C, CR)
+        ACT, w2c = code(ACTS, "act", act), w2.contiguous()
+        _mlp_dh_kernel[(triton.cdiv(N, bn), triton.cdiv(CR, br))](dlog, w2c, hp, h, dhp, N, C, CR, NV, POOL=POOL,
+                                                                 ACT=ACT, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+        _mlp_dv_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc))](dhp, w1, pooled, vecs, dpooled, N, C, CR, NV,
+                                                                POOL=POOL, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
         outer_sum(dhp, vecs, dw1, db1)  # dw1 [CR, C], db1
         outer_sum(dlog.view(N, 1, C).expand(N, NV, C), h, dw2, db2)  # dw2 [C, CR], db2
         return dpooled, [dw1, db1, dw2, db2]

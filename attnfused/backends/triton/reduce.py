@@ -9,6 +9,8 @@ kernel combines the partials in split order.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -236,12 +238,14 @@ def _apply_kernel(x_ptr, dy_ptr, out_ptr, s_ptr, t_ptr, cgrad_ptr, carg_ptr, gma
              mask=mask)
 
 
-# one fixed configuration per layout: the pass is bit-exact whatever the tile, so the GPU
-# may autotune it (cached per shape and layout)
+# the pass is bit-exact whatever the tile, so the GPU may autotune it (per shape and layout);
+# the interpreter takes one fixed configuration
 _APPLY_CONFIGS = [triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=w)
                   for bc, bp, w in ((4, 256, 4), (8, 256, 8), (16, 128, 4), (64, 16, 4), (128, 16, 8),
                                     (32, 32, 4))]
-_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD"])(_apply_kernel)
+# cache_results: keep the choice on disk across processes (where this Triton has it)
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD"], **_CACHE)(_apply_kernel)
 
 
 def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_grad=None, sp_grad=None,
