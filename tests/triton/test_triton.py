@@ -257,7 +257,7 @@ def test_empty_batch(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("case", [CHANNEL_CASES[2], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[8], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
 def test_nonfinite_like_reference(case, special, device):
     x = rand(2, 6, 5, 4, dtype=torch.float32)
     x[1, 2, 3, 1] = special

@@ -3,6 +3,16 @@
 Runs on CUDA tensors (float32, float16, bfloat16), and on CPU tensors under the Triton
 interpreter (TRITON_INTERPRET=1, set before triton is imported; float32 and float16: the
 interpreter has no bfloat16), which is how the CPU-only CI tests these kernels.
+
+Layout: _common (option codes, scalar math, configs), reduce (the passes over x: pooling and
+backward dot products with fixed-order split reductions, and the elementwise scale and
+input-gradient pass), channel (MLP as small matmuls over blocks of samples, 1D conv),
+spatial (k x k conv), cbam (the fused block). Every reduction is deterministic: partials per
+program, combined in a fixed order by a second small kernel; no atomics.
+
+Tests: `TRITON_INTERPRET=1 python -m pytest tests/triton -q` (CPU), the same without the
+variable on a GPU; `python -m tests.triton.compile_sm90` compiles every kernel variant for
+sm_90 without a GPU.
 """
 from __future__ import annotations
 

@@ -185,22 +185,27 @@ def _mlp_dv_kernel(dhp_ptr, w1_ptr, pooled_ptr, vecs_ptr, dpooled_ptr, N, C, CR,
 
 @triton.jit
 def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv, b_sn, b_sv,
-                      HAS_SUM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                      HAS_SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
     """out[i, j] = sum_n sum_v a[n, v, i] * b[n, v, j] (and sum[i] = sum_n sum_v a[n, v, i]),
-    a weight gradient summed over the batch in a fixed order."""
+    a weight gradient summed over the batch: blocks of samples in a fixed order, each a small
+    matmul."""
     i = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     j = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     i_ok = i < RA
     j_ok = j < RB
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_A], dtype=tl.float32)
-    for n in range(0, N):
-        n64 = n + tl.zeros([1], dtype=tl.int64)  # 64-bit offsets
+    for n0 in range(0, N, BLOCK_N):
+        n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = n < N
         for v in range(0, NV):
-            a = tl.load(a_ptr + n64 * a_sn + v * a_sv + i, mask=i_ok, other=0.0)
-            b = tl.load(b_ptr + n64 * b_sn + v * b_sv + j, mask=j_ok, other=0.0)
-            acc += a[:, None] * b[None, :]
-            acc_s += a
+            a = tl.load(a_ptr + n[:, None] * a_sn + v * a_sv + i[None, :], mask=n_ok[:, None] & i_ok[None, :],
+                        other=0.0)
+            b = tl.load(b_ptr + n[:, None] * b_sn + v * b_sv + j[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                        other=0.0)
+            acc += _dot(tl.trans(a), b)
+            acc_s += tl.sum(a, axis=0)
     tl.store(out_ptr + i[:, None] * RB + j[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
     if HAS_SUM:
         tl.store(sum_ptr + i, acc_s, mask=i_ok & (tl.program_id(1) == 0))
@@ -405,7 +410,7 @@ def outer_sum(a, b, out, out_sum=None):
     ba, bb = (16, 16) if INTERPRET else (32, 64)
     _outer_sum_kernel[(triton.cdiv(RA, ba), triton.cdiv(RB, bb))](
         a, b, out, out if out_sum is None else out_sum, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), HAS_SUM=out_sum is not None, BLOCK_A=ba, BLOCK_B=bb)
+        b.stride(1), HAS_SUM=out_sum is not None, BLOCK_N=16, BLOCK_A=ba, BLOCK_B=bb)
 
 
 def weight_grads(weights, grads):
