@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     meta = env.meta(str(dev))
     out = a.out or env.RESULTS / meta["device"]
     stem = out / (a.name or (f"e2e_timm_{a.model[5:]}" if a.model else "e2e_quick" if a.quick else "e2e"))
-    timer = Timer(dev, reps=a.reps, sample_s=a.sample_s, warmup_s=0.0, rep_ms=200, warmup_calls=1)
+    # GPU: a training step is ~100 ms, so do_bench needs a long window to take ~10 samples
+    timer = Timer(dev, reps=a.reps, sample_s=a.sample_s, warmup_s=0.0, rep_ms=1000, warmup_calls=1, warm_l2=False)
     rows = []
     t0 = time.perf_counter()
     pbar = bar(len(modes), enabled=not a.no_progress)

@@ -25,6 +25,7 @@ class Timer:
     warmup_s: float = 0.05  # CPU: warm-up time after the first calls
     rep_ms: int = 100       # GPU: do_bench's measuring time
     warmup_calls: int = 2   # CPU: least calls after the first, before sampling
+    warm_l2: bool = True    # GPU: also take the warm-L2 figure
 
     def time_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, dict[str, float | None]]:
         """{name: {"median": ms, "min": ms, "warm": warm-L2 median ms (GPU) or None}}.
@@ -32,8 +33,12 @@ class Timer:
         On CPU the functions' samples are interleaved round-robin, so that load from other
         processes on a shared machine falls on every provider (and the copy) alike."""
         if self.device.type == "cuda":
-            return {k: {"median": _cuda_cold(f, self.rep_ms), "min": None,
-                        "warm": _cuda_warm(f, self.reps, self.rep_ms)} for k, f in fns.items()}
+            out = {}
+            for k, f in fns.items():
+                median, low = _cuda_cold(f, self.rep_ms)
+                out[k] = {"median": median, "min": low,
+                          "warm": _cuda_warm(f, self.reps, self.rep_ms) if self.warm_l2 else None}
+            return out
         return _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
 
 
@@ -59,12 +64,14 @@ def _cpu(fns, reps: int, sample_s: float, warmup_s: float, warmup_calls: int):
             for k, v in samples.items()}
 
 
-def _cuda_cold(fn, rep_ms: int) -> float:
+def _cuda_cold(fn, rep_ms: int) -> tuple[float, float]:
+    """(median, min) in ms, L2 flushed before every call."""
     try:
         from triton.testing import do_bench
     except ImportError:
         return _cuda_events(fn, max(10, rep_ms // 2), flush=True)
-    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    median, low = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.0])
+    return float(median), float(low)
 
 
 def _cuda_warm(fn, reps: int, rep_ms: int) -> float:
@@ -77,14 +84,14 @@ def _cuda_warm(fn, reps: int, rep_ms: int) -> float:
     end.record()
     torch.cuda.synchronize()
     n = max(reps, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
-    return _cuda_events(fn, n, flush=False)
+    return _cuda_events(fn, n, flush=False)[0]
 
 
 _FLUSH: torch.Tensor | None = None
 
 
-def _cuda_events(fn, n: int, flush: bool) -> float:
-    """Median over n calls, each between its own pair of CUDA events."""
+def _cuda_events(fn, n: int, flush: bool) -> tuple[float, float]:
+    """(median, min) ms over n calls, each between its own pair of CUDA events."""
     global _FLUSH
     if flush and _FLUSH is None:
         _FLUSH = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")  # > any L2 today
@@ -99,7 +106,8 @@ def _cuda_events(fn, n: int, flush: bool) -> float:
         fn()
         e.record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return statistics.median(times), min(times)
 
 
 def synchronize(device: torch.device) -> None:
