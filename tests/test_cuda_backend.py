@@ -1,7 +1,9 @@
 """The `cuda` backend on a GPU: parity with the float64 oracle for every op, option, dtype and
-layout (forward, input and weight gradients), shapes that exercise every tiling path, opcheck,
+layout (forward, input and weight gradients), through the multi-pass and the on-chip forward
+($ATTNFUSED_CUDA_ONCHIP=0 / =1), shapes that exercise every tiling path, opcheck,
 bit-identical reruns, torch.compile(fullgraph=True), CUDA graph capture, a non-default stream,
-and one input past 2**31 elements. Every test is marked `cuda` (skipped without a GPU).
+and one input past 2**31 elements: every such test is marked `cuda` (skipped without a GPU).
+A few checks of the backend's registration run everywhere.
 """
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
-
-pytestmark = pytest.mark.cuda
 
 BACKEND = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,13 +28,23 @@ TILING_SHAPES = [(2, 256, 28, 28), (1, 64, 56, 56), (64, 512, 7, 7), (5, 33, 17,
                  (16, 96, 14, 14)]
 
 
+# forward paths: multi-pass only, or one block per sample in shared memory whenever a sample fits
+PATHS = {"multipass": "0", "onchip": "1"}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    monkeypatch.setenv("ATTNFUSED_CUDA_ONCHIP", PATHS[request.param])
+    return request.param
+
+
 def _available():
     return torch.cuda.is_available() and attnfused.backends.unavailable_reason(BACKEND, "cuda") is None
 
 
 @pytest.fixture(autouse=True)
-def _needs_backend():
-    if not _available():
+def _needs_backend(request):
+    if request.node.get_closest_marker("cuda") and not _available():
         pytest.skip(f"cuda backend unavailable: {attnfused.backends.unavailable_reason(BACKEND, 'cuda')}")
 
 
@@ -71,10 +81,11 @@ def _check(case, shape, dtype, lay, distinct=True):
         assert err <= GRAD_TOLERANCE[leaf.dtype], f"{case} {shape} {dtype} {lay}: grad of {name} rel err {err:.3g}"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
-def test_parity_all_options(case, dtype, lay):
+def test_parity_all_options(case, dtype, lay, path):
     _check(case, SMALL_SHAPE[dtype], dtype, lay)
 
 
@@ -82,10 +93,12 @@ def test_parity_all_options(case, dtype, lay):
 @pytest.mark.parametrize("shape", TILING_SHAPES, ids=str)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[10], SPATIAL_CASES[0], SPATIAL_CASES[2],
                                   CBAM_CASES[0], CBAM_CASES[9]], ids=str)
-def test_parity_tiling(case, shape, lay):
+@pytest.mark.cuda
+def test_parity_tiling(case, shape, lay, path):
     _check(case, shape, torch.float32, lay, distinct=False)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_spatial_halves(dtype, lay):
@@ -148,6 +161,7 @@ def _op_samples():
         yield op, tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args) + (BACKEND,)
 
 
+@pytest.mark.cuda
 def test_opcheck_every_op():
     seen = set()
     for op, args in _op_samples():
@@ -171,7 +185,8 @@ def _train_step(case, x, w, g):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[3], CHANNEL_CASES[12], SPATIAL_CASES[2], CBAM_CASES[1],
                                   CBAM_CASES[12]], ids=str)
-def test_bit_identical_twice(case, dtype, lay):
+@pytest.mark.cuda
+def test_bit_identical_twice(case, dtype, lay, path):
     x = layout(rand(8, 96, 28, 28, dtype=dtype, device="cuda"), lay)
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(96).items()}
     g = layout(rand(8, 96, 28, 28, dtype=dtype, device="cuda"), lay)
@@ -184,6 +199,7 @@ def test_bit_identical_twice(case, dtype, lay):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CBAM_CASES[0]], ids=str)
 def test_empty_batch(case):
     x = torch.empty(0, 8, 5, 6, device="cuda", requires_grad=True)
@@ -195,6 +211,7 @@ def test_empty_batch(case):
     assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
 
 
+@pytest.mark.cuda
 def test_compile_fullgraph():
     import torch._dynamo
 
@@ -210,6 +227,7 @@ def test_compile_fullgraph():
     assert torch.equal(xe.grad, xc.grad)
 
 
+@pytest.mark.cuda
 def test_cuda_graph_capture():
     case = CBAM_CASES[0]
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(32).items()}
@@ -228,6 +246,7 @@ def test_cuda_graph_capture():
         assert torch.equal(static_y, case.run(new_x, w, BACKEND))
 
 
+@pytest.mark.cuda
 def test_non_default_stream():
     case = CBAM_CASES[9]
     x = rand(6, 48, 20, 20, device="cuda").float()
@@ -245,6 +264,7 @@ def test_non_default_stream():
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.slow
 @pytest.mark.parametrize("lay", LAYOUTS)
 def test_past_2_31_elements(lay):
@@ -286,3 +306,29 @@ def test_past_2_31_elements(lay):
     t = torch.rand(shape[0], shape[2], shape[3], device="cuda")
     ys = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
     assert torch.equal(ys[n, c, h, ww], (x[n, c, h, ww].float() * t[n, h, ww]).half())
+
+
+# ----------------------------------------------------------------------------- everywhere (no GPU needed)
+
+def test_registers_every_op():
+    from attnfused.backends import OPS, _KERNELS, kernel
+
+    kernel(BACKEND, OPS[0])  # imports the backend module
+    assert set(_KERNELS[BACKEND]) == set(OPS)
+
+
+def test_unavailable_reasons_without_building():
+    reason = attnfused.backends.unavailable_reason(BACKEND, "cpu")
+    assert "CUDA tensors" in reason
+    assert "supports" in attnfused.backends.unavailable_reason(BACKEND, "cuda", torch.int32)
+    if not torch.cuda.is_available():
+        assert "not available" in attnfused.backends.unavailable_reason(BACKEND, "cuda", torch.float16)
+
+
+def test_one_source_per_op_family_is_built():
+    from pathlib import Path
+
+    from attnfused.backends import extension
+
+    names = {Path(f).name for f in extension.cuda_sources()}
+    assert {"channel_attention.cu", "spatial_attention.cu", "cbam.cu", "spatial_halves.cu"} <= names
