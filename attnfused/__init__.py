@@ -6,6 +6,7 @@ under `torch.ops.attnfused`. Nothing compiles at import.
 """
 from . import functional, ops, reference
 from .backends import BackendUnavailableError, available_backends
+from .backends.extension import build_info
 from .modules import CBAMBlock, ChannelAttentionConv, ChannelAttentionFC, ECABlock, SEBlock, SpatialAttention
 from .convert import ConvertEntry, convert  # after .modules: convert builds on them
 

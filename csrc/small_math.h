@@ -214,6 +214,16 @@ AF_HOST_DEVICE T spatial_map_in(T mx, T mean, Maps maps, int m) {
   }
 }
 
+// Adds the gradient d of conv input channel m at one pixel into (dmax, dmean).
+template <typename T>
+AF_HOST_DEVICE void spatial_map_backward(T d, Maps maps, int m, T& dmax, T& dmean) {
+  switch (maps) {
+    case Maps::MAX_MEAN: (m == 0 ? dmax : dmean) += d; break;
+    case Maps::MEAN_MAX: (m == 0 ? dmean : dmax) += d; break;
+    default: dmax += T(0.5) * d; dmean += T(0.5) * d;  // MIX
+  }
+}
+
 // z[h, w] = bias + sum_{m, dy, dx} weight[m, dy, dx] in[m, h + dy - p, w + dx - p]   (zero padding)
 template <typename T>
 AF_HOST_DEVICE T spatial_conv_at(const T* mx, const T* mean, Maps maps, const T* weight, const T* bias,
@@ -256,11 +266,8 @@ AF_HOST_DEVICE void spatial_dmaps_at(const T* dz, const T* weight, Maps maps, in
       }
     }
   }
-  switch (maps) {
-    case Maps::MAX_MEAN: dmax = d[0]; dmean = d[1]; break;
-    case Maps::MEAN_MAX: dmax = d[1]; dmean = d[0]; break;
-    default: dmax = T(0.5) * d[0]; dmean = T(0.5) * d[0];  // MIX
-  }
+  dmax = dmean = T(0);
+  for (int m = 0; m < M; ++m) spatial_map_backward(d[m], maps, m, dmax, dmean);
 }
 
 // dweight[m, dy, dx] = sum over n, h, w (in order) of dz[n, h, w] in[n, m, h + dy - p, w + dx - p];

@@ -21,6 +21,7 @@ Environment:
   MAX_JOBS                 parallel compile jobs (torch's ninja builds read it)
   ATTNFUSED_CACHE_DIR      JIT build cache (default: $XDG_CACHE_HOME or ~/.cache, then attnfused/)
   ATTNFUSED_NO_JIT=1       never build just in time (use the AOT library or nothing)
+  ATTNFUSED_BUILD=jit      ignore an ahead-of-time library and use (or make) the JIT build
   ATTNFUSED_CPU_ARCH       CPU vector ISA of the kernels: "avx2" (default on x86 with AVX2+FMA),
                            "generic" (portable), or "native" (-march=native)
   ATTNFUSED_VERBOSE_BUILD=1  show the compiler's output
@@ -50,6 +51,7 @@ ENV_CACHE = "ATTNFUSED_CACHE_DIR"
 ENV_NO_JIT = "ATTNFUSED_NO_JIT"
 ENV_CPU_ARCH = "ATTNFUSED_CPU_ARCH"
 ENV_VERBOSE = "ATTNFUSED_VERBOSE_BUILD"
+ENV_BUILD = "ATTNFUSED_BUILD"
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -72,9 +74,12 @@ def cuda_sources(root: Path = ROOT) -> list[str]:
     return sorted(glob.glob(str(d / "*.cu")) + glob.glob(str(d / "*.cpp")))
 
 
-def headers(root: Path = ROOT) -> list[str]:
-    return sorted(glob.glob(str(root / "csrc" / "**" / "*.h"), recursive=True)
-                  + glob.glob(str(root / "csrc" / "**" / "*.cuh"), recursive=True))
+def headers(root: Path = ROOT, with_cuda: bool = True) -> list[str]:
+    """Headers the build depends on (the CUDA folder's only when CUDA sources are compiled)."""
+    out = glob.glob(str(root / "csrc" / "*.h")) + glob.glob(str(root / "csrc" / "cpu" / "*.h"))
+    if with_cuda:
+        out += glob.glob(str(root / "csrc" / "cuda" / "*.h")) + glob.glob(str(root / "csrc" / "cuda" / "*.cuh"))
+    return sorted(out)
 
 
 def cuda_why_not() -> str | None:
@@ -199,7 +204,7 @@ def aot_extension():
           + (f" and cuda kernels for {arch_names(arch_list)}" if with_cuda else f" only (no cuda: {why_not})"),
           file=sys.stderr)
     return cls(AOT_NAME, sources, include_dirs=flags["include_dirs"], extra_compile_args=args,
-               extra_link_args=flags["ldflags"], depends=rel(headers()))
+               extra_link_args=flags["ldflags"], depends=rel(headers(with_cuda=with_cuda)))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -221,10 +226,10 @@ def cache_dir() -> Path:
     return Path(base) / "attnfused"
 
 
-def _jit_build_dir(sources: list[str], flags: dict, arch_list: str | None) -> Path:
+def _jit_build_dir(sources: list[str], flags: dict, arch_list: str | None, with_cuda: bool) -> Path:
     """One folder per (sources' contents, flags, torch, python): a changed file rebuilds elsewhere."""
     h = hashlib.sha256()
-    for p in sorted(sources + headers()):
+    for p in sorted(sources + headers(with_cuda=with_cuda)):
         h.update(p.encode())
         h.update(Path(p).read_bytes())
     h.update(repr((flags, arch_list, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
@@ -245,7 +250,7 @@ def _jit_build() -> str:
     arch_list = cuda_arch_list(jit=True) if with_cuda else None
     flags = build_flags(with_cuda, "jit", arch_list)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
-    build_dir = _jit_build_dir(sources, flags, arch_list)
+    build_dir = _jit_build_dir(sources, flags, arch_list, with_cuda)
     build_dir.mkdir(parents=True, exist_ok=True)
     lib = build_dir / f"{JIT_NAME}.so"
     import fcntl
@@ -284,7 +289,7 @@ def ensure_loaded() -> str:
         if _state["error"] is not None:
             raise ExtensionUnavailable(_state["error"])
         try:
-            aot = _aot_library()
+            aot = None if os.environ.get(ENV_BUILD, "").strip().lower() == "jit" else _aot_library()
             if aot is not None:
                 try:
                     torch.ops.load_library(aot)

@@ -130,14 +130,26 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t> scale, acc
     s += v;
     m = max_takes(v, m) ? v : m;
   }
-  // the row is in L1 now: find the first element equal to the max (or the first NaN)
+  // the row is in L1 now: find the first element equal to the max (or the first NaN), 8 at a time
   int64_t a = 0;
   const bool nan = std::isnan(m);
-  for (int64_t j = 0; j < L; ++j) {
+  const Vec vm(m);
+  int64_t j = 0;
+  bool found = false;
+  for (; j + IO::kSize <= L && !found; j += IO::kSize) {
+    Vec v = IO::load(p + j);
+    if constexpr (kScaled) v = v * vs;
+    const int hit = ~(nan ? v.isnan() : (v == vm)).zero_mask() & ((1 << IO::kSize) - 1);
+    if (hit) {
+      a = j + __builtin_ctz(hit);
+      found = true;
+    }
+  }
+  for (; j < L && !found; ++j) {
     acc_t v = val(static_cast<acc_t>(p[j]));
     if (nan ? std::isnan(v) : v == m) {
       a = j;
-      break;
+      found = true;
     }
   }
   sum = s;
@@ -608,42 +620,93 @@ void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const
   }
 }
 
-// Spatial small math: z [N, HW] and t = gate(z) from the saved (max, mean) maps.
+// Spatial small math. The k x k conv runs as vectorized row axpys over zero-padded maps
+// ([M, H + 2p, W + 2p] per sample); the map modes and their gradients come from small_math.h.
+struct PadDims {
+  int64_t H, W, k, p, Hp, Wp, M;
+  PadDims(int64_t H_, int64_t W_, int64_t k_, Maps maps)
+      : H(H_), W(W_), k(k_), p((k_ - 1) / 2), Hp(H_ + k_ - 1), Wp(W_ + k_ - 1), M(small::spatial_in_channels(maps)) {}
+  int64_t plane() const { return Hp * Wp; }
+};
+
+// The conv input of sample n, padded: out [M, Hp, Wp].
+template <typename acc_t>
+void pad_maps(const acc_t* smaps, Maps maps, const PadDims& g, int64_t n, acc_t* out) {
+  const int64_t HW = g.H * g.W;
+  const acc_t* mx = smaps + n * 2 * HW;
+  const acc_t* mean = mx + HW;
+  std::fill(out, out + g.M * g.plane(), acc_t(0));
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w = 0; w < g.W; ++w)
+        out[m * g.plane() + (h + g.p) * g.Wp + w + g.p] =
+            small::spatial_map_in(mx[h * g.W + w], mean[h * g.W + w], maps, int(m));
+}
+
+// out[h, w] += sum_{a, b} ker[a, b] in[h + a, w + b]   (in [Hp, Wp] padded, out [H, W])
+template <typename acc_t>
+void corr2d_acc(const acc_t* in, const acc_t* ker, const PadDims& g, acc_t* out) {
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t a = 0; a < g.k; ++a)
+      for (int64_t b = 0; b < g.k; ++b) axpy(ker[a * g.k + b], in + (h + a) * g.Wp + b, out + h * g.W, g.W);
+}
+
+// z [N, HW] and t = gate(z) from the saved (max, mean) maps.
 template <typename acc_t>
 void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t* bias, Maps maps, Gate gate,
                            int64_t N, int64_t H, int64_t W, int64_t k, acc_t* z, acc_t* t) {
+  const PadDims g(H, W, k, maps);
   const int64_t HW = H * W;
-  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / H, h = i % H;
-      const acc_t* mx = smaps + n * 2 * HW;
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t o = n * HW + h * W + w;
-        z[o] = small::spatial_conv_at(mx, mx + HW, maps, weight, bias, H, W, k, h, w);
-        t[o] = gate_fwd(z[o], gate);
-      }
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> pad(g.M * g.plane());
+    for (int64_t n = b; n < e; ++n) {
+      pad_maps(smaps, maps, g, n, pad.data());
+      acc_t* zn = z + n * HW;
+      std::fill(zn, zn + HW, bias ? bias[0] : acc_t(0));
+      for (int64_t m = 0; m < g.M; ++m) corr2d_acc(pad.data() + m * g.plane(), weight + m * k * k, g, zn);
+      small::gate_forward(zn, gate, HW, t + n * HW);
     }
   });
 }
 
-// Back through the spatial conv: from dz [N, HW] to dmax, dmean [N, HW] and the weight gradients.
+// Back through the spatial conv: from dz [N, HW] to dmax, dmean [N, HW] and the weight gradients
+// (dweight [M, k, k], dbias [1] or null), each weight element summed over (n, h, w) in order.
 template <typename acc_t>
 void spatial_small_backward(const acc_t* smaps, const acc_t* dz, const acc_t* weight, Maps maps, int64_t N,
                             int64_t H, int64_t W, int64_t k, acc_t* dmax, acc_t* dmean, acc_t* dweight,
                             acc_t* dbias) {
-  const int64_t HW = H * W;
-  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t n = i / H, h = i % H;
-      for (int64_t w = 0; w < W; ++w)
-        small::spatial_dmaps_at(dz + n * HW, weight, maps, H, W, k, h, w, dmax[n * HW + h * W + w],
-                                dmean[n * HW + h * W + w]);
+  const PadDims g(H, W, k, maps);
+  const int64_t HW = H * W, kk = k * k;
+  std::vector<acc_t> flip(g.M * kk);  // the input gradient is a correlation with the flipped kernel
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t i = 0; i < kk; ++i) flip[m * kk + i] = weight[m * kk + kk - 1 - i];
+  std::vector<acc_t> pads(N * g.M * g.plane());
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> dzp(g.plane()), dm(g.M * HW);
+    for (int64_t n = b; n < e; ++n) {
+      pad_maps(smaps, maps, g, n, pads.data() + n * g.M * g.plane());
+      std::fill(dzp.begin(), dzp.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h)
+        std::copy(dz + n * HW + h * W, dz + n * HW + (h + 1) * W, dzp.data() + (h + g.p) * g.Wp + g.p);
+      std::fill(dm.begin(), dm.end(), acc_t(0));
+      for (int64_t m = 0; m < g.M; ++m) corr2d_acc(dzp.data(), flip.data() + m * kk, g, dm.data() + m * HW);
+      for (int64_t i = 0; i < HW; ++i) {
+        acc_t dmx = acc_t(0), dmn = acc_t(0);
+        for (int m = 0; m < g.M; ++m) small::spatial_map_backward(dm[m * HW + i], maps, m, dmx, dmn);
+        dmax[n * HW + i] = dmx;
+        dmean[n * HW + i] = dmn;
+      }
     }
   });
-  const int M = small::spatial_in_channels(maps);
-  at::parallel_for(0, M * k * k, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      dweight[i] = small::spatial_dweight_at(smaps, dz, maps, N, H, W, k, int(i / (k * k)), (i / k) % k, i % k);
+  at::parallel_for(0, g.M * kk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m = i / kk, a = (i / k) % k, c = i % k;
+      acc_t acc = acc_t(0);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t h = 0; h < H; ++h)
+          acc += dot(dz + n * HW + h * W, pads.data() + (n * g.M + m) * g.plane() + (h + a) * g.Wp + c, W);
+      dweight[i] = acc;
+    }
   });
   if (dbias) *dbias = small::sum_at(dz, N * HW);
 }

@@ -1,0 +1,204 @@
+"""The cpu backend's own checks (the generic sweep over every backend lives in test_ops.py):
+shapes that take the vectorized paths and their tails, both layouts, reduced precision, results
+independent of the thread count, empty batches, and bad input rejected by the C++ kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnfused
+from attnfused.backends import extension
+from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
+
+pytestmark = pytest.mark.skipif(extension.unavailable_reason("cpu") is not None,
+                                reason=f"C++ extension unavailable: {extension.unavailable_reason('cpu')}")
+
+C_OPS = torch.ops.attnfused_C
+# C = 19 and H*W = 300: vector bodies plus tails along both the channel and the spatial runs,
+# and more than one column block (256) in the column passes
+SHAPE = (2, 19, 20, 15)
+HALF_SHAPE = (2, 11, 6, 5)  # pairwise-distinct half-precision values
+
+
+def _leaves(x, w):
+    names = [k for k, v in w.items() if v is not None]
+    return names, [x] + [w[k] for k in names]
+
+
+def _run_with_grads(case, x, w, g, backend):
+    out = case.run(x, w, backend)
+    _, leaves = _leaves(x, w)
+    return [out] + list(torch.autograd.grad(out, leaves, g))
+
+
+def _check(case, shape, dtype, lay):
+    wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x64 = rand_distinct(*shape, dtype=dtype).to(dtype).double()
+    w64 = {k: None if v is None else v.to(wdt).double() for k, v in case.weights(shape[1]).items()}
+    xr = x64.clone().requires_grad_()
+    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
+    g = rand(*shape).to(dtype).double()
+    ref = _run_with_grads(case, xr, wr, g, None)
+    x = layout(x64.to(dtype), lay).requires_grad_()
+    w = {k: None if v is None else v.to(wdt).requires_grad_() for k, v in w64.items()}
+    out = _run_with_grads(case, x, w, g.to(dtype), "cpu")
+    assert out[0].stride() == x.stride() and out[1].stride() == x.stride()  # x's exact layout, no copies
+    assert rel_err(out[0], ref[0]) <= TOLERANCE[dtype], f"{case} forward"
+    names, leaves = _leaves(x, w)
+    for name, a, b, leaf in zip(["x"] + names, out[1:], ref[1:], leaves):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape
+        assert rel_err(a, b) <= GRAD_TOLERANCE[leaf.dtype], f"{case} grad of {name}: {rel_err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_parity_vector_paths(case, lay):
+    _check(case, SHAPE, torch.float32, lay)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[13], SPATIAL_CASES[0], CBAM_CASES[4]], ids=str)
+def test_parity_half(case, lay, dtype):
+    _check(case, HALF_SHAPE, dtype, lay)
+
+
+def test_conv_kernel_wider_than_channels():
+    # k = 5 > C = 3 with circular padding wraps more than once
+    case = next(c for c in CHANNEL_CASES if c.o["kind"] == "conv" and c.o["padding"] == "circular")
+    for lay in ("nchw", "channels_last"):
+        _check(case, (2, 3, 4, 4), torch.float64, lay)
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_same_bits_any_thread_count(lay):
+    """Work is split by shape, never by thread count: 1 and 2 threads give identical bits."""
+    case = CBAM_CASES[0]
+    x = layout(rand(5, 40, 23, 17, dtype=torch.float32), lay)
+    w = {k: None if v is None else v.float() for k, v in case.weights(40).items()}
+    g = rand(*x.shape, dtype=torch.float32)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
+        return _run_with_grads(case, xx, ww, g, "cpu")
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, many, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def _spatial_half_ops(x):
+    smaps, sargmax = C_OPS.spatial_pool(x)
+    t = torch.rand(x.shape[0], *x.shape[2:], dtype=torch.float64)
+    return smaps, sargmax, t
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_spatial_pool_and_scale_direct(lay):
+    x = layout(rand(2, 13, 9, 11), lay)
+    smaps, sargmax, t = _spatial_half_ops(x)
+    mx, idx = x.max(1)
+    assert torch.equal(smaps[:, 0], mx) and torch.equal(sargmax, idx)
+    assert torch.allclose(smaps[:, 1], x.mean(1), rtol=1e-12, atol=0)
+    gs = rand(*smaps.shape)
+    dx = C_OPS.spatial_pool_backward(gs, x, sargmax)
+    xr = x.clone().requires_grad_()
+    torch.autograd.backward(torch.stack((xr.max(1).values, xr.mean(1)), 1), gs)
+    assert dx.stride() == x.stride() and torch.allclose(dx, xr.grad, rtol=1e-12, atol=1e-14)
+    y = C_OPS.spatial_scale(x, t)
+    assert y.stride() == x.stride() and torch.allclose(y, x * t[:, None], rtol=1e-14, atol=0)
+    gy = layout(rand(*x.shape), lay)
+    gx, gt = C_OPS.spatial_scale_backward(gy, x, t)
+    assert torch.allclose(gx, gy * t[:, None], rtol=1e-14, atol=0)
+    assert torch.allclose(gt, (gy * x).sum(1), rtol=1e-12, atol=1e-13)
+
+
+def test_empty_batch_direct():
+    for lay in ("nchw", "channels_last"):
+        x = layout(torch.randn(0, 6, 4, 5), lay)
+        w1, w2 = torch.randn(3, 6), torch.randn(6, 3)
+        sw = torch.randn(1, 2, 3, 3)
+        y, pooled, argmax, smaps, sargmax = C_OPS.cbam(x, w1, None, w2, None, sw, None, "mlp", "avg+max", "relu",
+                                                       "sigmoid", "zeros", "max_mean", "sigmoid")
+        assert y.shape == x.shape and pooled.shape == (0, 2, 6) and smaps.shape == (0, 2, 4, 5)
+        grads = C_OPS.cbam_backward(torch.empty_like(x), x, pooled, argmax, smaps, sargmax, w1, None, w2, None, sw,
+                                    None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "max_mean", "sigmoid")
+        assert grads[0].shape == x.shape
+        for gw, w in zip(grads[1:], (w1, None, w2, None, sw, None)):
+            assert gw.numel() == 0 if w is None else torch.equal(gw, torch.zeros_like(w))
+
+
+def _channel_args(x=None, **over):
+    x = torch.randn(2, 8, 5, 5) if x is None else x
+    args = dict(x=x, w1=torch.randn(2, 8), b1=None, w2=torch.randn(8, 2), b2=None, kind="mlp", pool="avg",
+                act="relu", gate="sigmoid", padding="zeros")
+    args.update(over)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x=torch.randn(8, 5, 5)), ValueError, "x must be 4-D"),
+    (dict(x=torch.randint(0, 3, (2, 8, 5, 5))), TypeError, "x must have a floating dtype"),
+    (dict(x=torch.randn(2, 8, 5, 6).transpose(2, 3)), ValueError, "x must be NCHW- or channels_last-contiguous"),
+    (dict(w1=torch.randn(2, 7)), ValueError, "w1 must have shape"),
+    (dict(w2=torch.randn(8, 3)), ValueError, "w2 must have shape"),
+    (dict(w2=None), ValueError, "w2 must be given"),
+    (dict(b1=torch.randn(3)), ValueError, "b1 must have shape"),
+    (dict(w1=torch.randn(2, 8, dtype=torch.float64).to(torch.int32)), TypeError, "w1 must have a floating dtype"),
+    (dict(kind="fc"), ValueError, r"kind must be one of \[mlp, conv\], got 'fc'"),
+    (dict(pool="sum"), ValueError, "pool must be one of"),
+    (dict(act="gelu"), ValueError, "act must be one of"),
+    (dict(gate="tanh"), ValueError, "gate must be one of"),
+    (dict(kind="conv", w1=torch.randn(1, 1, 4), w2=None), ValueError, "k odd"),
+    (dict(kind="conv", w1=torch.randn(1, 1, 3)), ValueError, "w2 must be None for kind='conv'"),
+    (dict(kind="conv", w1=torch.randn(1, 1, 3), w2=None, padding="reflect"), ValueError, "padding must be one of"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_channel_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        C_OPS.channel_attention(*_channel_args(**over))
+
+
+def test_bad_spatial_and_saved_input():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"weight must have shape \(1, 2, k, k\) with k odd"):
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 4, 4), None, "max_mean", "sigmoid")
+    with pytest.raises(ValueError, match=r"weight must have shape \(1, 1, k, k\)"):
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "mix", "sigmoid")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), torch.randn(2), "max_mean", "sigmoid")
+    with pytest.raises(ValueError, match="maps must be one of"):
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "min_max", "sigmoid")
+    with pytest.raises(ValueError, match="sgate must be one of"):
+        C_OPS.cbam(x, torch.randn(2, 4), None, torch.randn(4, 2), None, torch.randn(1, 2, 3, 3), None, "mlp", "avg",
+                   "relu", "sigmoid", "zeros", "max_mean", "relu")
+    y, smaps, sargmax = C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "max_mean", "sigmoid")
+    w = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="grad_y must have x's shape and strides"):
+        C_OPS.spatial_attention_backward(torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last), x,
+                                         smaps, sargmax, w, None, "max_mean", "sigmoid")
+    with pytest.raises(TypeError, match="smaps must have dtype Float"):
+        C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps.double(), sargmax, w, None, "max_mean",
+                                         "sigmoid")
+    with pytest.raises(IndexError, match=r"sargmax\[0, 0\] = 4 is outside"):
+        bad = sargmax.clone()
+        bad[0, 0, 0] = 4
+        C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps, bad, w, None, "max_mean", "sigmoid")
+    with pytest.raises(ValueError, match="t must have shape"):
+        C_OPS.spatial_scale(x, torch.rand(2, 5, 4))
+
+
+def test_auto_picks_cpu():
+    x = torch.randn(1, 4, 3, 3)
+    assert attnfused.backends.resolve("auto", x) == "cpu"
+    assert "cpu" in attnfused.available_backends("cpu", torch.float32)
+    assert attnfused.backends.unavailable_reason("cpu", "cpu", torch.int32) is not None
+    assert "CPU tensors" in attnfused.backends.unavailable_reason("cpu", "meta", torch.float32)
