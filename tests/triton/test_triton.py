@@ -145,6 +145,33 @@ def test_saved_tensors_match_reference_backend(lay, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_ops_take_any_strides(device):
+    """Called directly (the functional layer copies unusual strides first), the kernels
+    address x through (h, w) strides: a view that skips every other column."""
+    case = CBAM_CASES[5]
+    o = case.o
+    x = layout(rand(*SHAPE, dtype=torch.float32, device=device), "strided")
+    g = layout(rand(*SHAPE, dtype=torch.float32, device=device), "strided")
+    w = {k: None if v is None else v.float().to(device) for k, v in case.weights(SHAPE[1]).items()}
+    args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
+            o["padding"], o["maps"], o["sgate"])
+    for be, xx, gg in ((B, x, g), ("reference", x.cpu().contiguous(), g.cpu().contiguous())):
+        out = torch.ops.attnfused.cbam(xx, *[a.to(xx.device) if isinstance(a, torch.Tensor) else a
+                                             for a in args], be)
+        grads = torch.ops.attnfused.cbam_backward(gg, xx, *out[1:], *[a.to(xx.device) if isinstance(a, torch.Tensor)
+                                                                      else a for a in args], be)
+        if be == B:
+            res = [t.cpu() for t in (*out, *grads)]
+        else:
+            ref = list(out) + list(grads)
+    for a, b in zip(res, ref):
+        if b.dtype == torch.int64:
+            assert torch.equal(a, b)
+        elif b.numel():
+            assert rel_err(a, b) <= GRAD_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
 def test_spatial_halves(lay, device):
     """spatial_pool and spatial_scale (the halves with ordinary ops between them) and their
