@@ -41,16 +41,18 @@ def _spatial_grad(g, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, HAS_T: tl.c
 
 @triton.jit
 def _reduce_partial_kernel(
-        x_ptr, dy_ptr, s_ptr, t_ptr, gmap_ptr, sarg_ptr, sum_ptr, max_ptr, idx_ptr,
-        C, P, W, n_kblk, L_PER_SPLIT, S,
+        x_ptr, dy_ptr, s_ptr, t_ptr, gmap_ptr, sarg_ptr, sum_ptr, sum_sn, max_ptr, max_sn, idx_ptr, idx_sn,
+        C, P, W, n_kblk, L_PER_SPLIT,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         REDUCE_P: tl.constexpr, DOT: tl.constexpr, HAS_S: tl.constexpr, SP_GRAD: tl.constexpr,
-        FLAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+        FINAL: tl.constexpr, FLAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
     """Partial reductions of one (sample, block of kept indices, split of the reduced axis).
 
     REDUCE_P: reduce over p, keep c (channel pooling); else reduce over c, keep p.
     pool (not DOT): sum, max and first argmax of v = x (* s[n, c] if HAS_S);
     DOT: sum of g * v, g = dy, or dx1 of spatial attention if SP_GRAD.
+    Results go to row n, column split * K + k of each output (n strides *_sn). FINAL (a
+    single split): these are the final outputs, the sum a mean for pooling.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,12 +97,15 @@ def _reduce_partial_kernel(
             upd = mask & ((v > best) | ((v == best) & (best_i > li)) | ((v != v) & (best == best)))
             best = tl.where(upd, v, best)
             best_i = tl.where(upd, li, best_i)
-    out = (n * S + split) * K + k
-    tl.store(sum_ptr + out, tl.sum(acc, axis=1), mask=k_ok)
+    col = split * K + k
+    total = tl.sum(acc, axis=1)
+    if FINAL and not DOT:
+        total = total / L
+    tl.store(sum_ptr + n * sum_sn + col, total, mask=k_ok)
     if not DOT:
         m, i = argmax_rows(best, best_i)
-        tl.store(max_ptr + out, m, mask=k_ok)
-        tl.store(idx_ptr + out, i, mask=k_ok)
+        tl.store(max_ptr + n * max_sn + col, m, mask=k_ok)
+        tl.store(idx_ptr + n * idx_sn + col, i.to(idx_ptr.dtype.element_ty), mask=k_ok)
 
 
 @triton.jit
@@ -157,30 +162,34 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
     bk, bl, per, S, warps = _reduce_config(x, N, K, L, l_contiguous)
     n_kblk = triton.cdiv(K, bk)
     f32 = dict(dtype=torch.float32, device=x.device)
-    sums = torch.empty((N, S, K), **f32)
     dot = dy is not None
-    maxs = sums if dot else torch.empty((N, S, K), **f32)
-    idxs = sums if dot else torch.empty((N, S, K), dtype=torch.int32, device=x.device)
+    final = S == 1  # one split: the partials are the results, no second kernel
     if dot:
         syn, syc, syh, syw, yflat = geometry(dy)
         flat = flat and yflat  # the (h, w) addressing serves every stride pattern
+        out = torch.empty((N, K), **f32)
+        results = (out, out, out) if final else (torch.empty((N, S, K), **f32),) * 3
     else:
         dy, (syn, syc, syh, syw) = x, (0, 0, 0, 0)
+        results = pooled_out if final else (torch.empty((N, S, K), **f32), torch.empty((N, S, K), **f32),
+                                            torch.empty((N, S, K), dtype=torch.int32, device=x.device))
     t, gmap, sarg = sp_grad if sp_grad is not None else (x, x, x)
+    r_sum, r_max, r_idx = results
     _reduce_partial_kernel[(N * n_kblk, S)](
-        x, dy, x if s is None else s, t, gmap, sarg, sums, maxs, idxs,
-        C, P, W, n_kblk, per, S, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-        REDUCE_P=reduce_p, DOT=dot, HAS_S=s is not None, SP_GRAD=sp_grad is not None, FLAT=flat,
+        x, dy, x if s is None else s, t, gmap, sarg, r_sum, r_sum.stride(0), r_max, r_max.stride(0), r_idx,
+        r_idx.stride(0), C, P, W, n_kblk, per, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+        REDUCE_P=reduce_p, DOT=dot, HAS_S=s is not None, SP_GRAD=sp_grad is not None, FINAL=final, FLAT=flat,
         BLOCK_K=bk, BLOCK_L=bl, num_warps=warps)
+    if final:
+        return out if dot else None
     fb = 16 if INTERPRET else min(1024, triton.next_power_of_2(K))
     nfb = triton.cdiv(K, fb)
     if dot:
-        out = torch.empty((N, K), **f32)
-        _reduce_finalize_kernel[(N * nfb,)](sums, sums, sums, out, K, out, K, out, K, S, nfb, L,
+        _reduce_finalize_kernel[(N * nfb,)](r_sum, r_sum, r_sum, out, K, out, K, out, K, S, nfb, L,
                                             POOL=False, BLOCK=fb)
         return out
     mean, mx, idx = pooled_out
-    _reduce_finalize_kernel[(N * nfb,)](sums, maxs, idxs, mean, mean.stride(0), mx, mx.stride(0), idx,
+    _reduce_finalize_kernel[(N * nfb,)](r_sum, r_max, r_idx, mean, mean.stride(0), mx, mx.stride(0), idx,
                                         K, S, nfb, L, POOL=True, BLOCK=fb)
     return None
 
