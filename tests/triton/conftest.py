@@ -4,6 +4,16 @@ through the Triton interpreter, which must be switched on before triton is impor
     TRITON_INTERPRET=1 python -m pytest tests/triton -q
 
 Without a GPU and without the interpreter every test here is skipped, saying why.
+
+On a GPU machine (no interpreter; bfloat16 included, bigger blocks, autotuned scale pass):
+
+    python -m pytest tests/triton -q
+    python -m bench --device cuda --providers eager,compile,compile-max,triton --blocks all \
+        --shapes resnet50,efficientnet,odd --dtypes fp16,fp32 --layouts nchw,cl --batch 32 \
+        --modes fwd,train --name triton
+
+Without a GPU, `python -m tests.triton.compile_sm90` (no interpreter) compiles every kernel
+variant for sm_90, which the interpreter never does.
 """
 import os
 
