@@ -1,6 +1,8 @@
 """Channel attention: y = x * gate(f(pool(x)))[n, c], f the small MLP or the 1D conv along
 channels, forward and backward. Forward: one pooling pass and one scaling pass over x
-(2R + 1W); the small f runs in per-sample kernels on the pooled (N, 2, C) vectors.
+(2R + 1W); the small f runs in small kernels on the pooled (N, 2, C) vectors: the MLP as
+matmuls over blocks of 16 samples (each weight tile read once per block), the 1D conv per
+sample and channel block. Weight gradients are summed over the batch in a fixed order.
 """
 from __future__ import annotations
 
