@@ -86,6 +86,13 @@ def test_shapes_layouts(case, shape, lay, device):
     check_against_oracle(case, shape, device, lay=lay)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[5], CBAM_CASES[13]], ids=str)
+def test_many_samples(case, device):
+    """More samples than one block of the small matmuls and the batch sums (16)."""
+    check_against_oracle(case, (18, 20, 3, 2), device)
+
+
 # ----------------------------------------------------------------------------- modules
 
 def _module_pairs(C):
