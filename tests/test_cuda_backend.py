@@ -271,14 +271,12 @@ def test_past_2_31_elements(lay):
     """One input of 2**31 + elements (64-bit indexing), channel attention forward and the input
     gradient of spatial_scale, checked at sampled positions and through exact small reductions."""
     shape = (2, 4, 16384, 16400)  # 2.15e9 elements, 4.3 GB in float16
-    need = 4 * 2 * 4 * 16384 * 16400 + (2 << 30)
+    need = 2 * 2 * 2 * 4 * 16384 * 16400 + (4 << 30)  # x and one output, scratch, per-plane checks
     free, _ = torch.cuda.mem_get_info()
     if free < need:
         pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    torch.manual_seed(0)
-    x = torch.empty(shape, dtype=torch.float16, device="cuda")
-    x = layout(x, lay)
-    x.normal_()
+    fmt = torch.channels_last if lay == "channels_last" else torch.contiguous_format
+    x = torch.empty(shape, dtype=torch.float16, device="cuda", memory_format=fmt).normal_()
     assert x.numel() > 2**31
     case = CHANNEL_CASES[2]
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(4).items()}
@@ -300,8 +298,8 @@ def test_past_2_31_elements(lay):
     n, rest = idx // (x[0].numel()), idx % (x[0].numel())
     c, hw = rest // (shape[2] * shape[3]), rest % (shape[2] * shape[3])
     h, ww = hw // shape[3], hw % shape[3]
-    expect = (x[n, c, h, ww].float() * s[n, c]).half()
-    assert torch.equal(y[n, c, h, ww], expect)
+    expect = x[n, c, h, ww].float() * s[n, c]  # s from the reference math: rounding may differ by an ulp
+    assert torch.allclose(y[n, c, h, ww].float(), expect, rtol=2e-3, atol=1e-6)
     del y
     t = torch.rand(shape[0], shape[2], shape[3], device="cuda")
     ys = torch.ops.attnfused.spatial_scale(x, t, BACKEND)

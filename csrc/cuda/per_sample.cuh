@@ -1,0 +1,334 @@
+// The small per-sample math of every block, run by one thread block per sample (the last block of a
+// reduce pass, see kernels.cuh): channel MLP / 1D conv and gate, the k x k spatial conv and gate,
+// and their backward. Work is split over the block's threads with fixed summation orders (warp
+// butterflies and sequential loops), so it is deterministic. Vectors live in global scratch
+// ([N, ...] buffers, L1/L2-resident); __syncthreads orders the phases of one sample.
+// The math is csrc/small_math.h's, shared with the CPU kernels: its per-element `*_at` functions
+// wherever one thread computes one output. Reductions over C or H*W that would leave most of the
+// block idle (hidden units, the gradients of the hidden layer and of the conv weights) run one
+// warp per output instead, with the same terms in a fixed butterfly order.
+#pragma once
+
+#include "../small_math.h"
+#include "kernels.cuh"
+
+namespace attnfused {
+namespace cuda {
+
+using small::pool_inputs;
+
+// ---------------------------------------------------------------------------- channel attention
+
+template <typename acc_t>
+struct ChannelArgs {
+  Kind kind;
+  Pool pool;
+  Act act;
+  Gate gate;
+  Padding padding;
+  int C, Cr, k, HW;  // Cr: hidden width (mlp); k: conv size (conv)
+  const acc_t* w1;   // [Cr, C] or [k]
+  const acc_t* b1;   // [Cr] or null
+  const acc_t* w2;   // [C, Cr]
+  const acc_t* w2t;  // [Cr, C] (w2 transposed: the warp-per-hidden-unit passes read it coalesced)
+  const acc_t* b2;   // [C] or null
+  acc_t* pooled;     // [N, 2, C] (avg, max)
+  int64_t* argmax;   // [N, C]
+  acc_t* vin;        // [N, nv, C] the inputs f sees (pool_input of avg and max)
+  acc_t* hid;        // [N, nv, Cr] pre-activations of the hidden layer
+  acc_t* hact;       // [N, nv, Cr] act(hid)
+  acc_t *z, *s;      // [N, C] logits and gate
+  // backward
+  acc_t* dlog;  // [N, C] d loss / d logits
+  acc_t *ph, *qh;  // [N, C] davg / HW and dmax: the input gradient's channel terms
+  acc_t* dhp;   // [N, nv, Cr] d loss / d hid
+  acc_t* hsum;  // [N, Cr] sum over inputs of hact (dw2 = dlog^T hsum; dw1 = dhp^T vin)
+  acc_t* dwk;   // [N, k] per-sample conv weight gradient
+};
+
+// z = f(pooled), s = gate(z) for sample n (and vin, hid, hact for the backward).
+template <typename acc_t>
+__device__ void channel_gate(const ChannelArgs<acc_t>& g, int64_t n) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int C = g.C, nv = pool_inputs(g.pool);
+  const acc_t* pa = g.pooled + n * 2 * C;
+  acc_t* vin = g.vin + n * nv * C;
+  for (int i = tid; i < nv * C; i += kThreads) vin[i] = small::pool_input(pa[i % C], pa[C + i % C], g.pool, i / C);
+  __syncthreads();
+  if (g.kind == Kind::MLP) {
+    const int Cr = g.Cr;
+    for (int r = warp; r < nv * Cr; r += kWarps) {  // one warp per hidden unit (small::mlp_hidden_at)
+      const int vi = r / Cr, j = r % Cr;
+      acc_t a = acc_t(0);
+      for (int c = lane; c < C; c += 32) a += g.w1[static_cast<int64_t>(j) * C + c] * vin[vi * C + c];
+      a = warp_sum(a);
+      if (lane == 0) {
+        a += g.b1 ? g.b1[j] : acc_t(0);
+        g.hid[(n * nv + vi) * Cr + j] = a;
+        g.hact[(n * nv + vi) * Cr + j] = act_fwd(a, g.act);
+      }
+    }
+    __syncthreads();
+    for (int c = tid; c < C; c += kThreads) {
+      acc_t z = acc_t(0);
+      for (int vi = 0; vi < nv; ++vi) z += small::mlp_out_at(g.hact + (n * nv + vi) * Cr, g.w2, g.b2, Cr, c);
+      g.z[n * C + c] = z;
+      g.s[n * C + c] = gate_fwd(z, g.gate);
+    }
+  } else {
+    for (int c = tid; c < C; c += kThreads) {
+      acc_t z = acc_t(0);
+      for (int vi = 0; vi < nv; ++vi) z += small::conv1d_at(vin + vi * C, g.w1, g.k, C, g.padding, c);
+      g.z[n * C + c] = z;
+      g.s[n * C + c] = gate_fwd(z, g.gate);
+    }
+  }
+  __syncthreads();
+}
+
+// Write the pooled outputs from the reduced sums / maxima over space, then the gate.
+template <typename acc_t>
+__device__ void channel_pool_and_gate(const ChannelArgs<acc_t>& g, int64_t n, const acc_t* sum, const acc_t* mx,
+                                      const int* idx) {
+  for (int c = threadIdx.x; c < g.C; c += kThreads) {
+    g.pooled[(n * 2) * g.C + c] = sum[n * g.C + c] / acc_t(g.HW);
+    g.pooled[(n * 2 + 1) * g.C + c] = mx[n * g.C + c];
+    g.argmax[n * g.C + c] = idx[n * g.C + c];
+  }
+  __syncthreads();
+  channel_gate(g, n);
+}
+
+// Backward of the channel block for sample n, given red[c] = sum_hw dy * x: recomputes the
+// gate, then dlog, the input-gradient terms ph / qh and the per-sample weight-gradient pieces.
+template <typename acc_t>
+__device__ void channel_backward(const ChannelArgs<acc_t>& g, int64_t n, const acc_t* red) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int C = g.C, nv = pool_inputs(g.pool);
+  channel_gate(g, n);
+  for (int c = tid; c < C; c += kThreads) g.dlog[n * C + c] = red[n * C + c] * gate_grad(g.z[n * C + c], g.gate);
+  __syncthreads();
+  const acc_t* dlog = g.dlog + n * C;
+  const acc_t* vin = g.vin + n * nv * C;
+  // d loss / d v[c] of each input vi, folded into (davg, dmax) by the pooling's weights
+  auto write_terms = [&](int c, acc_t dv0, acc_t dv1) {
+    acc_t davg = 0, dmax = 0;
+    small::pool_input_backward(dv0, g.pool, 0, davg, dmax);
+    if (nv > 1) small::pool_input_backward(dv1, g.pool, 1, davg, dmax);
+    g.ph[n * C + c] = davg / acc_t(g.HW);
+    g.qh[n * C + c] = dmax;
+  };
+  if (g.kind == Kind::MLP) {
+    const int Cr = g.Cr;
+    for (int j = warp; j < Cr; j += kWarps) {  // dh[j] = sum_c dlog[c] w2[c, j] (small::mlp_dhidden_at)
+      acc_t a = acc_t(0);
+      for (int c = lane; c < C; c += 32) a += dlog[c] * g.w2t[static_cast<int64_t>(j) * C + c];
+      a = warp_sum(a);
+      if (lane == 0) {
+        acc_t hs = acc_t(0);
+        for (int vi = 0; vi < nv; ++vi) {
+          const int64_t o = (n * nv + vi) * Cr + j;
+          g.dhp[o] = a * act_grad(g.hid[o], g.act);
+          hs += g.hact[o];
+        }
+        g.hsum[n * Cr + j] = hs;
+      }
+    }
+    __syncthreads();
+    for (int c = tid; c < C; c += kThreads) {
+      const acc_t dv0 = small::mlp_dinput_at(g.dhp + n * nv * Cr, g.w1, C, Cr, c);
+      const acc_t dv1 = nv > 1 ? small::mlp_dinput_at(g.dhp + (n * nv + 1) * Cr, g.w1, C, Cr, c) : acc_t(0);
+      write_terms(c, dv0, dv1);
+    }
+  } else {
+    const int p = (g.k - 1) / 2;
+    for (int c = tid; c < C; c += kThreads) {  // the same dv for every input
+      const acc_t dv = small::conv1d_dinput_at(dlog, g.w1, g.k, C, g.padding, c);
+      write_terms(c, dv, dv);
+    }
+    for (int j = warp; j < g.k; j += kWarps) {  // dw[j] = sum_vi sum_c dlog[c] v_vi[c + j - p] (conv1d_dweight_at)
+      acc_t a = acc_t(0);
+      for (int c = lane; c < C; c += 32) {
+        const int64_t i = small::conv1d_index(c + j - p, C, g.padding);
+        if (i < 0) continue;
+        for (int vi = 0; vi < nv; ++vi) a += dlog[c] * vin[vi * C + i];
+      }
+      a = warp_sum(a);
+      if (lane == 0) g.dwk[n * g.k + j] = a;
+    }
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------- spatial attention
+
+template <typename acc_t>
+struct SpatialArgs {
+  Maps maps;
+  Gate gate;
+  int C, H, W, HW, k, M;  // M: conv input maps (2, or 1 for "mix")
+  const acc_t* w;         // [M, k, k]
+  const acc_t* b;         // [1] or null
+  acc_t* smaps;           // [N, 2, HW] (max, mean)
+  int64_t* sargmax;       // [N, HW]
+  acc_t *z, *t;           // [N, HW]
+  // backward
+  acc_t* dlog;     // [N, HW]
+  acc_t *pc, *qc;  // [N, HW] dmean / C and dmax: the input gradient's spatial terms
+  acc_t* dwp;      // [N, M*k*k + 1] per-sample weight (and bias, last) gradient
+};
+
+// Input map m of the conv at (h, w) of sample n; zero outside the image.
+template <typename acc_t>
+__device__ __forceinline__ acc_t conv_map(const SpatialArgs<acc_t>& g, int64_t n, int m, int h, int w) {
+  if (h < 0 || h >= g.H || w < 0 || w >= g.W) return acc_t(0);
+  const acc_t* sm = g.smaps + n * 2 * g.HW;
+  const int hw = h * g.W + w;
+  return small::spatial_map_in(sm[hw], sm[g.HW + hw], g.maps, m);
+}
+
+template <typename acc_t>
+__device__ void spatial_gate(const SpatialArgs<acc_t>& g, int64_t n) {
+  const acc_t* mx = g.smaps + n * 2 * g.HW;
+  for (int hw = threadIdx.x; hw < g.HW; hw += kThreads) {
+    const acc_t z = small::spatial_conv_at(mx, mx + g.HW, g.maps, g.w, g.b, g.H, g.W, g.k, hw / g.W, hw % g.W);
+    g.z[n * g.HW + hw] = z;
+    g.t[n * g.HW + hw] = gate_fwd(z, g.gate);
+  }
+  __syncthreads();
+}
+
+template <typename acc_t>
+__device__ void spatial_pool_write(const SpatialArgs<acc_t>& g, int64_t n, const acc_t* sum, const acc_t* mx,
+                                   const int* idx) {
+  for (int hw = threadIdx.x; hw < g.HW; hw += kThreads) {
+    g.smaps[(n * 2) * g.HW + hw] = mx[n * g.HW + hw];
+    g.smaps[(n * 2 + 1) * g.HW + hw] = sum[n * g.HW + hw] / acc_t(g.C);
+    g.sargmax[n * g.HW + hw] = idx[n * g.HW + hw];
+  }
+  __syncthreads();
+}
+
+// Backward of the spatial block for sample n, given red[hw] = sum_c dy * x (of the block's input).
+template <typename acc_t>
+__device__ void spatial_backward(const SpatialArgs<acc_t>& g, int64_t n, const acc_t* red) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int p = (g.k - 1) / 2, HW = g.HW;
+  spatial_gate(g, n);
+  for (int hw = tid; hw < HW; hw += kThreads) g.dlog[n * HW + hw] = red[n * HW + hw] * gate_grad(g.z[n * HW + hw], g.gate);
+  __syncthreads();
+  const acc_t* dlog = g.dlog + n * HW;
+  for (int hw = tid; hw < HW; hw += kThreads) {  // transposed conv: d maps
+    acc_t dmax, dmean;
+    small::spatial_dmaps_at(dlog, g.w, g.maps, g.H, g.W, g.k, hw / g.W, hw % g.W, dmax, dmean);
+    g.pc[n * HW + hw] = dmean / acc_t(g.C);
+    g.qc[n * HW + hw] = dmax;
+  }
+  const int kk = g.k * g.k, nw = g.M * kk + 1;
+  for (int o = warp; o < nw; o += kWarps) {  // per-sample dw[m, i, j] (spatial_dweight_at) and (last) db
+    acc_t a = acc_t(0);
+    if (o < g.M * kk) {
+      const int m = o / kk, i = (o % kk) / g.k, j = o % g.k;
+      for (int hw = lane; hw < HW; hw += 32) a += dlog[hw] * conv_map(g, n, m, hw / g.W + i - p, hw % g.W + j - p);
+    } else {
+      for (int hw = lane; hw < HW; hw += 32) a += dlog[hw];
+    }
+    a = warp_sum(a);
+    if (lane == 0) g.dwp[n * nw + o] = a;
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------- the per-sample steps
+
+// Which reduced results are per channel and which per position depends on the layout.
+template <typename acc_t>
+struct Reduced {
+  const acc_t *sum, *max;
+  const int* idx;
+  __device__ static Reduced per_c(const Params<acc_t>& p) {
+    return p.cl ? Reduced{p.sum_c, p.max_c, p.idx_c} : Reduced{p.sum_r, p.max_r, p.idx_r};
+  }
+  __device__ static Reduced per_hw(const Params<acc_t>& p) {
+    return p.cl ? Reduced{p.sum_r, p.max_r, p.idx_r} : Reduced{p.sum_c, p.max_c, p.idx_c};
+  }
+};
+
+template <typename acc_t>
+struct NoFin {  // the reduced results are the op's output
+  using Args = int;
+  __device__ static void run(int64_t, const Params<acc_t>&, const Args&) {}
+};
+
+template <typename acc_t>
+struct ChannelForwardFin {
+  using Args = ChannelArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    auto r = Reduced<acc_t>::per_c(p);
+    channel_pool_and_gate(g, n, r.sum, r.max, r.idx);
+  }
+};
+
+template <typename acc_t>
+struct SpatialPoolFin {
+  using Args = SpatialArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    auto r = Reduced<acc_t>::per_hw(p);
+    spatial_pool_write(g, n, r.sum, r.max, r.idx);
+  }
+};
+
+template <typename acc_t>
+struct SpatialForwardFin {
+  using Args = SpatialArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    SpatialPoolFin<acc_t>::run(n, p, g);
+    spatial_gate(g, n);
+  }
+};
+
+template <typename acc_t>
+struct ChannelBackwardFin {
+  using Args = ChannelArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    channel_backward(g, n, Reduced<acc_t>::per_c(p).sum);
+  }
+};
+
+template <typename acc_t>
+struct SpatialBackwardFin {
+  using Args = SpatialArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    spatial_backward(g, n, Reduced<acc_t>::per_hw(p).sum);
+  }
+};
+
+// CBAM backward, pass 2: the channel block's red[c] = (pass 1's sum_hw dy t x) + (this pass's
+// sum_hw x (pc + [c == ic] qc)), then the channel backward.
+template <typename acc_t>
+struct CbamBackwardArgs {
+  ChannelArgs<acc_t> ch;
+  const acc_t* red1;  // [N, C] from pass 1
+};
+
+template <typename acc_t>
+struct CbamChannelBackwardFin {
+  using Args = CbamBackwardArgs<acc_t>;
+  __device__ static void run(int64_t n, const Params<acc_t>& p, const Args& g) {
+    acc_t* red = const_cast<acc_t*>(Reduced<acc_t>::per_c(p).sum);
+    for (int c = threadIdx.x; c < g.ch.C; c += kThreads) red[n * g.ch.C + c] += g.red1[n * g.ch.C + c];
+    __syncthreads();
+    channel_backward(g.ch, n, red);
+  }
+};
+
+// Gate values of both halves for the CBAM backward's first pass: one block per sample.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _cbam_gates_kernel(ChannelArgs<acc_t> ch, SpatialArgs<acc_t> sp) {
+  const int64_t n = blockIdx.x;
+  channel_gate(ch, n);
+  spatial_gate(sp, n);
+}
+
+}  // namespace cuda
+}  // namespace attnfused
