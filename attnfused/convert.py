@@ -229,8 +229,8 @@ def _reference(m, backend):
             src, dst = getattr(sub, table), getattr(mine, table)
             _require(src.keys() == dst.keys(), f"{name or '<self>'} holds {sorted(src)}, the class {sorted(dst)}")
             for key, t in src.items():
-                _require(t is None or dst[key].shape == t.shape,
-                         f"{name}.{key} has shape {tuple(t.shape)}, the class {tuple(dst[key].shape)}")
+                shapes = [None if v is None else tuple(v.shape) for v in (t, dst[key])]
+                _require(shapes[0] == shapes[1], f"{name}.{key} has shape {shapes[0]}, the class {shapes[1]}")
                 dst[key] = t
         mine.training = sub.training
     return fused
