@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnfused
-from tests._util import GRAD_TOLERANCE, TOLERANCE, rand, rel_err
+from tests._util import GRAD_TOLERANCE, TOLERANCE, cpu_backends, rand, rel_err
 
 MODULES = {
     "SEBlock": lambda: attnfused.SEBlock("max", 12, 4),
@@ -18,10 +18,14 @@ MODULES = {
 }
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("name", list(MODULES))
-def test_compile_fullgraph_forward_backward(name):
+def test_compile_fullgraph_forward_backward(name, backend):
     torch._dynamo.reset()
     m = MODULES[name]()
+    for mod in m.modules():
+        if hasattr(mod, "backend"):
+            mod.backend = backend
     compiled = torch.compile(m, fullgraph=True)
     x = rand(3, 12, 7, 5, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
     x1 = x.clone().requires_grad_()
