@@ -85,10 +85,17 @@ inline bool max_takes(T v, T m) {
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
-  Vec acc(acc_t(0));
+  constexpr int64_t V = Vec::size();
+  Vec acc0(acc_t(0)), acc1(acc_t(0)), acc2(acc_t(0)), acc3(acc_t(0));  // 4 chains hide the FMA latency
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  acc_t s = lanes_sum(acc);
+  for (; i + 4 * V <= n; i += 4 * V) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), acc1);
+    acc2 = at::vec::fmadd(Vec::loadu(a + i + 2 * V), Vec::loadu(b + i + 2 * V), acc2);
+    acc3 = at::vec::fmadd(Vec::loadu(a + i + 3 * V), Vec::loadu(b + i + 3 * V), acc3);
+  }
+  for (; i + V <= n; i += V) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+  acc_t s = lanes_sum((acc0 + acc1) + (acc2 + acc3));
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -113,17 +120,18 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t> scale, acc
   using Vec = typename IO::Vec;
   auto val = [&](acc_t v) { return kScaled ? v * scale : v; };
   const Vec vs(scale);
-  Vec vsum(acc_t(0)), vmax(-std::numeric_limits<acc_t>::infinity());
+  Vec vsum[2] = {Vec(acc_t(0)), Vec(acc_t(0))};  // 2 chains hide the add latency
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
   int64_t i = 0;
-  for (; i + IO::kSize <= L; i += IO::kSize) {
+  for (int64_t u = 0; i + IO::kSize <= L; i += IO::kSize, u ^= 1) {
     Vec v = IO::load(p + i);
     if constexpr (kScaled) v = v * vs;
-    vsum += v;
+    vsum[u] += v;
     vmax = at::vec::maximum(vmax, v);  // propagates NaN
   }
   alignas(64) acc_t lm[IO::kSize];
   vmax.store(lm);
-  acc_t s = lanes_sum(vsum), m = lm[0];
+  acc_t s = lanes_sum(vsum[0] + vsum[1]), m = lm[0];
   for (int64_t l = 1; l < IO::kSize; ++l) m = max_takes(lm[l], m) ? lm[l] : m;
   for (; i < L; ++i) {
     acc_t v = val(static_cast<acc_t>(p[i]));
@@ -204,16 +212,16 @@ inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t 
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  Vec acc(acc_t(0));
+  Vec acc[2] = {Vec(acc_t(0)), Vec(acc_t(0))};  // 2 chains hide the FMA latency
   int64_t i = 0;
-  for (; i + IO::kSize <= L; i += IO::kSize) {
+  for (int64_t u = 0; i + IO::kSize <= L; i += IO::kSize, u ^= 1) {
     Vec va = IO::load(a + i), vx = IO::load(x + i);
     if constexpr (kT) va = va * Vec::loadu(T + i);
     if constexpr (kB) va = va + Vec::loadu(B + i);
     if constexpr (kS) vx = vx * Vec::loadu(S + i);
-    acc = at::vec::fmadd(va, vx, acc);
+    acc[u] = at::vec::fmadd(va, vx, acc[u]);
   }
-  acc_t s = lanes_sum(acc);
+  acc_t s = lanes_sum(acc[0] + acc[1]);
   for (; i < L; ++i) {
     acc_t va = static_cast<acc_t>(a[i]), vx = static_cast<acc_t>(x[i]);
     if constexpr (kT) va = va * T[i];
