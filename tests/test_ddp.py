@@ -61,15 +61,12 @@ def single_process(net: nn.Module, seed: int) -> dict:
     for x, y in batches(seed):
         opt.zero_grad()
         buffers = {k: v.clone() for k, v in net.named_buffers()}
-        losses = []
         for rank in reversed(range(WORLD)):  # rank 0 last: its statistics are kept
-            if rank == 0:
-                with torch.no_grad():
-                    for k, v in net.named_buffers():
-                        v.copy_(buffers[k])
+            with torch.no_grad():
+                for k, v in net.named_buffers():
+                    v.copy_(buffers[k])
             half = slice(rank * 4, rank * 4 + 4)
-            losses.append(nn.functional.cross_entropy(net(x[half]), y[half]))
-        (sum(losses) / WORLD).backward()
+            (nn.functional.cross_entropy(net(x[half]), y[half]) / WORLD).backward()
         opt.step()
     return net.state_dict()
 
