@@ -172,14 +172,43 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], provider: str) -> str:
+    """Compact README table: one line per (block, shape), one column per (mode, layout, dtype),
+    each cell `provider`'s time and its speed-ups over eager and over torch.compile."""
+    cols = list(dict.fromkeys((r["mode"], r["layout"], r["dtype"]) for r in rows))
+    keys = list(dict.fromkeys((r["block"], r["shape"]) for r in rows))
+    by = {(r["block"], r["shape"], r["mode"], r["layout"], r["dtype"]): r for r in rows if r["provider"] == provider}
+    multi = len({c[2] for c in cols}) > 1
+    head = ["block", "shape"] + [f"{m} {lay}" + (f" {dt}" if multi else "") for m, lay, dt in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in keys:
+        cells = list(k)
+        for c in cols:
+            r = by.get(k + c)
+            if r is None:
+                cells.append("")
+            elif r.get("status") != "ok":
+                cells.append(str(r.get("status")))
+            else:
+                sp = [f"{_fmt(r.get(s), 2)}x" for s in ("speedup_eager", "speedup_compile") if r.get(s)]
+                cells.append(f"{_fmt(r['median_ms'], 3)} ms ({' / '.join(sp)})" if sp else _fmt(r["median_ms"], 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     ap.add_argument("csv", type=Path)
     ap.add_argument("--markdown", action="store_true", help="print the README table of the CSV")
     ap.add_argument("--table", action="store_true", help="print the stdout table of the CSV")
+    ap.add_argument("--summary", metavar="PROVIDER",
+                    help="print the compact README table of PROVIDER (time, x eager / x compile)")
     a = ap.parse_args(argv)
     rows = read_csv(a.csv)
-    print(markdown(rows) if a.markdown or not a.table else table(rows))
+    if a.summary:
+        print(summary(rows, a.summary))
+    else:
+        print(table(rows) if a.table else markdown(rows))
 
 
 if __name__ == "__main__":
