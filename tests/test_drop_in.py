@@ -67,15 +67,19 @@ def _grads(model):
 
 # ----------------------------------------------------------------------------- torch.compile
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_compile_fullgraph_no_graph_break(pair, mode):
+def test_compile_fullgraph_no_graph_break(pair, mode, device):
     """aot_eager traces forward and backward through the custom ops and their fake kernels."""
-    _, converted = pair
+    converted = pair[1].to(device)
     converted.train(mode == "train")
     eager = copy.deepcopy(converted)
     torch._dynamo.reset()
     compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 10, 9)
+    x = torch.randn(2, 3, 10, 9, device=device)
     y = compiled(x)
     y.square().sum().backward()
     y_ref = eager(x)
@@ -104,11 +108,12 @@ def deterministic():
     torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_deterministic_mode_bit_identical(pair, deterministic, mode):
-    _, converted = pair
+def test_deterministic_mode_bit_identical(pair, deterministic, mode, device):
+    converted = pair[1].to(device)
     converted.train(mode == "train")
-    x = torch.randn(2, 3, 10, 9)
+    x = torch.randn(2, 3, 10, 9, device=device)
     runs = []
     for _ in range(2):
         model = copy.deepcopy(converted)
@@ -139,6 +144,15 @@ def test_autocast_cpu_bfloat16(pair, mode):
     converted.train(mode == "train")
     # the bfloat16 rounding of the two paths differs block by block: the bound is loose by design
     _autocast_check(original, converted, torch.randn(2, 3, 10, 9), "cpu", torch.bfloat16, 5e-2)
+
+
+def test_bfloat16_model(pair):
+    """A model cast to bfloat16 (weights too) runs and stays close to the original."""
+    original, converted = (m.to(torch.bfloat16).eval() for m in pair)
+    x = torch.randn(2, 3, 10, 9, dtype=torch.bfloat16)
+    y = converted(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, original(x)) <= 5e-2
 
 
 @pytest.mark.cuda
