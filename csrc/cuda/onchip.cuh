@@ -76,6 +76,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* xg = x + n * count;
   T* yg = y + n * count;
   using V = Vec<T, VEC>;
+  // several independent 16-byte loads in flight per thread: one block per SM must keep ~20 KB moving
+#pragma unroll 8
   for (int i = threadIdx.x; i < count / VEC; i += kThreads) reinterpret_cast<V*>(xs)[i] = reinterpret_cast<const V*>(xg)[i];
   __syncthreads();
 
@@ -91,6 +93,7 @@ __global__ void __launch_bounds__(kThreads)
     spatial_gate(sp, n);
     t = sp.t + n * HW;
   }
+#pragma unroll 4
   for (int i = threadIdx.x; i < count / VEC; i += kThreads) {
     const int a = (i * VEC) / o.B, b0 = (i * VEC) % o.B;  // B % VEC == 0: one row per vector
     V xv = reinterpret_cast<const V*>(xs)[i], yv;

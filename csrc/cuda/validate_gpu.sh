@@ -14,14 +14,14 @@ echo "== build"
 $PY -c "import attnfused, json; print(json.dumps(attnfused.build_info(), indent=1))" 2>&1 | tee "$OUT/build.log" | tail -20
 
 echo "== tests"
-$PY -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+$PY -m pytest tests/test_cuda_backend.py -q --maxfail=50 -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
 [ "${1:-}" = quick ] && exit 0
-$PY -m pytest tests/test_ops.py tests/test_modules.py -q -p no:cacheprovider 2>&1 | tail -3
 
 echo "== compute-sanitizer (small subset, both forward paths)"
-SUB="parity_all_options and (float32 or float16) and (channel or cbam) or spatial_halves or empty_batch"
+SUB="parity_all_options and cbam and float16 and not bfloat16 or spatial_halves or empty_batch"
 for tool in memcheck racecheck synccheck; do
-  compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+  # no caching allocator: out-of-bounds accesses inside a cached block would go unseen
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
     $PY -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider -k "$SUB" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool: exit $? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer_$tool.log") clean summaries)"
 done
