@@ -340,6 +340,14 @@ def _timm(name, **kw):
 # Deep in a network at 32x32 the maps are 1x1: training-mode BatchNorm normalises 2 values per
 # channel and turns float64 rounding differences (1e-16) into ~1e-8. Eval mode stays at TOLERANCE.
 REAL_MODEL_TRAIN_TOLERANCE = 1e-6
+def _tv_efficientnet_b0_small():
+    """torchvision's EfficientNet-B0 blocks (MBConv + SqueezeExcitation, SiLU, stochastic depth)
+    at half width and depth: the public builder's float64 run would dominate the suite."""
+    from torchvision.models import efficientnet as tve
+    setting, last = tve._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.5)
+    return tve.EfficientNet(setting, dropout=0.2, num_classes=10, last_channel=last)
+
+
 SMALL_RESNET = dict(layers=(1, 1, 1, 1), channels=(16, 32, 48, 64), stem_width=16)
 REAL_MODELS = {
     "timm_seresnet18": _timm("seresnet18", **SMALL_RESNET),
@@ -350,7 +358,7 @@ REAL_MODELS = {
     "timm_resnet_ceca": _timm("test_resnet", block_args=dict(attn_layer="ceca")),
     "timm_efficientnet": _timm("test_efficientnet"),
     "timm_mobilenetv3": _timm("mobilenetv3_small_050"),
-    "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
+    "tv_efficientnet_b0": lambda: _tv_efficientnet_b0_small(),
     "tv_mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(width_mult=0.5),
 }
 
