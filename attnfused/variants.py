@@ -244,7 +244,10 @@ class _FusedChannel(_FusedVariant):
 
 
 class FusedChannelMLP(_FusedChannel):
-    """`x * gate(fc2(act(fc1(pool(x)))))` with `source`'s layers at paths `fc1`, `fc2`."""
+    """`x * gate(fc2(act(fc1(pool(x)))))` with `source`'s layers at paths `fc1`, `fc2`.
+
+    `fc2=None`: one layer `x * gate(fc1(pool(x)))`, run as a C -> 2C -> C MLP (see
+    `ChannelConfig.tensors`): exact, at four times the small math of the single layer."""
 
     def __init__(self, source: nn.Module, *, fc1: str = "fc1", fc2: Optional[str] = "fc2", pool: str = "avg",
                  act: str = "relu", gate: str = "sigmoid", backend: str = "auto"):
@@ -252,7 +255,10 @@ class FusedChannelMLP(_FusedChannel):
 
 
 class FusedChannelConv(_FusedChannel):
-    """`x * gate(conv1d(pool(x)))` along channels, with `source`'s `nn.Conv1d` at path `conv`."""
+    """`x * gate(conv1d(pool(x)))` along channels, with `source`'s `nn.Conv1d` at path `conv`.
+
+    The conv pads (k-1)//2 on each side as `padding` says (zeros or circular); its own
+    `padding` attribute is not read (timm's CecaModule pads before an unpadded conv)."""
 
     def __init__(self, source: nn.Module, *, conv: str = "conv", pool: str = "avg", padding: str = "zeros",
                  gate: str = "sigmoid", backend: str = "auto"):
