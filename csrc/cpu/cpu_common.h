@@ -165,10 +165,11 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t> scale, acc
   arg = a;
 }
 
+// cols_pool for more rows than acc_t counts exactly: the argmax is kept in int64 memory.
 // Column pass: for columns [j0, j0 + L) of R rows (row r at base + r * stride), sum, max and first
 // argmax over the rows, each row scaled by rscale[r] if given.
 template <typename scalar_t>
-inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j0, int64_t L,
+inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int64_t j0, int64_t L,
                       const acc_type<scalar_t>* rscale, acc_type<scalar_t>* sum, acc_type<scalar_t>* mx,
                       int64_t* arg) {
   using IO = VecIO<scalar_t>;
@@ -199,6 +200,53 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
         for (int64_t l = 0; l < n; ++l)
           if (t[l] != acc_t(0) || std::isnan(t[l])) arg[j + l] = r;
       }
+    }
+  }
+}
+
+// Column pass: for columns [j0, j0 + L) of R rows (row r at base + r * stride), sum, max and first
+// argmax over the rows, each row scaled by rscale[r] if given. Blocks of 4 vectors of columns keep
+// their sums, maxima and argmax (as acc_t lanes, exact below 2^24 rows) in registers down the rows.
+template <typename scalar_t>
+inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j0, int64_t L,
+                      const acc_type<scalar_t>* rscale, acc_type<scalar_t>* sum, acc_type<scalar_t>* mx,
+                      int64_t* arg) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = IO::kSize, U = 4;
+  if (R >= (int64_t(1) << std::numeric_limits<acc_t>::digits)) {
+    cols_pool_wide(base, R, stride, j0, L, rscale, sum, mx, arg);
+    return;
+  }
+  for (int64_t j = 0; j < L; j += U * V) {
+    const int64_t nb = std::min(L - j, U * V);
+    Vec vs[U], vm[U], vi[U];
+    for (int64_t u = 0; u < U; ++u) {
+      vs[u] = Vec(acc_t(0));
+      vm[u] = Vec(-std::numeric_limits<acc_t>::infinity());
+      vi[u] = Vec(acc_t(0));
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const scalar_t* p = base + r * stride + j0 + j;
+      const Vec vr(static_cast<acc_t>(r)), sc(rscale ? rscale[r] : acc_t(1));
+      for (int64_t u = 0; u < U && u * V < nb; ++u) {
+        const int64_t n = std::min(V, nb - u * V);
+        Vec v = n == V ? IO::load(p + u * V) : IO::load(p + u * V, n);
+        if (rscale) v = v * sc;
+        vs[u] = vs[u] + v;
+        const Vec take = (v > vm[u]) | (v.isnan() & (vm[u] == vm[u]));  // max as torch: NaN wins
+        vm[u] = Vec::blendv(vm[u], v, take);
+        vi[u] = Vec::blendv(vi[u], vr, take);
+      }
+    }
+    for (int64_t u = 0; u < U && u * V < nb; ++u) {
+      const int64_t n = std::min(V, nb - u * V);
+      alignas(64) acc_t idx[V];
+      vs[u].store(sum + j + u * V, n);
+      vm[u].store(mx + j + u * V, n);
+      vi[u].store(idx);
+      for (int64_t l = 0; l < n; ++l) arg[j + u * V + l] = static_cast<int64_t>(idx[l]);
     }
   }
 }
