@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r.get("status") != "ok"]
     extra = {"command": "python -m bench " + shlex.join(argv), "wall_s": round(wall, 1),
              "threads": torch.get_num_threads(), "python": platform.python_version(), "skipped": skipped,
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_end": os.getloadavg()[0],
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_end": round(os.getloadavg()[0], 2),
              "device_long": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                              f"{env._cpu_model()}, {env.cpu_count()} cores")}
     report.write_run_meta(meta, extra, stem)

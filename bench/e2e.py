@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     report.write_run_meta(meta, {"command": "python -m bench.e2e " + shlex.join(argv), "wall_s": round(wall, 1),
                                  "threads": torch.get_num_threads(), "python": platform.python_version(),
                                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                                 "load_avg_end": os.getloadavg()[0],
+                                 "load_avg_end": round(os.getloadavg()[0], 2),
                                  "device_long": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                                                  f"{env._cpu_model()}, {env.cpu_count()} cores")}, stem)
     report.write_device_readme(out)

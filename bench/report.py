@@ -18,7 +18,7 @@ def _fmt(v, digits: int = 4) -> str:
     if isinstance(v, float):
         if math.isinf(v) or math.isnan(v):
             return str(v)
-        return f"{v:.{digits}g}"
+        return f"{v:.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"  # no 1.91e+03
     return str(v)
 
 
