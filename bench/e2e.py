@@ -185,7 +185,7 @@ def main(argv=None) -> int:
             print(f"[bench.e2e] {got}")
             return 0
         orig, fused, note, res = got
-        a.res = a.res if "--res" in argv else res
+        a.res = a.res if ("--res" in argv or a.quick) else res  # the model's own size unless asked
         models = [(name, "timm", "eager", orig), (name, "timm", "fused", fused)]
         notes[(name, "fused")] = note
     else:
