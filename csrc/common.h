@@ -187,7 +187,7 @@ AF_HOST_DEVICE T gate_grad(T z, Gate g) {
 
 template <typename T>
 AF_HOST_DEVICE T act_fwd(T z, Act a) {
-  if (a == Act::RELU) return z > T(0) ? z : T(0);
+  if (a == Act::RELU) return z < T(0) ? T(0) : z;  // keeps NaN, like torch.relu
   return z * sigmoid(z);
 }
 

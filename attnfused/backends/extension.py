@@ -14,7 +14,8 @@ non-raising form the backends use (auto selection falls back to `reference` with
 This module imports only torch and the standard library so setup.py can load it by path.
 
 Environment:
-  ATTNFUSED_FORCE_CUDA=1   compile the CUDA sources even if torch or the toolkit look unusable
+  ATTNFUSED_FORCE_CUDA=1   compile the CUDA sources even if torch or the toolkit look unusable (and, just
+                           in time, even where no GPU is visible: by default the JIT build skips them there)
   ATTNFUSED_NO_CUDA=1      never compile the CUDA sources
   TORCH_CUDA_ARCH_LIST     CUDA archs, as torch reads it (default: "8.0;9.0" ahead of time; the visible
                            GPUs', else "8.0;9.0", just in time)
@@ -245,8 +246,9 @@ def _jit_build() -> str:
     if not (CSRC / "ops.cpp").is_file():
         raise ExtensionUnavailable(f"no ahead-of-time build of {AOT_NAME}, and the C++ sources for a "
                                    f"just-in-time build are not at {CSRC} (install with `pip install .`)")
-    why_not = cuda_why_not()
-    with_cuda = why_not is None
+    # just in time, CUDA sources are compiled only where they can run: on a machine without a GPU
+    # they would cost tens of minutes for kernels nobody can call (the AOT build compiles them)
+    with_cuda = cuda_why_not() is None and (torch.cuda.is_available() or _flag(ENV_FORCE_CUDA))
     arch_list = cuda_arch_list(jit=True) if with_cuda else None
     flags = build_flags(with_cuda, "jit", arch_list)
     sources = cpu_sources() + (cuda_sources() if with_cuda else [])
