@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# SPEC §4 accuracy targets
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    d = out.detach().double() - ref.detach().double()
-    den = ref.detach().double().norm().item()
-    num = d.norm().item()
-    if num != num:  # NaN where the reference has none
-        return float("inf")
-    return num / den if den > 0 else num
+from attnfused.accuracy import TOLERANCE, rel_err  # noqa: F401 (SPEC §4, one source)
 
 
 def max_rel_err(outs, refs, names) -> tuple[float, str]:

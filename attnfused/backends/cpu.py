@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import OPS, extension, register
+from . import extension
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -21,14 +21,4 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str |
     return extension.unavailable_reason("cpu")
 
 
-def _kernel(op: str):
-    def run(*args):
-        extension.ensure_loaded()
-        return getattr(torch.ops.attnfused_C, op)(*args)
-
-    run.__name__ = f"{op}_cpu"
-    return run
-
-
-for _op in OPS:
-    register(NAME, _op)(_kernel(_op))
+extension.register_ops(NAME)

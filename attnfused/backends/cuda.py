@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import OPS, extension, register
+from . import extension
 
 NAME = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -26,14 +26,4 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str |
     return extension.unavailable_reason("cuda")
 
 
-def _kernel(op: str):
-    def run(*args):
-        extension.ensure_loaded()
-        return getattr(torch.ops.attnfused_C, op)(*args)
-
-    run.__name__ = f"{op}_cuda"
-    return run
-
-
-for _op in OPS:
-    register(NAME, _op)(_kernel(_op))
+extension.register_ops(NAME)

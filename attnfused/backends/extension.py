@@ -365,3 +365,20 @@ def build_info() -> dict:
     out.update(cpu=info.get("cpu") == "1", cuda=info.get("cuda") == "1", cuda_archs=archs,
                cpu_arch=info.get("cpu_arch"), build=_state["build"], path=_state["path"])
     return out
+
+
+def register_ops(backend: str) -> None:
+    """Register `torch.ops.attnfused_C.<op>` as `backend`'s kernel for every op (the cpu and cuda
+    backends differ only in the dispatch key the extension registered, and in availability)."""
+    from . import OPS, register
+
+    def kernel(op: str):
+        def run(*args):
+            ensure_loaded()
+            return getattr(torch.ops.attnfused_C, op)(*args)
+
+        run.__name__ = f"{op}_{backend}"
+        return run
+
+    for op in OPS:
+        register(backend, op)(kernel(op))
