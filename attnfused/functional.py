@@ -100,7 +100,7 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor
                     spatial_gate, backends.resolve(backend, x))[0]
 
 
-def spatial_pool(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def spatial_pool(x: Tensor, *, backend: str = "auto") -> Tensor:
     """The max and mean over channels as one (N, 2, H, W) float32 tensor ([max, mean]); its
     gradient goes to the mean and to one maximal channel."""
     _checks.check_input(x)
