@@ -14,7 +14,7 @@ from attnfused import functional as F
 from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, spatial_in_channels
 from attnfused.reference import functional as R
 
-from tests._util import rand
+from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +100,90 @@ assert {c.o["padding"] for c in CHANNEL_CASES} == set(CONV_PADDINGS)
 
 # (N, C, H, W): odd channel counts, 1x1 and non-square maps (issue 2)
 SHAPES = [(2, 37, 17, 3), (3, 1, 4, 5), (2, 3, 1, 1), (1, 8, 6, 6)]
+
+
+# ----------------------------------------------------------------------------- checks every backend's suite runs
+
+def grad_leaves(x, w: dict):
+    """(names of the weights present, [x, *those weights]): what gradients are taken of."""
+    names = [k for k, v in w.items() if v is not None]
+    return names, [x] + [w[k] for k in names]
+
+
+def _to(w: dict, **kw) -> dict:
+    return {k: None if v is None else v.to(**kw) for k, v in w.items()}
+
+
+def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
+    """Forward and every gradient of `backend` on `device` against the float64 oracle on the CPU.
+
+    The oracle sees exactly the values the backend gets (rounded to dtype; pairwise distinct, so
+    every max has one right gradient); half-precision inputs take float32 weights, as under autocast.
+    """
+    wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x64 = rand_distinct(*shape, dtype=dtype).to(dtype).double()
+    w64 = _to(_to(case.weights(shape[1]), dtype=wdt), dtype=torch.float64)
+    xr = x64.clone().requires_grad_()
+    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
+    ref = case.run(xr, wr)
+    g = rand(*ref.shape).to(dtype).double()
+    names, leaves = grad_leaves(xr, wr)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+
+    x = layout(x64.to(device=device, dtype=dtype), lay).requires_grad_()
+    w = {k: None if v is None else v.to(device=device, dtype=wdt).requires_grad_() for k, v in w64.items()}
+    out = case.run(x, w, backend)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    if lay != "strided":  # a strided view is copied once; the output is then plain NCHW
+        assert out.stride() == x.stride()
+    err = rel_err(out.cpu(), ref)
+    assert err <= TOLERANCE[dtype], f"{case} forward rel err {err:.3g}"
+    _, leaves = grad_leaves(x, w)
+    dense = lay if lay != "strided" else "nchw"
+    grads = torch.autograd.grad(out, leaves, layout(g.to(device=device, dtype=dtype), dense))
+    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
+        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
+        if name == "x" and lay != "strided":
+            assert gr.stride() == leaf.stride(), "grad of x must keep x's layout"
+        err = rel_err(gr.cpu(), gref)
+        assert err <= GRAD_TOLERANCE[leaf.dtype], f"{case} grad of {name} rel err {err:.3g}"
+
+
+def check_deterministic(case, backend, shape, lay, device="cpu"):
+    """Bit-identical output and gradients run after run."""
+    x = layout(rand(*shape, dtype=torch.float32, device=device), lay)
+    w = _to(case.weights(shape[1]), dtype=torch.float32, device=device)
+    g = layout(rand(*shape, dtype=torch.float32, device=device), lay)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
+        out = case.run(xx, ww, backend)
+        return [out] + list(torch.autograd.grad(out, grad_leaves(xx, ww)[1], g))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def check_empty_batch(case, backend, device="cpu", C=4):
+    """N = 0: an empty output, an empty input gradient and zero weight gradients."""
+    x = torch.empty(0, C, 5, 6, device=device, requires_grad=True)
+    w = {k: None if v is None else v.requires_grad_()
+         for k, v in _to(case.weights(C), dtype=torch.float32, device=device).items()}
+    out = case.run(x, w, backend)
+    assert out.shape == (0, C, 5, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+
+
+def check_nonfinite(case, backend, special, device="cpu"):
+    """A NaN or infinity in x propagates to the same places as in the float64 reference."""
+    x = rand(2, 6, 5, 4, dtype=torch.float32)
+    x[1, 2, 3, 1] = special
+    w = _to(case.weights(6), dtype=torch.float32)
+    ref = case.run(x.double(), _to(w, dtype=torch.float64))
+    out = case.run(x.to(device), _to(w, device=device), backend).cpu()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert rel_err(out[finite], ref[finite]) <= TOLERANCE[torch.float32]

@@ -13,7 +13,8 @@ import torch
 import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
-from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
+from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, check_against_oracle,
+                         check_empty_batch, grad_leaves)
 
 BACKEND = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,37 +49,9 @@ def _needs_backend(request):
         pytest.skip(f"cuda backend unavailable: {attnfused.backends.unavailable_reason(BACKEND, 'cuda')}")
 
 
-def _leaves(x, w):
-    names = [k for k, v in w.items() if v is not None]
-    return names, [x] + [w[k] for k in names]
-
-
-def _check(case, shape, dtype, lay, distinct=True):
+def _check(case, shape, dtype, lay):
     """Forward and every gradient on the GPU against the float64 oracle on the CPU."""
-    wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # autocast-style weights
-    x64 = (rand_distinct(*shape, dtype=dtype) if distinct else rand(*shape)).to(dtype).double()
-    w64 = {k: None if v is None else v.to(wdt).double() for k, v in case.weights(shape[1]).items()}
-    xr = x64.clone().requires_grad_()
-    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
-    ref = case.run(xr, wr)
-    g = rand(*ref.shape).to(dtype).double()
-    names, leaves = _leaves(xr, wr)
-    ref_grads = torch.autograd.grad(ref, leaves, g)
-
-    x = layout(x64.to(dtype).cuda(), lay).requires_grad_()
-    w = {k: None if v is None else v.to(wdt).cuda().requires_grad_() for k, v in w64.items()}
-    out = case.run(x, w, BACKEND)
-    assert out.shape == x.shape and out.dtype == dtype and out.stride() == x.stride()
-    err = rel_err(out.cpu(), ref)
-    assert err <= TOLERANCE[dtype], f"{case} {shape} {dtype} {lay}: forward rel err {err:.3g}"
-    _, leaves = _leaves(x, w)
-    grads = torch.autograd.grad(out, leaves, layout(g.to(dtype).cuda(), lay))
-    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
-        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
-        if name == "x":
-            assert gr.stride() == leaf.stride()
-        err = rel_err(gr.cpu(), gref)
-        assert err <= GRAD_TOLERANCE[leaf.dtype], f"{case} {shape} {dtype} {lay}: grad of {name} rel err {err:.3g}"
+    check_against_oracle(case, shape, BACKEND, dtype, lay, "cuda")
 
 
 @pytest.mark.cuda
@@ -95,7 +68,7 @@ def test_parity_all_options(case, dtype, lay, path):
                                   CBAM_CASES[0], CBAM_CASES[9]], ids=str)
 @pytest.mark.cuda
 def test_parity_tiling(case, shape, lay, path):
-    _check(case, shape, torch.float32, lay, distinct=False)
+    _check(case, shape, torch.float32, lay)
 
 
 @pytest.mark.cuda
@@ -177,8 +150,7 @@ def _train_step(case, x, w, g):
     xx = x.clone().requires_grad_()
     ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
     out = case.run(xx, ww, BACKEND)
-    names, leaves = _leaves(xx, ww)
-    return [out] + list(torch.autograd.grad(out, leaves, g))
+    return [out] + list(torch.autograd.grad(out, grad_leaves(xx, ww)[1], g))
 
 
 @pytest.mark.parametrize("lay", LAYOUTS)
@@ -202,13 +174,7 @@ def test_bit_identical_twice(case, dtype, lay, path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CBAM_CASES[0]], ids=str)
 def test_empty_batch(case):
-    x = torch.empty(0, 8, 5, 6, device="cuda", requires_grad=True)
-    w = {k: None if v is None else v.float().cuda().requires_grad_() for k, v in case.weights(8).items()}
-    out = case.run(x, w, BACKEND)
-    assert out.shape == (0, 8, 5, 6)
-    out.sum().backward()
-    assert x.grad.shape == x.shape
-    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+    check_empty_batch(case, BACKEND, "cuda", C=8)
 
 
 @pytest.mark.cuda

@@ -17,7 +17,8 @@ import torch
 import attnfused
 from attnfused import backends
 from attnfused.reference import functional as R
-from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rel_err
+from tests import cases
 from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
 from tests.triton._env import DEVICES, INTERPRET, dtypes
 
@@ -29,37 +30,8 @@ HALF_SHAPE = (2, 11, 5, 3)  # pairwise-distinct half-precision values
 SHAPES = [SHAPE, (1, 3, 1, 1), (2, 1, 4, 9), (1, 5, 12, 12)]
 
 
-def _leaves(x, w):
-    names = [k for k, v in w.items() if v is not None]
-    return names, [x] + [w[k] for k in names]
-
-
 def check_against_oracle(case, shape, device, dtype=torch.float32, lay="nchw"):
-    """Forward and every gradient of the Triton op against the float64 oracle."""
-    wdt = torch.float32 if dtype != torch.float64 else dtype  # half inputs take float32 weights (autocast)
-    x64 = rand_distinct(*shape, dtype=dtype).to(dtype).double()
-    w64 = {k: None if v is None else v.to(wdt).double() for k, v in case.weights(shape[1]).items()}
-    xr = x64.clone().requires_grad_()
-    wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
-    ref = case.run(xr, wr)
-    g = rand(*ref.shape).to(dtype).double()
-    names, leaves = _leaves(xr, wr)
-    ref_grads = torch.autograd.grad(ref, leaves, g)
-
-    x = layout(x64.to(device=device, dtype=dtype), lay).requires_grad_()
-    w = {k: None if v is None else v.to(device=device, dtype=wdt).requires_grad_() for k, v in w64.items()}
-    out = case.run(x, w, B)
-    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
-    if lay != "strided":
-        assert out.stride() == x.stride()
-    err = rel_err(out.cpu(), ref)
-    assert err <= TOLERANCE[dtype], f"{case} forward rel err {err:.3g}"
-    _, leaves = _leaves(x, w)
-    grads = torch.autograd.grad(out, leaves, g.to(device=device, dtype=dtype))
-    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
-        assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
-        err = rel_err(gr.cpu(), gref)
-        assert err <= GRAD_TOLERANCE[dtype], f"{case} grad of {name} rel err {err:.3g}"
+    cases.check_against_oracle(case, shape, B, dtype, lay, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -261,46 +233,20 @@ def test_opcheck_every_op(device):
 @pytest.mark.parametrize("case", [CBAM_CASES[1], CBAM_CASES[12]], ids=str)
 def test_deterministic(case, lay, device):
     """Bit-identical outputs and gradients run after run (fixed-order reductions)."""
-    shape = (1,) + SHAPE[1:]
-    x = layout(rand(*shape, dtype=torch.float32, device=device), lay)
-    w = {k: None if v is None else v.float().to(device) for k, v in case.weights(shape[1]).items()}
-    g = layout(rand(*shape, dtype=torch.float32, device=device), lay)
-
-    def run():
-        xx = x.clone().requires_grad_()
-        ww = {k: None if v is None else v.clone().requires_grad_() for k, v in w.items()}
-        out = case.run(xx, ww, B)
-        names, leaves = _leaves(xx, ww)
-        return [out] + list(torch.autograd.grad(out, leaves, g))
-
-    for a, b in zip(run(), run()):
-        assert torch.equal(a, b)
+    cases.check_deterministic(case, B, (1,) + SHAPE[1:], lay, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[9], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
 def test_empty_batch(case, device):
-    x = torch.empty(0, 4, 5, 6, device=device, requires_grad=True)
-    w = {k: None if v is None else v.float().to(device).requires_grad_() for k, v in case.weights(4).items()}
-    out = case.run(x, w, B)
-    assert out.shape == (0, 4, 5, 6)
-    out.sum().backward()
-    assert x.grad.shape == x.shape
-    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+    cases.check_empty_batch(case, B, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[8], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
 def test_nonfinite_like_reference(case, special, device):
-    x = rand(2, 6, 5, 4, dtype=torch.float32)
-    x[1, 2, 3, 1] = special
-    w = {k: None if v is None else v.float() for k, v in case.weights(6).items()}
-    ref = case.run(x.double(), {k: None if v is None else v.double() for k, v in w.items()})
-    out = case.run(x.to(device), {k: None if v is None else v.to(device) for k, v in w.items()}, B).cpu()
-    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
-    fin = ref.isfinite()
-    assert rel_err(out[fin], ref[fin]) <= TOLERANCE[torch.float32]
+    cases.check_nonfinite(case, B, special, device)
 
 
 def test_availability_messages():
