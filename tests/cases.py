@@ -187,3 +187,59 @@ def check_nonfinite(case, backend, special, device="cpu"):
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     finite = ref.isfinite()
     assert rel_err(out[finite], ref[finite]) <= TOLERANCE[torch.float32]
+
+
+OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3])
+
+
+def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
+    """(op, args) for every public forward and backward op on fresh inputs on `device`; the saved
+    tensors the backward ops take come from `saved_by` (default: `backend` itself)."""
+    ops = torch.ops.attnfused
+    saver = saved_by or backend
+    x = rand(2, C, 5, 3, dtype=torch.float32, device=device)
+    g = rand(2, C, 5, 3, dtype=torch.float32, device=device)
+    for case in cases:
+        o, w = case.o, _to(case.weights(C), dtype=torch.float32, device=device)
+        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
+        if case.op == "channel":
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
+            saved = ops.channel_attention(x, *wts, *copts, saver)[1:]
+            yield ops.channel_attention.default, (x, *wts, *copts, backend)
+            yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, backend)
+        elif case.op == "spatial":
+            sopts = (o["maps"], o["sgate"])
+            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, saver)[1:]
+            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, backend)
+            yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, backend)
+        else:
+            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
+            opts = (*copts, o["maps"], o["sgate"])
+            saved = ops.cbam(x, *wts, *opts, saver)[1:]
+            yield ops.cbam.default, (x, *wts, *opts, backend)
+            yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, backend)
+    smaps, sargmax = ops.spatial_pool(x, saver)
+    yield ops.spatial_pool.default, (x, backend)
+    yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x, sargmax,
+                                              backend)
+    t = torch.rand(2, 5, 3, device=device)
+    yield ops.spatial_scale.default, (x, t, backend)
+    yield ops.spatial_scale_backward.default, (g, x, t, backend)
+
+
+def check_opcheck_every_op(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES, test_utils=None):
+    """torch.library.opcheck of every public op; forward ops with autograd (floating inputs
+    require grad), backward ops without."""
+    import attnfused
+
+    seen = set()
+    for op, args in op_samples(backend, device, C, saved_by, cases):
+        grad = "backward" not in op.name()
+        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
+                     if isinstance(a, torch.Tensor) else a for a in args)
+        if test_utils is None:
+            torch.library.opcheck(op, args)
+        else:
+            torch.library.opcheck(op, args, test_utils=test_utils)
+        seen.add(op.name().split("::")[1].split(".")[0])
+    assert seen == set(attnfused.backends.OPS)

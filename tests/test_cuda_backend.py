@@ -14,7 +14,7 @@ import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, check_against_oracle,
-                         check_empty_batch, grad_leaves)
+                         check_empty_batch, check_opcheck_every_op, grad_leaves)
 
 BACKEND = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -98,52 +98,10 @@ def test_spatial_halves(dtype, lay):
     assert gt.dtype == t.dtype and rel_err(gt.cpu(), rgt) <= GRAD_TOLERANCE[torch.float32]
 
 
-def _op_samples():
-    """(op, args) for every public op on CUDA: inputs (and saved tensors) made on the CPU by the
-    reference backend, then moved to the GPU."""
-    ops = torch.ops.attnfused
-    cpu = []
-    x = rand(2, 16, 5, 8, dtype=torch.float32)
-    g = rand(2, 16, 5, 8, dtype=torch.float32)
-    for case in (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3]):
-        o, w = case.o, {k: None if v is None else v.float() for k, v in case.weights(16).items()}
-        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
-        if case.op == "channel":
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            _, pooled, argmax = ops.channel_attention(x, *wts, *copts, "reference")
-            cpu.append((ops.channel_attention.default, (x, *wts, *copts)))
-            cpu.append((ops.channel_attention_backward.default, (g, x, pooled, argmax, *wts, *copts)))
-        elif case.op == "spatial":
-            sopts = (o["maps"], o["sgate"])
-            _, smaps, sargmax = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, "reference")
-            cpu.append((ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts)))
-            cpu.append((ops.spatial_attention_backward.default, (g, x, smaps, sargmax, w["sw"], w["sb"], *sopts)))
-        else:
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
-            opts = (*copts, o["maps"], o["sgate"])
-            saved = ops.cbam(x, *wts, *opts, "reference")[1:]
-            cpu.append((ops.cbam.default, (x, *wts, *opts)))
-            cpu.append((ops.cbam_backward.default, (g, x, *saved, *wts, *opts)))
-    smaps, sargmax = ops.spatial_pool(x, "reference")
-    cpu.append((ops.spatial_pool.default, (x,)))
-    cpu.append((ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32), x, sargmax)))
-    t = torch.rand(2, 5, 8)
-    cpu.append((ops.spatial_scale.default, (x, t)))
-    cpu.append((ops.spatial_scale_backward.default, (g, x, t)))
-    for op, args in cpu:
-        yield op, tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args) + (BACKEND,)
-
-
 @pytest.mark.cuda
 def test_opcheck_every_op():
-    seen = set()
-    for op, args in _op_samples():
-        grad = "backward" not in op.name()
-        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
-                     if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, args)
-        seen.add(op.name().split("::")[1].split(".")[0])
-    assert seen == set(attnfused.backends.OPS)
+    # inputs on the GPU, saved tensors made by the reference backend
+    check_opcheck_every_op(BACKEND, "cuda", C=16, saved_by="reference")
 
 
 def _train_step(case, x, w, g):

@@ -10,7 +10,7 @@ import torch
 import attnfused
 from tests._util import LAYOUTS, cpu_backends, rand
 from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SHAPES, SPATIAL_CASES, check_against_oracle,
-                         check_deterministic, check_empty_batch, check_nonfinite, grad_leaves)
+                         check_deterministic, check_opcheck_every_op, check_empty_batch, check_nonfinite, grad_leaves)
 
 BACKENDS = cpu_backends()
 FLOAT_DTYPES = (torch.float64, torch.float32)
@@ -53,49 +53,9 @@ def test_gradcheck(case, backend):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _op_samples(backend):
-    """(op, args) for every public forward and backward op on fresh inputs."""
-    ops = torch.ops.attnfused
-    x = rand(2, 6, 5, 3, dtype=torch.float32)
-    g = rand(2, 6, 5, 3, dtype=torch.float32)
-    for case in (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3]):
-        o, w = case.o, {k: None if v is None else v.float() for k, v in case.weights(6).items()}
-        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
-        if case.op == "channel":
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            y, pooled, argmax = ops.channel_attention(x, *wts, *copts, backend)
-            yield ops.channel_attention.default, (x, *wts, *copts, backend)
-            yield ops.channel_attention_backward.default, (g, x, pooled, argmax, *wts, *copts, backend)
-        elif case.op == "spatial":
-            sopts = (o["maps"], o["sgate"])
-            y, smaps, sargmax = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, backend)
-            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, backend)
-            yield ops.spatial_attention_backward.default, (g, x, smaps, sargmax, w["sw"], w["sb"], *sopts, backend)
-        else:
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
-            opts = (*copts, o["maps"], o["sgate"])
-            saved = ops.cbam(x, *wts, *opts, backend)[1:]
-            yield ops.cbam.default, (x, *wts, *opts, backend)
-            yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, backend)
-    smaps, sargmax = ops.spatial_pool(x, backend)
-    yield ops.spatial_pool.default, (x, backend)
-    yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32), x, sargmax, backend)
-    t = torch.rand(2, 5, 3)
-    yield ops.spatial_scale.default, (x, t, backend)
-    yield ops.spatial_scale_backward.default, (g, x, t, backend)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_every_op(backend):
-    seen = set()
-    for op, args in _op_samples(backend):
-        # forward ops are checked with autograd (floating inputs require grad), backward ops without
-        grad = "backward" not in op.name()
-        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
-                     if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, args)
-        seen.add(op.name().split("::")[1].split(".")[0])
-    assert seen == set(attnfused.backends.OPS)
+    check_opcheck_every_op(backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -179,53 +179,13 @@ def test_spatial_halves(lay, device):
     assert rel_err(gt.cpu(), ref_gt) <= GRAD_TOLERANCE[torch.float32]
 
 
-def _op_samples(device):
-    """(op, args) for every public forward and backward op, on fresh inputs."""
-    ops = torch.ops.attnfused
-    x = rand(2, 6, 5, 3, dtype=torch.float32, device=device)
-    g = rand(2, 6, 5, 3, dtype=torch.float32, device=device)
-    for case in (CHANNEL_CASES[5], SPATIAL_CASES[1], CBAM_CASES[11]):
-        o = case.o
-        w = {k: None if v is None else v.float().to(device) for k, v in case.weights(6).items()}
-        copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
-        if case.op == "channel":
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            saved = ops.channel_attention(x, *wts, *copts, B)[1:]
-            yield ops.channel_attention.default, (x, *wts, *copts, B)
-            yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, B)
-        elif case.op == "spatial":
-            sopts = (o["maps"], o["sgate"])
-            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, B)[1:]
-            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, B)
-            yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, B)
-        else:
-            wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
-            opts = (*copts, o["maps"], o["sgate"])
-            saved = ops.cbam(x, *wts, *opts, B)[1:]
-            yield ops.cbam.default, (x, *wts, *opts, B)
-            yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, B)
-    smaps, sargmax = ops.spatial_pool(x, B)
-    yield ops.spatial_pool.default, (x, B)
-    yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x, sargmax, B)
-    t = torch.rand(2, 5, 3, device=device)
-    yield ops.spatial_scale.default, (x, t, B)
-    yield ops.spatial_scale_backward.default, (g, x, t, B)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_op(device):
-    seen = set()
     # the autograd checks run forward and backward several times: the forward ops get them on a
     # GPU, under the interpreter the schema, fake and dispatch checks
     tests = None if device == "cuda" else ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    for op, args in _op_samples(device):
-        grad = "backward" not in op.name()
-        args = tuple(a.detach().clone().requires_grad_(grad and a.is_floating_point())
-                     if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, args, test_utils=tests or ("test_schema", "test_autograd_registration",
-                                                             "test_faketensor", "test_aot_dispatch_dynamic"))
-        seen.add(op.name().split("::")[1].split(".")[0])
-    assert seen == set(backends.OPS)
+    cases.check_opcheck_every_op(B, device, cases=(CHANNEL_CASES[5], SPATIAL_CASES[1], CBAM_CASES[11]),
+                                 test_utils=tests)
 
 
 @pytest.mark.parametrize("device", DEVICES)
