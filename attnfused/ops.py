@@ -6,7 +6,8 @@ runs that backend's kernel from the registry. Option arguments are the strings l
 in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 
 - `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding)`
-  -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the max)`.
+  -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max)`.
+  For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
 - `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.

@@ -189,6 +189,27 @@ def check_nonfinite(case, backend, special, device="cpu"):
     assert rel_err(out[finite], ref[finite]) <= TOLERANCE[torch.float32]
 
 
+def check_pooled_contract(backend, lay="nchw", device="cpu"):
+    """The channel pooling the ops save, for every pool: mean and (max, first argmax) over space as
+    torch computes them; for pool "avg" nothing reads the max, and it and argmax are zeros."""
+    ops = torch.ops.attnfused
+    x = layout(rand_distinct(2, 6, 5, 3, dtype=torch.float32).float(), lay)
+    mean, (mx, idx) = x.mean((2, 3)), x.flatten(2).max(2)
+    w1, w2, sw = rand(3, 6), rand(6, 3), rand(1, 2, 3, 3)
+    for pool in CHANNEL_POOLS:
+        copts = ("mlp", pool, "relu", "sigmoid", "zeros")
+        wts = tuple(v.to(device) if v is not None else None for v in (w1, None, w2, None))
+        saved = (ops.channel_attention(x.to(device), *wts, *copts, backend)[1:3],
+                 ops.cbam(x.to(device), *wts, sw.to(device), None, *copts, "max_mean", "sigmoid", backend)[1:3])
+        for pooled, argmax in saved:
+            pooled, argmax = pooled.cpu(), argmax.cpu()
+            assert rel_err(pooled[:, 0], mean) <= TOLERANCE[torch.float32], pool
+            if pool == "avg":
+                assert not pooled[:, 1].any() and not argmax.any(), pool
+            else:
+                assert torch.equal(pooled[:, 1], mx) and torch.equal(argmax, idx), pool
+
+
 OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3])
 
 

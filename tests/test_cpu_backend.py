@@ -15,9 +15,12 @@ pytestmark = pytest.mark.skipif(extension.unavailable_reason("cpu") is not None,
                                 reason=f"C++ extension unavailable: {extension.unavailable_reason('cpu')}")
 
 C_OPS = torch.ops.attnfused_C
-# C = 19 and H*W = 300: vector bodies plus tails along both the channel and the spatial runs,
-# and more than one column block (256) in the column passes
+# C = 19 and H*W = 300: vector bodies plus tails along both the channel and the spatial runs, and
+# more rows than one register step (8) in the column passes
 SHAPE = (2, 19, 20, 15)
+# more than one column block (1024 columns) in every column pass: H*W = 1155 for the NCHW passes
+# over channels, C = 1030 for the channels_last passes over space
+WIDE_SHAPE = (1, 1030, 35, 33)
 HALF_SHAPE = (2, 11, 6, 5)  # pairwise-distinct half-precision values
 
 
@@ -62,6 +65,35 @@ def test_parity_vector_paths(case, lay):
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[13], SPATIAL_CASES[0], CBAM_CASES[4]], ids=str)
 def test_parity_half(case, lay, dtype):
     _check(case, HALF_SHAPE, dtype, lay)
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CBAM_CASES[0], SPATIAL_CASES[0]], ids=str)
+def test_parity_many_column_blocks(case, lay):
+    _check(case, WIDE_SHAPE, torch.float32, lay)
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_max_pools_follow_torch_on_nonfinite(lay):
+    """The column passes take the max on plain compares and redo a column that met a NaN or
+    infinities of both signs; max and argmax still follow torch.max (the first NaN wins)."""
+    x = rand(2, 20, 9, 11)
+    x[0, 5, 2, 3] = x[0, 9, 2, 3] = float("nan")  # two NaNs in one column, neither in the first row
+    x[0, 0, 1, 1] = float("nan")  # a NaN in the first row
+    x[1, 3, 4, 4], x[1, 7, 4, 4] = float("inf"), -float("inf")  # a NaN sum without a NaN
+    x[1, 6, 0, 2], x[1, 12, 0, 2] = -float("inf"), float("inf")
+    x = layout(x, lay)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    smaps, sargmax = C_OPS.spatial_pool(x)
+    mx, idx = x.max(1)
+    torch.testing.assert_close(smaps[:, 0], mx, **exact)
+    assert torch.equal(sargmax, idx)
+    w1, w2 = torch.randn(4, 20), torch.randn(20, 4)
+    _, pooled, argmax = C_OPS.channel_attention(x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid",
+                                                "zeros")
+    mx, idx = x.flatten(2).max(2)
+    torch.testing.assert_close(pooled[:, 1], mx, **exact)
+    assert torch.equal(argmax, idx)
 
 
 def test_conv_kernel_wider_than_channels():

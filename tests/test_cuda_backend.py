@@ -14,7 +14,8 @@ import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, check_against_oracle,
-                         check_empty_batch, check_opcheck_every_op, grad_leaves)
+                         check_empty_batch, check_opcheck_every_op, check_pooled_contract,
+                         grad_leaves)
 
 BACKEND = "cuda"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -127,6 +128,12 @@ def test_bit_identical_twice(case, dtype, lay, path):
         torch.use_deterministic_algorithms(False)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_saved_pooling(lay):
+    check_pooled_contract(BACKEND, lay, "cuda")
 
 
 @pytest.mark.cuda

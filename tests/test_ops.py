@@ -10,7 +10,8 @@ import torch
 import attnfused
 from tests._util import LAYOUTS, cpu_backends, rand
 from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SHAPES, SPATIAL_CASES, check_against_oracle,
-                         check_deterministic, check_opcheck_every_op, check_empty_batch, check_nonfinite, grad_leaves)
+                         check_deterministic, check_opcheck_every_op, check_empty_batch, check_nonfinite, grad_leaves,
+                         check_pooled_contract)
 
 BACKENDS = cpu_backends()
 FLOAT_DTYPES = (torch.float64, torch.float32)
@@ -51,6 +52,12 @@ def test_gradcheck(case, backend):
         return case.run(args[0], dict(w, **dict(zip(names, args[1:]))), backend)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_saved_pooling(backend, lay):
+    check_pooled_contract(backend, lay)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -140,8 +140,14 @@ def spatial_gate_values(smaps, weight, bias, maps, gate):
 
 # ----------------------------------------------------------------------------- cores (acc dtype)
 
-def channel_pool(xa):
+def channel_pool(xa, pool):
+    """(pooled [N, 2, C] = (mean, max), argmax [N, C]) over space; for pool "avg" nothing reads the
+    max, and it and argmax are zeros (the ops' contract)."""
     flat = xa.flatten(2)
+    if pool == "avg":
+        avg = flat.mean(2)
+        return torch.stack((avg, torch.zeros_like(avg)), 1), torch.zeros(avg.shape, dtype=torch.int64,
+                                                                             device=avg.device)
     mx, idx = flat.max(2)
     return torch.stack((flat.mean(2), mx), 1), idx
 
@@ -197,7 +203,7 @@ def grads_out(refs, grads):
 @register(NAME, "channel_attention")
 def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     xa = acc(x)
-    pooled, argmax = channel_pool(xa)
+    pooled, argmax = channel_pool(xa, pool)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     return like(x, xa * s[:, :, None, None]), pooled, argmax
 
@@ -226,7 +232,7 @@ def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, ga
 @register(NAME, "cbam")
 def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate):
     xa = acc(x)
-    pooled, argmax = channel_pool(xa)
+    pooled, argmax = channel_pool(xa, pool)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels
     smaps, sargmax = spatial_pool_core(x1)

@@ -35,7 +35,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>());
+    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
     const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
     pool_channels<scalar_t>(px, d, f.S.data(), smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
     std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
@@ -109,9 +109,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
       for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
     // dx = dx1 * s + A + one-hot(argmax) dmax_c
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    apply<scalar_t, true, true, true, true, true>(pdx, pdy, d, t.data(), B.data(), f.S.data(), A.data());
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
-    fix_hot(pdx, d, am, sam, [&](int64_t n, int64_t c, int64_t hw) {
+    const HotIndex hot(d, am, sam);
+    apply<scalar_t, true, true, true, true, true>(pdx, pdy, d, t.data(), B.data(), f.S.data(), A.data(), &hot,
+                                                  [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t i = n * d.HW + hw, nc = n * d.C + c;
       const acc_t dx1 = static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
       return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));

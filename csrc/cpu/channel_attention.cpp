@@ -27,7 +27,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>());
+    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
     const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
     apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>(), px, d, nullptr, nullptr, f.S.data(),
                                                      nullptr);
@@ -62,8 +62,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    apply<scalar_t, true, false, false, true, true>(pdx, pdy, d, nullptr, nullptr, f.S.data(), A.data());
-    fix_hot(pdx, d, argmax_c.const_data_ptr<int64_t>(), nullptr, [&](int64_t n, int64_t c, int64_t hw) {
+    const HotIndex hot(d, argmax_c.const_data_ptr<int64_t>(), nullptr);
+    apply<scalar_t, true, false, false, true, true>(pdx, pdy, d, nullptr, nullptr, f.S.data(), A.data(), &hot,
+                                                    [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t nc = n * d.C + c;
       return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
     });

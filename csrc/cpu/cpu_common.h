@@ -32,12 +32,27 @@ using acc_type = at::opmath_type<scalar_t>;  // float for float/half/bfloat16, d
 
 // Elements per parallel chunk of the elementwise passes (big enough to amortise the thread hand-off).
 constexpr int64_t kGrainElems = 32768;
-// Columns per task of the column passes (accumulators stay in L1).
-constexpr int64_t kColBlock = 256;
+// Most columns per task of the column passes: each row is read as one contiguous run this long
+// (long runs keep the hardware prefetcher streaming), and the accumulators stay in L1.
+constexpr int64_t kColBlock = 1024;
 
 inline int64_t grain_rows(int64_t row_len) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_len));
 }
+
+// The column blocks of a column pass over `len` columns: `count` equal blocks of `size` columns
+// (a whole number of vectors, at most kColBlock). Depends on the shape alone, and every column is
+// summed over the rows in order whatever the split, so results never depend on it.
+struct ColBlocks {
+  int64_t count, size;
+  ColBlocks(int64_t len, int64_t vec) {
+    const int64_t want = std::max<int64_t>(1, (len + kColBlock - 1) / kColBlock);
+    size = ((len + want - 1) / want + vec - 1) / vec * vec;
+    count = std::max<int64_t>(1, (len + size - 1) / size);
+  }
+  int64_t begin(int64_t b) const { return b * size; }
+  int64_t length(int64_t b, int64_t len) const { return std::min(size, len - b * size); }
+};
 
 // ---------------------------------------------------------------------------- vector IO
 
@@ -111,58 +126,76 @@ inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
 
 // ---------------------------------------------------------------------------- pooling passes
 
-// Sum, max and first argmax of the row p[0..L) scaled by `scale` (one factor for the whole row).
-template <typename scalar_t, bool kScaled>
-inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t> scale, acc_type<scalar_t>& sum,
-                     acc_type<scalar_t>& mx, int64_t& arg) {
+// Sum of the row p[0..L) (times S[0..L) elementwise with kS), and with kMax its max and first
+// argmax (NaN wins, as torch.max). Two independent chains of each accumulator, kept in registers,
+// hide the latency. The max runs on plain compares: a row that meets a NaN (its sum is NaN then)
+// takes torch's NaN rule in the argmax scan.
+template <typename scalar_t, bool kMax = true, bool kS = false>
+inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_type<scalar_t>& mx, int64_t& arg,
+                     const acc_type<scalar_t>* S = nullptr) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  auto val = [&](acc_t v) { return kScaled ? v * scale : v; };
-  const Vec vs(scale);
-  Vec vsum[2] = {Vec(acc_t(0)), Vec(acc_t(0))};  // 2 chains hide the add latency
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
-  int64_t i = 0;
-  for (int64_t u = 0; i + IO::kSize <= L; i += IO::kSize, u ^= 1) {
+  constexpr int64_t V = IO::kSize;
+  auto vec_at = [&](int64_t i) {
     Vec v = IO::load(p + i);
-    if constexpr (kScaled) v = v * vs;
-    vsum[u] += v;
-    vmax = at::vec::maximum(vmax, v);  // propagates NaN
+    if constexpr (kS) v = v * Vec::loadu(S + i);
+    return v;
+  };
+  auto val_at = [&](int64_t i) { return kS ? static_cast<acc_t>(p[i]) * S[i] : static_cast<acc_t>(p[i]); };
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+  int64_t i = 0;
+  for (; i + 2 * V <= L; i += 2 * V) {
+    const Vec v0 = vec_at(i), v1 = vec_at(i + V);
+    s0 += v0;
+    s1 += v1;
+    if constexpr (kMax) {
+      m0 = Vec::blendv(m0, v0, v0 > m0);
+      m1 = Vec::blendv(m1, v1, v1 > m1);
+    }
   }
-  alignas(64) acc_t lm[IO::kSize];
-  vmax.store(lm);
-  acc_t s = lanes_sum(vsum[0] + vsum[1]), m = lm[0];
-  for (int64_t l = 1; l < IO::kSize; ++l) m = max_takes(lm[l], m) ? lm[l] : m;
-  for (; i < L; ++i) {
-    acc_t v = val(static_cast<acc_t>(p[i]));
+  if (i + V <= L) {
+    const Vec v0 = vec_at(i);
+    s0 += v0;
+    if constexpr (kMax) m0 = Vec::blendv(m0, v0, v0 > m0);
+    i += V;
+  }
+  acc_t s = lanes_sum(s0 + s1), m = -std::numeric_limits<acc_t>::infinity();
+  if constexpr (kMax) {
+    alignas(64) acc_t lm[2 * V];
+    m0.store(lm);
+    m1.store(lm + V);
+    for (int64_t l = 0; l < 2 * V; ++l) m = std::max(m, lm[l]);
+  }
+  for (int64_t j = i; j < L; ++j) {
+    const acc_t v = val_at(j);
     s += v;
-    m = max_takes(v, m) ? v : m;
-  }
-  // the row is in L1 now: find the first element equal to the max (or the first NaN), 8 at a time
-  int64_t a = 0;
-  const bool nan = std::isnan(m);
-  const Vec vm(m);
-  int64_t j = 0;
-  bool found = false;
-  for (; j + IO::kSize <= L && !found; j += IO::kSize) {
-    Vec v = IO::load(p + j);
-    if constexpr (kScaled) v = v * vs;
-    const int hit = ~(nan ? v.isnan() : (v == vm)).zero_mask() & ((1 << IO::kSize) - 1);
-    if (hit) {
-      a = j + __builtin_ctz(hit);
-      found = true;
-    }
-  }
-  for (; j < L && !found; ++j) {
-    acc_t v = val(static_cast<acc_t>(p[j]));
-    if (nan ? std::isnan(v) : v == m) {
-      a = j;
-      found = true;
-    }
+    if constexpr (kMax) m = std::max(m, v);
   }
   sum = s;
-  mx = m;
-  arg = a;
+  if constexpr (kMax) {
+    // the row is in L1 now: find the first element equal to the max, or the first NaN, V at a time
+    const bool nan = std::isnan(s) && [&] {
+      for (int64_t j = 0; j < L; ++j)
+        if (std::isnan(val_at(j))) return true;
+      return false;  // infinities of both signs, no NaN
+    }();
+    if (nan) m = std::numeric_limits<acc_t>::quiet_NaN();
+    const Vec vm(m);
+    int64_t j = 0, a = -1;
+    for (; j + V <= L && a < 0; j += V) {
+      const Vec v = vec_at(j);
+      const int hit = ~(nan ? v.isnan() : (v == vm)).zero_mask() & ((1 << V) - 1);
+      if (hit) a = j + __builtin_ctz(hit);
+    }
+    for (; j < L && a < 0; ++j) {
+      const acc_t v = val_at(j);
+      if (nan ? std::isnan(v) : v == m) a = j;
+    }
+    mx = m;
+    arg = std::max<int64_t>(a, 0);
+  }
 }
 
 // cols_pool for more rows than acc_t counts exactly: the argmax is kept in int64 memory.
@@ -204,9 +237,16 @@ inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int6
   }
 }
 
-// Column pass: for columns [j0, j0 + L) of R rows (row r at base + r * stride), sum, max and first
-// argmax over the rows, each row scaled by rscale[r] if given. Blocks of 4 vectors of columns keep
-// their sums, maxima and argmax (as acc_t lanes, exact below 2^24 rows) in registers down the rows.
+// Rows per step of the column passes: a step reads kRowStep rows side by side (as many sequential
+// streams for the prefetcher) with its accumulators in registers, and spills them to L1 between
+// steps.
+constexpr int64_t kRowStep = 8;
+
+// Column pass: for columns [j0, j0 + L) (L <= kColBlock) of R rows (row r at base + r * stride),
+// sum, max and first argmax over the rows, each row scaled by rscale[r] if given. Every column is
+// reduced over the rows in order; the argmax is kept as acc_t lanes (exact below 2^digits rows).
+// The max runs on plain compares; a column that meets a NaN (its sum is NaN then) is redone with
+// torch's NaN rule.
 template <typename scalar_t>
 inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j0, int64_t L,
                       const acc_type<scalar_t>* rscale, acc_type<scalar_t>* sum, acc_type<scalar_t>* mx,
@@ -214,40 +254,67 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  constexpr int64_t V = IO::kSize, U = 4;
-  if (R >= (int64_t(1) << std::numeric_limits<acc_t>::digits)) {
+  constexpr int64_t V = IO::kSize, U = 2;
+  if (R >= (int64_t(1) << std::numeric_limits<acc_t>::digits) || L > kColBlock) {
     cols_pool_wide(base, R, stride, j0, L, rscale, sum, mx, arg);
     return;
   }
-  for (int64_t j = 0; j < L; j += U * V) {
-    const int64_t nb = std::min(L - j, U * V);
-    Vec vs[U], vm[U], vi[U];
-    for (int64_t u = 0; u < U; ++u) {
-      vs[u] = Vec(acc_t(0));
-      vm[u] = Vec(-std::numeric_limits<acc_t>::infinity());
-      vi[u] = Vec(acc_t(0));
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const scalar_t* p = base + r * stride + j0 + j;
-      const Vec vr(static_cast<acc_t>(r)), sc(rscale ? rscale[r] : acc_t(1));
-      for (int64_t u = 0; u < U && u * V < nb; ++u) {
-        const int64_t n = std::min(V, nb - u * V);
-        Vec v = n == V ? IO::load(p + u * V) : IO::load(p + u * V, n);
-        if (rscale) v = v * sc;
-        vs[u] = vs[u] + v;
-        const Vec take = (v > vm[u]) | (v.isnan() & (vm[u] == vm[u]));  // max as torch: NaN wins
-        vm[u] = Vec::blendv(vm[u], v, take);
-        vi[u] = Vec::blendv(vi[u], vr, take);
+  alignas(64) acc_t idx[kColBlock];
+  for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
+    const int64_t r1 = std::min(R, r0 + kRowStep);
+    for (int64_t j = 0; j < L; j += U * V) {
+      int64_t n[U];
+      Vec vs[U], vm[U], vi[U];
+      for (int64_t u = 0; u < U; ++u) {
+        n[u] = std::clamp<int64_t>(L - j - u * V, 0, V);
+        if (n[u] == 0) continue;
+        if (r0 == 0) {
+          vs[u] = Vec(acc_t(0));
+          vm[u] = Vec(-std::numeric_limits<acc_t>::infinity());
+          vi[u] = Vec(acc_t(0));
+        } else {
+          vs[u] = Vec::loadu(sum + j + u * V, n[u]);
+          vm[u] = Vec::loadu(mx + j + u * V, n[u]);
+          vi[u] = Vec::loadu(idx + j + u * V, n[u]);
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* p = base + r * stride + j0 + j;
+        const Vec sc(rscale ? rscale[r] : acc_t(1)), vr(static_cast<acc_t>(r));
+        for (int64_t u = 0; u < U; ++u) {
+          if (n[u] == 0) continue;
+          Vec v = n[u] == V ? IO::load(p + u * V) : IO::load(p + u * V, n[u]);
+          if (rscale) v = v * sc;
+          vs[u] = vs[u] + v;
+          const Vec take = r == 0 ? Vec(acc_t(0)) == Vec(acc_t(0)) : v > vm[u];
+          vm[u] = Vec::blendv(vm[u], v, take);
+          vi[u] = Vec::blendv(vi[u], vr, take);
+        }
+      }
+      for (int64_t u = 0; u < U; ++u) {
+        if (n[u] == 0) continue;
+        vs[u].store(sum + j + u * V, n[u]);
+        vm[u].store(mx + j + u * V, n[u]);
+        vi[u].store(idx + j + u * V, n[u]);
       }
     }
-    for (int64_t u = 0; u < U && u * V < nb; ++u) {
-      const int64_t n = std::min(V, nb - u * V);
-      alignas(64) acc_t idx[V];
-      vs[u].store(sum + j + u * V, n);
-      vm[u].store(mx + j + u * V, n);
-      vi[u].store(idx);
-      for (int64_t l = 0; l < n; ++l) arg[j + u * V + l] = static_cast<int64_t>(idx[l]);
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    arg[j] = static_cast<int64_t>(idx[j]);
+    if (!std::isnan(sum[j])) continue;
+    // a NaN, or infinities of both signs, met this column: redo its max with torch's rule
+    auto val = [&](int64_t r) {
+      const acc_t v = static_cast<acc_t>(base[r * stride + j0 + j]);
+      return rscale ? v * rscale[r] : v;
+    };
+    acc_t m = val(0);
+    int64_t a = 0;
+    for (int64_t r = 1; r < R && !std::isnan(m); ++r) {
+      const acc_t v = val(r);
+      if (max_takes(v, m)) m = v, a = r;
     }
+    mx[j] = m;
+    arg[j] = a;
   }
 }
 
@@ -260,16 +327,29 @@ inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t 
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  Vec acc[2] = {Vec(acc_t(0)), Vec(acc_t(0))};  // 2 chains hide the FMA latency
-  int64_t i = 0;
-  for (int64_t u = 0; i + IO::kSize <= L; i += IO::kSize, u ^= 1) {
-    Vec va = IO::load(a + i), vx = IO::load(x + i);
+  constexpr int64_t V = IO::kSize;
+  auto A_at = [&](int64_t i) {
+    Vec va = IO::load(a + i);
     if constexpr (kT) va = va * Vec::loadu(T + i);
     if constexpr (kB) va = va + Vec::loadu(B + i);
+    return va;
+  };
+  auto X_at = [&](int64_t i) {
+    Vec vx = IO::load(x + i);
     if constexpr (kS) vx = vx * Vec::loadu(S + i);
-    acc[u] = at::vec::fmadd(va, vx, acc[u]);
+    return vx;
+  };
+  Vec acc0(acc_t(0)), acc1(acc_t(0));  // 2 chains in registers hide the FMA latency
+  int64_t i = 0;
+  for (; i + 2 * V <= L; i += 2 * V) {
+    acc0 = at::vec::fmadd(A_at(i), X_at(i), acc0);
+    acc1 = at::vec::fmadd(A_at(i + V), X_at(i + V), acc1);
   }
-  acc_t s = lanes_sum(acc[0] + acc[1]);
+  if (i + V <= L) {
+    acc0 = at::vec::fmadd(A_at(i), X_at(i), acc0);
+    i += V;
+  }
+  acc_t s = lanes_sum(acc0 + acc1);
   for (; i < L; ++i) {
     acc_t va = static_cast<acc_t>(a[i]), vx = static_cast<acc_t>(x[i]);
     if constexpr (kT) va = va * T[i];
@@ -280,26 +360,46 @@ inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t 
   return s;
 }
 
-// Column form: out[j] = sum_r A_rj * X_rj for columns [j0, j0 + L), with per-row T[r], B[r], S[r].
-template <typename scalar_t, bool kT, bool kB, bool kS>
+// Column form: out[j] = sum_r A_rj * X_rj for columns [j0, j0 + L), with per-row T[r], B[r], S[r]
+// (kX false: X = 1, a plain column sum of A); each column summed over the rows in order, kRowStep
+// rows per step with the sums in registers.
+template <typename scalar_t, bool kT, bool kB, bool kS, bool kX = true>
 inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t stride, int64_t j0, int64_t L,
                      const acc_type<scalar_t>* T, const acc_type<scalar_t>* B, const acc_type<scalar_t>* S,
                      acc_type<scalar_t>* out) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  for (int64_t j = 0; j < L; ++j) out[j] = acc_t(0);
-  for (int64_t r = 0; r < R; ++r) {
-    const scalar_t* pa = a + r * stride + j0;
-    const scalar_t* px = x + r * stride + j0;
-    const Vec vt(kT ? T[r] : acc_t(1)), vb(kB ? B[r] : acc_t(0)), vs(kS ? S[r] : acc_t(1));
-    for (int64_t j = 0; j < L; j += IO::kSize) {
-      const int64_t n = std::min<int64_t>(IO::kSize, L - j);
-      Vec va = IO::load(pa + j, n), vx = IO::load(px + j, n);
-      if constexpr (kT) va = va * vt;
-      if constexpr (kB) va = va + vb;
-      if constexpr (kS) vx = vx * vs;
-      at::vec::fmadd(va, vx, Vec::loadu(out + j, n)).store(out + j, n);
+  constexpr int64_t V = IO::kSize, U = 4;
+  for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
+    const int64_t r1 = std::min(R, r0 + kRowStep);
+    for (int64_t j = 0; j < L; j += U * V) {
+      int64_t n[U];
+      Vec acc[U];
+      for (int64_t u = 0; u < U; ++u) {
+        n[u] = std::clamp<int64_t>(L - j - u * V, 0, V);
+        acc[u] = r0 == 0 || n[u] == 0 ? Vec(acc_t(0)) : Vec::loadu(out + j + u * V, n[u]);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* pa = a + r * stride + j0 + j;
+        const scalar_t* px = kX ? x + r * stride + j0 + j : nullptr;
+        const Vec vt(kT ? T[r] : acc_t(1)), vb(kB ? B[r] : acc_t(0)), vs(kS ? S[r] : acc_t(1));
+        for (int64_t u = 0; u < U; ++u) {
+          if (n[u] == 0) continue;
+          Vec va = n[u] == V ? IO::load(pa + u * V) : IO::load(pa + u * V, n[u]);
+          if constexpr (kT) va = va * vt;
+          if constexpr (kB) va = va + vb;
+          if constexpr (kX) {
+            Vec vx = n[u] == V ? IO::load(px + u * V) : IO::load(px + u * V, n[u]);
+            if constexpr (kS) vx = vx * vs;
+            acc[u] = at::vec::fmadd(va, vx, acc[u]);
+          } else {
+            acc[u] = acc[u] + va;
+          }
+        }
+      }
+      for (int64_t u = 0; u < U; ++u)
+        if (n[u]) acc[u].store(out + j + u * V, n[u]);
     }
   }
 }
@@ -323,32 +423,52 @@ inline Dims dims_of(const at::Tensor& x) {
   return d;
 }
 
-// Over space per (n, c): pooled [N, 2, C] = (mean, max) and argmax [N, C] of x.
+// Runs f(n, j0, L) over the column blocks [j0, j0 + L) of every sample of a column pass over `len`
+// columns, in parallel.
+template <typename scalar_t, typename F>
+void parallel_col_blocks(const Dims& d, int64_t len, const F& f) {
+  const ColBlocks cb(len, VecIO<scalar_t>::kSize);
+  at::parallel_for(0, d.N * cb.count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) f(t / cb.count, cb.begin(t % cb.count), cb.length(t % cb.count, len));
+  });
+}
+
+// Over space per (n, c): pooled [N, 2, C] = (mean, max) and argmax [N, C] of x. Without `with_max`
+// (pool "avg": nothing reads them) the max half and argmax are zeros, as the ops' contract says.
 template <typename scalar_t>
-void pool_space(const scalar_t* x, const Dims& d, acc_type<scalar_t>* pooled, int64_t* argmax) {
+void pool_space(const scalar_t* x, const Dims& d, acc_type<scalar_t>* pooled, int64_t* argmax, bool with_max) {
   using acc_t = acc_type<scalar_t>;
   const acc_t inv = acc_t(1) / acc_t(d.HW);
+  if (!with_max) {
+    std::fill(argmax, argmax + d.N * d.C, int64_t(0));
+    for (int64_t n = 0; n < d.N; ++n) std::fill(pooled + (2 * n + 1) * d.C, pooled + (2 * n + 2) * d.C, acc_t(0));
+  }
   if (!d.cl) {
     at::parallel_for(0, d.N * d.C, grain_rows(d.HW), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t n = i / d.C, c = i % d.C;
         acc_t s, m;
-        row_pool<scalar_t, false>(x + i * d.HW, d.HW, acc_t(1), s, m, argmax[i]);
+        if (with_max) {
+          row_pool<scalar_t>(x + i * d.HW, d.HW, s, m, argmax[i]);
+          pooled[n * 2 * d.C + d.C + c] = m;
+        } else {
+          int64_t unused;
+          row_pool<scalar_t, false>(x + i * d.HW, d.HW, s, m, unused);
+        }
         pooled[n * 2 * d.C + c] = s * inv;
-        pooled[n * 2 * d.C + d.C + c] = m;
       }
     });
     return;
   }
-  const int64_t blocks = (d.C + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.C - j0);
-      acc_t* avg = pooled + n * 2 * d.C;
-      cols_pool<scalar_t>(x + n * d.sample(), d.HW, d.C, j0, L, nullptr, avg + j0, avg + d.C + j0,
-                          argmax + n * d.C + j0);
-      for (int64_t j = j0; j < j0 + L; ++j) avg[j] *= inv;
-    }
+  parallel_col_blocks<scalar_t>(d, d.C, [&](int64_t n, int64_t j0, int64_t L) {
+    acc_t* avg = pooled + n * 2 * d.C;
+    const scalar_t* xn = x + n * d.sample();
+    if (with_max)
+      cols_pool<scalar_t>(xn, d.HW, d.C, j0, L, nullptr, avg + j0, avg + d.C + j0, argmax + n * d.C + j0);
+    else
+      cols_dot<scalar_t, false, false, false, false>(xn, nullptr, d.HW, d.C, j0, L, nullptr, nullptr, nullptr,
+                                                     avg + j0);
+    for (int64_t j = j0; j < j0 + L; ++j) avg[j] *= inv;
   });
 }
 
@@ -360,20 +480,16 @@ void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s
   using acc_t = acc_type<scalar_t>;
   const acc_t inv = acc_t(1) / acc_t(d.C);
   if (d.cl) {
-    // rows are pixels: a row pass; with s the scale varies along the row, so scale by a temp copy
+    // rows are pixels: a row pass, s varying along the row
     at::parallel_for(0, d.N * d.HW, grain_rows(d.C), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tmp(s ? d.C : 0);
       for (int64_t i = b; i < e; ++i) {
         const int64_t n = i / d.HW, hw = i % d.HW;
         acc_t sum, m;
         int64_t a;
         if (s) {
-          const scalar_t* p = x + i * d.C;
-          const acc_t* sn = s + n * d.C;
-          for (int64_t c = 0; c < d.C; ++c) tmp[c] = static_cast<acc_t>(p[c]) * sn[c];
-          row_pool<acc_t, false>(tmp.data(), d.C, acc_t(1), sum, m, a);
+          row_pool<scalar_t, true, true>(x + i * d.C, d.C, sum, m, a, s + n * d.C);
         } else {
-          row_pool<scalar_t, false>(x + i * d.C, d.C, acc_t(1), sum, m, a);
+          row_pool<scalar_t>(x + i * d.C, d.C, sum, m, a);
         }
         smaps[n * 2 * d.HW + hw] = m;
         smaps[n * 2 * d.HW + d.HW + hw] = sum * inv;
@@ -382,16 +498,12 @@ void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s
     });
     return;
   }
-  const int64_t blocks = (d.HW + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.HW - j0);
-      acc_t* mx = smaps + n * 2 * d.HW;
-      acc_t* mean = mx + d.HW;
-      cols_pool<scalar_t>(x + n * d.sample(), d.C, d.HW, j0, L, s ? s + n * d.C : nullptr, mean + j0, mx + j0,
-                          sargmax + n * d.HW + j0);
-      for (int64_t j = j0; j < j0 + L; ++j) mean[j] *= inv;
-    }
+  parallel_col_blocks<scalar_t>(d, d.HW, [&](int64_t n, int64_t j0, int64_t L) {
+    acc_t* mx = smaps + n * 2 * d.HW;
+    acc_t* mean = mx + d.HW;
+    cols_pool<scalar_t>(x + n * d.sample(), d.C, d.HW, j0, L, s ? s + n * d.C : nullptr, mean + j0, mx + j0,
+                        sargmax + n * d.HW + j0);
+    for (int64_t j = j0; j < j0 + L; ++j) mean[j] *= inv;
   });
 }
 
@@ -409,14 +521,10 @@ void dot_space(const scalar_t* a, const scalar_t* x, const Dims& d, const acc_ty
     });
     return;
   }
-  const int64_t blocks = (d.C + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.C - j0);
-      cols_dot<scalar_t, kT, kB, false>(a + n * d.sample(), x + n * d.sample(), d.HW, d.C, j0, L,
-                                        kT ? T + n * d.HW : nullptr, kB ? B + n * d.HW : nullptr, nullptr,
-                                        out + n * d.C + j0);
-    }
+  parallel_col_blocks<scalar_t>(d, d.C, [&](int64_t n, int64_t j0, int64_t L) {
+    cols_dot<scalar_t, kT, kB, false>(a + n * d.sample(), x + n * d.sample(), d.HW, d.C, j0, L,
+                                      kT ? T + n * d.HW : nullptr, kB ? B + n * d.HW : nullptr, nullptr,
+                                      out + n * d.C + j0);
   });
 }
 
@@ -434,21 +542,74 @@ void dot_channels(const scalar_t* a, const scalar_t* x, const Dims& d, const acc
     });
     return;
   }
-  const int64_t blocks = (d.HW + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, d.N * blocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / blocks, j0 = (t % blocks) * kColBlock, L = std::min(kColBlock, d.HW - j0);
-      cols_dot<scalar_t, false, false, kS>(a + n * d.sample(), x + n * d.sample(), d.C, d.HW, j0, L, nullptr,
-                                           nullptr, kS ? S + n * d.C : nullptr, out + n * d.HW + j0);
-    }
+  parallel_col_blocks<scalar_t>(d, d.HW, [&](int64_t n, int64_t j0, int64_t L) {
+    cols_dot<scalar_t, false, false, kS>(a + n * d.sample(), x + n * d.sample(), d.C, d.HW, j0, L, nullptr,
+                                         nullptr, kS ? S + n * d.C : nullptr, out + n * d.HW + j0);
   });
 }
 
+// The elements whose gradient takes a max's one-hot term, listed per row of the elementwise pass
+// (rows as in Dims): argmax [N, C] marks (n, c, argmax[n, c]) and sargmax [N, HW] marks
+// (n, sargmax[n, hw], hw). The one that lies along the rows (argmax for NCHW, sargmax for
+// channels_last) marks one position per row and is read directly; the other is bucketed by row per
+// sample (a counting sort, positions in increasing order). Indices are range-checked here.
+class HotIndex {
+ public:
+  HotIndex(const Dims& d, const int64_t* argmax, const int64_t* sargmax)
+      : rows_(d.rows()), along_(d.cl ? sargmax : argmax) {
+    check(argmax, d.N, d.C, d.HW, "argmax", "H*W");
+    check(sargmax, d.N, d.HW, d.C, "sargmax", "C");
+    const int64_t* across = d.cl ? argmax : sargmax;  // [N, cols]: the row it marks
+    if (!across) return;
+    const int64_t cols = d.row_len();
+    start_.assign(d.N * (rows_ + 1), 0);
+    pos_.resize(d.N * cols);
+    for (int64_t n = 0; n < d.N; ++n) {
+      int64_t* st = start_.data() + n * (rows_ + 1);
+      const int64_t* an = across + n * cols;
+      for (int64_t j = 0; j < cols; ++j) ++st[an[j] + 1];
+      for (int64_t r = 0; r < rows_; ++r) st[r + 1] += st[r];
+      std::vector<int64_t> fill(st, st + rows_);
+      for (int64_t j = 0; j < cols; ++j) pos_[n * cols + fill[an[j]]++] = j;
+      for (int64_t r = 0; r <= rows_; ++r) st[r] += n * cols;
+    }
+  }
+
+  // Calls f(j) for each marked position j along row r of sample n (a position may come twice).
+  template <typename F>
+  void for_row(int64_t n, int64_t r, const F& f) const {
+    if (along_) f(along_[n * rows_ + r]);
+    if (!start_.empty()) {
+      const int64_t* st = start_.data() + n * (rows_ + 1) + r;
+      for (int64_t k = st[0]; k < st[1]; ++k) f(pos_[k]);
+    }
+  }
+
+ private:
+  static void check(const int64_t* idx, int64_t N, int64_t len, int64_t bound, const char* name,
+                    const char* what) {
+    if (!idx) return;
+    for (int64_t i = 0; i < N * len; ++i)
+      TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < bound, name, "[", i / len, ", ", i % len, "] = ", idx[i],
+                        " is outside [0, ", what, " = ", bound, ")");
+  }
+  int64_t rows_;
+  const int64_t* along_;
+  std::vector<int64_t> start_, pos_;
+};
+
+struct NoHot {  // the `value` of an apply without marked elements (never called)
+  double operator()(int64_t, int64_t, int64_t) const { return 0.0; }
+};
+
 // The elementwise pass: out = (in * T[n, hw] + B[n, hw]) * S[n, c] + A[n, c], each factor optional
-// (kIn false: in = 0). One read of `in`, one write of `out`.
-template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA>
+// (kIn false: in = 0). One read of `in`, one write of `out`. With `hot`, the marked elements of each
+// row are then rewritten, while the row is in L1, by `value(n, c, hw)`, which recomputes the whole
+// gradient there (so the rounding matches the plain pass plus the one-hot term).
+template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA, typename F = NoHot>
 void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scalar_t>* T,
-           const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A) {
+           const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
+           const HotIndex* hot = nullptr, const F& value = F()) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
@@ -495,30 +656,10 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
         }
       }
       for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
-    }
-  });
-}
-
-// Rewrite the elements that take the gradient of a max: (n, c, argmax[n, c]) for each channel if
-// `argmax` is given, and (n, sargmax[n, hw], hw) for each pixel if `sargmax` is given. `value(n, c, hw)`
-// recomputes the whole gradient there (so the rounding matches the plain pass plus the one-hot term).
-template <typename scalar_t, typename F>
-void fix_hot(scalar_t* out, const Dims& d, const int64_t* argmax, const int64_t* sargmax, const F& value) {
-  at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      if (argmax)
-        for (int64_t c = 0; c < d.C; ++c) {
-          const int64_t hw = argmax[n * d.C + c];
-          TORCH_CHECK_INDEX(hw >= 0 && hw < d.HW, "argmax[", n, ", ", c, "] = ", hw, " is outside [0, H*W = ",
-                            d.HW, ")");
-          out[d.at(n, c, hw)] = static_cast<scalar_t>(value(n, c, hw));
-        }
-      if (sargmax)
-        for (int64_t hw = 0; hw < d.HW; ++hw) {
-          const int64_t c = sargmax[n * d.HW + hw];
-          TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C, ")");
-          out[d.at(n, c, hw)] = static_cast<scalar_t>(value(n, c, hw));
-        }
+      if (hot)
+        hot->for_row(n, r, [&](int64_t p) {
+          po[p] = static_cast<scalar_t>(cl ? value(n, p, r) : value(n, r, p));
+        });
     }
   });
 }

@@ -70,8 +70,9 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
                                   dmean.data(), dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
     for (int64_t i = 0; i < NHW; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), dmean.data(), nullptr, nullptr);
-    fix_hot(pdx, d, nullptr, sargmax_c.const_data_ptr<int64_t>(), [&](int64_t n, int64_t c, int64_t hw) {
+    const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
+    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), dmean.data(), nullptr, nullptr, &hot,
+                                                    [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t i = n * d.HW + hw;
       return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + dmean[i] + dmax[i];
     });

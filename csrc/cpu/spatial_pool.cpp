@@ -40,8 +40,9 @@ Tensor spatial_pool_backward_kernel(const Tensor& grad_smaps, const Tensor& x, c
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t hw = 0; hw < d.HW; ++hw) B[n * d.HW + hw] = pg[(n * 2 + 1) * d.HW + hw] / acc_t(d.C);
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    apply<scalar_t, false, false, true, false, false>(pdx, nullptr, d, nullptr, B.data(), nullptr, nullptr);
-    fix_hot(pdx, d, nullptr, sargmax_c.const_data_ptr<int64_t>(), [&](int64_t n, int64_t c, int64_t hw) {
+    const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
+    apply<scalar_t, false, false, true, false, false>(pdx, nullptr, d, nullptr, B.data(), nullptr, nullptr, &hot,
+                                                      [&](int64_t n, int64_t c, int64_t hw) {
       return B[n * d.HW + hw] + pg[n * 2 * d.HW + hw];
     });
   });

@@ -176,6 +176,13 @@ inline at::Tensor new_pooled(const at::Tensor& x) {
   return at::empty({x.size(0), 2, x.size(1)}, x.options().dtype(acc_dtype(x)));
 }
 inline at::Tensor new_argmax(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kLong)); }
+// The ops' contract: for pool "avg" nothing reads the max half of pooled or argmax, and both are
+// zeros (the kernels still compute them; on the GPU the max rides along with the sum for free).
+inline void zero_unused_max(const ChannelWeights& cw, at::Tensor& pooled, at::Tensor& argmax) {
+  if (cw.o.pool != Pool::AVG) return;
+  pooled.select(1, 1).zero_();
+  argmax.zero_();
+}
 inline at::Tensor new_smaps(const at::Tensor& x) {
   return at::empty({x.size(0), 2, x.size(2), x.size(3)}, x.options().dtype(acc_dtype(x)));
 }

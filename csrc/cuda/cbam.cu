@@ -49,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda
     ap.s = ch.s, ap.t = sp.t;
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
+  zero_unused_max(cw, pooled, argmax);
   return {y, pooled, argmax, smaps, sargmax};
 }
 

@@ -36,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
     ap.s = g.s;
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
+  zero_unused_max(cw, pooled, argmax);
   return {y, pooled, argmax};
 }
 

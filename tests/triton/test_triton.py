@@ -197,6 +197,12 @@ def test_deterministic(case, lay, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_saved_pooling(lay, device):
+    cases.check_pooled_contract(B, lay, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[9], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
 def test_empty_batch(case, device):
     cases.check_empty_batch(case, B, device)

@@ -16,7 +16,7 @@ from .spatial import spatial_gate, spatial_small_backward
 def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate):
     with device_guard(x):
         N, C, H, W = x.shape
-        pooled, argmax = channel_pool(x)
+        pooled, argmax = channel_pool(x, pool)
         smaps = torch.empty((N, 2, H, W), dtype=torch.float32, device=x.device)
         sargmax = torch.empty((N, H, W), dtype=torch.int64, device=x.device)
         y = torch.empty_like(x)

@@ -421,19 +421,23 @@ def weight_grads(weights, grads):
     return [ref.new_empty(0) if w is None else g.to(w.dtype) for w, g in zip(weights, grads)]
 
 
-def channel_pool(x):
-    """(pooled [N, 2, C] float32 = (avg, max), argmax [N, C] int64 flat h*W+w)."""
+def channel_pool(x, pool):
+    """(pooled [N, 2, C] float32 = (avg, max), argmax [N, C] int64 flat h*W+w); for pool "avg" the
+    max half and argmax are zeros (the ops' contract: nothing reads them)."""
     N, C = x.shape[:2]
     pooled = torch.empty((N, 2, C), dtype=torch.float32, device=x.device)
     argmax = torch.empty((N, C), dtype=torch.int64, device=x.device)
     if N:
         reduce(x, True, pooled_out=(pooled[:, 0], pooled[:, 1], argmax))
+    if pool == "avg":
+        pooled[:, 1].zero_()
+        argmax.zero_()
     return pooled, argmax
 
 
 def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     with device_guard(x):
-        pooled, argmax = channel_pool(x)
+        pooled, argmax = channel_pool(x, pool)
         y = torch.empty_like(x)
         if x.shape[0]:
             s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
