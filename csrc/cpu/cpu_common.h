@@ -905,7 +905,11 @@ void spatial_small_backward(const acc_t* smaps, const acc_t* dz, const acc_t* we
       dweight[i] = acc;
     }
   });
-  if (dbias) *dbias = small::sum_at(dz, N * HW);
+  if (dbias) {  // one sum of N*H*W terms that often nearly cancel: accumulated in double
+    double acc = 0.0;
+    for (int64_t i = 0; i < N * HW; ++i) acc += static_cast<double>(dz[i]);
+    *dbias = static_cast<acc_t>(acc);
+  }
 }
 
 }  // namespace cpu
