@@ -87,6 +87,8 @@ inline void check_input(const at::Tensor& x, const char* name = "x") {
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), name,
                     " must be NCHW- or channels_last-contiguous, got strides ", x.strides());
+  TORCH_CHECK_VALUE(x.size(0) == 0 || (x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0), name,
+                    " must have non-empty C, H and W, got shape ", x.sizes());
 }
 
 // true when x is stored channels_last (NHWC in memory) and not also plain contiguous.

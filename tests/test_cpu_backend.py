@@ -181,6 +181,7 @@ def _channel_args(x=None, **over):
     (dict(x=torch.randn(8, 5, 5)), ValueError, "x must be 4-D"),
     (dict(x=torch.randint(0, 3, (2, 8, 5, 5))), TypeError, "x must have a floating dtype"),
     (dict(x=torch.randn(2, 8, 5, 6).transpose(2, 3)), ValueError, "x must be NCHW- or channels_last-contiguous"),
+    (dict(x=torch.randn(2, 8, 0, 5)), ValueError, "x must have non-empty C, H and W"),
     (dict(w1=torch.randn(2, 7)), ValueError, "w1 must have shape"),
     (dict(w2=torch.randn(8, 3)), ValueError, "w2 must have shape"),
     (dict(w2=None), ValueError, "w2 must be given"),
