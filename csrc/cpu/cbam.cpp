@@ -110,7 +110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     // dx = dx1 * s + A + one-hot(argmax) dmax_c
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
-    const HotIndex hot(d, am, sam);
+    const HotIndex hot(d, o.pool == Pool::AVG ? nullptr : am, sam);  // "avg": no max, nothing marked
     apply<scalar_t, true, true, true, true, true>(pdx, pdy, d, t.data(), B.data(), f.S.data(), A.data(), &hot,
                                                   [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t i = n * d.HW + hw, nc = n * d.C + c;

@@ -62,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    const HotIndex hot(d, argmax_c.const_data_ptr<int64_t>(), nullptr);
+    const HotIndex hot(d, o.pool == Pool::AVG ? nullptr : argmax_c.const_data_ptr<int64_t>(), nullptr);
     apply<scalar_t, true, false, false, true, true>(pdx, pdy, d, nullptr, nullptr, f.S.data(), A.data(), &hot,
                                                     [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t nc = n * d.C + c;
