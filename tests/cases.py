@@ -146,7 +146,9 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
         if name == "x" and lay != "strided":
             assert gr.stride() == leaf.stride(), "grad of x must keep x's layout"
         err = rel_err(gr.cpu(), gref)
-        assert err <= GRAD_TOLERANCE[leaf.dtype], f"{case} grad of {name} rel err {err:.3g}"
+        # the computation's precision bounds every gradient: with half inputs, the float32 weights'
+        # gradients are sums of half-precision terms (a bias gradient often nearly cancels)
+        assert err <= GRAD_TOLERANCE[dtype], f"{case} grad of {name} rel err {err:.3g}"
 
 
 def check_deterministic(case, backend, shape, lay, device="cpu"):

@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
                                  k, zs.data(), t.data());
     // spatial backward on x1 = x * s: dzs = sum_c dy * x1, through the gate and the conv
     dot_channels<scalar_t, true>(pdy, px, d, f.S.data(), dzs.data());
-    for (int64_t i = 0; i < NHW; ++i) dzs[i] *= gate_grad(zs[i], sg);
+    gate_backward(zs.data(), sg, NHW, dzs.data());
     spatial_small_backward<acc_t>(sm, dzs.data(), swa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k,
                                   dmax_s.data(), B.data(), dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
     for (int64_t i = 0; i < NHW; ++i) B[i] /= acc_t(d.C);
@@ -103,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
           dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
         }
     });
-    for (int64_t i = 0; i < NC; ++i) dz[i] *= gate_grad(f.Z[i], o.gate);
+    gate_backward(f.Z.data(), o.gate, NC, dz.data());
     channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);

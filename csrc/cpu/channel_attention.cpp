@@ -57,7 +57,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
     dot_space<scalar_t, false, false>(pdy, px, d, nullptr, nullptr, dz.data());
-    for (int64_t i = 0; i < d.N * d.C; ++i) dz[i] *= gate_grad(f.Z[i], o.gate);
+    gate_backward(f.Z.data(), o.gate, d.N * d.C, dz.data());
     channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);

@@ -79,13 +79,10 @@ struct VecIO {
   }
 };
 
+// The lanes of v summed in a fixed tree (shuffles on AVX2/AVX-512).
 template <typename acc_t>
 inline acc_t lanes_sum(const at::vec::Vectorized<acc_t>& v) {
-  alignas(64) acc_t a[at::vec::Vectorized<acc_t>::size()];
-  v.store(a);
-  acc_t s = acc_t(0);
-  for (int64_t i = 0; i < at::vec::Vectorized<acc_t>::size(); ++i) s += a[i];
-  return s;
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
 }
 
 // Max with NaN propagation (the first NaN wins), as torch.max.
@@ -96,7 +93,7 @@ inline bool max_takes(T v, T m) {
 
 // ---------------------------------------------------------------------------- small vector helpers
 
-// Fixed-order vectorized dot product and axpy on acc_t arrays (the small MLP).
+// Fixed-order vectorized dot product and axpy on acc_t arrays (the spatial conv).
 template <typename acc_t>
 inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -122,6 +119,156 @@ inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
   for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// ---------------------------------------------------------------------------- gates, vectorized
+
+// f(i, n) for the vectors [i, i + n) (n <= V) covering [0, count), in parallel.
+template <typename acc_t, typename F>
+void parallel_vectors(int64_t count, const F& f) {
+  constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
+  at::parallel_for(0, (count + V - 1) / V, kGrainElems / V, [&](int64_t b, int64_t e) {
+    for (int64_t i = b * V; i < std::min(count, e * V); i += V) f(i, std::min(V, count - i));
+  });
+}
+
+// sigmoid through at::vec's exp (SLEEF's, 1 ulp); lanes are independent, so an element's value
+// does not depend on where it falls in a vector
+template <typename Vec>
+inline Vec vec_sigmoid(const Vec& v) {
+  return Vec(1) / (Vec(1) + v.neg().exp());
+}
+
+// s[i] = gate(z[i]).
+template <typename acc_t>
+void gate_forward(const acc_t* z, Gate g, int64_t count, acc_t* s) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  parallel_vectors<acc_t>(count, [&](int64_t i, int64_t n) {
+    const Vec v = Vec::loadu(z + i, n), one(1), zero(0);
+    Vec r = g == Gate::SIGMOID ? vec_sigmoid(v) : (v + Vec(3)) / Vec(6);
+    if (g == Gate::HARDSIGMOID) {  // clamped to [0, 1], NaN kept
+      r = Vec::blendv(r, zero, r < zero);
+      r = Vec::blendv(r, one, r > one);
+    }
+    r.store(s + i, n);
+  });
+}
+
+// d[i] *= gate'(z[i]), with torch's conventions at the kinks (hardsigmoid: 1/6 on (-3, 3)).
+template <typename acc_t>
+void gate_backward(const acc_t* z, Gate g, int64_t count, acc_t* d) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  parallel_vectors<acc_t>(count, [&](int64_t i, int64_t n) {
+    const Vec v = Vec::loadu(z + i, n);
+    Vec grad;
+    if (g == Gate::SIGMOID) {
+      const Vec sg = vec_sigmoid(v);
+      grad = sg * (Vec(1) - sg);
+    } else {
+      grad = Vec::blendv(Vec(0), Vec(acc_t(1) / acc_t(6)), (v > Vec(-3)) & (v < Vec(3)));
+    }
+    (Vec::loadu(d + i, n) * grad).store(d + i, n);
+  });
+}
+
+// ---------------------------------------------------------------------------- small GEMMs (the MLP)
+// Every output element is one chain of FMAs over k in order (the dot form then sums the chain's
+// lanes in a fixed tree), whichever tile or thread computes it: results never depend on the split.
+// Tiles of TI rows share each load of the other operand (the weights are read I / TI times, not
+// I times); rows past the end of a tile repeat the last row and are not stored.
+
+// Work (multiply-adds) per parallel chunk of the small GEMMs.
+constexpr int64_t kGemmGrain = 1 << 16;
+
+inline int64_t gemm_grain(int64_t tile_work) {
+  return std::max<int64_t>(1, kGemmGrain / std::max<int64_t>(1, tile_work));
+}
+
+// out[v] = lanes_sum(a[v]) for the 8 vectors a[0..8): on AVX2 float as one transposing tree of
+// horizontal adds (each sum's tree involves its own lanes only), elsewhere one by one.
+template <typename acc_t>
+inline void lanes_sums8(const at::vec::Vectorized<acc_t>* a, acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    return;
+  }
+#endif
+  for (int v = 0; v < 8; ++v) out[v] = lanes_sum(a[v]);
+}
+
+// out[i * M + m] = (bias ? bias[m] : 0) + sum_k A[i * K + k] * B[m * K + k]: the dot form, both
+// operands contiguous along k (the MLP forward: x W^T). Tiles of 4 x 2: the 8 chains of a tile are
+// summed across their lanes together.
+template <typename acc_t>
+void gemm_nt(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, int64_t M, int64_t K, acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int TI = 4, TM = 2;
+  static_assert(TI * TM == 8, "a tile's chains are summed 8 at a time");
+  const int64_t ti = (I + TI - 1) / TI, tiles = (M + TM - 1) / TM * ti;
+  at::parallel_for(0, tiles, gemm_grain(TI * TM * K), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {  // row tiles innermost: B's rows are reused from L1
+      const int64_t i0 = t % ti * TI, m0 = t / ti * TM;
+      const acc_t* a[TI];
+      const acc_t* w[TM];
+      for (int u = 0; u < TI; ++u) a[u] = A + std::min(i0 + u, I - 1) * K;
+      for (int v = 0; v < TM; ++v) w[v] = B + std::min(m0 + v, M - 1) * K;
+      Vec acc[TI * TM];
+      for (int q = 0; q < TI * TM; ++q) acc[q] = Vec(acc_t(0));
+      for (int64_t k = 0; k < K; k += V) {
+        const int64_t n = std::min(V, K - k);  // a short last vector: zero-filled lanes add 0 * 0
+        auto load = [&](const acc_t* p) { return n == V ? Vec::loadu(p + k) : Vec::loadu(p + k, n); };
+        Vec bv[TM];
+        for (int v = 0; v < TM; ++v) bv[v] = load(w[v]);
+        for (int u = 0; u < TI; ++u) {
+          const Vec av = load(a[u]);
+          for (int v = 0; v < TM; ++v) acc[u * TM + v] = at::vec::fmadd(av, bv[v], acc[u * TM + v]);
+        }
+      }
+      acc_t sums[TI * TM];
+      lanes_sums8(acc, sums);
+      for (int u = 0; u < TI && i0 + u < I; ++u)
+        for (int v = 0; v < TM && m0 + v < M; ++v)
+          out[(i0 + u) * M + m0 + v] = (bias ? bias[m0 + v] : acc_t(0)) + sums[u * TM + v];
+    }
+  });
+}
+
+// out[i * M + m] = sum_k A[i * sai + k * sak] * B[k * M + m]: the axpy form, B's rows contiguous
+// along m (the MLP backward: dy W, and the weight gradients dy^T x with A read transposed).
+template <typename acc_t, int TI = 4, int TV = 3>
+void gemm_nn(const acc_t* A, int64_t sai, int64_t sak, const acc_t* B, int64_t I, int64_t M, int64_t K, acc_t* out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size(), TW = TV * V;
+  const int64_t ti = (I + TI - 1) / TI, tiles = (M + TW - 1) / TW * ti;
+  at::parallel_for(0, tiles, gemm_grain(TI * TW * K), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {  // row tiles innermost: B's column block is reused from cache
+      const int64_t i0 = t % ti * TI, m0 = t / ti * TW;
+      const acc_t* a[TI];
+      int64_t n[TV];
+      for (int u = 0; u < TI; ++u) a[u] = A + std::min(i0 + u, I - 1) * sai;
+      for (int v = 0; v < TV; ++v) n[v] = std::clamp<int64_t>(M - m0 - v * V, 0, V);
+      Vec acc[TI][TV];
+      for (int u = 0; u < TI; ++u)
+        for (int v = 0; v < TV; ++v) acc[u][v] = Vec(acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t* bk = B + k * M + m0;
+        Vec bv[TV];
+        for (int v = 0; v < TV; ++v)
+          bv[v] = n[v] == V ? Vec::loadu(bk + v * V) : (n[v] ? Vec::loadu(bk + v * V, n[v]) : Vec(acc_t(0)));
+        for (int u = 0; u < TI; ++u) {
+          const Vec av(a[u][k * sak]);
+          for (int v = 0; v < TV; ++v) acc[u][v] = at::vec::fmadd(av, bv[v], acc[u][v]);
+        }
+      }
+      for (int u = 0; u < TI && i0 + u < I; ++u)
+        for (int v = 0; v < TV; ++v)
+          if (n[v]) acc[u][v].store(out + (i0 + u) * M + m0 + v * V, n[v]);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------- pooling passes
@@ -711,42 +858,48 @@ struct ChannelSmall {
   std::vector<acc_t> S;   // [N, C] gate
 };
 
+// The inputs of f: V [N*P, C], row n * P + p = input p of sample n (pool_input of avg and max).
+template <typename acc_t>
+void pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_t* V) {
+  const int64_t P = small::pool_inputs(pool);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; ++c)
+        V[(n * P + p) * C + c] = small::pool_input(pooled[n * 2 * C + c], pooled[n * 2 * C + C + c], pool, int(p));
+}
+
 template <typename acc_t>
 ChannelSmall<acc_t> channel_small_forward(const acc_t* pooled, const ChannelWeights& w, const ChannelOptions& o,
                                           int64_t N) {
-  const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr;
-  ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(N * P * C), std::vector<acc_t>(N * P * Cr),
+  const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr, rows = N * P;
+  ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(rows * C), std::vector<acc_t>(rows * Cr),
                         std::vector<acc_t>(N * C), std::vector<acc_t>(N * C)};
+  pool_inputs(pooled, o.pool, N, C, r.V.data());
   const acc_t* w1 = w.w1.data_ptr<acc_t>();
-  const acc_t* b1 = w.b1.defined() ? w.b1.data_ptr<acc_t>() : nullptr;
-  const acc_t* w2 = w.w2.defined() ? w.w2.data_ptr<acc_t>() : nullptr;
-  const acc_t* b2 = w.b2.defined() ? w.b2.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> h(Cr);
-    for (int64_t n = b; n < e; ++n) {
-      const acc_t* avg = pooled + n * 2 * C;
-      const acc_t* mx = avg + C;
-      acc_t* z = r.Z.data() + n * C;
-      for (int64_t p = 0; p < P; ++p) {
-        acc_t* v = r.V.data() + (n * P + p) * C;
-        for (int64_t c = 0; c < C; ++c) v[c] = small::pool_input(avg[c], mx[c], o.pool, int(p));
-        if (o.kind == Kind::MLP) {
-          acc_t* hp = r.HP.data() + (n * P + p) * Cr;
-          for (int64_t j = 0; j < Cr; ++j) {
-            hp[j] = (b1 ? b1[j] : acc_t(0)) + dot(w1 + j * C, v, C);
-            h[j] = act_fwd(hp[j], o.act);
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t out = (b2 ? b2[c] : acc_t(0)) + dot(w2 + c * Cr, h.data(), Cr);
-            z[c] = p ? z[c] + out : out;
-          }
-        } else {
-          small::conv1d_forward(v, w1, w.k, C, o.padding, z, p > 0);
+  if (o.kind == Kind::MLP) {
+    // the whole batch at once: HP = V W1^T + b1, O = act(HP) W2^T + b2, z = sum over p of O
+    std::vector<acc_t> H(rows * Cr), O(P > 1 ? rows * C : 0);
+    gemm_nt<acc_t>(r.V.data(), w1, ptr_or_null<acc_t>(w.b1), rows, Cr, C, r.HP.data());
+    for (int64_t i = 0; i < rows * Cr; ++i) H[i] = act_fwd(r.HP[i], o.act);
+    acc_t* out = P > 1 ? O.data() : r.Z.data();
+    gemm_nt<acc_t>(H.data(), w.w2.data_ptr<acc_t>(), ptr_or_null<acc_t>(w.b2), rows, C, Cr, out);
+    if (P > 1)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t z = O[n * P * C + c];
+          for (int64_t p = 1; p < P; ++p) z = z + O[(n * P + p) * C + c];
+          r.Z[n * C + c] = z;
         }
-      }
-      small::gate_forward(z, o.gate, C, r.S.data() + n * C);
+    gate_forward(r.Z.data(), o.gate, N * C, r.S.data());
+    return r;
+  }
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      acc_t* z = r.Z.data() + n * C;
+      for (int64_t p = 0; p < P; ++p) small::conv1d_forward(r.V.data() + (n * P + p) * C, w1, w.k, C, o.padding, z, p > 0);
     }
   });
+  gate_forward(r.Z.data(), o.gate, N * C, r.S.data());
   return r;
 }
 
@@ -758,62 +911,46 @@ void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const
                             at::Tensor& dw2, at::Tensor& db2) {
   const int64_t N = f.N, C = f.C, P = f.P, Cr = f.Cr, rows = N * P;
   const acc_t* w1 = w.w1.data_ptr<acc_t>();
-  std::vector<acc_t> DHP(o.kind == Kind::MLP ? rows * Cr : 0);
-  // per sample: input gradients (and the hidden gradients of the MLP)
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> dv(C);
-    for (int64_t n = b; n < e; ++n) {
-      acc_t* davg = dpooled + n * 2 * C;
-      acc_t* dmax = davg + C;
-      for (int64_t c = 0; c < C; ++c) davg[c] = dmax[c] = acc_t(0);
-      const acc_t* d = dz + n * C;
-      for (int64_t p = 0; p < P; ++p) {
-        if (o.kind == Kind::MLP) {
-          const acc_t* w2 = w.w2.data_ptr<acc_t>();
-          const acc_t* hp = f.HP.data() + (n * P + p) * Cr;
-          acc_t* dhp = DHP.data() + (n * P + p) * Cr;
-          // dh = W2^T d, as a fixed-order sum of rows of W2
-          for (int64_t j = 0; j < Cr; ++j) dhp[j] = acc_t(0);
-          for (int64_t c = 0; c < C; ++c) axpy(d[c], w2 + c * Cr, dhp, Cr);
-          for (int64_t j = 0; j < Cr; ++j) dhp[j] *= act_grad(hp[j], o.act);
-          std::fill(dv.begin(), dv.end(), acc_t(0));
-          for (int64_t j = 0; j < Cr; ++j) axpy(dhp[j], w1 + j * C, dv.data(), C);
-        } else {
-          small::conv1d_backward(d, w1, w.k, C, o.padding, dv.data(), false);
-        }
-        for (int64_t c = 0; c < C; ++c) small::pool_input_backward(dv[c], o.pool, int(p), davg[c], dmax[c]);
-      }
-    }
-  });
-  // weight gradients: one thread per weight row, samples summed in order
   auto opts = w.w1.options();
+  std::vector<acc_t> DV(rows * C);  // gradient of the inputs of f
   if (o.kind == Kind::MLP) {
-    dw1 = at::zeros({Cr, C}, opts);
-    dw2 = at::zeros({C, Cr}, opts);
-    db1 = w.b1.defined() ? at::empty({Cr}, opts) : at::Tensor();
-    db2 = w.b2.defined() ? at::empty({C}, opts) : at::Tensor();
-    acc_t* gw1 = dw1.data_ptr<acc_t>();
-    acc_t* gw2 = dw2.data_ptr<acc_t>();
-    std::vector<acc_t> Hh(rows * Cr);
-    for (int64_t i = 0; i < rows * Cr; ++i) Hh[i] = act_fwd(f.HP[i], o.act);
-    at::parallel_for(0, Cr, 1, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        for (int64_t r = 0; r < rows; ++r) axpy(DHP[r * Cr + j], f.V.data() + r * C, gw1 + j * C, C);
-        if (db1.defined()) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
-      }
-    });
-    at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        for (int64_t r = 0; r < rows; ++r) axpy(dz[(r / P) * C + c], Hh.data() + r * Cr, gw2 + c * Cr, Cr);
-        if (db2.defined()) db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
-      }
-    });
+    // DZ [rows, C]: the logits' gradient of each input row (its sample's); DHP = act'(HP) * DZ W2;
+    // DV = DHP W1; dW1 = DHP^T V, dW2 = DZ^T act(HP); each element summed in order (gemm_nn)
+    std::vector<acc_t> DZ(rows * C), DHP(rows * Cr), H(rows * Cr);
+    for (int64_t r = 0; r < rows; ++r) std::copy(dz + r / P * C, dz + (r / P + 1) * C, DZ.data() + r * C);
+    for (int64_t i = 0; i < rows * Cr; ++i) H[i] = act_fwd(f.HP[i], o.act);
+    gemm_nn<acc_t>(DZ.data(), C, 1, w.w2.data_ptr<acc_t>(), rows, Cr, C, DHP.data());
+    for (int64_t i = 0; i < rows * Cr; ++i) DHP[i] *= act_grad(f.HP[i], o.act);
+    gemm_nn<acc_t>(DHP.data(), Cr, 1, w1, rows, C, Cr, DV.data());
+    dw1 = at::empty({Cr, C}, opts);
+    dw2 = at::empty({C, Cr}, opts);
+    gemm_nn<acc_t>(DHP.data(), 1, Cr, f.V.data(), Cr, C, rows, dw1.data_ptr<acc_t>());
+    gemm_nn<acc_t>(DZ.data(), 1, C, H.data(), C, Cr, rows, dw2.data_ptr<acc_t>());
+    if (w.b1.defined()) {
+      db1 = at::empty({Cr}, opts);
+      for (int64_t j = 0; j < Cr; ++j) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
+    }
+    if (w.b2.defined()) {
+      db2 = at::empty({C}, opts);
+      for (int64_t c = 0; c < C; ++c) db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
+    }
   } else {
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) small::conv1d_backward(dz + r / P * C, w1, w.k, C, o.padding, DV.data() + r * C, false);
+    });
     dw1 = at::empty({1, 1, w.k}, opts);
     acc_t* gw = dw1.data_ptr<acc_t>();
     at::parallel_for(0, w.k, 1, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(f.V.data(), dz, rows, P, w.k, C, o.padding, j);
     });
+  }
+  // dpooled: the inputs' gradients back through pool_input, p in order
+  for (int64_t n = 0; n < N; ++n) {
+    acc_t* davg = dpooled + n * 2 * C;
+    acc_t* dmax = davg + C;
+    std::fill(davg, davg + 2 * C, acc_t(0));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t c = 0; c < C; ++c) small::pool_input_backward(DV[(n * P + p) * C + c], o.pool, int(p), davg[c], dmax[c]);
   }
 }
 
@@ -861,9 +998,9 @@ void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t*
       acc_t* zn = z + n * HW;
       std::fill(zn, zn + HW, bias ? bias[0] : acc_t(0));
       for (int64_t m = 0; m < g.M; ++m) corr2d_acc(pad.data() + m * g.plane(), weight + m * k * k, g, zn);
-      small::gate_forward(zn, gate, HW, t + n * HW);
     }
   });
+  gate_forward(z, gate, N * HW, t);
 }
 
 // Back through the spatial conv: from dz [N, HW] to dmax, dmean [N, HW] and the weight gradients

@@ -65,7 +65,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     spatial_small_forward<acc_t>(sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, d.N, d.H, d.W, k,
                                  z.data(), t.data());
     dot_channels<scalar_t, false>(pdy, px, d, nullptr, dz.data());
-    for (int64_t i = 0; i < NHW; ++i) dz[i] *= gate_grad(z[i], g);
+    gate_backward(z.data(), g, NHW, dz.data());
     spatial_small_backward<acc_t>(sm, dz.data(), wa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k, dmax.data(),
                                   dmean.data(), dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
     for (int64_t i = 0; i < NHW; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
