@@ -306,12 +306,6 @@ AF_HOST_DEVICE T sum_at(const T* dz, int64_t count) {
 
 // ---------------------------------------------------------------------------- gate
 
-// s[i] = gate(z[i]) over a vector.
-template <typename T>
-AF_HOST_DEVICE void gate_forward(const T* z, Gate g, int64_t count, T* s) {
-  for (int64_t i = 0; i < count; ++i) s[i] = gate_fwd(z[i], g);
-}
-
 // dz[i] = dgate[i] * gate'(z[i])   (dgate: gradient of the gate's output)
 template <typename T>
 AF_HOST_DEVICE T gate_backward_at(T dgate, T z, Gate g) {
