@@ -854,13 +854,14 @@ struct ChannelSmall {
   int64_t N, C, P, Cr;
   std::vector<acc_t> V;   // [N*P, C] the inputs of f
   std::vector<acc_t> HP;  // [N*P, Cr] MLP pre-activations
+  std::vector<acc_t> H;   // [N*P, Cr] MLP hidden activations, act(HP)
   std::vector<acc_t> Z;   // [N, C] logits
   std::vector<acc_t> S;   // [N, C] gate
 };
 
 // The inputs of f: V [N*P, C], row n * P + p = input p of sample n (pool_input of avg and max).
 template <typename acc_t>
-void pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_t* V) {
+void fill_pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_t* V) {
   const int64_t P = small::pool_inputs(pool);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t p = 0; p < P; ++p)
@@ -873,16 +874,17 @@ ChannelSmall<acc_t> channel_small_forward(const acc_t* pooled, const ChannelWeig
                                           int64_t N) {
   const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr, rows = N * P;
   ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(rows * C), std::vector<acc_t>(rows * Cr),
+                        std::vector<acc_t>(rows * Cr),
                         std::vector<acc_t>(N * C), std::vector<acc_t>(N * C)};
-  pool_inputs(pooled, o.pool, N, C, r.V.data());
+  fill_pool_inputs(pooled, o.pool, N, C, r.V.data());
   const acc_t* w1 = w.w1.data_ptr<acc_t>();
   if (o.kind == Kind::MLP) {
     // the whole batch at once: HP = V W1^T + b1, O = act(HP) W2^T + b2, z = sum over p of O
-    std::vector<acc_t> H(rows * Cr), O(P > 1 ? rows * C : 0);
+    std::vector<acc_t> O(P > 1 ? rows * C : 0);
     gemm_nt<acc_t>(r.V.data(), w1, ptr_or_null<acc_t>(w.b1), rows, Cr, C, r.HP.data());
-    for (int64_t i = 0; i < rows * Cr; ++i) H[i] = act_fwd(r.HP[i], o.act);
+    for (int64_t i = 0; i < rows * Cr; ++i) r.H[i] = act_fwd(r.HP[i], o.act);
     acc_t* out = P > 1 ? O.data() : r.Z.data();
-    gemm_nt<acc_t>(H.data(), w.w2.data_ptr<acc_t>(), ptr_or_null<acc_t>(w.b2), rows, C, Cr, out);
+    gemm_nt<acc_t>(r.H.data(), w.w2.data_ptr<acc_t>(), ptr_or_null<acc_t>(w.b2), rows, C, Cr, out);
     if (P > 1)
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < C; ++c) {
@@ -915,17 +917,16 @@ void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const
   std::vector<acc_t> DV(rows * C);  // gradient of the inputs of f
   if (o.kind == Kind::MLP) {
     // DZ [rows, C]: the logits' gradient of each input row (its sample's); DHP = act'(HP) * DZ W2;
-    // DV = DHP W1; dW1 = DHP^T V, dW2 = DZ^T act(HP); each element summed in order (gemm_nn)
-    std::vector<acc_t> DZ(rows * C), DHP(rows * Cr), H(rows * Cr);
+    // DV = DHP W1; dW1 = DHP^T V, dW2 = DZ^T H; each element summed in order (gemm_nn)
+    std::vector<acc_t> DZ(rows * C), DHP(rows * Cr);
     for (int64_t r = 0; r < rows; ++r) std::copy(dz + r / P * C, dz + (r / P + 1) * C, DZ.data() + r * C);
-    for (int64_t i = 0; i < rows * Cr; ++i) H[i] = act_fwd(f.HP[i], o.act);
     gemm_nn<acc_t>(DZ.data(), C, 1, w.w2.data_ptr<acc_t>(), rows, Cr, C, DHP.data());
     for (int64_t i = 0; i < rows * Cr; ++i) DHP[i] *= act_grad(f.HP[i], o.act);
     gemm_nn<acc_t>(DHP.data(), Cr, 1, w1, rows, C, Cr, DV.data());
     dw1 = at::empty({Cr, C}, opts);
     dw2 = at::empty({C, Cr}, opts);
     gemm_nn<acc_t>(DHP.data(), 1, Cr, f.V.data(), Cr, C, rows, dw1.data_ptr<acc_t>());
-    gemm_nn<acc_t>(DZ.data(), 1, C, H.data(), C, Cr, rows, dw2.data_ptr<acc_t>());
+    gemm_nn<acc_t>(DZ.data(), 1, C, f.H.data(), C, Cr, rows, dw2.data_ptr<acc_t>());
     if (w.b1.defined()) {
       db1 = at::empty({Cr}, opts);
       for (int64_t j = 0; j < Cr; ++j) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
