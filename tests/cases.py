@@ -14,6 +14,7 @@ from attnfused import functional as F
 from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, spatial_in_channels
 from attnfused.reference import functional as R
 
+from attnfused.accuracy import bound
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 
 
@@ -114,6 +115,19 @@ def _to(w: dict, **kw) -> dict:
     return {k: None if v is None else v.to(**kw) for k, v in w.items()}
 
 
+def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets):
+    """The bound on each gradient's error: its target, or twice the error of the plain PyTorch
+    reference run in float32 where that is larger (accuracy.bound, as the benchmarks' parity
+    check): a weight gradient that nearly cancels is ill-conditioned for any float32 order. Other
+    dtypes keep their targets (float64's own errors are far below; the half targets are loose)."""
+    if dtype != torch.float32:
+        return targets
+    xe = x64.float().requires_grad_()
+    we = {k: None if v is None else v.float().requires_grad_() for k, v in w64.items()}
+    grads = torch.autograd.grad(case.run(xe, we), grad_leaves(xe, we)[1], g64.float())
+    return [bound(t, rel_err(e, r)) for t, e, r in zip(targets, grads, ref_grads)]
+
+
 def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
     """Forward and every gradient of `backend` on `device` against the float64 oracle on the CPU.
 
@@ -141,14 +155,15 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
     _, leaves = grad_leaves(x, w)
     dense = lay if lay != "strided" else "nchw"
     grads = torch.autograd.grad(out, leaves, layout(g.to(device=device, dtype=dtype), dense))
-    for name, gr, gref, leaf in zip(["x"] + names, grads, ref_grads, leaves):
+    # the computation's precision bounds every gradient: with half inputs, the float32 weights'
+    # gradients are sums of half-precision terms (a bias gradient often nearly cancels)
+    tols = grad_bounds(case, x64, w64, g, dtype, ref_grads, [GRAD_TOLERANCE[dtype]] * len(leaves))
+    for name, gr, gref, leaf, tol in zip(["x"] + names, grads, ref_grads, leaves, tols):
         assert gr.shape == leaf.shape and gr.dtype == leaf.dtype, name
         if name == "x" and lay != "strided":
             assert gr.stride() == leaf.stride(), "grad of x must keep x's layout"
         err = rel_err(gr.cpu(), gref)
-        # the computation's precision bounds every gradient: with half inputs, the float32 weights'
-        # gradients are sums of half-precision terms (a bias gradient often nearly cancels)
-        assert err <= GRAD_TOLERANCE[dtype], f"{case} grad of {name} rel err {err:.3g}"
+        assert err <= tol, f"{case} grad of {name} rel err {err:.3g} (bound {tol:.3g})"
 
 
 def check_deterministic(case, backend, shape, lay, device="cpu"):
