@@ -115,17 +115,35 @@ def _to(w: dict, **kw) -> dict:
     return {k: None if v is None else v.to(**kw) for k, v in w.items()}
 
 
-def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets):
+# relative size of the input perturbations of the float32 noise floor: one float32 unit roundoff
+FLOAT32_ULP = 2.0**-24
+
+
+def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     """The bound on each gradient's error: its target, or twice the error of the plain PyTorch
-    reference run in float32 where that is larger (accuracy.bound, as the benchmarks' parity
-    check): a weight gradient that nearly cancels is ill-conditioned for any float32 order. Other
-    dtypes keep their targets (float64's own errors are far below; the half targets are loose)."""
+    reference run in float32 (accuracy.bound, as the benchmarks' parity check), or twice the float32
+    noise floor, whichever is largest. The floor is how far the float64 oracle's own gradient moves
+    when x, the weights and dy move by one float32 roundoff (the worst of `draws` random draws): a
+    weight gradient that nearly cancels (a bias gradient, a sum of ~1000 terms of both signs) is
+    determined no better than that by float32 inputs, whatever the kernel does, and the one eager
+    error can be a lucky draw. Other dtypes keep their targets (float64's own errors are far below;
+    the half targets are loose)."""
     if dtype != torch.float32:
         return targets
     xe = x64.float().requires_grad_()
     we = {k: None if v is None else v.float().requires_grad_() for k, v in w64.items()}
     grads = torch.autograd.grad(case.run(xe, we), grad_leaves(xe, we)[1], g64.float())
-    return [bound(t, rel_err(e, r)) for t, e, r in zip(targets, grads, ref_grads)]
+    worst = [rel_err(e, r) for e, r in zip(grads, ref_grads)]
+
+    def nudge(t):
+        return None if t is None else t * (1 + FLOAT32_ULP * torch.randn_like(t))
+
+    for _ in range(draws):
+        xp = nudge(x64).requires_grad_()
+        wp = {k: None if v is None else nudge(v).requires_grad_() for k, v in w64.items()}
+        grads = torch.autograd.grad(case.run(xp, wp), grad_leaves(xp, wp)[1], nudge(g64))
+        worst = [max(m, rel_err(e, r)) for m, e, r in zip(worst, grads, ref_grads)]
+    return [bound(t, m) for t, m in zip(targets, worst)]
 
 
 def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
