@@ -855,8 +855,10 @@ struct ChannelSmall {
   std::vector<acc_t> V;   // [N*P, C] the inputs of f
   std::vector<acc_t> HP;  // [N*P, Cr] MLP pre-activations
   std::vector<acc_t> H;   // [N*P, Cr] MLP hidden activations, act(HP)
+  std::vector<acc_t> G;   // [N, Cr] the second layer's input: sum over p of H (empty for P = 1: H)
   std::vector<acc_t> Z;   // [N, C] logits
   std::vector<acc_t> S;   // [N, C] gate
+  const acc_t* hidden_sum() const { return P > 1 ? G.data() : H.data(); }
 };
 
 // The inputs of f: V [N*P, C], row n * P + p = input p of sample n (pool_input of avg and max).
@@ -874,24 +876,29 @@ ChannelSmall<acc_t> channel_small_forward(const acc_t* pooled, const ChannelWeig
                                           int64_t N) {
   const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr, rows = N * P;
   ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(rows * C), std::vector<acc_t>(rows * Cr),
-                        std::vector<acc_t>(rows * Cr),
+                        std::vector<acc_t>(rows * Cr), std::vector<acc_t>(P > 1 ? N * Cr : 0),
                         std::vector<acc_t>(N * C), std::vector<acc_t>(N * C)};
   fill_pool_inputs(pooled, o.pool, N, C, r.V.data());
   const acc_t* w1 = w.w1.data_ptr<acc_t>();
   if (o.kind == Kind::MLP) {
-    // the whole batch at once: HP = V W1^T + b1, O = act(HP) W2^T + b2, z = sum over p of O
-    std::vector<acc_t> O(P > 1 ? rows * C : 0);
+    // the whole batch at once: HP = V W1^T + b1, H = act(HP). The second layer is linear, so
+    // z = sum over p of (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample
     gemm_nt<acc_t>(r.V.data(), w1, ptr_or_null<acc_t>(w.b1), rows, Cr, C, r.HP.data());
     for (int64_t i = 0; i < rows * Cr; ++i) r.H[i] = act_fwd(r.HP[i], o.act);
-    acc_t* out = P > 1 ? O.data() : r.Z.data();
-    gemm_nt<acc_t>(r.H.data(), w.w2.data_ptr<acc_t>(), ptr_or_null<acc_t>(w.b2), rows, C, Cr, out);
-    if (P > 1)
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t z = O[n * P * C + c];
-          for (int64_t p = 1; p < P; ++p) z = z + O[(n * P + p) * C + c];
-          r.Z[n * C + c] = z;
-        }
+    for (int64_t n = 0; P > 1 && n < N; ++n)
+      for (int64_t j = 0; j < Cr; ++j) {
+        acc_t g = r.H[n * P * Cr + j];
+        for (int64_t p = 1; p < P; ++p) g = g + r.H[(n * P + p) * Cr + j];
+        r.G[n * Cr + j] = g;
+      }
+    std::vector<acc_t> bias2;
+    if (w.b2.defined()) {
+      const acc_t* b2 = w.b2.data_ptr<acc_t>();
+      bias2.resize(C);
+      for (int64_t c = 0; c < C; ++c) bias2[c] = acc_t(P) * b2[c];
+    }
+    gemm_nt<acc_t>(r.hidden_sum(), w.w2.data_ptr<acc_t>(), bias2.empty() ? nullptr : bias2.data(), N, C, Cr,
+                   r.Z.data());
     gate_forward(r.Z.data(), o.gate, N * C, r.S.data());
     return r;
   }
@@ -916,17 +923,17 @@ void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const
   auto opts = w.w1.options();
   std::vector<acc_t> DV(rows * C);  // gradient of the inputs of f
   if (o.kind == Kind::MLP) {
-    // DZ [rows, C]: the logits' gradient of each input row (its sample's); DHP = act'(HP) * DZ W2;
-    // DV = DHP W1; dW1 = DHP^T V, dW2 = DZ^T H; each element summed in order (gemm_nn)
-    std::vector<acc_t> DZ(rows * C), DHP(rows * Cr);
-    for (int64_t r = 0; r < rows; ++r) std::copy(dz + r / P * C, dz + (r / P + 1) * C, DZ.data() + r * C);
-    gemm_nn<acc_t>(DZ.data(), C, 1, w.w2.data_ptr<acc_t>(), rows, Cr, C, DHP.data());
-    for (int64_t i = 0; i < rows * Cr; ++i) DHP[i] *= act_grad(f.HP[i], o.act);
+    // dz is the logits' gradient of each of a sample's P inputs, and the second layer saw their
+    // sum G: DH = dz W2 (one row per sample), DHP = act'(HP) * DH, DV = DHP W1, dW1 = DHP^T V,
+    // dW2 = dz^T G; each element summed in order (gemm_nn)
+    std::vector<acc_t> DH(N * Cr), DHP(rows * Cr);
+    gemm_nn<acc_t>(dz, C, 1, w.w2.data_ptr<acc_t>(), N, Cr, C, DH.data());
+    for (int64_t i = 0; i < rows * Cr; ++i) DHP[i] = DH[i / (P * Cr) * Cr + i % Cr] * act_grad(f.HP[i], o.act);
     gemm_nn<acc_t>(DHP.data(), Cr, 1, w1, rows, C, Cr, DV.data());
     dw1 = at::empty({Cr, C}, opts);
     dw2 = at::empty({C, Cr}, opts);
     gemm_nn<acc_t>(DHP.data(), 1, Cr, f.V.data(), Cr, C, rows, dw1.data_ptr<acc_t>());
-    gemm_nn<acc_t>(DZ.data(), 1, C, f.H.data(), C, Cr, rows, dw2.data_ptr<acc_t>());
+    gemm_nn<acc_t>(dz, 1, C, f.hidden_sum(), C, Cr, N, dw2.data_ptr<acc_t>());
     if (w.b1.defined()) {
       db1 = at::empty({Cr}, opts);
       for (int64_t j = 0; j < Cr; ++j) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
