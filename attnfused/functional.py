@@ -69,7 +69,7 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
                                    padding=padding)
     x = native_layout(x)
-    return ops.channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding,
+    return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding,
                                  backends.resolve(backend, x))[0]
 
 
@@ -81,7 +81,7 @@ def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     if torch.onnx.is_in_onnx_export():
         return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate)
     x = native_layout(x)
-    return ops.spatial_attention(x, weight, bias, maps, gate, backends.resolve(backend, x))[0]
+    return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, backends.resolve(backend, x))[0]
 
 
 def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
@@ -96,7 +96,7 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
                       padding=padding, maps=maps, spatial_gate=spatial_gate)
     x = native_layout(x)
-    return ops.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding, maps,
+    return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding, maps,
                     spatial_gate, backends.resolve(backend, x))[0]
 
 
@@ -108,7 +108,7 @@ def spatial_pool(x: Tensor, *, backend: str = "auto") -> Tensor:
         mean, mx = R.pool_channels(x)
         return torch.stack((mx, mean), 1)
     x = native_layout(x)
-    return ops.spatial_pool(x, backends.resolve(backend, x))[0]
+    return ops.call(ops.spatial_pool, x, backends.resolve(backend, x))[0]
 
 
 def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
@@ -118,4 +118,4 @@ def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
     if torch.onnx.is_in_onnx_export():
         return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
     x = native_layout(x)
-    return ops.spatial_scale(x, t.contiguous(), backends.resolve(backend, x))
+    return ops.call(ops.spatial_scale, x, t.contiguous(), backends.resolve(backend, x))
