@@ -100,8 +100,8 @@ class _Direct(torch.autograd.Function):
         return (None, *_AUTOGRAD[ctx.name][1](ctx, *grads))
 
 
-def _plain(t) -> bool:
-    return not isinstance(t, Tensor) or type(t) in (Tensor, torch.nn.Parameter)
+# the argument types of a call that may skip the dispatcher: plain tensors (no subclass) and options
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, str, type(None)))
 
 
 def call(op, *inputs):
@@ -111,7 +111,7 @@ def call(op, *inputs):
     functorch transforms, the custom op runs, with its fake and autograd registrations."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-            or not all(_plain(t) for t in inputs)):
+            or not _PLAIN_TYPES.issuperset(map(type, inputs))):
         return op(*inputs)
     if torch.autograd.profiler._is_profiler_enabled:  # a trace still names the op
         with torch.profiler.record_function(f"{_LIB}::{op._name}"):

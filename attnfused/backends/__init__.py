@@ -74,10 +74,23 @@ def resolve(backend: str, x: torch.Tensor) -> str:
     return _resolve(backend, x.device, x.dtype)
 
 
+# Backends found able to run, per (requested, $ATTNFUSED_BACKEND, device, dtype): a backend that
+# could run stays able to, and eager calls then skip the checks (a failure is checked each time).
+_RESOLVED: dict[tuple, str] = {}
+
+
 # A constant to torch.compile: traced once per (backend, device, dtype), so the imports and the
 # environment lookup below never break a graph (fullgraph=True).
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    key = (backend, os.environ.get(ENV_VAR), device, dtype)
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve_uncached(backend, device, dtype)
+    return found
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     requested = backend
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
