@@ -70,7 +70,7 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
                                    padding=padding)
     x = native_layout(x)
     return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding,
-                                 backends.resolve(backend, x))[0]
+                    backends.resolve(backend, x))[0]
 
 
 def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, maps: str = "max_mean",
@@ -96,8 +96,8 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
                       padding=padding, maps=maps, spatial_gate=spatial_gate)
     x = native_layout(x)
-    return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding, maps,
-                    spatial_gate, backends.resolve(backend, x))[0]
+    return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding,
+                    maps, spatial_gate, backends.resolve(backend, x))[0]
 
 
 def spatial_pool(x: Tensor, *, backend: str = "auto") -> Tensor:

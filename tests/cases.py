@@ -115,8 +115,8 @@ def _to(w: dict, **kw) -> dict:
     return {k: None if v is None else v.to(**kw) for k, v in w.items()}
 
 
-# relative size of the input perturbations of the float32 noise floor: one float32 unit roundoff
-FLOAT32_ULP = 2.0**-24
+# relative size of the input perturbations of the float32 noise floor: float32's unit roundoff
+FLOAT32_ROUNDOFF = 2.0**-24
 
 
 def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
@@ -136,7 +136,7 @@ def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     worst = [rel_err(e, r) for e, r in zip(grads, ref_grads)]
 
     def nudge(t):
-        return None if t is None else t * (1 + FLOAT32_ULP * torch.randn_like(t))
+        return None if t is None else t * (1 + FLOAT32_ROUNDOFF * torch.randn_like(t))
 
     for _ in range(draws):
         xp = nudge(x64).requires_grad_()
