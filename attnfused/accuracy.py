@@ -8,7 +8,7 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, tor
 # gradients: weight gradients are sums over N*H*W products whose cancellation (a conv bias's
 # gradient can sum to near zero) magnifies rounding in the relative error. The oracle checks key
 # them by the computation's dtype (under half inputs the float32 weights' gradients are sums of
-# half-precision terms); the cpu suite, whose kernels accumulate in float32, by the gradient's own
+# half-precision terms); the cpu suite, whose kernels accumulate in float32, by the gradient's own dtype
 GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
