@@ -75,17 +75,18 @@ struct ChannelWeights {
                                 const c10::optional<at::Tensor>& b1_, const c10::optional<at::Tensor>& w2_,
                                 const c10::optional<at::Tensor>& b2_) const {
     auto opts = w1.options();
-    auto empty = w1_.new_empty({0});
+    // a fresh empty tensor per absent weight: a custom op's outputs must not alias each other
+    auto empty = [&] { return w1_.new_empty({0}); };
     auto cast = [](const at::Tensor& gr, const at::Tensor& w) { return gr.view(w.sizes()).to(w.scalar_type()); };
     if (o.kind == Kind::CONV) {
       auto dw = at::empty({k}, opts);
       column_sum<acc_t>(g.dwk, dw.data_ptr<acc_t>(), N, k);
-      return {cast(dw, w1_), empty, empty, empty};
+      return {cast(dw, w1_), empty(), empty(), empty()};
     }
     auto dw1 = at::empty({Cr, C}, opts), dw2 = at::empty({C, Cr}, opts);
     outer_sum<acc_t>(g.dhp, g.vin, dw1.data_ptr<acc_t>(), N * nv(), Cr, C);
     outer_sum<acc_t>(g.dlog, g.hsum, dw2.data_ptr<acc_t>(), N, C, Cr);
-    at::Tensor db1 = empty, db2 = empty;
+    at::Tensor db1 = empty(), db2 = empty();
     if (b1_.has_value()) {
       db1 = at::empty({Cr}, opts);
       column_sum<acc_t>(g.dhp, db1.data_ptr<acc_t>(), N * nv(), Cr);
@@ -152,7 +153,9 @@ struct SpatialWeights {
     auto d = at::empty({nw}, w.options());
     column_sum<acc_t>(g.dwp, d.data_ptr<acc_t>(), N, nw);
     auto dw = d.narrow(0, 0, nw - 1).view(w_.sizes()).to(w_.scalar_type());
-    auto db = b_.has_value() ? d.narrow(0, nw - 1, 1).view(b_->sizes()).to(b_->scalar_type()) : w_.new_empty({0});
+    // db copied out of d: dw may be a view of d, and a custom op's outputs must not alias
+    auto db = b_.has_value() ? d.narrow(0, nw - 1, 1).view(b_->sizes()).to(b_->scalar_type(), false, true)
+                             : w_.new_empty({0});
     return {dw, db};
   }
 };
