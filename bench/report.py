@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -134,9 +135,12 @@ def write_device_readme(folder: Path) -> Path:
                   f"load average at the end {r.get('load_avg_end', '?')}",
                   f"- commit {r['commit']}, date {r['date']}, wall time {r.get('wall_s', '?')} s",
                   f"- command: `{r.get('command', '?')}`"]
+        if r.get("note"):
+            lines.append(f"- note: {r['note']}")
         if r.get("skipped"):
             lines.append("- providers not run here: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()))
-        files = sorted(p.name for p in folder.glob(r["stem"] + "*") if p.suffix in (".csv", ".png"))
+        files = sorted(p.name for p in folder.iterdir() if p.name == f"{r['stem']}.csv"
+                       or re.fullmatch(re.escape(r["stem"]) + r"_(speedup|copyfrac)_[^_]+_n\d+\.png", p.name))
         lines += [f"- files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
         lines += [f"![{f}]({f})" for f in files if f.endswith(".png") and "speedup" in f] + [""]
     path = folder / "README.md"

@@ -3,6 +3,7 @@ correct providers and reports a wrong one without timing it; the CSV header is e
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -114,3 +115,28 @@ def test_e2e_tiny(tmp_path):
     assert [(r["attn"], r["provider"]) for r in rows[:3]] == [("plain", "eager"), ("se", "eager"), ("se", "fused")]
     fused = rows[2]
     assert fused["rel_err"] is not None and fused["rel_err"] < 1e-4 and fused["images_s"] > 0
+
+
+def test_device_readme_lists_each_run_with_its_own_files(tmp_path):
+    """A stem that prefixes another (b128, b128_s34) gets only its own CSV and plots."""
+    meta = {"device": "dev", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
+    for stem, note in (("b128", "cut off"), ("b128_s34", None)):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(dict(meta, note=note)))
+        (tmp_path / f"{stem}.csv").write_text("x\n")
+        (tmp_path / f"{stem}_speedup_fp16_n128.png").write_bytes(b"")
+    text = report.write_device_readme(tmp_path).read_text()
+    first, second = text.split("## b128_s34")
+    assert "b128_s34" not in first and "- note: cut off" in first and "[b128.csv](b128.csv)" in first
+    assert "[b128_s34.csv](b128_s34.csv)" in second and "note" not in second
+
+
+@pytest.mark.cuda
+def test_profile_kernels_prints_every_case(capsys):
+    from bench import profile_kernels
+
+    profile_kernels.main(["--blocks", "cbam_fc", "--backends", "cuda", "--shapes", "2x32x8x8", "--layouts",
+                          "cl", "--calls", "2", "--top", "3"])
+    out = capsys.readouterr().out
+    for mode in ("fwd", "train"):
+        line = next(l for l in out.splitlines() if l.startswith(f"== cbam_fc cuda {mode} 2x32x8x8 cl"))
+        assert float(line.split(": ")[1].split()[0]) > 0
