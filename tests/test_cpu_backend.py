@@ -104,9 +104,19 @@ def test_conv_kernel_wider_than_channels():
         _check(case, (2, 3, 4, 4), torch.float64, lay)
 
 
+@pytest.mark.parametrize("per_sample", ["0", "1"])
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
-def test_same_bits_any_thread_count(lay):
-    """Work is split by shape, never by thread count: 1 and 2 threads give identical bits."""
+@pytest.mark.parametrize("case", CBAM_CASES[:6], ids=str)
+def test_cbam_both_pass_orders(case, lay, per_sample, monkeypatch):
+    """CBAM's passes sample by sample (one parallel region) and pass by pass over the batch."""
+    monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+    _check(case, (3, 19, 20, 15), torch.float32, lay)
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_same_bits_any_thread_count(lay, monkeypatch):
+    """Work is split by shape, never by thread count: 1 and 2 threads give identical bits, and so
+    do CBAM's two pass orders (per sample, or per pass over the batch; picked by thread count)."""
     case = CBAM_CASES[0]
     x = layout(rand(5, 40, 23, 17, dtype=torch.float32), lay)
     w = {k: None if v is None else v.float() for k, v in case.weights(40).items()}
@@ -123,10 +133,14 @@ def test_same_bits_any_thread_count(lay):
         one = run()
         torch.set_num_threads(max(2, threads))
         many, again = run(), run()
+        forced = []
+        for per_sample in ("0", "1"):
+            monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+            forced.append(run())
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(one, many, again):
-        assert torch.equal(a, b) and torch.equal(b, c)
+    for a, b, c, d, e in zip(one, many, again, *forced):
+        assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d) and torch.equal(d, e)
 
 
 def _spatial_half_ops(x):

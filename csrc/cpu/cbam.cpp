@@ -2,6 +2,9 @@
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
+// Between the batch-wide steps (the channel MLP and its backward, the spatial conv's weight
+// gradient, dx) the passes run sample by sample in one parallel region where the batch allows
+// (per_sample_passes): fewer thread hand-offs, and each sample's x read again while in cache.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -37,12 +40,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
     const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
-    pool_channels<scalar_t>(px, d, f.S.data(), smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
     std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
-    spatial_small_forward<acc_t>(smaps.const_data_ptr<acc_t>(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
-                                 mp, sg, d.N, d.H, d.W, k, z.data(), t.data());
-    apply<scalar_t, true, true, false, true, false>(y.data_ptr<scalar_t>(), px, d, t.data(), nullptr, f.S.data(),
-                                                    nullptr);
+    // spatial attention and the rescale of samples [n0, n0 + d1.N)
+    auto spatial_tail = [&](int64_t n0, const Dims& d1) {
+      const scalar_t* xn = px + n0 * d.sample();
+      acc_t* smn = smaps.data_ptr<acc_t>() + n0 * 2 * d.HW;
+      const acc_t* Sn = f.S.data() + n0 * d.C;
+      pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax.data_ptr<int64_t>() + n0 * d.HW);
+      spatial_small_forward<acc_t>(smn, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d1.N, d.H,
+                                   d.W, k, z.data() + n0 * d.HW, t.data() + n0 * d.HW);
+      apply<scalar_t, true, true, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(), xn, d1,
+                                                      t.data() + n0 * d.HW, nullptr, Sn, nullptr);
+    };
+    if (per_sample_passes(d)) {
+      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) spatial_tail(n, d.one_sample());
+      });
+    } else {
+      spatial_tail(0, d);
+    }
   });
   return {y, pooled, argmax, smaps, sargmax};
 }
@@ -81,28 +97,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const int64_t NHW = d.N * d.HW, NC = d.N * d.C;
     // recompute the gates
     const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
-    std::vector<acc_t> zs(NHW), t(NHW), dzs(NHW), dmax_s(NHW), B(NHW);
-    spatial_small_forward<acc_t>(sm, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d.N, d.H, d.W,
-                                 k, zs.data(), t.data());
-    // spatial backward on x1 = x * s: dzs = sum_c dy * x1, through the gate and the conv
-    dot_channels<scalar_t, true>(pdy, px, d, f.S.data(), dzs.data());
-    gate_backward(zs.data(), sg, NHW, dzs.data());
-    spatial_small_backward<acc_t>(sm, dzs.data(), swa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k,
-                                  dmax_s.data(), B.data(), dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
-    for (int64_t i = 0; i < NHW; ++i) B[i] /= acc_t(d.C);
-    // channel backward with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored):
-    // dz[n, c] = sum_hw dx1 * x, the one-hot part added per pixel in a fixed order
-    std::vector<acc_t> dz(NC), dpooled(d.N * 2 * d.C), A(NC);
-    dot_space<scalar_t, true, true>(pdy, px, d, t.data(), B.data(), dz.data());
-    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n)
-        for (int64_t hw = 0; hw < d.HW; ++hw) {
-          const int64_t c = sam[n * d.HW + hw];
-          TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
-                            ")");
-          dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
-        }
-    });
+    std::vector<acc_t> zs(NHW), t(NHW), dzs(NHW), dmax_s(NHW), B(NHW), dz(NC);
+    const PadDims g(d.H, d.W, k, mp);
+    const int64_t pad_len = g.M * g.plane();
+    std::vector<acc_t> pads(d.N * pad_len);  // the spatial conv's padded inputs, for its weight gradient
+    // everything of samples [n0, n0 + d1.N) up to dz: the spatial backward on x1 = x * s, then the
+    // channel backward's dz[n, c] = sum_hw dx1 * x with dx1 = dy * t + B + one-hot(sargmax) dmax_s
+    // (never stored), the one-hot part added per pixel in a fixed order
+    auto sample_part = [&](int64_t n0, const Dims& d1) {
+      const int64_t n1 = n0 + d1.N, i0 = n0 * d.HW, hw_len = d1.N * d.HW;
+      const scalar_t* xn = px + n0 * d.sample();
+      const scalar_t* dyn = pdy + n0 * d.sample();
+      const acc_t* Sn = f.S.data() + n0 * d.C;
+      spatial_small_forward<acc_t>(sm + 2 * i0, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d1.N,
+                                   d.H, d.W, k, zs.data() + i0, t.data() + i0);
+      dot_channels<scalar_t, true>(dyn, xn, d1, Sn, dzs.data() + i0);  // dzs = sum_c dy * x1
+      gate_backward(zs.data() + i0, sg, hw_len, dzs.data() + i0);
+      spatial_input_backward<acc_t>(sm + 2 * i0, dzs.data() + i0, swa.const_data_ptr<acc_t>(), mp, d1.N, d.H, d.W, k,
+                                    dmax_s.data() + i0, B.data() + i0, pads.data() + n0 * pad_len);
+      for (int64_t i = i0; i < i0 + hw_len; ++i) B[i] /= acc_t(d.C);
+      dot_space<scalar_t, true, true>(dyn, xn, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
+      at::parallel_for(n0, n1, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
+        for (int64_t n = b; n < e; ++n)
+          for (int64_t hw = 0; hw < d.HW; ++hw) {
+            const int64_t c = sam[n * d.HW + hw];
+            TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
+                              ")");
+            dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
+          }
+      });
+    };
+    if (per_sample_passes(d)) {
+      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) sample_part(n, d.one_sample());
+      });
+    } else {
+      sample_part(0, d);
+    }
+    spatial_weight_backward<acc_t>(dzs.data(), pads.data(), mp, d.N, d.H, d.W, k, dsw.data_ptr<acc_t>(),
+                                   dsb.data_ptr<acc_t>());
+    std::vector<acc_t> dpooled(d.N * 2 * d.C), A(NC);
     gate_backward(f.Z.data(), o.gate, NC, dz.data());
     channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
     for (int64_t n = 0; n < d.N; ++n)
