@@ -1,5 +1,6 @@
 // Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
-// Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
+// Forward 2R+1W (pool, then scale; with the 1D conv sample by sample in one parallel region, where
+// the batch allows); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -27,10 +28,24 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
-    const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
-    apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>(), px, d, nullptr, nullptr, f.S.data(),
-                                                     nullptr);
+    // samples [n0, n0 + d1.N): pool, f, scale
+    auto forward = [&](int64_t n0, const Dims& d1) {
+      const scalar_t* xn = px + n0 * d.sample();
+      acc_t* pn = pooled.data_ptr<acc_t>() + n0 * 2 * d.C;
+      pool_space(xn, d1, pn, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
+      const auto f = channel_small_forward<acc_t>(pn, w, o, d1.N);
+      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(), xn, d1, nullptr,
+                                                       nullptr, f.S.data(), nullptr);
+    };
+    // the 1D conv is cheap per sample: all of a sample in one region, its x read again from cache;
+    // the MLP reads its weights once per tile of samples, so it stays batch-wide
+    if (o.kind == Kind::CONV && per_sample_passes(d)) {
+      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) forward(n, d.one_sample());
+      });
+    } else {
+      forward(0, d);
+    }
   });
   return {y, pooled, argmax};
 }
