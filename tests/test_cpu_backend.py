@@ -106,10 +106,11 @@ def test_conv_kernel_wider_than_channels():
 
 @pytest.mark.parametrize("per_sample", ["0", "1"])
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
-@pytest.mark.parametrize("case", CBAM_CASES[:6] + [CHANNEL_CASES[8], CHANNEL_CASES[13], CHANNEL_CASES[15]], ids=str)
+@pytest.mark.parametrize("case", CBAM_CASES[:6] + SPATIAL_CASES[:3] + [CHANNEL_CASES[8], CHANNEL_CASES[13],
+                                                                         CHANNEL_CASES[15]], ids=str)
 def test_both_pass_orders(case, lay, per_sample, monkeypatch):
-    """CBAM's passes and the 1D-conv channel attention's forward sample by sample (one parallel
-    region) and pass by pass over the batch."""
+    """The passes of CBAM, of spatial attention and of the 1D-conv channel attention's forward
+    sample by sample (one parallel region) and pass by pass over the batch."""
     monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
     _check(case, (3, 19, 20, 15), torch.float32, lay)
 
@@ -118,7 +119,7 @@ def test_both_pass_orders(case, lay, per_sample, monkeypatch):
 def test_same_bits_any_thread_count(lay, monkeypatch):
     """Work is split by shape, never by thread count: 1 and 2 threads give identical bits, and so
     do the two pass orders (per sample, or per pass over the batch; picked by thread count)."""
-    for case in (CBAM_CASES[0], CHANNEL_CASES[13]):
+    for case in (CBAM_CASES[0], SPATIAL_CASES[0], CHANNEL_CASES[13]):
         _same_bits(case, lay, monkeypatch)
 
 

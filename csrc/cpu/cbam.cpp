@@ -4,7 +4,7 @@
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
 // Between the batch-wide steps (the channel MLP and its backward, the spatial conv's weight
 // gradient, dx) the passes run sample by sample in one parallel region where the batch allows
-// (per_sample_passes): fewer thread hand-offs, and each sample's x read again while in cache.
+// (for_samples): fewer thread hand-offs, and each sample's x read again while in cache.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -40,25 +40,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
     const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
-    std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
-    // spatial attention and the rescale of samples [n0, n0 + d1.N)
-    auto spatial_tail = [&](int64_t n0, const Dims& d1) {
-      const scalar_t* xn = px + n0 * d.sample();
-      acc_t* smn = smaps.data_ptr<acc_t>() + n0 * 2 * d.HW;
-      const acc_t* Sn = f.S.data() + n0 * d.C;
-      pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax.data_ptr<int64_t>() + n0 * d.HW);
-      spatial_small_forward<acc_t>(smn, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d1.N, d.H,
-                                   d.W, k, z.data() + n0 * d.HW, t.data() + n0 * d.HW);
-      apply<scalar_t, true, true, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(), xn, d1,
-                                                      t.data() + n0 * d.HW, nullptr, Sn, nullptr);
-    };
-    if (per_sample_passes(d)) {
-      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) spatial_tail(n, d.one_sample());
-      });
-    } else {
-      spatial_tail(0, d);
-    }
+    spatial_forward<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, k,
+                              smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>());
   });
   return {y, pooled, argmax, smaps, sargmax};
 }
@@ -127,13 +110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
           }
       });
     };
-    if (per_sample_passes(d)) {
-      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) sample_part(n, d.one_sample());
-      });
-    } else {
-      sample_part(0, d);
-    }
+    for_samples(d, true, sample_part);
     spatial_weight_backward<acc_t>(dzs.data(), pads.data(), mp, d.N, d.H, d.W, k, dsw.data_ptr<acc_t>(),
                                    dsb.data_ptr<acc_t>());
     std::vector<acc_t> dpooled(d.N * 2 * d.C), A(NC);

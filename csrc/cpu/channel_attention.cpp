@@ -39,13 +39,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
     };
     // the 1D conv is cheap per sample: all of a sample in one region, its x read again from cache;
     // the MLP reads its weights once per tile of samples, so it stays batch-wide
-    if (o.kind == Kind::CONV && per_sample_passes(d)) {
-      at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) forward(n, d.one_sample());
-      });
-    } else {
-      forward(0, d);
-    }
+    for_samples(d, o.kind == Kind::CONV, forward);
   });
   return {y, pooled, argmax};
 }

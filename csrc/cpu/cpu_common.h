@@ -580,6 +580,19 @@ inline bool per_sample_passes(const Dims& d) {
   return d.N >= threads && (d.N % threads == 0 || d.N >= 4 * threads);
 }
 
+// Runs f(n0, d1) over the samples [n0, n0 + d1.N): f(n, one sample) for every n in one parallel
+// region when `allowed` and per_sample_passes(d) say so, else f(0, d) once (its passes parallel).
+template <typename F>
+void for_samples(const Dims& d, bool allowed, const F& f) {
+  if (allowed && per_sample_passes(d)) {
+    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) f(n, d.one_sample());
+    });
+  } else {
+    f(int64_t(0), d);
+  }
+}
+
 inline Dims dims_of(const at::Tensor& x) {
   Dims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), is_channels_last(x)};
   return d;
@@ -1026,6 +1039,31 @@ void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t*
   gate_forward(z, gate, N * HW, t);
 }
 
+// Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x): smaps [N, 2, HW] and
+// sargmax [N, HW] of x1, the conv and gate t [N, HW], and out = x1 * t. Sample by sample where
+// the batch allows (for_samples).
+template <typename scalar_t>
+void spatial_forward(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S, const acc_type<scalar_t>* weight,
+                     const acc_type<scalar_t>* bias, Maps maps, Gate gate, int64_t k, acc_type<scalar_t>* smaps,
+                     int64_t* sargmax, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
+  for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+    const scalar_t* xn = x + n0 * d.sample();
+    const acc_t* Sn = S ? S + n0 * d.C : nullptr;
+    acc_t* smn = smaps + n0 * 2 * d.HW;
+    pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);
+    spatial_small_forward<acc_t>(smn, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data() + n0 * d.HW,
+                                 t.data() + n0 * d.HW);
+    if (S)
+      apply<scalar_t, true, true, false, true, false>(out + n0 * d.sample(), xn, d1, t.data() + n0 * d.HW, nullptr,
+                                                      Sn, nullptr);
+    else
+      apply<scalar_t, true, true, false, false, false>(out + n0 * d.sample(), xn, d1, t.data() + n0 * d.HW, nullptr,
+                                                       nullptr, nullptr);
+  });
+}
+
 // Back through the spatial conv, input side: from dz [N, HW] to dmax, dmean [N, HW], and the
 // padded conv inputs `pads` [N, M, Hp, Wp] that the weight gradient reads (spatial_weight_backward).
 template <typename acc_t>
@@ -1077,17 +1115,6 @@ void spatial_weight_backward(const acc_t* dz, const acc_t* pads, Maps maps, int6
     for (int64_t i = 0; i < N * HW; ++i) acc += static_cast<double>(dz[i]);
     *dbias = static_cast<acc_t>(acc);
   }
-}
-
-// Back through the spatial conv: both halves.
-template <typename acc_t>
-void spatial_small_backward(const acc_t* smaps, const acc_t* dz, const acc_t* weight, Maps maps, int64_t N,
-                            int64_t H, int64_t W, int64_t k, acc_t* dmax, acc_t* dmean, acc_t* dweight,
-                            acc_t* dbias) {
-  const PadDims g(H, W, k, maps);
-  std::vector<acc_t> pads(N * g.M * g.plane());
-  spatial_input_backward(smaps, dz, weight, maps, N, H, W, k, dmax, dmean, pads.data());
-  spatial_weight_backward(dz, pads.data(), maps, N, H, W, k, dweight, dbias);
 }
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
 // Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
-// Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax.
+// Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
+// sample by sample in one parallel region where the batch allows (for_samples).
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -26,13 +27,9 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    pool_channels<scalar_t>(px, d, nullptr, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
-    std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
-    spatial_small_forward<acc_t>(smaps.const_data_ptr<acc_t>(), wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba),
-                                 mp, g, d.N, d.H, d.W, k, z.data(), t.data());
-    apply<scalar_t, true, true, false, false, false>(y.data_ptr<scalar_t>(), px, d, t.data(), nullptr, nullptr,
-                                                     nullptr);
+    spatial_forward<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
+                              ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
+                              y.data_ptr<scalar_t>());
   });
   return {y, smaps, sargmax};
 }
@@ -62,13 +59,22 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
     const int64_t NHW = d.N * d.HW;
     std::vector<acc_t> z(NHW), t(NHW), dz(NHW), dmax(NHW), dmean(NHW);
-    spatial_small_forward<acc_t>(sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, d.N, d.H, d.W, k,
-                                 z.data(), t.data());
-    dot_channels<scalar_t, false>(pdy, px, d, nullptr, dz.data());
-    gate_backward(z.data(), g, NHW, dz.data());
-    spatial_small_backward<acc_t>(sm, dz.data(), wa.const_data_ptr<acc_t>(), mp, d.N, d.H, d.W, k, dmax.data(),
-                                  dmean.data(), dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
-    for (int64_t i = 0; i < NHW; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
+    const PadDims pg(d.H, d.W, k, mp);
+    const int64_t pad_len = pg.M * pg.plane();
+    std::vector<acc_t> pads(d.N * pad_len);  // the conv's padded inputs, for its weight gradient
+    // samples [n0, n0 + d1.N): gate, dz = sum_c dy * x through it, back through the conv's input
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      const int64_t i0 = n0 * d.HW, len = d1.N * d.HW;
+      spatial_small_forward<acc_t>(sm + 2 * i0, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, d1.N, d.H,
+                                   d.W, k, z.data() + i0, t.data() + i0);
+      dot_channels<scalar_t, false>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, nullptr, dz.data() + i0);
+      gate_backward(z.data() + i0, g, len, dz.data() + i0);
+      spatial_input_backward<acc_t>(sm + 2 * i0, dz.data() + i0, wa.const_data_ptr<acc_t>(), mp, d1.N, d.H, d.W, k,
+                                    dmax.data() + i0, dmean.data() + i0, pads.data() + n0 * pad_len);
+      for (int64_t i = i0; i < i0 + len; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
+    });
+    spatial_weight_backward<acc_t>(dz.data(), pads.data(), mp, d.N, d.H, d.W, k, dw.data_ptr<acc_t>(),
+                                   db.data_ptr<acc_t>());
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
     apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), dmean.data(), nullptr, nullptr, &hot,
