@@ -12,9 +12,9 @@ import torch
 
 from attnfused import functional as F
 from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, spatial_in_channels
+from attnfused.accuracy import bound
 from attnfused.reference import functional as R
 
-from attnfused.accuracy import bound
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
 
 

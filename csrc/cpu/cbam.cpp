@@ -77,30 +77,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
     const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
     const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
-    const int64_t NHW = d.N * d.HW, NC = d.N * d.C;
+    const int64_t NC = d.N * d.C;
     // recompute the gates
     const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
-    std::vector<acc_t> zs(NHW), t(NHW), dzs(NHW), dmax_s(NHW), B(NHW), dz(NC);
-    const PadDims g(d.H, d.W, k, mp);
-    const int64_t pad_len = g.M * g.plane();
-    std::vector<acc_t> pads(d.N * pad_len);  // the spatial conv's padded inputs, for its weight gradient
+    SpatialBackward<acc_t> sp(d, sm, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, k);
+    const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
+    const std::vector<acc_t>& B = sp.B;
+    const std::vector<acc_t>& dmax_s = sp.dmax;
+    std::vector<acc_t> dz(NC);
     // everything of samples [n0, n0 + d1.N) up to dz: the spatial backward on x1 = x * s, then the
     // channel backward's dz[n, c] = sum_hw dx1 * x with dx1 = dy * t + B + one-hot(sargmax) dmax_s
     // (never stored), the one-hot part added per pixel in a fixed order
-    auto sample_part = [&](int64_t n0, const Dims& d1) {
-      const int64_t n1 = n0 + d1.N, i0 = n0 * d.HW, hw_len = d1.N * d.HW;
-      const scalar_t* xn = px + n0 * d.sample();
-      const scalar_t* dyn = pdy + n0 * d.sample();
-      const acc_t* Sn = f.S.data() + n0 * d.C;
-      spatial_small_forward<acc_t>(sm + 2 * i0, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, d1.N,
-                                   d.H, d.W, k, zs.data() + i0, t.data() + i0);
-      dot_channels<scalar_t, true>(dyn, xn, d1, Sn, dzs.data() + i0);  // dzs = sum_c dy * x1
-      gate_backward(zs.data() + i0, sg, hw_len, dzs.data() + i0);
-      spatial_input_backward<acc_t>(sm + 2 * i0, dzs.data() + i0, swa.const_data_ptr<acc_t>(), mp, d1.N, d.H, d.W, k,
-                                    dmax_s.data() + i0, B.data() + i0, pads.data() + n0 * pad_len);
-      for (int64_t i = i0; i < i0 + hw_len; ++i) B[i] /= acc_t(d.C);
-      dot_space<scalar_t, true, true>(dyn, xn, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
-      at::parallel_for(n0, n1, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      const int64_t i0 = n0 * d.HW;
+      sp.samples(pdy, px, f.S.data(), n0, d1);
+      dot_space<scalar_t, true, true>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, t.data() + i0, B.data() + i0,
+                                      dz.data() + n0 * d.C);
+      at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
         for (int64_t n = b; n < e; ++n)
           for (int64_t hw = 0; hw < d.HW; ++hw) {
             const int64_t c = sam[n * d.HW + hw];
@@ -109,10 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
             dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
           }
       });
-    };
-    for_samples(d, true, sample_part);
-    spatial_weight_backward<acc_t>(dzs.data(), pads.data(), mp, d.N, d.H, d.W, k, dsw.data_ptr<acc_t>(),
-                                   dsb.data_ptr<acc_t>());
+    });
+    sp.weights(dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
     std::vector<acc_t> dpooled(d.N * 2 * d.C), A(NC);
     gate_backward(f.Z.data(), o.gate, NC, dz.data());
     channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);

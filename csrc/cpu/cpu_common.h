@@ -1117,5 +1117,51 @@ void spatial_weight_backward(const acc_t* dz, const acc_t* pads, Maps maps, int6
   }
 }
 
+// Spatial attention's backward on x1 = x * S[n, c] (S optional: plain x), shared by the spatial
+// attention and CBAM ops. `samples` covers samples [n0, n0 + d1.N) (run it through for_samples):
+// the gate t from the saved maps, dz = gate'(z) sum_c dy * x1, back through the conv's input to
+// dmax and B = dmean / C. `weights` then sums the conv's weight gradients over the batch.
+template <typename acc_t>
+struct SpatialBackward {
+  Dims d;
+  const acc_t *smaps, *weight, *bias;
+  Maps maps;
+  Gate gate;
+  int64_t k, pad_len;
+  std::vector<acc_t> z, t, dz, dmax, B, pads;  // [N, HW] each; pads: the conv's padded inputs
+
+  SpatialBackward(const Dims& d_, const acc_t* smaps_, const acc_t* weight_, const acc_t* bias_, Maps maps_,
+                  Gate gate_, int64_t k_)
+      : d(d_), smaps(smaps_), weight(weight_), bias(bias_), maps(maps_), gate(gate_), k(k_),
+        pad_len(padded_size(d_, k_, maps_)), z(d_.N * d_.HW), t(d_.N * d_.HW), dz(d_.N * d_.HW),
+        dmax(d_.N * d_.HW), B(d_.N * d_.HW), pads(d_.N * pad_len) {}
+
+  static int64_t padded_size(const Dims& d, int64_t k, Maps maps) {
+    const PadDims g(d.H, d.W, k, maps);
+    return g.M * g.plane();
+  }
+
+  template <typename scalar_t>
+  void samples(const scalar_t* dy, const scalar_t* x, const acc_t* S, int64_t n0, const Dims& d1) {
+    const int64_t i0 = n0 * d.HW, len = d1.N * d.HW;
+    const scalar_t* xn = x + n0 * d.sample();
+    const scalar_t* dyn = dy + n0 * d.sample();
+    spatial_small_forward<acc_t>(smaps + 2 * i0, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data() + i0,
+                                 t.data() + i0);
+    if (S)
+      dot_channels<scalar_t, true>(dyn, xn, d1, S + n0 * d.C, dz.data() + i0);
+    else
+      dot_channels<scalar_t, false>(dyn, xn, d1, nullptr, dz.data() + i0);
+    gate_backward(z.data() + i0, gate, len, dz.data() + i0);
+    spatial_input_backward<acc_t>(smaps + 2 * i0, dz.data() + i0, weight, maps, d1.N, d.H, d.W, k, dmax.data() + i0,
+                                  B.data() + i0, pads.data() + n0 * pad_len);
+    for (int64_t i = i0; i < i0 + len; ++i) B[i] /= acc_t(d.C);
+  }
+
+  void weights(acc_t* dweight, acc_t* dbias) const {
+    spatial_weight_backward<acc_t>(dz.data(), pads.data(), maps, d.N, d.H, d.W, k, dweight, dbias);
+  }
+};
+
 }  // namespace cpu
 }  // namespace attnfused

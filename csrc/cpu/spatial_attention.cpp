@@ -57,30 +57,18 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
     const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
-    const int64_t NHW = d.N * d.HW;
-    std::vector<acc_t> z(NHW), t(NHW), dz(NHW), dmax(NHW), dmean(NHW);
-    const PadDims pg(d.H, d.W, k, mp);
-    const int64_t pad_len = pg.M * pg.plane();
-    std::vector<acc_t> pads(d.N * pad_len);  // the conv's padded inputs, for its weight gradient
-    // samples [n0, n0 + d1.N): gate, dz = sum_c dy * x through it, back through the conv's input
-    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
-      const int64_t i0 = n0 * d.HW, len = d1.N * d.HW;
-      spatial_small_forward<acc_t>(sm + 2 * i0, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, d1.N, d.H,
-                                   d.W, k, z.data() + i0, t.data() + i0);
-      dot_channels<scalar_t, false>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, nullptr, dz.data() + i0);
-      gate_backward(z.data() + i0, g, len, dz.data() + i0);
-      spatial_input_backward<acc_t>(sm + 2 * i0, dz.data() + i0, wa.const_data_ptr<acc_t>(), mp, d1.N, d.H, d.W, k,
-                                    dmax.data() + i0, dmean.data() + i0, pads.data() + n0 * pad_len);
-      for (int64_t i = i0; i < i0 + len; ++i) dmean[i] /= acc_t(d.C);  // B = dmean / C
-    });
-    spatial_weight_backward<acc_t>(dz.data(), pads.data(), mp, d.N, d.H, d.W, k, dw.data_ptr<acc_t>(),
-                                   db.data_ptr<acc_t>());
+    SpatialBackward<acc_t> sp(d, sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, k);
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) { sp.samples(pdy, px, nullptr, n0, d1); });
+    sp.weights(dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
+    const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
+    const std::vector<acc_t>& B = sp.B;
+    const std::vector<acc_t>& dmax = sp.dmax;
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
-    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), dmean.data(), nullptr, nullptr, &hot,
+    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), B.data(), nullptr, nullptr, &hot,
                                                     [&](int64_t n, int64_t c, int64_t hw) {
       const int64_t i = n * d.HW + hw;
-      return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + dmean[i] + dmax[i];
+      return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + dmax[i];
     });
   });
   return {dx, grad_out(dw, weight, weight), grad_out(db, bias, weight)};
