@@ -2,9 +2,10 @@
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
-// Between the batch-wide steps (the channel MLP and its backward, the spatial conv's weight
-// gradient, dx) the passes run sample by sample in one parallel region where the batch allows
-// (for_samples): fewer thread hand-offs, and each sample's x read again while in cache.
+// Where the batch allows, all of it runs sample by sample in one parallel region (for_samples_around),
+// each sample's x (and dy) read again while in cache; the channel MLP joins in where its weights
+// are small beside a sample, else it runs batch-wide between the per-sample passes. The weight
+// gradients (MLP, spatial conv) sum over the batch at the end.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -38,10 +39,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    pool_space(px, d, pooled.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), o.pool != Pool::AVG);
-    const auto f = channel_small_forward<acc_t>(pooled.const_data_ptr<acc_t>(), w, o, d.N);
-    spatial_forward<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, k,
-                              smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>());
+    acc_t* pp = pooled.data_ptr<acc_t>();
+    ChannelSmall<acc_t> f(w, o, d.N);
+    for_samples_around(d, f.per_sample(d),
+        [&](int64_t n0, const Dims& d1) {
+          pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
+                     o.pool != Pool::AVG);
+        },
+        [&](int64_t n0, const Dims& d1) { f.forward(pp, n0, d1.N); },
+        [&](int64_t n0, const Dims& d1) {
+          spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
+                                            mp, sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
+                                            y.data_ptr<scalar_t>(), n0, d1);
+        });
   });
   return {y, pooled, argmax, smaps, sargmax};
 }
@@ -75,50 +85,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
+    scalar_t* pdx = dx.data_ptr<scalar_t>();
+    const acc_t* pp = pooled_c.const_data_ptr<acc_t>();
+    const int64_t* am = argmax_c.const_data_ptr<int64_t>();
     const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
-    const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
-    const int64_t NC = d.N * d.C;
-    // recompute the gates
-    const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
-    SpatialBackward<acc_t> sp(d, sm, swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp, sg, k);
+    ChannelSmall<acc_t> f(w, o, d.N);
+    SpatialBackward<acc_t> sp(d, smaps_c.const_data_ptr<acc_t>(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
+                              mp, sg, k);
     const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
     const std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax_s = sp.dmax;
-    std::vector<acc_t> dz(NC);
-    // everything of samples [n0, n0 + d1.N) up to dz: the spatial backward on x1 = x * s, then the
-    // channel backward's dz[n, c] = sum_hw dx1 * x with dx1 = dy * t + B + one-hot(sargmax) dmax_s
-    // (never stored), the one-hot part added per pixel in a fixed order
-    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
-      const int64_t i0 = n0 * d.HW;
-      sp.samples(pdy, px, f.S.data(), n0, d1);
-      dot_space<scalar_t, true, true>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, t.data() + i0, B.data() + i0,
-                                      dz.data() + n0 * d.C);
-      at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
-        for (int64_t n = b; n < e; ++n)
-          for (int64_t hw = 0; hw < d.HW; ++hw) {
-            const int64_t c = sam[n * d.HW + hw];
-            TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
-                              ")");
-            dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
-          }
-      });
-    });
+    std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
+    const bool joined = f.per_sample(d);
+    if (!joined) f.forward(pp, 0, d.N);  // the gates, recomputed
+    for_samples_around(d, joined,
+        // the spatial backward on x1 = x * s, then the channel backward's dz[n, c] = sum_hw dx1 * x
+        // with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored), the one-hot part added per
+        // pixel in a fixed order
+        [&](int64_t n0, const Dims& d1) {
+          if (joined) f.forward(pp, n0, d1.N);
+          const int64_t i0 = n0 * d.HW;
+          sp.samples(pdy, px, f.S.data(), n0, d1);
+          dot_space<scalar_t, true, true>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, t.data() + i0,
+                                          B.data() + i0, dz.data() + n0 * d.C);
+          at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
+            for (int64_t n = b; n < e; ++n)
+              for (int64_t hw = 0; hw < d.HW; ++hw) {
+                const int64_t c = sam[n * d.HW + hw];
+                TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
+                                  ")");
+                dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
+              }
+          });
+        },
+        [&](int64_t n0, const Dims& d1) { f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data()); },
+        // dx = dx1 * s + A + one-hot(argmax) dmax_c
+        [&](int64_t n0, const Dims& d1) {
+          const int64_t off = n0 * d.sample();
+          const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, sam + n0 * d.HW);  // "avg": no max
+          apply<scalar_t, true, true, true, true, true>(pdx + off, pdy + off, d1, t.data() + n0 * d.HW,
+                                                        B.data() + n0 * d.HW, f.S.data() + n0 * d.C,
+                                                        A.data() + n0 * d.C, &hot,
+                                                        [&](int64_t n1, int64_t c, int64_t hw) {
+            const int64_t n = n0 + n1, i = n * d.HW + hw, nc = n * d.C + c;
+            const acc_t dx1 =
+                static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
+            return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
+          });
+        });
     sp.weights(dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
-    std::vector<acc_t> dpooled(d.N * 2 * d.C), A(NC);
-    gate_backward(f.Z.data(), o.gate, NC, dz.data());
-    channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
-    for (int64_t n = 0; n < d.N; ++n)
-      for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
-    // dx = dx1 * s + A + one-hot(argmax) dmax_c
-    scalar_t* pdx = dx.data_ptr<scalar_t>();
-    const int64_t* am = argmax_c.const_data_ptr<int64_t>();
-    const HotIndex hot(d, o.pool == Pool::AVG ? nullptr : am, sam);  // "avg": no max, nothing marked
-    apply<scalar_t, true, true, true, true, true>(pdx, pdy, d, t.data(), B.data(), f.S.data(), A.data(), &hot,
-                                                  [&](int64_t n, int64_t c, int64_t hw) {
-      const int64_t i = n * d.HW + hw, nc = n * d.C + c;
-      const acc_t dx1 = static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
-      return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
-    });
+    f.backward_weights(dz.data(), dw1, db1, dw2, db2);
   });
   return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1),
           grad_out(dsw, sweight, sweight), grad_out(dsb, sbias, sweight)};

@@ -1,6 +1,7 @@
 // Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
-// Forward 2R+1W (pool, then scale; with the 1D conv sample by sample in one parallel region, where
-// the batch allows); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
+// Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
+// Both run sample by sample in one parallel region where the batch allows and f is cheap per
+// sample (for_samples_around): each sample's x (and dy) read again while in cache.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -28,18 +29,19 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
-    // samples [n0, n0 + d1.N): pool, f, scale
-    auto forward = [&](int64_t n0, const Dims& d1) {
-      const scalar_t* xn = px + n0 * d.sample();
-      acc_t* pn = pooled.data_ptr<acc_t>() + n0 * 2 * d.C;
-      pool_space(xn, d1, pn, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
-      const auto f = channel_small_forward<acc_t>(pn, w, o, d1.N);
-      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(), xn, d1, nullptr,
-                                                       nullptr, f.S.data(), nullptr);
-    };
-    // the 1D conv is cheap per sample: all of a sample in one region, its x read again from cache;
-    // the MLP reads its weights once per tile of samples, so it stays batch-wide
-    for_samples(d, o.kind == Kind::CONV, forward);
+    acc_t* pp = pooled.data_ptr<acc_t>();
+    ChannelSmall<acc_t> f(w, o, d.N);
+    for_samples_around(d, f.per_sample(d),
+        [&](int64_t n0, const Dims& d1) {
+          pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
+                     o.pool != Pool::AVG);
+        },
+        [&](int64_t n0, const Dims& d1) { f.forward(pp, n0, d1.N); },
+        [&](int64_t n0, const Dims& d1) {
+          apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(),
+                                                           px + n0 * d.sample(), d1, nullptr, nullptr,
+                                                           f.S.data() + n0 * d.C, nullptr);
+        });
   });
   return {y, pooled, argmax};
 }
@@ -63,20 +65,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
-    const auto f = channel_small_forward<acc_t>(pooled_c.const_data_ptr<acc_t>(), w, o, d.N);
-    std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
-    dot_space<scalar_t, false, false>(pdy, px, d, nullptr, nullptr, dz.data());
-    gate_backward(f.Z.data(), o.gate, d.N * d.C, dz.data());
-    channel_small_backward<acc_t>(f, dz.data(), w, o, dpooled.data(), dw1, db1, dw2, db2);
-    for (int64_t n = 0; n < d.N; ++n)
-      for (int64_t c = 0; c < d.C; ++c) A[n * d.C + c] = dpooled[n * 2 * d.C + c] / acc_t(d.HW);
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    const HotIndex hot(d, o.pool == Pool::AVG ? nullptr : argmax_c.const_data_ptr<int64_t>(), nullptr);
-    apply<scalar_t, true, false, false, true, true>(pdx, pdy, d, nullptr, nullptr, f.S.data(), A.data(), &hot,
-                                                    [&](int64_t n, int64_t c, int64_t hw) {
-      const int64_t nc = n * d.C + c;
-      return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
-    });
+    const acc_t* pp = pooled_c.const_data_ptr<acc_t>();
+    const int64_t* am = argmax_c.const_data_ptr<int64_t>();
+    ChannelSmall<acc_t> f(w, o, d.N);
+    std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
+    const bool joined = f.per_sample(d);
+    if (!joined) f.forward(pp, 0, d.N);  // the gates, recomputed
+    for_samples_around(d, joined,
+        [&](int64_t n0, const Dims& d1) {  // dz = sum over space of dy * x
+          if (joined) f.forward(pp, n0, d1.N);
+          dot_space<scalar_t, false, false>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, nullptr, nullptr,
+                                            dz.data() + n0 * d.C);
+        },
+        [&](int64_t n0, const Dims& d1) { f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data()); },
+        [&](int64_t n0, const Dims& d1) {  // dx = dy * s + A + one-hot(argmax) dmax
+          const int64_t off = n0 * d.sample();
+          const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, nullptr);
+          apply<scalar_t, true, false, false, true, true>(pdx + off, pdy + off, d1, nullptr, nullptr,
+                                                          f.S.data() + n0 * d.C, A.data() + n0 * d.C, &hot,
+                                                          [&](int64_t n1, int64_t c, int64_t hw) {
+            const int64_t n = n0 + n1, nc = n * d.C + c;
+            return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
+          });
+        });
+    f.backward_weights(dz.data(), dw1, db1, dw2, db2);
   });
   return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1)};
 }

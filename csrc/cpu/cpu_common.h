@@ -78,7 +78,40 @@ struct VecIO {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
     }
   }
+  // Whether store_stream can write a whole vector at p: float or double on AVX2, p aligned to it.
+  static bool can_stream(const scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)
+      return reinterpret_cast<uintptr_t>(p) % sizeof(Vec) == 0;
+#endif
+    return false;
+  }
+  // A whole vector written past the caches (a non-temporal store; p as can_stream requires).
+  // Saves the read of the line before the write, and keeps the output from evicting inputs still
+  // to be read. The writer fences (stream_fence) before others read the data.
+  static void store_stream(scalar_t* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, v);
+      return;
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_stream_pd(p, v);
+      return;
+    }
+#endif
+    store(p, v);
+  }
 };
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  _mm_sfence();
+#endif
+}
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay in cache for
+// their reader anyway, and the stores then skip reading each line first.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // The lanes of v summed in a fixed tree (shuffles on AVX2/AVX-512).
 template <typename acc_t>
@@ -385,10 +418,20 @@ inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int6
   }
 }
 
-// Rows per step of the column passes: a step reads kRowStep rows side by side (as many sequential
-// streams for the prefetcher) with its accumulators in registers, and spills them to L1 between
-// steps.
+// Rows per step of the column passes: a step reads kRowStep rows side by side with its
+// accumulators in registers, and spills them to L1 between steps. Over short row segments the
+// hardware prefetchers do not follow that walk (a line from each row in turn): each step then
+// fetches the next step's lines itself, kRowStep rows ahead (measured: the channels_last pooling
+// over space at C = 256 1.24x faster; over 3 KB segments the software prefetch cost 7-9%).
 constexpr int64_t kRowStep = 8;
+constexpr int64_t kPrefetchBelowBytes = 2048;
+
+// Prefetches the cache lines of p[0, n).
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
+}
 
 // Column pass: for columns [j0, j0 + L) (L <= kColBlock) of R rows (row r at base + r * stride),
 // sum, max and first argmax over the rows, each row scaled by rscale[r] if given. Every column is
@@ -408,6 +451,7 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
     return;
   }
   alignas(64) acc_t idx[kColBlock];
+  const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
     for (int64_t j = 0; j < L; j += U * V) {
@@ -428,6 +472,7 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
       }
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* p = base + r * stride + j0 + j;
+        if (ahead && r + kRowStep < R) prefetch(p + kRowStep * stride, U * V);
         const Vec sc(rscale ? rscale[r] : acc_t(1)), vr(static_cast<acc_t>(r));
         for (int64_t u = 0; u < U; ++u) {
           if (n[u] == 0) continue;
@@ -519,6 +564,7 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = IO::kSize, U = 4;
+  const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
     for (int64_t j = 0; j < L; j += U * V) {
@@ -531,6 +577,10 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* pa = a + r * stride + j0 + j;
         const scalar_t* px = kX ? x + r * stride + j0 + j : nullptr;
+        if (ahead && r + kRowStep < R) {
+          prefetch(pa + kRowStep * stride, U * V);
+          if constexpr (kX) prefetch(px + kRowStep * stride, U * V);
+        }
         const Vec vt(kT ? T[r] : acc_t(1)), vb(kB ? B[r] : acc_t(0)), vs(kS ? S[r] : acc_t(1));
         for (int64_t u = 0; u < U; ++u) {
           if (n[u] == 0) continue;
@@ -565,7 +615,14 @@ struct Dims {
     return n * C * HW + (cl ? hw * C + c : c * HW + hw);
   }
   Dims one_sample() const { return Dims{1, C, H, W, HW, cl}; }
+  int64_t numel() const { return N * C * HW; }
 };
+
+// Whether a pass writes its output (a tensor shaped like x, of the batch d) past the caches.
+template <typename scalar_t>
+bool stream_output(const Dims& d) {
+  return d.numel() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+}
 
 // Whether a sequence of passes should run sample by sample, in one parallel region over the
 // samples, rather than in a region per pass over the whole batch. Each region costs a thread
@@ -784,7 +841,7 @@ struct NoHot {  // the `value` of an apply without marked elements (never called
 template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA, typename F = NoHot>
 void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scalar_t>* T,
            const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
-           const HotIndex* hot = nullptr, const F& value = F()) {
+           const HotIndex* hot = nullptr, const F& value = F(), bool stream = false) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
@@ -794,6 +851,8 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
       const int64_t n = i / R, r = i % R;
       const scalar_t* pin = in + i * L;
       scalar_t* po = out + i * L;
+      const bool nt = stream && IO::can_stream(po);
+      auto put = [&](int64_t j, const Vec& v) { nt ? IO::store_stream(po + j, v) : IO::store(po + j, v); };
       // along the row: NCHW runs over hw (T, B vary, S, A fixed); channels_last over c (the reverse)
       const acc_t* Tn = kT ? T + n * d.HW : nullptr;
       const acc_t* Bn = kB ? B + n * d.HW : nullptr;
@@ -817,7 +876,7 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
           if constexpr (kB) v = v + Vec::loadu(Bn + j);
           if constexpr (kS) v = v * vs;
           if constexpr (kA) v = v + va;
-          IO::store(po + j, v);
+          put(j, v);
         }
       } else {
         const Vec vt(kT ? Tn[r] : acc_t(1)), vb(kB ? Bn[r] : acc_t(0));
@@ -827,15 +886,17 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
           if constexpr (kB) v = v + vb;
           if constexpr (kS) v = v * Vec::loadu(Sn + j);
           if constexpr (kA) v = v + Vec::loadu(An + j);
-          IO::store(po + j, v);
+          put(j, v);
         }
       }
       for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
+      if (nt && hot) stream_fence();  // the marked elements rewritten below land after the streamed row
       if (hot)
         hot->for_row(n, r, [&](int64_t p) {
           po[p] = static_cast<scalar_t>(cl ? value(n, p, r) : value(n, r, p));
         });
     }
+    if (stream) stream_fence();  // before another thread reads the streamed rows
   });
 }
 
@@ -877,18 +938,6 @@ inline const acc_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-template <typename acc_t>
-struct ChannelSmall {
-  int64_t N, C, P, Cr;
-  std::vector<acc_t> V;   // [N*P, C] the inputs of f
-  std::vector<acc_t> HP;  // [N*P, Cr] MLP pre-activations
-  std::vector<acc_t> H;   // [N*P, Cr] MLP hidden activations, act(HP)
-  std::vector<acc_t> G;   // [N, Cr] the second layer's input: sum over p of H (empty for P = 1: H)
-  std::vector<acc_t> Z;   // [N, C] logits
-  std::vector<acc_t> S;   // [N, C] gate
-  const acc_t* hidden_sum() const { return P > 1 ? G.data() : H.data(); }
-};
-
 // The inputs of f: V [N*P, C], row n * P + p = input p of sample n (pool_input of avg and max).
 template <typename acc_t>
 void fill_pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_t* V) {
@@ -899,95 +948,158 @@ void fill_pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_
         V[(n * P + p) * C + c] = small::pool_input(pooled[n * 2 * C + c], pooled[n * 2 * C + C + c], pool, int(p));
 }
 
+// The channel function f of a batch (the MLP or the 1D conv on the pooled vectors) and its
+// backward, for any range of samples at a time: the whole batch at once (its GEMMs parallel), or
+// sample by sample inside a per-sample region. Each element is one fixed-order chain either way, so
+// the bits do not depend on the split. The weight gradients then sum over the whole batch.
 template <typename acc_t>
-ChannelSmall<acc_t> channel_small_forward(const acc_t* pooled, const ChannelWeights& w, const ChannelOptions& o,
-                                          int64_t N) {
-  const int64_t C = w.C, P = small::pool_inputs(o.pool), Cr = w.Cr, rows = N * P;
-  ChannelSmall<acc_t> r{N, C, P, Cr, std::vector<acc_t>(rows * C), std::vector<acc_t>(rows * Cr),
-                        std::vector<acc_t>(rows * Cr), std::vector<acc_t>(P > 1 ? N * Cr : 0),
-                        std::vector<acc_t>(N * C), std::vector<acc_t>(N * C)};
-  fill_pool_inputs(pooled, o.pool, N, C, r.V.data());
-  const acc_t* w1 = w.w1.data_ptr<acc_t>();
-  if (o.kind == Kind::MLP) {
-    // the whole batch at once: HP = V W1^T + b1, H = act(HP). The second layer is linear, so
-    // z = sum over p of (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample
-    gemm_nt<acc_t>(r.V.data(), w1, ptr_or_null<acc_t>(w.b1), rows, Cr, C, r.HP.data());
-    for (int64_t i = 0; i < rows * Cr; ++i) r.H[i] = act_fwd(r.HP[i], o.act);
-    for (int64_t n = 0; P > 1 && n < N; ++n)
-      for (int64_t j = 0; j < Cr; ++j) {
-        acc_t g = r.H[n * P * Cr + j];
-        for (int64_t p = 1; p < P; ++p) g = g + r.H[(n * P + p) * Cr + j];
-        r.G[n * Cr + j] = g;
-      }
-    std::vector<acc_t> bias2;
-    if (w.b2.defined()) {
+class ChannelSmall {
+ public:
+  ChannelSmall(const ChannelWeights& w, const ChannelOptions& o, int64_t N)
+      : w_(w), o_(o), N(N), C(w.C), P(small::pool_inputs(o.pool)), Cr(w.Cr), V(N * P * C), HP(N * P * Cr),
+        H(N * P * Cr), G(P > 1 ? N * Cr : 0), Z(N * C), S(N * C), DHP(N * P * Cr) {
+    if (o.kind == Kind::MLP && w.b2.defined()) {  // z = (sum over p of H_p) W2^T + P b2
       const acc_t* b2 = w.b2.data_ptr<acc_t>();
-      bias2.resize(C);
-      for (int64_t c = 0; c < C; ++c) bias2[c] = acc_t(P) * b2[c];
+      bias2_.resize(C);
+      for (int64_t c = 0; c < C; ++c) bias2_[c] = acc_t(P) * b2[c];
     }
-    gemm_nt<acc_t>(r.hidden_sum(), w.w2.data_ptr<acc_t>(), bias2.empty() ? nullptr : bias2.data(), N, C, Cr,
-                   r.Z.data());
-    gate_forward(r.Z.data(), o.gate, N * C, r.S.data());
-    return r;
   }
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      acc_t* z = r.Z.data() + n * C;
-      for (int64_t p = 0; p < P; ++p) small::conv1d_forward(r.V.data() + (n * P + p) * C, w1, w.k, C, o.padding, z, p > 0);
-    }
-  });
-  gate_forward(r.Z.data(), o.gate, N * C, r.S.data());
-  return r;
-}
 
-// Back through f: from dz [N, C] (gradient of the logits) to dpooled [N, 2, C] and the weight
-// gradients (acc dtype tensors shaped like the weights; undefined where the weight is absent).
-template <typename acc_t>
-void channel_small_backward(const ChannelSmall<acc_t>& f, const acc_t* dz, const ChannelWeights& w,
-                            const ChannelOptions& o, acc_t* dpooled, at::Tensor& dw1, at::Tensor& db1,
-                            at::Tensor& dw2, at::Tensor& db2) {
-  const int64_t N = f.N, C = f.C, P = f.P, Cr = f.Cr, rows = N * P;
-  const acc_t* w1 = w.w1.data_ptr<acc_t>();
-  auto opts = w.w1.options();
-  std::vector<acc_t> DV(rows * C);  // gradient of the inputs of f
-  if (o.kind == Kind::MLP) {
-    // dz is the logits' gradient of each of a sample's P inputs, and the second layer saw their
-    // sum G: DH = dz W2 (one row per sample), DHP = act'(HP) * DH, DV = DHP W1, dW1 = DHP^T V,
-    // dW2 = dz^T G; each element summed in order (gemm_nn)
-    std::vector<acc_t> DH(N * Cr), DHP(rows * Cr);
-    gemm_nn<acc_t>(dz, C, 1, w.w2.data_ptr<acc_t>(), N, Cr, C, DH.data());
-    for (int64_t i = 0; i < rows * Cr; ++i) DHP[i] = DH[i / (P * Cr) * Cr + i % Cr] * act_grad(f.HP[i], o.act);
-    gemm_nn<acc_t>(DHP.data(), Cr, 1, w1, rows, C, Cr, DV.data());
-    dw1 = at::empty({Cr, C}, opts);
-    dw2 = at::empty({C, Cr}, opts);
-    gemm_nn<acc_t>(DHP.data(), 1, Cr, f.V.data(), Cr, C, rows, dw1.data_ptr<acc_t>());
-    gemm_nn<acc_t>(dz, 1, C, f.hidden_sum(), C, Cr, N, dw2.data_ptr<acc_t>());
-    if (w.b1.defined()) {
-      db1 = at::empty({Cr}, opts);
-      for (int64_t j = 0; j < Cr; ++j) db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
+  // Whether f should run sample by sample with the passes around it (for_samples_around): always
+  // for the 1D conv; the MLP reads its weights once per tile of samples when batch-wide and once
+  // per sample otherwise, which pays where they are small beside a sample of x.
+  bool per_sample(const Dims& d) const {
+    return o_.kind == Kind::CONV || 2 * C * Cr * kMlpWeightsPerSample <= d.sample();
+  }
+
+  // Z and S of samples [n0, n0 + n) from pooled [N, 2, C] (mean, max).
+  void forward(const acc_t* pooled, int64_t n0, int64_t n) {
+    const int64_t r0 = n0 * P, rows = n * P;
+    fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + r0 * C);
+    const acc_t* w1 = w_.w1.data_ptr<acc_t>();
+    if (o_.kind == Kind::MLP) {
+      // HP = V W1^T + b1, H = act(HP). The second layer is linear, so z = sum over p of
+      // (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample
+      gemm_nt<acc_t>(V.data() + r0 * C, w1, ptr_or_null<acc_t>(w_.b1), rows, Cr, C, HP.data() + r0 * Cr);
+      for (int64_t i = r0 * Cr; i < (r0 + rows) * Cr; ++i) H[i] = act_fwd(HP[i], o_.act);
+      for (int64_t s = n0; P > 1 && s < n0 + n; ++s)
+        for (int64_t j = 0; j < Cr; ++j) {
+          acc_t g = H[s * P * Cr + j];
+          for (int64_t p = 1; p < P; ++p) g = g + H[(s * P + p) * Cr + j];
+          G[s * Cr + j] = g;
+        }
+      gemm_nt<acc_t>(hidden_sum() + n0 * Cr, w_.w2.data_ptr<acc_t>(), bias2_.empty() ? nullptr : bias2_.data(), n,
+                     C, Cr, Z.data() + n0 * C);
+    } else {
+      at::parallel_for(n0, n0 + n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t s = b; s < e; ++s)
+          for (int64_t p = 0; p < P; ++p)
+            small::conv1d_forward(V.data() + (s * P + p) * C, w1, w_.k, C, o_.padding, Z.data() + s * C, p > 0);
+      });
     }
-    if (w.b2.defined()) {
-      db2 = at::empty({C}, opts);
-      for (int64_t c = 0; c < C; ++c) db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
+    gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
+  }
+
+  // Back through f for samples [n0, n0 + n): dz [N, C] (the gates' gradient, turned into the
+  // logits' in place) to dpooled [N, 2, C] and A [N, C] = dpooled's mean half / HW (what each
+  // element of x gets through the mean).
+  void backward_inputs(acc_t* dz, int64_t n0, int64_t n, int64_t HW, acc_t* dpooled, acc_t* A) {
+    const int64_t r0 = n0 * P, rows = n * P;
+    gate_backward(Z.data() + n0 * C, o_.gate, n * C, dz + n0 * C);
+    std::vector<acc_t> DV(rows * C);  // the inputs' gradient
+    if (o_.kind == Kind::MLP) {
+      // dz is the logits' gradient of each of a sample's P inputs, and the second layer saw their
+      // sum G: DH = dz W2 (one row per sample), DHP = act'(HP) * DH, DV = DHP W1
+      std::vector<acc_t> DH(n * Cr);
+      gemm_nn<acc_t>(dz + n0 * C, C, 1, w_.w2.data_ptr<acc_t>(), n, Cr, C, DH.data());
+      for (int64_t i = 0; i < rows * Cr; ++i)
+        DHP[r0 * Cr + i] = DH[i / (P * Cr) * Cr + i % Cr] * act_grad(HP[r0 * Cr + i], o_.act);
+      gemm_nn<acc_t>(DHP.data() + r0 * Cr, Cr, 1, w_.w1.data_ptr<acc_t>(), rows, C, Cr, DV.data());
+    } else {
+      at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          small::conv1d_backward(dz + (n0 + r / P) * C, w_.w1.data_ptr<acc_t>(), w_.k, C, o_.padding,
+                                 DV.data() + r * C, false);
+      });
     }
-  } else {
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) small::conv1d_backward(dz + r / P * C, w1, w.k, C, o.padding, DV.data() + r * C, false);
-    });
-    dw1 = at::empty({1, 1, w.k}, opts);
+    for (int64_t s = 0; s < n; ++s) {  // back through pool_input, p in order
+      acc_t* davg = dpooled + (n0 + s) * 2 * C;
+      acc_t* dmax = davg + C;
+      std::fill(davg, davg + 2 * C, acc_t(0));
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t c = 0; c < C; ++c)
+          small::pool_input_backward(DV[(s * P + p) * C + c], o_.pool, int(p), davg[c], dmax[c]);
+      for (int64_t c = 0; c < C; ++c) A[(n0 + s) * C + c] = davg[c] / acc_t(HW);
+    }
+  }
+
+  // The weight gradients over the whole batch (after backward_inputs covered every sample), in
+  // the accumulation dtype and shaped like the weights; undefined where the weight is absent.
+  void backward_weights(const acc_t* dz, at::Tensor& dw1, at::Tensor& db1, at::Tensor& dw2, at::Tensor& db2) const {
+    const int64_t rows = N * P;
+    auto opts = w_.w1.options();
+    if (o_.kind == Kind::MLP) {  // dW1 = DHP^T V, dW2 = dz^T G; each element summed in order (gemm_nn)
+      dw1 = at::empty({Cr, C}, opts);
+      dw2 = at::empty({C, Cr}, opts);
+      gemm_nn<acc_t>(DHP.data(), 1, Cr, V.data(), Cr, C, rows, dw1.data_ptr<acc_t>());
+      gemm_nn<acc_t>(dz, 1, C, hidden_sum(), C, Cr, N, dw2.data_ptr<acc_t>());
+      if (w_.b1.defined()) {
+        db1 = at::empty({Cr}, opts);
+        for (int64_t j = 0; j < Cr; ++j)
+          db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
+      }
+      if (w_.b2.defined()) {
+        db2 = at::empty({C}, opts);
+        for (int64_t c = 0; c < C; ++c)
+          db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
+      }
+      return;
+    }
+    dw1 = at::empty({1, 1, w_.k}, opts);
     acc_t* gw = dw1.data_ptr<acc_t>();
-    at::parallel_for(0, w.k, 1, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(f.V.data(), dz, rows, P, w.k, C, o.padding, j);
+    at::parallel_for(0, w_.k, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(V.data(), dz, rows, P, w_.k, C, o_.padding, j);
     });
   }
-  // dpooled: the inputs' gradients back through pool_input, p in order
-  for (int64_t n = 0; n < N; ++n) {
-    acc_t* davg = dpooled + n * 2 * C;
-    acc_t* dmax = davg + C;
-    std::fill(davg, davg + 2 * C, acc_t(0));
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t c = 0; c < C; ++c) small::pool_input_backward(DV[(n * P + p) * C + c], o.pool, int(p), davg[c], dmax[c]);
+
+ private:
+  // A sample of x must hold this many times the MLP's weights for f to run sample by sample.
+  static constexpr int64_t kMlpWeightsPerSample = 4;
+  const ChannelWeights& w_;
+  ChannelOptions o_;
+  std::vector<acc_t> bias2_;
+
+ public:
+  const int64_t N, C, P, Cr;
+  std::vector<acc_t> V;    // [N*P, C] the inputs of f
+  std::vector<acc_t> HP;   // [N*P, Cr] MLP pre-activations
+  std::vector<acc_t> H;    // [N*P, Cr] MLP hidden activations, act(HP)
+  std::vector<acc_t> G;    // [N, Cr] the second layer's input: sum over p of H (empty for P = 1: H)
+  std::vector<acc_t> Z;    // [N, C] logits
+  std::vector<acc_t> S;    // [N, C] gate
+  std::vector<acc_t> DHP;  // [N*P, Cr] the pre-activations' gradient (backward of the MLP)
+
+  const acc_t* hidden_sum() const { return P > 1 ? G.data() : H.data(); }
+};
+
+// Runs `before`, `middle` and `after` over all samples: sample by sample in one parallel region
+// when `joined` (and the batch allows, for_samples), else `before` and `after` each in their own
+// (per-sample where the batch allows) and `middle` once over the whole batch between them. middle
+// is the step that couples samples when batch-wide (the channel MLP), before/after the passes
+// over x around it.
+template <typename F1, typename F2, typename F3>
+void for_samples_around(const Dims& d, bool joined, const F1& before, const F2& middle, const F3& after) {
+  if (joined) {
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      before(n0, d1);
+      middle(n0, d1);
+      after(n0, d1);
+    });
+    return;
   }
+  for_samples(d, true, before);
+  middle(int64_t(0), d);
+  for_samples(d, true, after);
 }
 
 // Spatial small math. The k x k conv runs as vectorized row axpys over zero-padded maps
@@ -1039,29 +1151,28 @@ void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t*
   gate_forward(z, gate, N * HW, t);
 }
 
-// Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x): smaps [N, 2, HW] and
-// sargmax [N, HW] of x1, the conv and gate t [N, HW], and out = x1 * t. Sample by sample where
-// the batch allows (for_samples).
+// Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x) for samples
+// [n0, n0 + d1.N): smaps [N, 2, HW] and sargmax [N, HW] of x1, the conv and gate t, and out = x1 * t.
+// Pointers are the whole batch's.
 template <typename scalar_t>
-void spatial_forward(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S, const acc_type<scalar_t>* weight,
-                     const acc_type<scalar_t>* bias, Maps maps, Gate gate, int64_t k, acc_type<scalar_t>* smaps,
-                     int64_t* sargmax, scalar_t* out) {
+void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S,
+                             const acc_type<scalar_t>* weight, const acc_type<scalar_t>* bias, Maps maps, Gate gate,
+                             int64_t k, acc_type<scalar_t>* smaps, int64_t* sargmax, scalar_t* out, int64_t n0,
+                             const Dims& d1) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> z(d.N * d.HW), t(d.N * d.HW);
-  for_samples(d, true, [&](int64_t n0, const Dims& d1) {
-    const scalar_t* xn = x + n0 * d.sample();
-    const acc_t* Sn = S ? S + n0 * d.C : nullptr;
-    acc_t* smn = smaps + n0 * 2 * d.HW;
-    pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);
-    spatial_small_forward<acc_t>(smn, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data() + n0 * d.HW,
-                                 t.data() + n0 * d.HW);
-    if (S)
-      apply<scalar_t, true, true, false, true, false>(out + n0 * d.sample(), xn, d1, t.data() + n0 * d.HW, nullptr,
-                                                      Sn, nullptr);
-    else
-      apply<scalar_t, true, true, false, false, false>(out + n0 * d.sample(), xn, d1, t.data() + n0 * d.HW, nullptr,
-                                                       nullptr, nullptr);
-  });
+  std::vector<acc_t> z(d1.N * d.HW), t(d1.N * d.HW);
+  const scalar_t* xn = x + n0 * d.sample();
+  const acc_t* Sn = S ? S + n0 * d.C : nullptr;
+  acc_t* smn = smaps + n0 * 2 * d.HW;
+  pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);
+  spatial_small_forward<acc_t>(smn, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data(), t.data());
+  const bool stream = stream_output<scalar_t>(d);
+  if (S)
+    apply<scalar_t, true, true, false, true, false>(out + n0 * d.sample(), xn, d1, t.data(), nullptr, Sn, nullptr,
+                                                    nullptr, NoHot(), stream);
+  else
+    apply<scalar_t, true, true, false, false, false>(out + n0 * d.sample(), xn, d1, t.data(), nullptr, nullptr,
+                                                     nullptr, nullptr, NoHot(), stream);
 }
 
 // Back through the spatial conv, input side: from dz [N, HW] to dmax, dmean [N, HW], and the

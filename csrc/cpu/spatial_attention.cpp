@@ -1,6 +1,7 @@
 // Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
 // Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
-// sample by sample in one parallel region where the batch allows (for_samples).
+// sample by sample in one parallel region where the batch allows (for_samples), the conv's weight
+// gradient summed over the batch at the end.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -27,9 +28,11 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    spatial_forward<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
-                              ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
-                              y.data_ptr<scalar_t>());
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
+                                        ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(),
+                                        sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), n0, d1);
+    });
   });
   return {y, smaps, sargmax};
 }
@@ -58,18 +61,23 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
     const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
     SpatialBackward<acc_t> sp(d, sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, k);
-    for_samples(d, true, [&](int64_t n0, const Dims& d1) { sp.samples(pdy, px, nullptr, n0, d1); });
-    sp.weights(dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
     const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
     const std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax = sp.dmax;
+    const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
-    apply<scalar_t, true, true, true, false, false>(pdx, pdy, d, t.data(), B.data(), nullptr, nullptr, &hot,
-                                                    [&](int64_t n, int64_t c, int64_t hw) {
-      const int64_t i = n * d.HW + hw;
-      return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + dmax[i];
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      sp.samples(pdy, px, nullptr, n0, d1);
+      // dx = dy * t + B + one-hot(sargmax) dmax
+      const int64_t off = n0 * d.sample(), i0 = n0 * d.HW;
+      const HotIndex hot(d1, nullptr, sam + i0);
+      apply<scalar_t, true, true, true, false, false>(pdx + off, pdy + off, d1, t.data() + i0, B.data() + i0, nullptr,
+                                                      nullptr, &hot, [&](int64_t n1, int64_t c, int64_t hw) {
+        const int64_t n = n0 + n1, i = n * d.HW + hw;
+        return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + dmax[i];
+      });
     });
+    sp.weights(dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
   });
   return {dx, grad_out(dw, weight, weight), grad_out(db, bias, weight)};
 }
