@@ -2,10 +2,9 @@
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
-// Where the batch allows, all of it runs sample by sample in one parallel region (for_samples_around),
-// each sample's x (and dy) read again while in cache; the channel MLP joins in where its weights
-// are small beside a sample, else it runs batch-wide between the per-sample passes. The weight
-// gradients (MLP, spatial conv) sum over the batch at the end.
+// Where the batch allows, all of it, the channel MLP included, runs sample by sample in one parallel
+// region (for_samples), each sample's x (and dy) read again while in cache. The weight gradients
+// (MLP, spatial conv) sum over the batch at the end.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -41,17 +40,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
-    for_samples_around(d, f.per_sample(d),
-        [&](int64_t n0, const Dims& d1) {
-          pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
-                     o.pool != Pool::AVG);
-        },
-        [&](int64_t n0, const Dims& d1) { f.forward(pp, n0, d1.N); },
-        [&](int64_t n0, const Dims& d1) {
-          spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
-                                            mp, sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
-                                            y.data_ptr<scalar_t>(), n0, d1);
-        });
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
+                 o.pool != Pool::AVG);
+      f.forward(pp, n0, d1.N);
+      spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp,
+                                        sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
+                                        y.data_ptr<scalar_t>(), n0, d1);
+    });
   });
   return {y, pooled, argmax, smaps, sargmax};
 }
@@ -96,43 +92,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax_s = sp.dmax;
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
-    const bool joined = f.per_sample(d);
-    if (!joined) f.forward(pp, 0, d.N);  // the gates, recomputed
-    for_samples_around(d, joined,
-        // the spatial backward on x1 = x * s, then the channel backward's dz[n, c] = sum_hw dx1 * x
-        // with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored), the one-hot part added per
-        // pixel in a fixed order
-        [&](int64_t n0, const Dims& d1) {
-          if (joined) f.forward(pp, n0, d1.N);
-          const int64_t i0 = n0 * d.HW;
-          sp.samples(pdy, px, f.S.data(), n0, d1);
-          dot_space<scalar_t, true, true>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, t.data() + i0,
-                                          B.data() + i0, dz.data() + n0 * d.C);
-          at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
-            for (int64_t n = b; n < e; ++n)
-              for (int64_t hw = 0; hw < d.HW; ++hw) {
-                const int64_t c = sam[n * d.HW + hw];
-                TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
-                                  ")");
-                dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
-              }
-          });
-        },
-        [&](int64_t n0, const Dims& d1) { f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data()); },
-        // dx = dx1 * s + A + one-hot(argmax) dmax_c
-        [&](int64_t n0, const Dims& d1) {
-          const int64_t off = n0 * d.sample();
-          const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, sam + n0 * d.HW);  // "avg": no max
-          apply<scalar_t, true, true, true, true, true>(pdx + off, pdy + off, d1, t.data() + n0 * d.HW,
-                                                        B.data() + n0 * d.HW, f.S.data() + n0 * d.C,
-                                                        A.data() + n0 * d.C, &hot,
-                                                        [&](int64_t n1, int64_t c, int64_t hw) {
-            const int64_t n = n0 + n1, i = n * d.HW + hw, nc = n * d.C + c;
-            const acc_t dx1 =
-                static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
-            return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
-          });
-        });
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      const int64_t i0 = n0 * d.HW, off = n0 * d.sample();
+      f.forward(pp, n0, d1.N);  // the gates, recomputed
+      // the spatial backward on x1 = x * s, then the channel backward's dz[n, c] = sum_hw dx1 * x
+      // with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored), the one-hot part added per
+      // pixel in a fixed order
+      sp.samples(pdy, px, f.S.data(), n0, d1);
+      dot_space<scalar_t, true, true>(pdy + off, px + off, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
+      at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
+        for (int64_t n = b; n < e; ++n)
+          for (int64_t hw = 0; hw < d.HW; ++hw) {
+            const int64_t c = sam[n * d.HW + hw];
+            TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
+                              ")");
+            dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
+          }
+      });
+      f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
+      // dx = dx1 * s + A + one-hot(argmax) dmax_c
+      const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, sam + i0);  // "avg": no max
+      apply<scalar_t, true, true, true, true, true>(pdx + off, pdy + off, d1, t.data() + i0, B.data() + i0,
+                                                    f.S.data() + n0 * d.C, A.data() + n0 * d.C, &hot,
+                                                    [&](int64_t n1, int64_t c, int64_t hw) {
+        const int64_t n = n0 + n1, i = n * d.HW + hw, nc = n * d.C + c;
+        const acc_t dx1 = static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + (sam[i] == c ? dmax_s[i] : acc_t(0));
+        return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
+      });
+    });
     sp.weights(dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
     f.backward_weights(dz.data(), dw1, db1, dw2, db2);
   });

@@ -1,7 +1,7 @@
 // Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
 // Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
-// Both run sample by sample in one parallel region where the batch allows and f is cheap per
-// sample (for_samples_around): each sample's x (and dy) read again while in cache.
+// Both run sample by sample, f included, in one parallel region where the batch allows
+// (for_samples): each sample's x (and dy) read again while in cache.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
@@ -31,17 +31,14 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
-    for_samples_around(d, f.per_sample(d),
-        [&](int64_t n0, const Dims& d1) {
-          pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
-                     o.pool != Pool::AVG);
-        },
-        [&](int64_t n0, const Dims& d1) { f.forward(pp, n0, d1.N); },
-        [&](int64_t n0, const Dims& d1) {
-          apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + n0 * d.sample(),
-                                                           px + n0 * d.sample(), d1, nullptr, nullptr,
-                                                           f.S.data() + n0 * d.C, nullptr);
-        });
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      const int64_t off = n0 * d.sample();
+      pool_space(px + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
+      f.forward(pp, n0, d1.N);
+      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, px + off, d1, nullptr, nullptr,
+                                                       f.S.data() + n0 * d.C, nullptr, nullptr, NoHot(),
+                                                       stream_output<scalar_t>(d));
+    });
   });
   return {y, pooled, argmax};
 }
@@ -70,25 +67,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
-    const bool joined = f.per_sample(d);
-    if (!joined) f.forward(pp, 0, d.N);  // the gates, recomputed
-    for_samples_around(d, joined,
-        [&](int64_t n0, const Dims& d1) {  // dz = sum over space of dy * x
-          if (joined) f.forward(pp, n0, d1.N);
-          dot_space<scalar_t, false, false>(pdy + n0 * d.sample(), px + n0 * d.sample(), d1, nullptr, nullptr,
-                                            dz.data() + n0 * d.C);
-        },
-        [&](int64_t n0, const Dims& d1) { f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data()); },
-        [&](int64_t n0, const Dims& d1) {  // dx = dy * s + A + one-hot(argmax) dmax
-          const int64_t off = n0 * d.sample();
-          const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, nullptr);
-          apply<scalar_t, true, false, false, true, true>(pdx + off, pdy + off, d1, nullptr, nullptr,
-                                                          f.S.data() + n0 * d.C, A.data() + n0 * d.C, &hot,
-                                                          [&](int64_t n1, int64_t c, int64_t hw) {
-            const int64_t n = n0 + n1, nc = n * d.C + c;
-            return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
-          });
-        });
+    for_samples(d, true, [&](int64_t n0, const Dims& d1) {
+      const int64_t off = n0 * d.sample();
+      f.forward(pp, n0, d1.N);  // the gates, recomputed
+      dot_space<scalar_t, false, false>(pdy + off, px + off, d1, nullptr, nullptr, dz.data() + n0 * d.C);
+      f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
+      // dx = dy * s + A + one-hot(argmax) dmax
+      const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, nullptr);
+      apply<scalar_t, true, false, false, true, true>(pdx + off, pdy + off, d1, nullptr, nullptr,
+                                                      f.S.data() + n0 * d.C, A.data() + n0 * d.C, &hot,
+                                                      [&](int64_t n1, int64_t c, int64_t hw) {
+        const int64_t n = n0 + n1, nc = n * d.C + c;
+        return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
+      });
+    });
     f.backward_weights(dz.data(), dw1, db1, dw2, db2);
   });
   return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1)};

@@ -65,7 +65,8 @@ Tensor spatial_scale_kernel(const Tensor& x, const Tensor& t) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_scale_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     apply<scalar_t, true, true, false, false, false>(y.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), d,
-                                                     ta.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr);
+                                                     ta.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr,
+                                                     NoHot(), stream_output<scalar_t>(d));
   });
   return y;
 }
@@ -82,7 +83,8 @@ std::tuple<Tensor, Tensor> spatial_scale_backward_kernel(const Tensor& grad_y, c
     using acc_t = acc_type<scalar_t>;
     const scalar_t* pdy = grad_y.const_data_ptr<scalar_t>();
     apply<scalar_t, true, true, false, false, false>(dx.data_ptr<scalar_t>(), pdy, d, ta.const_data_ptr<acc_t>(),
-                                                     nullptr, nullptr, nullptr);
+                                                     nullptr, nullptr, nullptr, nullptr, NoHot(),
+                                                     stream_output<scalar_t>(d));
     dot_channels<scalar_t, false>(pdy, x.const_data_ptr<scalar_t>(), d, nullptr, dt.data_ptr<acc_t>());
   });
   return {dx, dt.to(t.scalar_type())};
