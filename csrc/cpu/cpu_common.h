@@ -441,6 +441,15 @@ inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int6
 constexpr int64_t kRowStep = 8;
 constexpr int64_t kPrefetchBelowBytes = 2048;
 
+// step(j, full) over the column chunks [j, j + W) of [0, L): full (std::true_type) for the whole
+// chunks, so that their loops compile without the tail's lane counts; the tail's chunk last.
+template <int64_t W, typename F>
+inline void step_columns(int64_t L, const F& step) {
+  int64_t j = 0;
+  for (; j + W <= L; j += W) step(j, std::true_type{});
+  if (j < L) step(j, std::false_type{});
+}
+
 // Prefetches the cache lines of p[0, n).
 template <typename T>
 inline void prefetch(const T* p, int64_t n) {
@@ -469,11 +478,12 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
   const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
-    for (int64_t j = 0; j < L; j += U * V) {
+    auto step = [&](int64_t j, auto full) {  // columns [j, j + U * V), all of them if full
+      constexpr bool kFull = decltype(full)::value;
       int64_t n[U];
       Vec vs[U], vm[U], vi[U];
       for (int64_t u = 0; u < U; ++u) {
-        n[u] = std::clamp<int64_t>(L - j - u * V, 0, V);
+        n[u] = kFull ? V : std::clamp<int64_t>(L - j - u * V, 0, V);
         if (n[u] == 0) continue;
         if (r0 == 0) {
           vs[u] = Vec(acc_t(0));
@@ -505,7 +515,8 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
         vm[u].store(mx + j + u * V, n[u]);
         vi[u].store(idx + j + u * V, n[u]);
       }
-    }
+    };
+    step_columns<U * V>(L, step);
   }
   for (int64_t j = 0; j < L; ++j) {
     arg[j] = static_cast<int64_t>(idx[j]);
@@ -582,11 +593,12 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
   const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
-    for (int64_t j = 0; j < L; j += U * V) {
+    auto step = [&](int64_t j, auto full) {  // columns [j, j + U * V), all of them if full
+      constexpr bool kFull = decltype(full)::value;
       int64_t n[U];
       Vec acc[U];
       for (int64_t u = 0; u < U; ++u) {
-        n[u] = std::clamp<int64_t>(L - j - u * V, 0, V);
+        n[u] = kFull ? V : std::clamp<int64_t>(L - j - u * V, 0, V);
         acc[u] = r0 == 0 || n[u] == 0 ? Vec(acc_t(0)) : Vec::loadu(out + j + u * V, n[u]);
       }
       for (int64_t r = r0; r < r1; ++r) {
@@ -613,7 +625,8 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
       }
       for (int64_t u = 0; u < U; ++u)
         if (n[u]) acc[u].store(out + j + u * V, n[u]);
-    }
+    };
+    step_columns<U * V>(L, step);
   }
 }
 
