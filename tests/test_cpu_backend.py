@@ -162,7 +162,8 @@ def test_spatial_pool_and_scale_direct(lay):
     smaps, sargmax, t = _spatial_half_ops(x)
     mx, idx = x.max(1)
     assert torch.equal(smaps[:, 0], mx) and torch.equal(sargmax, idx)
-    assert torch.allclose(smaps[:, 1], x.mean(1), rtol=1e-12, atol=0)
+    # norm-wise: a mean of 13 near-cancelling values is ill-conditioned elementwise in any order
+    assert rel_err(smaps[:, 1], x.mean(1)) <= TOLERANCE[torch.float64]
     gs = rand(*smaps.shape)
     dx = C_OPS.spatial_pool_backward(gs, x, sargmax)
     xr = x.clone().requires_grad_()
