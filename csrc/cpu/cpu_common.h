@@ -666,10 +666,10 @@ inline bool per_sample_passes(const Dims& d) {
 }
 
 // Runs f(n0, d1) over the samples [n0, n0 + d1.N): f(n, one sample) for every n in one parallel
-// region when `allowed` and per_sample_passes(d) say so, else f(0, d) once (its passes parallel).
+// region when per_sample_passes(d) says so, else f(0, d) once (its passes parallel).
 template <typename F>
-void for_samples(const Dims& d, bool allowed, const F& f) {
-  if (allowed && per_sample_passes(d)) {
+void for_samples(const Dims& d, const F& f) {
+  if (per_sample_passes(d)) {
     at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
       for (int64_t n = b; n < e; ++n) f(n, d.one_sample());
     });
