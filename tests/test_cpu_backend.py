@@ -104,15 +104,19 @@ def test_conv_kernel_wider_than_channels():
         _check(case, (2, 3, 4, 4), torch.float64, lay)
 
 
-@pytest.mark.parametrize("per_sample", ["0", "1"])
+@pytest.mark.parametrize("per_sample", ["0", "1", "auto"])
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", CBAM_CASES[:6] + SPATIAL_CASES[:3] + [CHANNEL_CASES[8], CHANNEL_CASES[13],
                                                                          CHANNEL_CASES[15]], ids=str)
 def test_both_pass_orders(case, lay, per_sample, monkeypatch):
-    """The passes of CBAM, of spatial attention and of the 1D-conv channel attention's forward
-    sample by sample (one parallel region) and pass by pass over the batch."""
-    monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
-    _check(case, (3, 19, 20, 15), torch.float32, lay)
+    """The passes of CBAM, of spatial attention and of channel attention pass by pass over the batch
+    ("0"), sample by sample in one parallel region ("1"), and by the thread count's choice ("auto":
+    with 2 threads, groups of 2 samples)."""
+    if per_sample == "auto":
+        monkeypatch.delenv("ATTNFUSED_CPU_PER_SAMPLE", raising=False)
+    else:
+        monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+    _check(case, (4, 19, 20, 15), torch.float32, lay)
 
 
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])

@@ -2,8 +2,8 @@
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
-// Where the batch allows, all of it, the channel MLP included, runs sample by sample in one parallel
-// region (for_samples), each sample's x (and dy) read again while in cache. The weight gradients
+// Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups) in one
+// parallel region (for_samples), each sample's x (and dy) read again while in cache. The weight gradients
 // (MLP, spatial conv) sum over the batch at the end.
 #include "cpu/cpu_common.h"
 
@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
                  o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N);
@@ -92,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax_s = sp.dmax;
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t i0 = n0 * d.HW, off = n0 * d.sample();
       f.forward(pp, n0, d1.N);  // the gates, recomputed
       // the spatial backward on x1 = x * s, then the channel backward's dz[n, c] = sum_hw dx1 * x

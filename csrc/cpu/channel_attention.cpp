@@ -1,6 +1,6 @@
 // Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
 // Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
-// Both run sample by sample, f included, in one parallel region where the batch allows
+// Both run sample by sample (in groups), f included, in one parallel region where the batch allows
 // (for_samples): each sample's x (and dy) read again while in cache.
 #include "cpu/cpu_common.h"
 
@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
       pool_space(px + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N);
@@ -67,7 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
     ChannelSmall<acc_t> f(w, o, d.N);
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
       f.forward(pp, n0, d1.N);  // the gates, recomputed
       dot_space<scalar_t, false, false>(pdy + off, px + off, d1, nullptr, nullptr, dz.data() + n0 * d.C);

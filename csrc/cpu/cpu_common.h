@@ -119,6 +119,13 @@ inline acc_t lanes_sum(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
 }
 
+// The lanes' max, in a tree of shuffles (a serial chain over the lanes cost rows of 49 nearly half
+// their pooling time). Order does not change a max of non-NaN values; callers handle NaN apart.
+template <typename acc_t>
+inline acc_t lanes_max(const at::vec::Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // Max with NaN propagation (the first NaN wins), as torch.max.
 template <typename T>
 inline bool max_takes(T v, T m) {
@@ -270,7 +277,7 @@ void gemm_nt_tiles(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I,
   });
 }
 
-// Tiles as tall as I allows (one row: one sample's MLP, sample by sample): no repeated rows.
+// Tiles as tall as I allows (one row: one sample's MLP): no repeated rows.
 template <typename acc_t>
 void gemm_nt(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, int64_t M, int64_t K, acc_t* out) {
   if (I == 1) return gemm_nt_tiles<acc_t, 1, 8>(A, B, bias, I, M, K, out);
@@ -359,10 +366,7 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_
   }
   acc_t s = lanes_sum(s0 + s1), m = -std::numeric_limits<acc_t>::infinity();
   if constexpr (kMax) {
-    alignas(64) acc_t lm[2 * V];
-    m0.store(lm);
-    m1.store(lm + V);
-    for (int64_t l = 0; l < 2 * V; ++l) m = std::max(m, lm[l]);
+    m = lanes_max(at::vec::maximum(m0, m1));
   }
   for (int64_t j = i; j < L; ++j) {
     const acc_t v = val_at(j);
@@ -642,7 +646,7 @@ struct Dims {
   int64_t at(int64_t n, int64_t c, int64_t hw) const {
     return n * C * HW + (cl ? hw * C + c : c * HW + hw);
   }
-  Dims one_sample() const { return Dims{1, C, H, W, HW, cl}; }
+  Dims first(int64_t n) const { return Dims{n, C, H, W, HW, cl}; }  // shaped like n of the samples
   int64_t numel() const { return N * C * HW; }
 };
 
@@ -652,12 +656,12 @@ bool stream_output(const Dims& d) {
   return d.numel() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 }
 
-// Whether a sequence of passes should run sample by sample, in one parallel region over the
-// samples, rather than in a region per pass over the whole batch. Each region costs a thread
+// Whether a sequence of passes should run sample by sample (in groups, for_samples), in one parallel
+// region over the samples, rather than in a region per pass over the whole batch. Each region costs a thread
 // hand-off (65-85 us measured here under OMP_WAIT_POLICY=PASSIVE, a few us when threads spin), and
 // a sample read by consecutive passes stays in cache: measured equal or faster at every ResNet-50
 // stage shape at batch 8 (CBAM backward 15-30%). Needs enough samples to keep every thread busy;
-// $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces it off / on (the tests run both).
+// $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces it off / on, one sample per group (the tests run all three).
 inline bool per_sample_passes(const Dims& d) {
   const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
@@ -665,17 +669,35 @@ inline bool per_sample_passes(const Dims& d) {
   return d.N >= threads && (d.N % threads == 0 || d.N >= 4 * threads);
 }
 
-// Runs f(n0, d1) over the samples [n0, n0 + d1.N): f(n, one sample) for every n in one parallel
-// region when per_sample_passes(d) says so, else f(0, d) once (its passes parallel).
-template <typename F>
-void for_samples(const Dims& d, const F& f) {
-  if (per_sample_passes(d)) {
-    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) f(n, d.one_sample());
-    });
-  } else {
-    f(int64_t(0), d);
+// Samples are taken in groups of up to this many bytes of x: the channel MLP then reads its
+// weights once per group rather than once per sample (at 2048 x 7 x 7 the weights are 5x a
+// sample's bytes), while a group's x still stays in cache between the passes.
+constexpr int64_t kGroupBytes = int64_t(2) << 20;
+
+// Samples per group: the fewest groups, a multiple of the thread count, whose size fits kGroupBytes
+// (at least one sample).
+inline int64_t samples_per_group(int64_t N, int64_t sample_bytes, int64_t threads) {
+  for (int64_t groups = threads;; groups += threads) {
+    const int64_t g = (N + groups - 1) / groups;
+    if (g == 1 || g * sample_bytes <= kGroupBytes) return g;
   }
+}
+
+// Runs f(n0, d1) over the samples [n0, n0 + d1.N): over groups of samples (samples_per_group;
+// $ATTNFUSED_CPU_PER_SAMPLE=1: one sample each) in one parallel region when per_sample_passes(d)
+// says so, else f(0, d) once (its passes parallel). Results do not depend on the split.
+template <typename scalar_t, typename F>
+void for_samples(const Dims& d, const F& f) {
+  if (!per_sample_passes(d)) return f(int64_t(0), d);
+  const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
+  const int64_t g = env && env[0] == '1'
+                        ? 1
+                        : samples_per_group(d.N, d.sample() * int64_t(sizeof(scalar_t)), at::get_num_threads());
+  at::parallel_for(0, (d.N + g - 1) / g, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      f(q * g, d.first(std::min(g, d.N - q * g)));
+    }
+  });
 }
 
 inline Dims dims_of(const at::Tensor& x) {
@@ -979,12 +1001,12 @@ void fill_pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_
 }
 
 // The channel function f of a batch (the MLP or the 1D conv on the pooled vectors) and its
-// backward, for any range of samples at a time: sample by sample inside a per-sample region
+// backward, for any range of samples at a time: group by group inside a per-sample region
 // (for_samples), or the whole batch at once (its GEMMs parallel). Each element is one fixed-order
 // chain either way, so the bits do not depend on the split. The weight gradients then sum over the
-// whole batch. Sample by sample, the MLP reads its weights once per sample rather than once per
-// tile of 4; it still measured faster at every ResNet-50 stage (1.2-1.45x at 14x14 and 7x7, batch
-// 8; 1.06-1.1x at 7x7, batch 32): the whole op then runs in one parallel region.
+// whole batch. Group by group, the MLP reads its weights once per group rather than once per tile
+// of 4; sample by sample it still measured faster at every ResNet-50 stage (1.2-1.45x at 14x14 and
+// 7x7, batch 8; 1.06-1.1x at 7x7, batch 32): the whole op then runs in one parallel region.
 template <typename acc_t>
 class ChannelSmall {
  public:

@@ -1,6 +1,6 @@
 // Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
 // Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
-// sample by sample in one parallel region where the batch allows (for_samples), the conv's weight
+// sample by sample (in groups) in one parallel region where the batch allows (for_samples), the conv's weight
 // gradient summed over the batch at the end.
 #include "cpu/cpu_common.h"
 
@@ -28,7 +28,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
                                         ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(),
                                         sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), n0, d1);
@@ -66,7 +66,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     const std::vector<acc_t>& dmax = sp.dmax;
     const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
-    for_samples(d, [&](int64_t n0, const Dims& d1) {
+    for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       sp.samples(pdy, px, nullptr, n0, d1);
       // dx = dy * t + B + one-hot(sargmax) dmax
       const int64_t off = n0 * d.sample(), i0 = n0 * d.HW;
