@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     dev = a.device
     if dev.type == "cpu":
         env.use_all_cores()
+        env.keep_freed_memory()
     blocks = _csv_list(a.blocks, BLOCKS, "blocks")
     providers = _csv_list(a.providers, PROVIDERS, "providers")
     modes = _csv_list(a.modes, MODES, "modes")

@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     dev = a.device
     if dev.type == "cpu":
         env.use_all_cores()
+        env.keep_freed_memory()
     fmt = torch.channels_last if a.layout == "cl" else torch.contiguous_format
     amp = AMP[a.amp]
     modes = [m for m in a.modes.split(",") if m]
