@@ -17,7 +17,8 @@ import torch
 import attnfused
 from attnfused import backends
 from attnfused.reference import functional as R
-from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rel_err
+from attnfused.accuracy import bound
+from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests import cases
 from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
 from tests.triton._env import DEVICES, INTERPRET, dtypes
@@ -126,28 +127,44 @@ def test_saved_tensors_match_reference_backend(lay, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_ops_take_any_strides(device):
     """Called directly (the functional layer copies unusual strides first), the kernels
-    address x through (h, w) strides: a view that skips every other column."""
+    address x through (h, w) strides: a view that skips every other column. Checked against the
+    reference backend's ops in float64, each gradient within its target or twice the float32 noise
+    floor (how far the float64 result moves when its inputs move by one float32 roundoff: this
+    case's hardsigmoid gates have kinks, and its bias gradients nearly cancel)."""
     case = CBAM_CASES[5]
     o = case.o
-    x = layout(rand(*SHAPE, dtype=torch.float32, device=device), "strided")
-    g = layout(rand(*SHAPE, dtype=torch.float32, device=device), "strided")
-    w = {k: None if v is None else v.float().to(device) for k, v in case.weights(SHAPE[1]).items()}
-    args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
-            o["padding"], o["maps"], o["sgate"])
-    for be, xx, gg in ((B, x, g), ("reference", x.cpu().contiguous(), g.cpu().contiguous())):
-        out = torch.ops.attnfused.cbam(xx, *[a.to(xx.device) if isinstance(a, torch.Tensor) else a
-                                             for a in args], be)
-        grads = torch.ops.attnfused.cbam_backward(gg, xx, *out[1:], *[a.to(xx.device) if isinstance(a, torch.Tensor)
-                                                                      else a for a in args], be)
-        if be == B:
-            res = [t.cpu() for t in (*out, *grads)]
-        else:
-            ref = list(out) + list(grads)
-    for a, b in zip(res, ref):
+    opts = (o["kind"], o["pool"], o["act"], o["gate"], o["padding"], o["maps"], o["sgate"])
+    x64 = rand_distinct(*SHAPE, dtype=torch.float32).double()
+    g64 = rand(*SHAPE).float().double()
+    w64 = {k: None if v is None else v.float().double() for k, v in case.weights(SHAPE[1]).items()}
+
+    def run(x, g, w, backend):
+        ws = [None if w[k] is None else w[k].to(x.device) for k in ("w1", "b1", "w2", "b2", "sw", "sb")]
+        out = torch.ops.attnfused.cbam(x, *ws, *opts, backend)
+        grads = torch.ops.attnfused.cbam_backward(g, x, *out[1:], *ws, *opts, backend)
+        return [t.cpu() for t in (*out, *grads)]
+
+    def strided(t):
+        return None if t is None else layout(t.to(device=device, dtype=torch.float32), "strided")
+
+    got = run(strided(x64), strided(g64), {k: None if v is None else v.float() for k, v in w64.items()}, B)
+    ref = run(x64, g64, w64, "reference")
+
+    def nudge(t):
+        return None if t is None else t * (1 + cases.FLOAT32_ROUNDOFF * torch.randn_like(t))
+
+    floor = [0.0] * len(ref)
+    for _ in range(2):
+        moved = run(nudge(x64), nudge(g64), {k: nudge(v) for k, v in w64.items()}, "reference")
+        floor = [f if r.dtype == torch.int64 or not r.numel() else max(f, rel_err(m, r))
+                 for f, m, r in zip(floor, moved, ref)]
+    names = ("y", "pooled", "argmax", "smaps", "sargmax", "dx", "dw1", "db1", "dw2", "db2", "dsw", "dsb")
+    for name, a, b, f in zip(names, got, ref, floor):
         if b.dtype == torch.int64:
-            assert torch.equal(a, b)
+            assert torch.equal(a, b), name
         elif b.numel():
-            assert rel_err(a, b) <= GRAD_TOLERANCE[torch.float32]
+            tol = bound(GRAD_TOLERANCE[torch.float32], f)
+            assert rel_err(a, b) <= tol, f"{name}: rel err {rel_err(a, b):.3g} (bound {tol:.3g})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
