@@ -2,9 +2,9 @@
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
-// Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups) in one
-// parallel region (for_samples), each sample's x (and dy) read again while in cache. The weight gradients
-// (MLP, spatial conv) sum over the batch at the end.
+// Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups)
+// in one parallel region (for_samples), each sample's x (and dy) read again while in cache. The
+// weight gradients (MLP, spatial conv) sum over the batch at the end.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>

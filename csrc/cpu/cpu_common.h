@@ -656,12 +656,13 @@ bool stream_output(const Dims& d) {
   return d.numel() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 }
 
-// Whether a sequence of passes should run sample by sample (in groups, for_samples), in one parallel
-// region over the samples, rather than in a region per pass over the whole batch. Each region costs a thread
-// hand-off (65-85 us measured here under OMP_WAIT_POLICY=PASSIVE, a few us when threads spin), and
-// a sample read by consecutive passes stays in cache: measured equal or faster at every ResNet-50
-// stage shape at batch 8 (CBAM backward 15-30%). Needs enough samples to keep every thread busy;
-// $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces it off / on, one sample per group (the tests run all three).
+// Whether a sequence of passes should run sample by sample (in groups, for_samples), in one
+// parallel region over the samples, rather than in a region per pass over the whole batch. Each
+// region costs a thread hand-off (65-85 us measured here under OMP_WAIT_POLICY=PASSIVE, a few us
+// when threads spin), and a sample read by consecutive passes stays in cache: measured equal or
+// faster at every ResNet-50 stage shape at batch 8 (CBAM backward 15-30%). Needs enough samples to
+// keep every thread busy. $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces it off / on with one sample per
+// group (the tests run both and the default).
 inline bool per_sample_passes(const Dims& d) {
   const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
@@ -694,9 +695,7 @@ void for_samples(const Dims& d, const F& f) {
                         ? 1
                         : samples_per_group(d.N, d.sample() * int64_t(sizeof(scalar_t)), at::get_num_threads());
   at::parallel_for(0, (d.N + g - 1) / g, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      f(q * g, d.first(std::min(g, d.N - q * g)));
-    }
+    for (int64_t q = b; q < e; ++q) f(q * g, d.first(std::min(g, d.N - q * g)));
   });
 }
 

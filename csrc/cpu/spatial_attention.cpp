@@ -1,7 +1,7 @@
 // Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
 // Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
-// sample by sample (in groups) in one parallel region where the batch allows (for_samples), the conv's weight
-// gradient summed over the batch at the end.
+// sample by sample (in groups) in one parallel region where the batch allows (for_samples), the
+// conv's weight gradient summed over the batch at the end.
 #include "cpu/cpu_common.h"
 
 #include <torch/library.h>
