@@ -656,44 +656,36 @@ bool stream_output(const Dims& d) {
   return d.numel() * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 }
 
-// Whether a sequence of passes should run sample by sample (in groups, for_samples), in one
-// parallel region over the samples, rather than in a region per pass over the whole batch. Each
-// region costs a thread hand-off (65-85 us measured here under OMP_WAIT_POLICY=PASSIVE, a few us
-// when threads spin), and a sample read by consecutive passes stays in cache: measured equal or
-// faster at every ResNet-50 stage shape at batch 8 (CBAM backward 15-30%). Needs enough samples to
-// keep every thread busy. $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces it off / on with one sample per
-// group (the tests run both and the default).
-inline bool per_sample_passes(const Dims& d) {
-  const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
-  if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  const int64_t threads = at::get_num_threads();
-  return d.N >= threads && (d.N % threads == 0 || d.N >= 4 * threads);
-}
-
 // Samples are taken in groups of up to this many bytes of x: the channel MLP then reads its
 // weights once per group rather than once per sample (at 2048 x 7 x 7 the weights are 5x a
 // sample's bytes), while a group's x still stays in cache between the passes.
 constexpr int64_t kGroupBytes = int64_t(2) << 20;
 
-// Samples per group: the fewest groups, a multiple of the thread count, whose size fits kGroupBytes
-// (at least one sample).
-inline int64_t samples_per_group(int64_t N, int64_t sample_bytes, int64_t threads) {
+// How a sequence of passes runs (for_samples): 0 pass by pass over the whole batch, a region per
+// pass; else sample by sample in one parallel region over groups of this many samples. Each region
+// costs a thread hand-off (65-85 us measured here under OMP_WAIT_POLICY=PASSIVE, a few us when
+// threads spin), and a sample read by consecutive passes stays in cache: measured equal or faster
+// at every ResNet-50 stage shape at batch 8 (CBAM backward 15-30%). Needs enough samples to keep
+// every thread busy; the groups are then the fewest, a multiple of the thread count, that fit
+// kGroupBytes (at least one sample). $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces batch passes / one
+// sample per group (the tests run both and the default).
+inline int64_t samples_per_group(const Dims& d, int64_t sample_bytes) {
+  const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
+  if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1' ? 1 : 0;
+  const int64_t threads = at::get_num_threads();
+  if (d.N < threads || (d.N % threads != 0 && d.N < 4 * threads)) return 0;
   for (int64_t groups = threads;; groups += threads) {
-    const int64_t g = (N + groups - 1) / groups;
+    const int64_t g = (d.N + groups - 1) / groups;
     if (g == 1 || g * sample_bytes <= kGroupBytes) return g;
   }
 }
 
-// Runs f(n0, d1) over the samples [n0, n0 + d1.N): over groups of samples (samples_per_group;
-// $ATTNFUSED_CPU_PER_SAMPLE=1: one sample each) in one parallel region when per_sample_passes(d)
-// says so, else f(0, d) once (its passes parallel). Results do not depend on the split.
+// Runs f(n0, d1) over the samples [n0, n0 + d1.N): group by group in one parallel region, or
+// f(0, d) once (its passes parallel), as samples_per_group says. Results do not depend on the split.
 template <typename scalar_t, typename F>
 void for_samples(const Dims& d, const F& f) {
-  if (!per_sample_passes(d)) return f(int64_t(0), d);
-  const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
-  const int64_t g = env && env[0] == '1'
-                        ? 1
-                        : samples_per_group(d.N, d.sample() * int64_t(sizeof(scalar_t)), at::get_num_threads());
+  const int64_t g = samples_per_group(d, d.sample() * int64_t(sizeof(scalar_t)));
+  if (g == 0) return f(int64_t(0), d);
   at::parallel_for(0, (d.N + g - 1) / g, 1, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) f(q * g, d.first(std::min(g, d.N - q * g)));
   });
