@@ -83,13 +83,31 @@ def test_max_pools_follow_torch_on_nonfinite(lay):
     x[0, 0, 1, 1] = float("nan")  # a NaN in the first row
     x[1, 3, 4, 4], x[1, 7, 4, 4] = float("inf"), -float("inf")  # a NaN sum without a NaN
     x[1, 6, 0, 2], x[1, 12, 0, 2] = -float("inf"), float("inf")
-    x = layout(x, lay)
+    _assert_max_pools_follow_torch(layout(x, lay))
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_max_pools_take_the_first_of_tied_maxima(lay):
+    """Rows full of ties (three distinct values): the argmax is the first position of the max, as
+    torch's, whichever vector lane, chain or tail element holds it; rows of -inf give position 0."""
+    x = torch.randint(0, 3, (3, 37, 7, 9)).float()  # rows of 63 (over space) and 37 (over channels)
+    x[0, :, 2, 3] = -float("inf")  # a pixel of -inf
+    x[1, 4] = -float("inf")  # a channel of -inf
+    x[2, 5], x[2, 5, 6, 8] = 0.0, 1.0  # a channel whose max is its last element
+    x[2, :, 1, 1], x[2, 36, 1, 1] = 0.0, 1.0  # a pixel whose max is its last channel
+    _assert_max_pools_follow_torch(layout(x, lay))
+
+
+def _assert_max_pools_follow_torch(x):
+    """The max maps and argmax of spatial_pool (over channels) and of channel attention's avg+max
+    pool (over space) equal torch.max's bit for bit."""
     exact = dict(rtol=0, atol=0, equal_nan=True)
     smaps, sargmax = C_OPS.spatial_pool(x)
     mx, idx = x.max(1)
     torch.testing.assert_close(smaps[:, 0], mx, **exact)
     assert torch.equal(sargmax, idx)
-    w1, w2 = torch.randn(4, 20), torch.randn(20, 4)
+    C = x.shape[1]
+    w1, w2 = torch.randn(4, C), torch.randn(C, 4)
     _, pooled, argmax = C_OPS.channel_attention(x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid",
                                                 "zeros")
     mx, idx = x.flatten(2).max(2)

@@ -126,6 +126,11 @@ inline acc_t lanes_max(const at::vec::Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
 }
 
+template <typename acc_t>
+inline acc_t lanes_min(const at::vec::Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return at::vec::minimum(a, b); }, v);
+}
+
 // Max with NaN propagation (the first NaN wins), as torch.max.
 template <typename T>
 inline bool max_takes(T v, T m) {
@@ -331,8 +336,9 @@ void gemm_nn(const acc_t* A, int64_t sai, int64_t sak, const acc_t* B, int64_t I
 
 // Sum of the row p[0..L) (times S[0..L) elementwise with kS), and with kMax its max and first
 // argmax (NaN wins, as torch.max). Two independent chains of each accumulator, kept in registers,
-// hide the latency. The max runs on plain compares: a row that meets a NaN (its sum is NaN then)
-// takes torch's NaN rule in the argmax scan.
+// hide the latency; each max lane keeps the start of the block where it last rose, so the argmax
+// needs no second look at the row. The max runs on plain compares: a row that meets a NaN (its sum
+// is NaN then) is scanned again for its first NaN.
 template <typename scalar_t, bool kMax = true, bool kS = false>
 inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_type<scalar_t>& mx, int64_t& arg,
                      const acc_type<scalar_t>* S = nullptr) {
@@ -346,52 +352,60 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_
     return v;
   };
   auto val_at = [&](int64_t i) { return kS ? static_cast<acc_t>(p[i]) * S[i] : static_cast<acc_t>(p[i]); };
+  // block starts are exact in acc_t below 2^digits; longer rows (never met in practice) scan again
+  const bool exact = L < (int64_t(1) << std::numeric_limits<acc_t>::digits);
   Vec s0(acc_t(0)), s1(acc_t(0));
   Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
+  Vec b0(acc_t(0)), b1(acc_t(0));  // block start of each lane's max (chain 1: plus V)
   int64_t i = 0;
   for (; i + 2 * V <= L; i += 2 * V) {
     const Vec v0 = vec_at(i), v1 = vec_at(i + V);
     s0 += v0;
     s1 += v1;
     if constexpr (kMax) {
-      m0 = Vec::blendv(m0, v0, v0 > m0);
-      m1 = Vec::blendv(m1, v1, v1 > m1);
+      const Vec t0 = v0 > m0, t1 = v1 > m1, vi(static_cast<acc_t>(i));
+      m0 = Vec::blendv(m0, v0, t0);
+      m1 = Vec::blendv(m1, v1, t1);
+      b0 = Vec::blendv(b0, vi, t0);
+      b1 = Vec::blendv(b1, vi, t1);
     }
   }
   if (i + V <= L) {
     const Vec v0 = vec_at(i);
     s0 += v0;
-    if constexpr (kMax) m0 = Vec::blendv(m0, v0, v0 > m0);
+    if constexpr (kMax) {
+      const Vec t0 = v0 > m0;
+      m0 = Vec::blendv(m0, v0, t0);
+      b0 = Vec::blendv(b0, Vec(static_cast<acc_t>(i)), t0);
+    }
     i += V;
   }
   acc_t s = lanes_sum(s0 + s1), m = -std::numeric_limits<acc_t>::infinity();
+  int64_t a = 0;
   if constexpr (kMax) {
     m = lanes_max(at::vec::maximum(m0, m1));
+    // the first position among the lanes that hold the max (all -inf: position 0, which is -inf too)
+    const Vec vm(m), iota = Vec::arange(acc_t(0), acc_t(1)), past(static_cast<acc_t>(L));
+    const Vec a0 = Vec::blendv(past, b0 + iota, m0 == vm), a1 = Vec::blendv(past, b1 + iota + Vec(acc_t(V)), m1 == vm);
+    a = static_cast<int64_t>(lanes_min(at::vec::minimum(a0, a1)));
+    if (a >= L) a = 0;
   }
   for (int64_t j = i; j < L; ++j) {
     const acc_t v = val_at(j);
     s += v;
-    if constexpr (kMax) m = std::max(m, v);
+    if constexpr (kMax)
+      if (v > m) m = v, a = j;
   }
   sum = s;
   if constexpr (kMax) {
-    // the row is in L1 now: find the first element equal to the max, or the first NaN, V at a time
-    const bool nan = std::isnan(s) && [&] {
-      for (int64_t j = 0; j < L; ++j)
-        if (std::isnan(val_at(j))) return true;
-      return false;  // infinities of both signs, no NaN
-    }();
-    if (nan) m = std::numeric_limits<acc_t>::quiet_NaN();
-    const Vec vm(m);
-    int64_t j = 0, a = -1;
-    for (; j + V <= L && a < 0; j += V) {
-      const Vec v = vec_at(j);
-      const int hit = ~(nan ? v.isnan() : (v == vm)).zero_mask() & ((1 << V) - 1);
-      if (hit) a = j + __builtin_ctz(hit);
-    }
-    for (; j < L && a < 0; ++j) {
-      const acc_t v = val_at(j);
-      if (nan ? std::isnan(v) : v == m) a = j;
+    if (std::isnan(s) || !exact) {
+      // a NaN (or infinities of both signs) met this row, or block starts may be inexact: the first
+      // NaN, else the first element equal to the max (the row is in L1 now)
+      a = -1;
+      for (int64_t j = 0; j < L && a < 0; ++j)
+        if (std::isnan(val_at(j))) a = j, m = val_at(j);
+      for (int64_t j = 0; j < L && a < 0; ++j)
+        if (val_at(j) == m) a = j;
     }
     mx = m;
     arg = std::max<int64_t>(a, 0);
