@@ -120,8 +120,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
         return dx1 * f.S[nc] + A[nc] + (am[nc] == hw ? dpooled[n * 2 * d.C + d.C + c] : acc_t(0));
       });
     });
-    sp.weights(dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>());
-    f.backward_weights(dz.data(), dw1, db1, dw2, db2);
+    // every weight gradient in one parallel region
+    std::vector<Job> jobs = f.backward_weights(dz.data(), dw1, db1, dw2, db2);
+    jobs.push_back(sp.weights(dsw.data_ptr<acc_t>(), dsb.data_ptr<acc_t>()));
+    run_jobs(jobs);
   });
   return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1),
           grad_out(dsw, sweight, sweight), grad_out(dsb, sbias, sweight)};

@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
         return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A[nc] + dpooled[n * 2 * d.C + d.C + c];
       });
     });
-    f.backward_weights(dz.data(), dw1, db1, dw2, db2);
+    run_jobs(f.backward_weights(dz.data(), dw1, db1, dw2, db2));
   });
   return {dx, grad_out(dw1, w1, w1), grad_out(db1, b1, w1), grad_out(dw2, w2, w1), grad_out(db2, b2, w1)};
 }

@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
         return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B[i] + dmax[i];
       });
     });
-    sp.weights(dw.data_ptr<acc_t>(), db.data_ptr<acc_t>());
+    run_jobs({sp.weights(dw.data_ptr<acc_t>(), db.data_ptr<acc_t>())});
   });
   return {dx, grad_out(dw, weight, weight), grad_out(db, bias, weight)};
 }
