@@ -235,7 +235,7 @@ struct Job {
 };
 
 // Runs the jobs in one parallel region: one thread hand-off for all of them (65-85 us each under
-// OMP_WAIT_POLICY=PASSIVE, measured; the weight gradients of a CBAM backward were 4 regions). The
+// OMP_WAIT_POLICY=PASSIVE, measured; the weight gradients of a CBAM backward took 3 regions). The
 // tasks, job after job, are cut into runs of about equal work, one per thread (fewer under
 // kJobGrain of work each); a task's results do not depend on the run that takes it.
 inline void run_jobs(const std::vector<Job>& jobs) {
@@ -310,10 +310,15 @@ Job gemm_nt_tiles(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, 
 
 // Tiles as tall as I allows (one row: one sample's MLP): no repeated rows.
 template <typename acc_t>
+Job gemm_nt_job(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, int64_t M, int64_t K, acc_t* out) {
+  if (I == 1) return gemm_nt_tiles<acc_t, 1, 8>(A, B, bias, I, M, K, out);
+  if (I <= 3) return gemm_nt_tiles<acc_t, 2, 4>(A, B, bias, I, M, K, out);
+  return gemm_nt_tiles<acc_t, 4, 2>(A, B, bias, I, M, K, out);
+}
+
+template <typename acc_t>
 void gemm_nt(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, int64_t M, int64_t K, acc_t* out) {
-  if (I == 1) return run_jobs({gemm_nt_tiles<acc_t, 1, 8>(A, B, bias, I, M, K, out)});
-  if (I <= 3) return run_jobs({gemm_nt_tiles<acc_t, 2, 4>(A, B, bias, I, M, K, out)});
-  run_jobs({gemm_nt_tiles<acc_t, 4, 2>(A, B, bias, I, M, K, out)});
+  run_jobs({gemm_nt_job(A, B, bias, I, M, K, out)});
 }
 
 // out[i * M + m] = sum_k A[i * sai + k * sak] * B[k * M + m]: the axpy form, B's rows contiguous
@@ -1146,10 +1151,10 @@ class ChannelSmall {
     dw1 = at::empty({1, 1, w_.k}, opts);
     acc_t* gw = dw1.data_ptr<acc_t>();
     const acc_t* v = V.data();
-    const int64_t k = w_.k;
+    const int64_t k = w_.k, p = P, c = C;
     const Padding padding = o_.padding;
-    return {{k, rows * C, [=](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(v, dz, rows, P, k, C, padding, j);
+    return {{k, rows * c, [gw, v, dz, rows, p, k, c, padding](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) gw[j] = small::conv1d_dweight_at(v, dz, rows, p, k, c, padding, j);
     }}};
   }
 
