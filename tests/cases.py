@@ -119,6 +119,24 @@ def _to(w: dict, **kw) -> dict:
 FLOAT32_ROUNDOFF = 2.0**-24
 
 
+def nudge(t):
+    """t (a tensor, None, or a dict of them) with every element moved by about one float32 roundoff."""
+    if isinstance(t, dict):
+        return {k: nudge(v) for k, v in t.items()}
+    return None if t is None else t * (1 + FLOAT32_ROUNDOFF * torch.randn_like(t))
+
+
+def float32_noise_floor(run, args, ref, draws=2):
+    """Per output of run(*args): the worst relative move of the float64 result `ref` over `draws`
+    random nudges of every input by one float32 roundoff (0 for int64 and empty outputs)."""
+    worst = [0.0] * len(ref)
+    for _ in range(draws):
+        moved = run(*[nudge(a) for a in args])
+        worst = [w if r.dtype == torch.int64 or not r.numel() else max(w, rel_err(m, r))
+                 for w, m, r in zip(worst, moved, ref)]
+    return worst
+
+
 def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     """The bound on each gradient's error: its target, or twice the error of the plain PyTorch
     reference run in float32 (accuracy.bound, as the benchmarks' parity check), or twice the float32
@@ -133,17 +151,15 @@ def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     xe = x64.float().requires_grad_()
     we = {k: None if v is None else v.float().requires_grad_() for k, v in w64.items()}
     grads = torch.autograd.grad(case.run(xe, we), grad_leaves(xe, we)[1], g64.float())
-    worst = [rel_err(e, r) for e, r in zip(grads, ref_grads)]
+    eager = [rel_err(e, r) for e, r in zip(grads, ref_grads)]
 
-    def nudge(t):
-        return None if t is None else t * (1 + FLOAT32_ROUNDOFF * torch.randn_like(t))
+    def run(xp, wp, gp):
+        xp = xp.requires_grad_()
+        wp = {k: None if v is None else v.requires_grad_() for k, v in wp.items()}
+        return torch.autograd.grad(case.run(xp, wp), grad_leaves(xp, wp)[1], gp)
 
-    for _ in range(draws):
-        xp = nudge(x64).requires_grad_()
-        wp = {k: None if v is None else nudge(v).requires_grad_() for k, v in w64.items()}
-        grads = torch.autograd.grad(case.run(xp, wp), grad_leaves(xp, wp)[1], nudge(g64))
-        worst = [max(m, rel_err(e, r)) for m, e, r in zip(worst, grads, ref_grads)]
-    return [bound(t, m) for t, m in zip(targets, worst)]
+    floor = float32_noise_floor(run, (x64, w64, g64), ref_grads, draws)
+    return [bound(t, max(e, f)) for t, e, f in zip(targets, eager, floor)]
 
 
 def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
