@@ -178,25 +178,6 @@ AF_HOST_DEVICE T conv1d_dweight_at(const T* V, const T* dz, int64_t rows, int64_
   return acc;
 }
 
-// One sample: out (+)= conv1d(v); dv (+)= conv1d backward of dout.
-template <typename T>
-AF_HOST_DEVICE void conv1d_forward(const T* v, const T* w, int64_t k, int64_t C, Padding padding, T* out,
-                                   bool accumulate) {
-  for (int64_t c = 0; c < C; ++c) {
-    T o = conv1d_at(v, w, k, C, padding, c);
-    out[c] = accumulate ? out[c] + o : o;
-  }
-}
-
-template <typename T>
-AF_HOST_DEVICE void conv1d_backward(const T* dout, const T* w, int64_t k, int64_t C, Padding padding, T* dv,
-                                    bool accumulate) {
-  for (int64_t i = 0; i < C; ++i) {
-    T d = conv1d_dinput_at(dout, w, k, C, padding, i);
-    dv[i] = accumulate ? dv[i] + d : d;
-  }
-}
-
 // ---------------------------------------------------------------------------- spatial k x k conv
 
 // Number of conv input channels for a map mode.
