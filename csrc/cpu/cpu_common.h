@@ -317,6 +317,25 @@ inline void run_jobs(const std::vector<Job>& jobs) {
   });
 }
 
+// Keeps v in a register for the code after: the compiler otherwise folds its load into every FMA
+// that reads it, and a GEMM tile of 4 x 2 issued 10 vector loads per 8 FMAs (2 loads a cycle).
+// Measured on a standalone copy of the tile (the MLP's first layer at 32 x 2048, 4 samples): 24 ->
+// 36 FMAs per ns, 87% of the FMA peak here.
+template <typename Vec>
+inline void in_register(Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__GNUC__)
+  if constexpr (std::is_same_v<Vec, at::vec::Vectorized<float>>) {
+    __m256 r = v;
+    asm("" : "+x"(r));
+    v = r;
+  } else if constexpr (std::is_same_v<Vec, at::vec::Vectorized<double>>) {
+    __m256d r = v;
+    asm("" : "+x"(r));
+    v = r;
+  }
+#endif
+}
+
 // out[v] = lanes_sum(a[v]) for the 8 vectors a[0..8): on AVX2 float as one transposing tree of
 // horizontal adds (each sum's tree involves its own lanes only), elsewhere one by one.
 template <typename acc_t>
@@ -350,16 +369,19 @@ Job gemm_nt_tiles(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, 
       for (int v = 0; v < TM; ++v) w[v] = B + std::min(m0 + v, M - 1) * K;
       Vec acc[TI * TM];
       for (int q = 0; q < TI * TM; ++q) acc[q] = Vec(acc_t(0));
-      for (int64_t k = 0; k < K; k += V) {
-        const int64_t n = std::min(V, K - k);  // a short last vector: zero-filled lanes add 0 * 0
-        auto load = [&](const acc_t* p) { return n == V ? Vec::loadu(p + k) : Vec::loadu(p + k, n); };
+      auto step = [&](int64_t k, auto load) {
         Vec bv[TM];
-        for (int v = 0; v < TM; ++v) bv[v] = load(w[v]);
+        for (int v = 0; v < TM; ++v) bv[v] = load(w[v] + k);
         for (int u = 0; u < TI; ++u) {
-          const Vec av = load(a[u]);
+          Vec av = load(a[u] + k);
+          in_register(av);
           for (int v = 0; v < TM; ++v) acc[u * TM + v] = at::vec::fmadd(av, bv[v], acc[u * TM + v]);
         }
-      }
+      };
+      int64_t k = 0;
+      for (; k + V <= K; k += V) step(k, [](const acc_t* p) { return Vec::loadu(p); });
+      if (k < K)  // a short last vector: zero-filled lanes add 0 * 0
+        step(k, [n = K - k](const acc_t* p) { return Vec::loadu(p, n); });
       acc_t sums[TI * TM];
       lanes_sums8(acc, sums);
       for (int u = 0; u < TI && i0 + u < I; ++u)
