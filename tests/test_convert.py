@@ -338,8 +338,12 @@ def _timm(name, **kw):
     return functools.partial(timm.create_model, name, **kw)
 
 
-# Deep in a network at 32x32 the maps are 1x1: training-mode BatchNorm normalises 2 values per
-# channel and turns float64 rounding differences (1e-16) into ~1e-8. Eval mode stays at TOLERANCE.
+# At 32x32 and batch 2 the deepest maps are 1x1: training-mode BatchNorm then normalises 2 values
+# per channel, and where the two nearly meet it turned float64 rounding differences (1e-16) into
+# up to 6e-6, past this bound in about 1 run of EfficientNet-B0 in 100 (with the kernels of
+# 8b83a39 as with later ones). At 64x64 and batch 4 it normalises 16 values: 150 runs stayed under
+# 2e-14. Eval mode stays at TOLERANCE.
+REAL_MODEL_INPUT = (4, 3, 64, 64)
 REAL_MODEL_TRAIN_TOLERANCE = 1e-6
 def _tv_efficientnet_b0_small():
     """torchvision's EfficientNet-B0 blocks (MBConv + SqueezeExcitation, SiLU, stochastic depth)
@@ -370,4 +374,5 @@ def test_real_model(name):
     converted, _ = converted_ok(model)
     sd_a, sd_b = model.state_dict(), converted.state_dict()
     assert list(sd_a) == list(sd_b) and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
-    assert_same_training(model, converted, torch.randn(2, 3, 32, 32, dtype=DT), train_tol=REAL_MODEL_TRAIN_TOLERANCE)
+    assert_same_training(model, converted, torch.randn(REAL_MODEL_INPUT, dtype=DT),
+                         train_tol=REAL_MODEL_TRAIN_TOLERANCE)
