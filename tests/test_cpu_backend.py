@@ -22,6 +22,9 @@ SHAPE = (2, 19, 20, 15)
 # over channels, C = 1030 for the channels_last passes over space
 WIDE_SHAPE = (1, 1030, 35, 33)
 HALF_SHAPE = (2, 11, 6, 5)  # pairwise-distinct half-precision values
+# float32 outputs past 8 MB, written with non-temporal stores: NCHW rows of 66 * 66 floats end
+# inside cache lines (the NCHW channel scale then streams the rows as one run), 64 * 64 do not
+STREAMED_SHAPES = [(2, 256, 66, 66), (2, 256, 64, 64)]
 
 
 def _leaves(x, w):
@@ -72,6 +75,19 @@ def test_parity_half(case, lay, dtype):
 @pytest.mark.parametrize("case", [CBAM_CASES[0], SPATIAL_CASES[0]], ids=str)
 def test_parity_many_column_blocks(case, lay):
     _check(case, WIDE_SHAPE, torch.float32, lay)
+
+
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", STREAMED_SHAPES, ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[0], CHANNEL_CASES[8], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
+def test_streamed_outputs(case, shape, lay):
+    x64 = rand(*shape).double()
+    w64 = {k: None if v is None else v.double() for k, v in case.weights(shape[1]).items()}
+    ref = case.run(x64, w64, None)
+    x = layout(x64.float(), lay)
+    out = case.run(x, {k: None if v is None else v.float() for k, v in w64.items()}, "cpu")
+    assert out.stride() == x.stride()
+    assert rel_err(out, ref) <= TOLERANCE[torch.float32], f"{case} forward"
 
 
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
