@@ -48,7 +48,6 @@ struct ChannelWeights {
     g.C = C, g.Cr = Cr, g.k = k, g.HW = HW;
     g.w1 = w1.data_ptr<acc_t>();
     g.b1 = ptr_or_null<acc_t>(b1);
-    g.w2 = ptr_or_null<acc_t>(w2);
     g.w2t = ptr_or_null<acc_t>(w2t);
     g.b2 = ptr_or_null<acc_t>(b2);
     g.pooled = pooled.data_ptr<acc_t>();

@@ -29,8 +29,7 @@ struct ChannelArgs {
   int C, Cr, k, HW;  // Cr: hidden width (mlp); k: conv size (conv)
   const acc_t* w1;   // [Cr, C] or [k]
   const acc_t* b1;   // [Cr] or null
-  const acc_t* w2;   // [C, Cr]
-  const acc_t* w2t;  // [Cr, C] (w2 transposed: the warp-per-hidden-unit passes read it coalesced)
+  const acc_t* w2t;  // [Cr, C]: w2 transposed (the output layer and the hidden gradient read it coalesced)
   const acc_t* b2;   // [C] or null
   acc_t* pooled;     // [N, 2, C] (avg, max)
   int64_t* argmax;   // [N, C]
@@ -46,6 +45,48 @@ struct ChannelArgs {
   acc_t* dwk;   // [N, k] per-sample conv weight gradient
 };
 
+// The MLP's loops read the weights from L2 (every sample's block reads all of them): they are
+// bound by load latency, so each thread keeps many independent loads in flight. The sums keep
+// the order of one output at a time (lane-strided, then warp_sum; or j in order).
+constexpr int kDotUnits = 4;  // outputs one warp sums at once
+
+// out[u] = sum_c a[u][c] * b[u][c], c < n, for kDotUnits row pairs at once; every lane gets the sums.
+template <typename acc_t>
+__device__ __forceinline__ void warp_dots(const acc_t* const* a, const acc_t* const* b, int n, int lane,
+                                          acc_t* out) {
+  acc_t s[kDotUnits];
+#pragma unroll
+  for (int u = 0; u < kDotUnits; ++u) s[u] = acc_t(0);
+#pragma unroll 4
+  for (int c = lane; c < n; c += 32) {
+#pragma unroll
+    for (int u = 0; u < kDotUnits; ++u) s[u] += a[u][c] * b[u][c];
+  }
+#pragma unroll
+  for (int u = 0; u < kDotUnits; ++u) out[u] = warp_sum(s[u]);
+}
+
+// out[v][c] = init[c] + sum_j m[j * ld + c] * h[v][j] over j < rows in order, for nv <= 2 vectors h[v]
+// (m read once for both): the MLP's output layer (m = w2t) and its input gradient (m = w1).
+template <typename acc_t>
+__device__ __forceinline__ void column_dots(const acc_t* m, int64_t ld, int rows, const acc_t* h0, const acc_t* h1,
+                                            int nv, int c, acc_t init, acc_t& out0, acc_t& out1) {
+  acc_t s0 = init, s1 = init;
+  if (nv > 1) {
+#pragma unroll 8
+    for (int j = 0; j < rows; ++j) {
+      const acc_t w = m[j * ld + c];
+      s0 += w * h0[j];
+      s1 += w * h1[j];
+    }
+  } else {
+#pragma unroll 8
+    for (int j = 0; j < rows; ++j) s0 += m[j * ld + c] * h0[j];
+  }
+  out0 = s0;
+  out1 = s1;
+}
+
 // z = f(pooled), s = gate(z) for sample n (and vin, hid, hact for the backward).
 template <typename acc_t>
 __device__ void channel_gate(const ChannelArgs<acc_t>& g, int64_t n) {
@@ -56,22 +97,35 @@ __device__ void channel_gate(const ChannelArgs<acc_t>& g, int64_t n) {
   for (int i = tid; i < nv * C; i += kThreads) vin[i] = small::pool_input(pa[i % C], pa[C + i % C], g.pool, i / C);
   __syncthreads();
   if (g.kind == Kind::MLP) {
-    const int Cr = g.Cr;
-    for (int r = warp; r < nv * Cr; r += kWarps) {  // one warp per hidden unit (small::mlp_hidden_at)
-      const int vi = r / Cr, j = r % Cr;
-      acc_t a = acc_t(0);
-      for (int c = lane; c < C; c += 32) a += g.w1[static_cast<int64_t>(j) * C + c] * vin[vi * C + c];
-      a = warp_sum(a);
+    const int Cr = g.Cr, R = nv * Cr;
+    // hidden unit r = (vi, j), a warp per kDotUnits units (small::mlp_hidden_at)
+    for (int r0 = warp * kDotUnits; r0 < R; r0 += kWarps * kDotUnits) {
+      const acc_t *wr[kDotUnits], *vr[kDotUnits];
+      for (int u = 0; u < kDotUnits; ++u) {
+        const int r = min(r0 + u, R - 1);  // past the end: a repeat, not written
+        wr[u] = g.w1 + static_cast<int64_t>(r % Cr) * C;
+        vr[u] = vin + (r / Cr) * C;
+      }
+      acc_t a[kDotUnits];
+      warp_dots(wr, vr, C, lane, a);
       if (lane == 0) {
-        a += g.b1 ? g.b1[j] : acc_t(0);
-        g.hid[(n * nv + vi) * Cr + j] = a;
-        g.hact[(n * nv + vi) * Cr + j] = act_fwd(a, g.act);
+#pragma unroll
+        for (int u = 0; u < kDotUnits; ++u) {
+          const int r = r0 + u, j = r % Cr;
+          if (r >= R) break;
+          const acc_t h = a[u] + (g.b1 ? g.b1[j] : acc_t(0));
+          g.hid[n * R + r] = h;
+          g.hact[n * R + r] = act_fwd(h, g.act);
+        }
       }
     }
     __syncthreads();
-    for (int c = tid; c < C; c += kThreads) {
-      acc_t z = acc_t(0);
-      for (int vi = 0; vi < nv; ++vi) z += small::mlp_out_at(g.hact + (n * nv + vi) * Cr, g.w2, g.b2, Cr, c);
+    const acc_t* hact = g.hact + n * R;
+    for (int c = tid; c < C; c += kThreads) {  // small::mlp_out_at of each input, summed
+      const acc_t b2 = g.b2 ? g.b2[c] : acc_t(0);
+      acc_t o0, o1;
+      column_dots(g.w2t, C, Cr, hact, hact + Cr, nv, c, b2, o0, o1);
+      const acc_t z = nv > 1 ? o0 + o1 : o0;
       g.z[n * C + c] = z;
       g.s[n * C + c] = gate_fwd(z, g.gate);
     }
@@ -120,25 +174,36 @@ __device__ void channel_backward(const ChannelArgs<acc_t>& g, int64_t n, const a
   };
   if (g.kind == Kind::MLP) {
     const int Cr = g.Cr;
-    for (int j = warp; j < Cr; j += kWarps) {  // dh[j] = sum_c dlog[c] w2[c, j] (small::mlp_dhidden_at)
-      acc_t a = acc_t(0);
-      for (int c = lane; c < C; c += 32) a += dlog[c] * g.w2t[static_cast<int64_t>(j) * C + c];
-      a = warp_sum(a);
+    // dh[j] = sum_c dlog[c] w2[c, j], a warp per kDotUnits units (small::mlp_dhidden_at)
+    for (int j0 = warp * kDotUnits; j0 < Cr; j0 += kWarps * kDotUnits) {
+      const acc_t *wr[kDotUnits], *dr[kDotUnits];
+      for (int u = 0; u < kDotUnits; ++u) {
+        wr[u] = g.w2t + static_cast<int64_t>(min(j0 + u, Cr - 1)) * C;  // past the end: a repeat, not written
+        dr[u] = dlog;
+      }
+      acc_t a[kDotUnits];
+      warp_dots(wr, dr, C, lane, a);
       if (lane == 0) {
-        acc_t hs = acc_t(0);
-        for (int vi = 0; vi < nv; ++vi) {
-          const int64_t o = (n * nv + vi) * Cr + j;
-          g.dhp[o] = a * act_grad(g.hid[o], g.act);
-          hs += g.hact[o];
+#pragma unroll
+        for (int u = 0; u < kDotUnits; ++u) {
+          const int j = j0 + u;
+          if (j >= Cr) break;
+          acc_t hs = acc_t(0);
+          for (int vi = 0; vi < nv; ++vi) {
+            const int64_t o = (n * nv + vi) * Cr + j;
+            g.dhp[o] = a[u] * act_grad(g.hid[o], g.act);
+            hs += g.hact[o];
+          }
+          g.hsum[n * Cr + j] = hs;
         }
-        g.hsum[n * Cr + j] = hs;
       }
     }
     __syncthreads();
-    for (int c = tid; c < C; c += kThreads) {
-      const acc_t dv0 = small::mlp_dinput_at(g.dhp + n * nv * Cr, g.w1, C, Cr, c);
-      const acc_t dv1 = nv > 1 ? small::mlp_dinput_at(g.dhp + (n * nv + 1) * Cr, g.w1, C, Cr, c) : acc_t(0);
-      write_terms(c, dv0, dv1);
+    const acc_t* dhp = g.dhp + n * nv * Cr;
+    for (int c = tid; c < C; c += kThreads) {  // small::mlp_dinput_at of each input
+      acc_t dv0, dv1;
+      column_dots(g.w1, C, Cr, dhp, dhp + Cr, nv, c, acc_t(0), dv0, dv1);
+      write_terms(c, dv0, nv > 1 ? dv1 : acc_t(0));
     }
   } else {
     const int p = (g.k - 1) / 2;
