@@ -45,46 +45,73 @@ struct ChannelArgs {
   acc_t* dwk;   // [N, k] per-sample conv weight gradient
 };
 
-// The MLP's loops read the weights from L2 (every sample's block reads all of them): they are
-// bound by load latency, so each thread keeps many independent loads in flight. The sums keep
-// the order of one output at a time (lane-strided, then warp_sum; or j in order).
-constexpr int kDotUnits = 4;  // outputs one warp sums at once
+// The MLP's loops read the weights from L2 (every sample's block reads all of them) with few warps
+// per SM, so load latency bounds them: each thread keeps dozens of independent loads in flight.
+// Every output's sum keeps the order of a plain loop (lane-strided then warp_sum, or j in order).
+constexpr int kRowUnits = 8;  // rows one warp dots at once (hidden layer, its gradient)
+constexpr int kColUnits = 8;  // columns one thread sums at once (output layer, input gradient)
 
-// out[u] = sum_c a[u][c] * b[u][c], c < n, for kDotUnits row pairs at once; every lane gets the sums.
+// out[u] = sum_c m[j0 + u, c] * v[c] (c < n) for u < kRowUnits, rows past the last repeat it (the
+// caller skips them); summed lane-strided, then by warp_sum: every lane gets the sums.
 template <typename acc_t>
-__device__ __forceinline__ void warp_dots(const acc_t* const* a, const acc_t* const* b, int n, int lane,
-                                          acc_t* out) {
-  acc_t s[kDotUnits];
+__device__ __forceinline__ void warp_row_dots(const acc_t* m, int rows, int n, int j0, const acc_t* v, int lane,
+                                              acc_t* out) {
+  const acc_t* row[kRowUnits];
+  acc_t s[kRowUnits];
 #pragma unroll
-  for (int u = 0; u < kDotUnits; ++u) s[u] = acc_t(0);
-#pragma unroll 4
+  for (int u = 0; u < kRowUnits; ++u) {
+    row[u] = m + static_cast<int64_t>(min(j0 + u, rows - 1)) * n;
+    s[u] = acc_t(0);
+  }
+#pragma unroll 8
   for (int c = lane; c < n; c += 32) {
+    const acc_t x = v[c];
 #pragma unroll
-    for (int u = 0; u < kDotUnits; ++u) s[u] += a[u][c] * b[u][c];
+    for (int u = 0; u < kRowUnits; ++u) s[u] += row[u][c] * x;
   }
 #pragma unroll
-  for (int u = 0; u < kDotUnits; ++u) out[u] = warp_sum(s[u]);
+  for (int u = 0; u < kRowUnits; ++u) out[u] = warp_sum(s[u]);
 }
 
-// out[v][c] = init[c] + sum_j m[j * ld + c] * h[v][j] over j < rows in order, for nv <= 2 vectors h[v]
-// (m read once for both): the MLP's output layer (m = w2t) and its input gradient (m = w1).
-template <typename acc_t>
-__device__ __forceinline__ void column_dots(const acc_t* m, int64_t ld, int rows, const acc_t* h0, const acc_t* h1,
-                                            int nv, int c, acc_t init, acc_t& out0, acc_t& out1) {
-  acc_t s0 = init, s1 = init;
-  if (nv > 1) {
-#pragma unroll 8
-    for (int j = 0; j < rows; ++j) {
-      const acc_t w = m[j * ld + c];
-      s0 += w * h0[j];
-      s1 += w * h1[j];
+// For every column c < n of m [rows, n], kColUnits columns per thread at once: write(c, o0, o1) with
+// o_v = init[c] + sum_j m[j, c] * h_v[j], j in order (init may be null: 0; h1 is read only if nv > 1).
+template <typename acc_t, typename Write>
+__device__ __forceinline__ void block_column_dots(const acc_t* m, int rows, int n, const acc_t* h0, const acc_t* h1,
+                                                  int nv, const acc_t* init, Write write) {
+  for (int c0 = threadIdx.x; c0 < n; c0 += kThreads * kColUnits) {
+    const acc_t* col[kColUnits];
+    acc_t s0[kColUnits], s1[kColUnits];
+#pragma unroll
+    for (int i = 0; i < kColUnits; ++i) {
+      const int c = min(c0 + i * kThreads, n - 1);  // past the last column: a repeat, not written
+      col[i] = m + c;
+      s0[i] = s1[i] = init ? init[c] : acc_t(0);
     }
-  } else {
-#pragma unroll 8
-    for (int j = 0; j < rows; ++j) s0 += m[j * ld + c] * h0[j];
+    if (nv > 1) {
+#pragma unroll 4
+      for (int j = 0; j < rows; ++j) {
+        const int64_t o = static_cast<int64_t>(j) * n;
+        const acc_t a0 = h0[j], a1 = h1[j];
+#pragma unroll
+        for (int i = 0; i < kColUnits; ++i) {
+          const acc_t w = col[i][o];
+          s0[i] += w * a0;
+          s1[i] += w * a1;
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int j = 0; j < rows; ++j) {
+        const int64_t o = static_cast<int64_t>(j) * n;
+        const acc_t a0 = h0[j];
+#pragma unroll
+        for (int i = 0; i < kColUnits; ++i) s0[i] += col[i][o] * a0;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kColUnits; ++i)
+      if (c0 + i * kThreads < n) write(c0 + i * kThreads, s0[i], s1[i]);
   }
-  out0 = s0;
-  out1 = s1;
 }
 
 // z = f(pooled), s = gate(z) for sample n (and vin, hid, hact for the backward).
@@ -97,38 +124,31 @@ __device__ void channel_gate(const ChannelArgs<acc_t>& g, int64_t n) {
   for (int i = tid; i < nv * C; i += kThreads) vin[i] = small::pool_input(pa[i % C], pa[C + i % C], g.pool, i / C);
   __syncthreads();
   if (g.kind == Kind::MLP) {
-    const int Cr = g.Cr, R = nv * Cr;
-    // hidden unit r = (vi, j), a warp per kDotUnits units (small::mlp_hidden_at)
-    for (int r0 = warp * kDotUnits; r0 < R; r0 += kWarps * kDotUnits) {
-      const acc_t *wr[kDotUnits], *vr[kDotUnits];
-      for (int u = 0; u < kDotUnits; ++u) {
-        const int r = min(r0 + u, R - 1);  // past the end: a repeat, not written
-        wr[u] = g.w1 + static_cast<int64_t>(r % Cr) * C;
-        vr[u] = vin + (r / Cr) * C;
-      }
-      acc_t a[kDotUnits];
-      warp_dots(wr, vr, C, lane, a);
+    const int Cr = g.Cr, ng = (Cr + kRowUnits - 1) / kRowUnits;
+    acc_t* hid = g.hid + n * nv * Cr;
+    acc_t* hact = g.hact + n * nv * Cr;
+    for (int t = warp; t < nv * ng; t += kWarps) {  // hidden units j0.. of input vi (small::mlp_hidden_at)
+      const int vi = t / ng, j0 = (t % ng) * kRowUnits;
+      acc_t a[kRowUnits];
+      warp_row_dots(g.w1, Cr, C, j0, vin + vi * C, lane, a);
       if (lane == 0) {
 #pragma unroll
-        for (int u = 0; u < kDotUnits; ++u) {
-          const int r = r0 + u, j = r % Cr;
-          if (r >= R) break;
+        for (int u = 0; u < kRowUnits; ++u) {
+          const int j = j0 + u;
+          if (j >= Cr) break;
           const acc_t h = a[u] + (g.b1 ? g.b1[j] : acc_t(0));
-          g.hid[n * R + r] = h;
-          g.hact[n * R + r] = act_fwd(h, g.act);
+          hid[vi * Cr + j] = h;
+          hact[vi * Cr + j] = act_fwd(h, g.act);
         }
       }
     }
     __syncthreads();
-    const acc_t* hact = g.hact + n * R;
-    for (int c = tid; c < C; c += kThreads) {  // small::mlp_out_at of each input, summed
-      const acc_t b2 = g.b2 ? g.b2[c] : acc_t(0);
-      acc_t o0, o1;
-      column_dots(g.w2t, C, Cr, hact, hact + Cr, nv, c, b2, o0, o1);
+    // the output layer of each input, summed (small::mlp_out_at)
+    block_column_dots(g.w2t, Cr, C, hact, hact + Cr, nv, g.b2, [&](int c, acc_t o0, acc_t o1) {
       const acc_t z = nv > 1 ? o0 + o1 : o0;
       g.z[n * C + c] = z;
       g.s[n * C + c] = gate_fwd(z, g.gate);
-    }
+    });
   } else {
     for (int c = tid; c < C; c += kThreads) {
       acc_t z = acc_t(0);
@@ -174,18 +194,13 @@ __device__ void channel_backward(const ChannelArgs<acc_t>& g, int64_t n, const a
   };
   if (g.kind == Kind::MLP) {
     const int Cr = g.Cr;
-    // dh[j] = sum_c dlog[c] w2[c, j], a warp per kDotUnits units (small::mlp_dhidden_at)
-    for (int j0 = warp * kDotUnits; j0 < Cr; j0 += kWarps * kDotUnits) {
-      const acc_t *wr[kDotUnits], *dr[kDotUnits];
-      for (int u = 0; u < kDotUnits; ++u) {
-        wr[u] = g.w2t + static_cast<int64_t>(min(j0 + u, Cr - 1)) * C;  // past the end: a repeat, not written
-        dr[u] = dlog;
-      }
-      acc_t a[kDotUnits];
-      warp_dots(wr, dr, C, lane, a);
+    // dh[j] = sum_c dlog[c] w2[c, j], kRowUnits units per warp (small::mlp_dhidden_at)
+    for (int j0 = warp * kRowUnits; j0 < Cr; j0 += kWarps * kRowUnits) {
+      acc_t a[kRowUnits];
+      warp_row_dots(g.w2t, Cr, C, j0, dlog, lane, a);
       if (lane == 0) {
 #pragma unroll
-        for (int u = 0; u < kDotUnits; ++u) {
+        for (int u = 0; u < kRowUnits; ++u) {
           const int j = j0 + u;
           if (j >= Cr) break;
           acc_t hs = acc_t(0);
@@ -199,12 +214,9 @@ __device__ void channel_backward(const ChannelArgs<acc_t>& g, int64_t n, const a
       }
     }
     __syncthreads();
-    const acc_t* dhp = g.dhp + n * nv * Cr;
-    for (int c = tid; c < C; c += kThreads) {  // small::mlp_dinput_at of each input
-      acc_t dv0, dv1;
-      column_dots(g.w1, C, Cr, dhp, dhp + Cr, nv, c, acc_t(0), dv0, dv1);
-      write_terms(c, dv0, nv > 1 ? dv1 : acc_t(0));
-    }
+    const acc_t* dhp = g.dhp + n * nv * Cr;  // the input gradient of each input (small::mlp_dinput_at)
+    block_column_dots(g.w1, Cr, C, dhp, dhp + Cr, nv, static_cast<const acc_t*>(nullptr),
+                      [&](int c, acc_t dv0, acc_t dv1) { write_terms(c, dv0, nv > 1 ? dv1 : acc_t(0)); });
   } else {
     const int p = (g.k - 1) / 2;
     for (int c = tid; c < C; c += kThreads) {  // the same dv for every input
