@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
   const int C = ch.C, HW = o.cl ? o.A : o.B;
   // channel half: pool over space (along b in NCHW, along a in channels_last), then f and the gate
   smem_pool<T, acc_t>(xs, o.A, o.B, !o.cl, nullptr, o.csum + n * C, o.cmax + n * C, o.cidx + n * C);
-  channel_pool_and_gate(ch, n, o.csum, o.cmax, o.cidx);
+  channel_pool_and_gate<WideMlp>(ch, n, o.csum, o.cmax, o.cidx);  // one block per SM: registers to spare
   const acc_t* s = ch.s + n * C;
   const acc_t* t = nullptr;
   if (CBAM) {  // spatial half on x1 = x * s, x1 never stored
