@@ -5,11 +5,12 @@
 #   build     just-in-time build for this GPU (attnfused/backends/extension.py; about 90 s, 16 cores)
 #   tests     the CUDA tests (about 4 min with pytest-xdist's 12 workers on an H100), the Triton tests
 #   sanitize  compute-sanitizer memcheck / racecheck / synccheck on a small subset (about 15 s each)
-#   profile   per-kernel times of CBAM-FC (bench/profile_kernels.py)
-#   bench     the microbenchmarks, ResNet-50 stages, fp16, batch 128, both layouts
+#   profile   per-kernel times of CBAM-FC and SE (bench/profile_kernels.py)
+#   bench     the microbenchmarks: CBAM-FC, SE, ECA at the ResNet-50 stages, fp16, batch 128, both layouts (4 min)
 #   e2e       ResNet-50 end to end (bf16 autocast, channels-last, batch 64, 224x224)
 # Logs go to $LOGS (default /tmp/attnfused_gpu); with $OUT set (the device tool's folder), the logs
-# and the bench results are packed into $OUT/gpu_logs.tgz at the end.
+# and bench/results/ are packed into $OUT/gpu_logs.tgz at the end. The device machine's copy of the
+# tree may carry a stale .git: set ATTNFUSED_COMMIT=<the commit sent> so the results name it.
 set -u
 LOGS=${LOGS:-/tmp/attnfused_gpu}
 mkdir -p "$LOGS"
@@ -17,7 +18,6 @@ PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} ATTNFUSED_VERBOSE_BUILD=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 STAGES=${*:-build tests sanitize profile bench}
-RESULTS=bench/results/gpu_run   # bench / e2e outputs of this run (moved into place by hand afterwards)
 
 for stage in $STAGES; do
   echo "== $stage ($(date -u +%H:%M:%S))"
@@ -44,16 +44,15 @@ for stage in $STAGES; do
   profile)
     $PY -m bench.profile_kernels --blocks cbam_fc,se > "$log" 2>&1; tail -40 "$log" ;;
   bench)
-    $PY -m bench --blocks cbam_fc,se,eca,cbam_conv --shapes resnet50 --batch 128 --dtypes fp16 --layouts cl,nchw \
-      --modes fwd,train --providers eager,compile,cuda,triton --out $RESULTS --name b128 --no-progress \
-      > "$log" 2>&1
+    $PY -m bench --blocks cbam_fc,se,eca --shapes resnet50 --batch 128 --dtypes fp16 --layouts cl,nchw \
+      --modes fwd,train --providers eager,compile,cuda,triton --name b128 --no-progress > "$log" 2>&1
     tail -45 "$log" ;;
   e2e)
-    $PY -m bench.e2e --batch 64 --res 224 --amp bf16 --layout cl --out $RESULTS --no-progress > "$log" 2>&1
+    $PY -m bench.e2e --batch 64 --res 224 --amp bf16 --layout cl --no-progress > "$log" 2>&1
     tail -25 "$log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" . $( [ -d $RESULTS ] && echo "-C $PWD $RESULTS" )
+  tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" . -C "$PWD" bench/results
 fi
