@@ -332,6 +332,26 @@ def test_report_names_paths_and_types():
                for e in entries)
 
 
+def test_include_picks_what_is_converted():
+    """include turns modules down by (path, module): they stay in place, with a reason, and the
+    children of a turned-down parent are still visited; the outputs stay the original's."""
+    model = nn.Sequential(tse.SEModule(C), tcbam.CbamModule(C), teca.EcaModule(C)).to(DT)
+    x = torch.randn(2, C, 6, 5, dtype=DT)
+    only_cbam = lambda path, m: isinstance(m, tcbam.CbamModule)  # noqa: E731
+    out, entries = attnfused.convert(model, report=True, include=only_cbam)
+    assert [(e.path, e.converted) for e in entries] == [("0", False), ("1", True), ("2", False)]
+    assert all("include" in e.reason for e in entries if not e.converted)
+    assert type(out[0]) is tse.SEModule and isinstance(out[1], FusedCbam) and type(out[2]) is teca.EcaModule
+    assert_close(out(x), model(x), TOLERANCE[DT], "include=CBAM only")
+    # a turned-down CBAM: its halves are visited and converted on their own
+    halves, entries = attnfused.convert(model[1], report=True, include=lambda path, m: path != "")
+    assert [(e.path, e.converted) for e in entries] == [("", False), ("channel", True), ("spatial", True)]
+    assert type(halves) is tcbam.CbamModule
+    assert_close(halves(x), model[1](x), TOLERANCE[DT], "CBAM halves")
+    with pytest.raises(TypeError, match="include"):
+        attnfused.convert(model, include="cbam")
+
+
 # ----------------------------------------------------------------------------- real models
 
 def _timm(name, **kw):
