@@ -4,9 +4,11 @@
 // butterflies and sequential loops), so it is deterministic. Vectors live in global scratch
 // ([N, ...] buffers, L1/L2-resident); __syncthreads orders the phases of one sample.
 // The math is csrc/small_math.h's, shared with the CPU kernels: its per-element `*_at` functions
-// wherever one thread computes one output. Reductions over C or H*W that would leave most of the
-// block idle (hidden units, the gradients of the hidden layer and of the conv weights) run one
-// warp per output instead, with the same terms in a fixed butterfly order.
+// wherever one thread computes one output (the MLP's layers restate their loops to read the
+// weights coalesced, several outputs at a time: warp_row_dots, block_column_dots). Reductions over
+// C or H*W that would leave most of the block idle (hidden units, the gradients of the hidden layer
+// and of the conv weights) run on a warp per output instead, with the same terms in a fixed
+// butterfly order.
 #pragma once
 
 #include "../small_math.h"
