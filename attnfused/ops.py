@@ -6,13 +6,16 @@ runs that backend's kernel from the registry. Option arguments are the strings l
 in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 
 - `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding)`
-  -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max)`.
-  For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
+  -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max,
+  hidden)`. For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
+  `hidden` is what a backend keeps of the MLP for its backward: on "cpu" (kind "mlp") [N, P*Cr]
+  acc = each sample's first-layer pre-activations (P = 2 rows for pool "avg+max", else 1);
+  elsewhere an empty tensor, and the backward recomputes them from `pooled` (`hidden_shape`).
 - `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
 - `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate)`
-  -> `(y, pooled, argmax, smaps, sargmax)`, the spatial maps taken of x1 = x * s.
+  -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps taken of x1 = x * s.
 - `spatial_pool(x)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W])` -> `x * t`: the two
   halves of spatial attention for when ordinary ops run between them (BatchNorm in training).
 - Each `<op>_backward` takes `grad_y` (same strides as x), the forward's inputs and saved
@@ -55,6 +58,17 @@ def same_strides_as(grad: Tensor, x: Tensor) -> Tensor:
 
 def _none_if_empty(w: Optional[Tensor], g: Tensor) -> Optional[Tensor]:
     return None if w is None else g
+
+
+# the backends whose forward keeps the MLP's pre-activations for the backward
+_SAVE_HIDDEN = frozenset({"cpu"})
+
+
+def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str, backend: str) -> tuple[int, ...]:
+    """The shape of the forward's `hidden` output (see the contracts above)."""
+    if backend not in _SAVE_HIDDEN or kind != "mlp":
+        return (0,)
+    return (x.shape[0], (2 if pool == "avg+max" else 1) * w1.shape[0])
 
 
 # ----------------------------------------------------------------------------- calling the ops
@@ -130,28 +144,32 @@ def _direct(op, inputs):
 @torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                       kind: str, pool: str, act: str, gate: str, padding: str,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding))
+
+
+def _channel_saved_fake(x, w1, kind, pool, backend):
+    N, C = x.shape[:2]
+    return (x.new_empty((N, 2, C), dtype=_acc(x)), x.new_empty((N, C), dtype=torch.int64),
+            x.new_empty(hidden_shape(x, w1, kind, pool, backend), dtype=_acc(x)))
 
 
 @channel_attention.register_fake
 def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
-    N, C = x.shape[:2]
-    return (torch.empty_like(x), x.new_empty((N, 2, C), dtype=_acc(x)),
-            x.new_empty((N, C), dtype=torch.int64))
+    return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool, backend))
 
 
 @torch.library.custom_op(f"{_LIB}::channel_attention_backward", mutates_args=())
-def channel_attention_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, w1: Tensor,
-                               b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+def channel_attention_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, hidden: Tensor,
+                               w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                                kind: str, pool: str, act: str, gate: str, padding: str,
                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(backends.kernel(backend, "channel_attention_backward")(
-        grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding))
+        grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding))
 
 
 @channel_attention_backward.register_fake
-def _(grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
+def _(grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
     return (torch.empty_like(x), torch.empty_like(w1), _grad_like(b1, w1), _grad_like(w2, w1),
             _grad_like(b2, w1))
 
@@ -159,13 +177,13 @@ def _(grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding,
 def _channel_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, *opts, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, output[1], output[2], w1, b1, w2, b2)
+    ctx.save_for_backward(x, *output[1:4], w1, b1, w2, b2)
 
 
-def _channel_backward(ctx, grad_y, _grad_pooled, _grad_argmax):
-    x, pooled, argmax, w1, b1, w2, b2 = ctx.saved_tensors
+def _channel_backward(ctx, grad_y, *_saved_grads):
+    x, pooled, argmax, hidden, w1, b1, w2, b2 = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, same_strides_as(grad_y, x), x, pooled,
-                                          argmax, w1, b1, w2, b2, *ctx.opts)
+                                          argmax, hidden, w1, b1, w2, b2, *ctx.opts)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2),
             None, None, None, None, None, None)
 
@@ -225,30 +243,29 @@ _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
 @torch.library.custom_op(f"{_LIB}::cbam", mutates_args=())
 def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
          sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
-         maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+         maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(backends.kernel(backend, "cbam")(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
                                                   padding, maps, sgate))
 
 
 @cbam.register_fake
 def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, backend):
-    N, C = x.shape[:2]
-    return (torch.empty_like(x), x.new_empty((N, 2, C), dtype=_acc(x)), x.new_empty((N, C), dtype=torch.int64),
-            *_spatial_saved_fake(x))
+    pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool, backend)
+    return (torch.empty_like(x), pooled, argmax, *_spatial_saved_fake(x), hidden)
 
 
 @torch.library.custom_op(f"{_LIB}::cbam_backward", mutates_args=())
 def cbam_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, smaps: Tensor, sargmax: Tensor,
-                  w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor], sweight: Tensor,
-                  sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str, maps: str,
-                  sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  hidden: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
+                  sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
+                  maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(backends.kernel(backend, "cbam_backward")(
-        grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
-        padding, maps, sgate))
+        grad_y, x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, kind, pool, act,
+        gate, padding, maps, sgate))
 
 
 @cbam_backward.register_fake
-def _(grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, *opts):
+def _(grad_y, x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, *opts):
     return (torch.empty_like(x), torch.empty_like(w1), _grad_like(b1, w1), _grad_like(w2, w1),
             _grad_like(b2, w1), torch.empty_like(sweight), _grad_like(sbias, sweight))
 
@@ -256,14 +273,14 @@ def _(grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias,
 def _cbam_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, sweight, sbias, *opts, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, output[1], output[2], output[3], output[4], w1, b1, w2, b2, sweight, sbias)
+    ctx.save_for_backward(x, *output[1:6], w1, b1, w2, b2, sweight, sbias)
 
 
 def _cbam_backward(ctx, grad_y, *_saved_grads):
-    x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias = ctx.saved_tensors
+    x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2, gsw, gsb = _backward_op(ctx, cbam_backward, same_strides_as(grad_y, x), x, pooled,
-                                                    argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias,
-                                                    *ctx.opts)
+                                                    argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight,
+                                                    sbias, *ctx.opts)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2), gsw,
             _none_if_empty(sbias, gsb)) + (None,) * (len(ctx.opts) + 1)
 

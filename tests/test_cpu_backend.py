@@ -124,8 +124,8 @@ def _assert_max_pools_follow_torch(x):
     assert torch.equal(sargmax, idx)
     C = x.shape[1]
     w1, w2 = torch.randn(4, C), torch.randn(C, 4)
-    _, pooled, argmax = C_OPS.channel_attention(x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid",
-                                                "zeros")
+    _, pooled, argmax, _ = C_OPS.channel_attention(x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid",
+                                                   "zeros")
     mx, idx = x.flatten(2).max(2)
     torch.testing.assert_close(pooled[:, 1], mx, **exact)
     assert torch.equal(argmax, idx)
@@ -220,11 +220,12 @@ def test_empty_batch_direct():
         x = layout(torch.randn(0, 6, 4, 5), lay)
         w1, w2 = torch.randn(3, 6), torch.randn(6, 3)
         sw = torch.randn(1, 2, 3, 3)
-        y, pooled, argmax, smaps, sargmax = C_OPS.cbam(x, w1, None, w2, None, sw, None, "mlp", "avg+max", "relu",
-                                                       "sigmoid", "zeros", "max_mean", "sigmoid")
-        assert y.shape == x.shape and pooled.shape == (0, 2, 6) and smaps.shape == (0, 2, 4, 5)
-        grads = C_OPS.cbam_backward(torch.empty_like(x), x, pooled, argmax, smaps, sargmax, w1, None, w2, None, sw,
-                                    None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "max_mean", "sigmoid")
+        y, *saved = C_OPS.cbam(x, w1, None, w2, None, sw, None, "mlp", "avg+max", "relu", "sigmoid", "zeros",
+                               "max_mean", "sigmoid")
+        assert y.shape == x.shape and [t.shape for t in saved] == [(0, 2, 6), (0, 6), (0, 2, 4, 5), (0, 4, 5),
+                                                                   (0, 2 * 3)]
+        grads = C_OPS.cbam_backward(torch.empty_like(x), x, *saved, w1, None, w2, None, sw, None, "mlp", "avg+max",
+                                    "relu", "sigmoid", "zeros", "max_mean", "sigmoid")
         assert grads[0].shape == x.shape
         for gw, w in zip(grads[1:], (w1, None, w2, None, sw, None)):
             assert gw.numel() == 0 if w is None else torch.equal(gw, torch.zeros_like(w))
@@ -288,6 +289,63 @@ def test_bad_spatial_and_saved_input():
         C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps, bad, w, None, "max_mean", "sigmoid")
     with pytest.raises(ValueError, match="t must have shape"):
         C_OPS.spatial_scale(x, torch.rand(2, 5, 4))
+
+
+def _pre_activations_float64(pooled, w1, b1, pool):
+    """The MLP's first-layer pre-activations [N, P, Cr] in float64, from the saved pooled vectors."""
+    avg, mx = pooled.double().unbind(1)
+    v = {"avg": [avg], "max": [mx], "avg+max": [avg, mx], "mix": [0.5 * avg + 0.5 * mx]}[pool]
+    return torch.stack([u @ w1.double().T + (0 if b1 is None else b1.double()) for u in v], 1)
+
+
+@pytest.mark.parametrize("op", ["channel", "cbam"])
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hidden_saves_the_mlp_state(op, lay, dtype):
+    # the forward saves each sample's pre-activations; a backward given them is
+    # bit-identical to one that recomputes them (hidden empty, as another backend saves it)
+    N, C, Cr = 3, 19, 5
+    x = layout(rand(N, C, 6, 7, dtype=dtype), lay)
+    g = layout(rand(N, C, 6, 7, dtype=dtype), lay)
+    sw = rand(1, 2, 3, 3, dtype=dtype)
+    for pool in ("avg", "max", "avg+max", "mix"):
+        for act, bias in (("relu", False), ("silu", True)):
+            w1, w2 = rand(Cr, C, dtype=dtype), rand(C, Cr, dtype=dtype)
+            b1, b2 = (rand(Cr, dtype=dtype), rand(C, dtype=dtype)) if bias else (None, None)
+            copts = ("mlp", pool, act, "sigmoid", "zeros")
+            if op == "channel":
+                out = C_OPS.channel_attention(x, w1, b1, w2, b2, *copts)
+                backward = lambda saved: C_OPS.channel_attention_backward(g, x, *saved, w1, b1, w2, b2, *copts)
+            else:
+                out = C_OPS.cbam(x, w1, b1, w2, b2, sw, None, *copts, "max_mean", "sigmoid")
+                backward = lambda saved: C_OPS.cbam_backward(g, x, *saved, w1, b1, w2, b2, sw, None, *copts,
+                                                             "max_mean", "sigmoid")
+            pooled, hidden = out[1], out[-1]
+            P = 2 if pool == "avg+max" else 1
+            assert hidden.shape == (N, P * Cr) and hidden.dtype == pooled.dtype
+            hp = _pre_activations_float64(pooled, w1, b1, pool)
+            assert rel_err(hidden.reshape(N, P, Cr), hp) <= TOLERANCE[dtype], (pool, act)
+            restored = backward(out[1:])
+            recomputed = backward((*out[1:-1], hidden.new_empty(0)))
+            for a, b in zip(restored, recomputed):
+                assert torch.equal(a, b), (pool, act)
+
+
+def test_bad_hidden():
+    x = torch.randn(2, 8, 5, 5)
+    args = _channel_args(x=x, pool="avg+max")
+    y, pooled, argmax, hidden = C_OPS.channel_attention(*args)
+    assert hidden.shape == (2, 2 * 2)
+    g = torch.randn_like(x)
+    with pytest.raises(ValueError, match=r"hidden must have shape \[2, 4\]"):
+        C_OPS.channel_attention_backward(g, x, pooled, argmax, hidden[:, :-1], *args[1:])
+    with pytest.raises(TypeError, match="hidden must have dtype Float"):
+        C_OPS.channel_attention_backward(g, x, pooled, argmax, hidden.double(), *args[1:])
+    conv = _channel_args(x=x, kind="conv", w1=torch.randn(1, 1, 3), w2=None)
+    y, pooled, argmax, none = C_OPS.channel_attention(*conv)
+    assert none.numel() == 0  # the conv saves nothing: its backward recomputes it
+    with pytest.raises(ValueError, match=r"hidden must have shape \[2, 0\]"):
+        C_OPS.channel_attention_backward(g, x, pooled, argmax, hidden, *conv[1:])
 
 
 def test_auto_picks_cpu():

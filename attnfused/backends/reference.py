@@ -205,11 +205,11 @@ def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     xa = acc(x)
     pooled, argmax = channel_pool(xa, pool)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
-    return like(x, xa * s[:, :, None, None]), pooled, argmax
+    return like(x, xa * s[:, :, None, None]), pooled, argmax, pooled.new_empty(0)  # hidden: recomputed
 
 
 @register(NAME, "channel_attention_backward")
-def channel_attention_backward(grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate, padding):
     dx, *gw = channel_backward_core(acc(grad_y), acc(x), pooled, argmax, w1, b1, w2, b2, kind, pool, act,
                                     gate, padding)
     return (like(x, dx), *grads_out((w1, b1, w2, b2), gw))
@@ -237,12 +237,12 @@ def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels
     smaps, sargmax = spatial_pool_core(x1)
     _, _, t = spatial_gate_values(smaps, sweight, sbias, maps, sgate)
-    return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax
+    return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax, pooled.new_empty(0)  # hidden: recomputed
 
 
 @register(NAME, "cbam_backward")
-def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, kind, pool,
-                  act, gate, padding, maps, sgate):
+def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, _hidden, w1, b1, w2, b2, sweight, sbias, kind,
+                  pool, act, gate, padding, maps, sgate):
     xa = acc(x)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     dx1, dsw, dsb = spatial_backward_core(acc(grad_y), xa * s[:, :, None, None], smaps, sargmax, sweight,

@@ -1,7 +1,8 @@
 // CBAM on CPU as one op: channel attention, then spatial attention on x1 = x * s, with x1 never
 // stored (recomputed from x and the small s wherever it is read).
 // Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
-// Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps.
+// Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps
+// (the MLP's hidden state among them).
 // Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups)
 // in one parallel region (for_samples), each sample's x (and dy) read again while in cache. The
 // weight gradients (MLP, spatial conv) sum over the batch at the end.
@@ -16,7 +17,7 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
     c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
@@ -35,29 +36,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
   Tensor argmax = at::empty({d.N, d.C}, x.options().dtype(at::kLong));
   Tensor smaps = at::empty({d.N, 2, d.H, d.W}, x.options().dtype(acc));
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
+  Tensor hidden = hidden_output(x, w, o);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
+    acc_t* ph = hidden.numel() ? hidden.data_ptr<acc_t>() : nullptr;
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
                  o.pool != Pool::AVG);
-      f.forward(pp, n0, d1.N);
+      f.forward(pp, n0, d1.N, ph);
       spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp,
                                         sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
                                         y.data_ptr<scalar_t>(), n0, d1);
     });
   });
-  return {y, pooled, argmax, smaps, sargmax};
+  return {y, pooled, argmax, smaps, sargmax, hidden};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward_kernel(
     const Tensor& grad_y, const Tensor& x, const Tensor& pooled, const Tensor& argmax, const Tensor& smaps,
-    const Tensor& sargmax, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
-    const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
-    c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
-    c10::string_view sgate) {
+    const Tensor& sargmax, const Tensor& hidden, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
+    const OptTensor& b2, const Tensor& sweight, const OptTensor& sbias, c10::string_view kind,
+    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
+    c10::string_view maps, c10::string_view sgate) {
   check_input(x);
   check_same_layout(grad_y, x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
@@ -73,6 +76,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
   check_saved(sargmax, x, "sargmax", {d.N, d.H, d.W}, at::kLong);
   const Tensor pooled_c = pooled.contiguous(), argmax_c = argmax.contiguous();
   const Tensor smaps_c = smaps.contiguous(), sargmax_c = sargmax.contiguous();
+  const Tensor hidden_c = saved_hidden(hidden, x, w, o);
   const Tensor swa = to_acc(sweight, acc), sba = to_acc(sbias, acc);
   Tensor dx = at::empty_like(x);
   Tensor dsw = at::empty(swa.sizes(), swa.options()), dsb = at::empty({1}, swa.options());
@@ -85,6 +89,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const acc_t* pp = pooled_c.const_data_ptr<acc_t>();
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
     const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
+    const acc_t* ph = ptr_or_null<acc_t>(hidden_c);
     ChannelSmall<acc_t> f(w, o, d.N);
     SpatialBackward<acc_t> sp(d, smaps_c.const_data_ptr<acc_t>(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
                               mp, sg, k);
@@ -94,7 +99,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t i0 = n0 * d.HW, off = n0 * d.sample();
-      f.forward(pp, n0, d1.N);  // the gates, recomputed
+      f.restore(pp, ph, n0, d1.N);  // the gates
       // the spatial backward on x1 = x * s, then the channel backward's dz[n, c] = sum_hw dx1 * x
       // with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored), the one-hot part added per
       // pixel in a fixed order

@@ -1,5 +1,6 @@
 // Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
-// Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax.
+// Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax and
+// (the MLP) hidden.
 // Both run sample by sample (in groups), f included, in one parallel region where the batch allows
 // (for_samples): each sample's x (and dy) read again while in cache.
 #include "cpu/cpu_common.h"
@@ -13,11 +14,10 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, const Tensor& w1, const OptTensor& b1,
-                                                            const OptTensor& w2, const OptTensor& b2,
-                                                            c10::string_view kind, c10::string_view pool,
-                                                            c10::string_view act, c10::string_view gate,
-                                                            c10::string_view padding) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
+    const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
+    c10::string_view kind, c10::string_view pool, c10::string_view act, c10::string_view gate,
+    c10::string_view padding) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
@@ -26,27 +26,29 @@ std::tuple<Tensor, Tensor, Tensor> channel_attention_kernel(const Tensor& x, con
   Tensor y = at::empty_like(x);
   Tensor pooled = at::empty({d.N, 2, d.C}, x.options().dtype(acc));
   Tensor argmax = at::empty({d.N, d.C}, x.options().dtype(at::kLong));
+  Tensor hidden = hidden_output(x, w, o);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
+    acc_t* ph = hidden.numel() ? hidden.data_ptr<acc_t>() : nullptr;
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
       pool_space(px + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
-      f.forward(pp, n0, d1.N);
+      f.forward(pp, n0, d1.N, ph);
       apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, px + off, d1, nullptr, nullptr,
                                                        f.S.data() + n0 * d.C, nullptr, nullptr, NoHot(),
                                                        stream_output<scalar_t>(d));
     });
   });
-  return {y, pooled, argmax};
+  return {y, pooled, argmax, hidden};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_kernel(
-    const Tensor& grad_y, const Tensor& x, const Tensor& pooled, const Tensor& argmax, const Tensor& w1,
-    const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, c10::string_view kind, c10::string_view pool,
-    c10::string_view act, c10::string_view gate, c10::string_view padding) {
+    const Tensor& grad_y, const Tensor& x, const Tensor& pooled, const Tensor& argmax, const Tensor& hidden,
+    const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, c10::string_view kind,
+    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding) {
   check_input(x);
   check_same_layout(grad_y, x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
@@ -56,6 +58,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
   check_saved(pooled, x, "pooled", {d.N, 2, d.C}, acc);
   check_saved(argmax, x, "argmax", {d.N, d.C}, at::kLong);
   const Tensor pooled_c = pooled.contiguous(), argmax_c = argmax.contiguous();
+  const Tensor hidden_c = saved_hidden(hidden, x, w, o);
   Tensor dx = at::empty_like(x);
   Tensor dw1, db1, dw2, db2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_backward_cpu", [&] {
@@ -65,11 +68,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     const acc_t* pp = pooled_c.const_data_ptr<acc_t>();
     const int64_t* am = argmax_c.const_data_ptr<int64_t>();
+    const acc_t* ph = ptr_or_null<acc_t>(hidden_c);
     ChannelSmall<acc_t> f(w, o, d.N);
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
-      f.forward(pp, n0, d1.N);  // the gates, recomputed
+      f.restore(pp, ph, n0, d1.N);  // the gates
       dot_space<scalar_t, false, false>(pdy + off, px + off, d1, nullptr, nullptr, dz.data() + n0 * d.C);
       f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
       // dx = dy * s + A + one-hot(argmax) dmax

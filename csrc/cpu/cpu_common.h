@@ -1143,7 +1143,6 @@ struct ChannelWeights {
   int64_t C = 0, Cr = 0, k = 0;  // Cr for kind mlp, k for kind conv
 };
 
-// Per-batch intermediates of the channel small math (recomputed in backward from `pooled`).
 // Small tensors (weights, t, grad_smaps) in the accumulation dtype, contiguous; undefined if absent.
 inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
@@ -1183,6 +1182,30 @@ void fill_pool_inputs(const acc_t* pooled, Pool pool, int64_t N, int64_t C, acc_
         V[(n * P + p) * C + c] = small::pool_input(pooled[n * 2 * C + c], pooled[n * 2 * C + C + c], pool, int(p));
 }
 
+// Width of a sample's row of the forward's `hidden` output, where it saves the MLP's pre-activations
+// HP (P rows of Cr) for the backward: P * Cr; 0 for the conv, whose backward recomputes its few
+// operations. (Not the logits too: C more per sample took the bytes saved for backward past 1.1x
+// x's at 2048 x 7 x 7.)
+inline int64_t hidden_width(const ChannelWeights& w, const ChannelOptions& o) {
+  return o.kind == Kind::MLP ? small::pool_inputs(o.pool) * w.Cr : 0;
+}
+
+// The forward's `hidden` output: [N, hidden_width] in the accumulation dtype, or empty for the conv.
+inline at::Tensor hidden_output(const at::Tensor& x, const ChannelWeights& w, const ChannelOptions& o) {
+  const int64_t width = hidden_width(w, o);
+  const auto opts = x.options().dtype(acc_dtype(x));
+  return width ? at::empty({x.size(0), width}, opts) : at::empty({0}, opts);
+}
+
+// The backward's view of `hidden`: null where it is empty (saved by no forward: recompute), else
+// checked against the shape hidden_output gives, contiguous.
+inline at::Tensor saved_hidden(const at::Tensor& hidden, const at::Tensor& x, const ChannelWeights& w,
+                               const ChannelOptions& o) {
+  if (hidden.numel() == 0) return at::Tensor();
+  check_saved(hidden, x, "hidden", {x.size(0), hidden_width(w, o)}, acc_dtype(x));
+  return hidden.contiguous();
+}
+
 // The channel function f of a batch (the MLP or the 1D conv on the pooled vectors) and its
 // backward, for any range of samples at a time: group by group inside a per-sample region
 // (for_samples), or the whole batch at once (its GEMMs parallel). Each element is one fixed-order
@@ -1203,24 +1226,17 @@ class ChannelSmall {
     }
   }
 
-  // Z and S of samples [n0, n0 + n) from pooled [N, 2, C] (mean, max).
-  void forward(const acc_t* pooled, int64_t n0, int64_t n) {
+  // Z and S of samples [n0, n0 + n) from pooled [N, 2, C] (mean, max); with `save` (the MLP's
+  // [N, P * Cr]), their pre-activations HP are also written there for the backward (restore).
+  void forward(const acc_t* pooled, int64_t n0, int64_t n, acc_t* save = nullptr) {
     const int64_t r0 = n0 * P, rows = n * P;
     fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + r0 * C);
     const acc_t* w1 = w_.w1.data_ptr<acc_t>();
     if (o_.kind == Kind::MLP) {
-      // HP = V W1^T + b1, H = act(HP). The second layer is linear, so z = sum over p of
-      // (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample
+      // HP = V W1^T + b1, then the second layer
       gemm_nt<acc_t>(V.data() + r0 * C, w1, ptr_or_null<acc_t>(w_.b1), rows, Cr, C, HP.data() + r0 * Cr);
-      for (int64_t i = r0 * Cr; i < (r0 + rows) * Cr; ++i) H[i] = act_fwd(HP[i], o_.act);
-      for (int64_t s = n0; P > 1 && s < n0 + n; ++s)
-        for (int64_t j = 0; j < Cr; ++j) {
-          acc_t g = H[s * P * Cr + j];
-          for (int64_t p = 1; p < P; ++p) g = g + H[(s * P + p) * Cr + j];
-          G[s * Cr + j] = g;
-        }
-      gemm_nt<acc_t>(hidden_sum() + n0 * Cr, w_.w2.data_ptr<acc_t>(), bias2_.empty() ? nullptr : bias2_.data(), n,
-                     C, Cr, Z.data() + n0 * C);
+      if (save) std::copy_n(HP.data() + r0 * Cr, rows * Cr, save + r0 * Cr);
+      second_layer(n0, n);
     } else {
       at::parallel_for(n0, n0 + n, 1, [&](int64_t b, int64_t e) {
         for (int64_t s = b; s < e; ++s)
@@ -1228,6 +1244,18 @@ class ChannelSmall {
             conv1d_row(V.data() + (s * P + p) * C, w1, w_.k, C, o_.padding, 1, Z.data() + s * C, p > 0);
       });
     }
+    gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
+  }
+
+  // What forward computes for samples [n0, n0 + n), the same values, with the first layer's
+  // pre-activations taken from the rows it saved: the larger of the MLP's two GEMMs is not run
+  // again (the recompute of both took a sixth of the CBAM backward at 32 x 2048 x 7 x 7). Without
+  // `saved` (the conv; a forward on another backend) all of it is computed again.
+  void restore(const acc_t* pooled, const acc_t* saved, int64_t n0, int64_t n) {
+    if (!saved) return forward(pooled, n0, n);
+    fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + n0 * P * C);
+    std::copy_n(saved + n0 * P * Cr, n * P * Cr, HP.data() + n0 * P * Cr);
+    second_layer(n0, n);
     gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
   }
 
@@ -1313,6 +1341,21 @@ class ChannelSmall {
   std::vector<acc_t> DHP;  // [N*P, Cr] the pre-activations' gradient (backward of the MLP)
 
   const acc_t* hidden_sum() const { return P > 1 ? G.data() : H.data(); }
+
+ private:
+  // H = act(HP), G and Z of samples [n0, n0 + n). The second layer is linear, so z = sum over p of
+  // (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample.
+  void second_layer(int64_t n0, int64_t n) {
+    for (int64_t i = n0 * P * Cr; i < (n0 + n) * P * Cr; ++i) H[i] = act_fwd(HP[i], o_.act);
+    for (int64_t s = n0; P > 1 && s < n0 + n; ++s)
+      for (int64_t j = 0; j < Cr; ++j) {
+        acc_t g = H[s * P * Cr + j];
+        for (int64_t p = 1; p < P; ++p) g = g + H[(s * P + p) * Cr + j];
+        G[s * Cr + j] = g;
+      }
+    gemm_nt<acc_t>(hidden_sum() + n0 * Cr, w_.w2.data_ptr<acc_t>(), bias2_.empty() ? nullptr : bias2_.data(), n, C,
+                   Cr, Z.data() + n0 * C);
+  }
 };
 
 // Spatial small math. The k x k conv runs as vectorized row axpys over zero-padded maps

@@ -178,6 +178,9 @@ inline at::Tensor new_pooled(const at::Tensor& x) {
   return at::empty({x.size(0), 2, x.size(1)}, x.options().dtype(acc_dtype(x)));
 }
 inline at::Tensor new_argmax(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kLong)); }
+// The forward's `hidden` output: empty, as the backward recomputes the MLP from `pooled` in the
+// kernel that needs it (the CPU backend saves it there; ops.py states the contract).
+inline at::Tensor new_hidden(const at::Tensor& x) { return at::empty({0}, x.options().dtype(acc_dtype(x))); }
 // The ops' contract: for pool "avg" nothing reads the max half of pooled or argmax, and both are
 // zeros (the kernels still compute them; on the GPU the max rides along with the sum for free).
 inline void zero_unused_max(const ChannelWeights& cw, at::Tensor& pooled, at::Tensor& argmax) {

@@ -18,7 +18,7 @@ namespace attnfused {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda(
     const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& sweight,
     const c10::optional<at::Tensor>& sbias, c10::string_view kind, c10::string_view pool, c10::string_view act,
@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda
   auto argmax = new_argmax(x);
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
-  if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax};
+  auto hidden = new_hidden(x);
+  if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
@@ -50,14 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_cuda
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
   zero_unused_max(cw, pooled, argmax);
-  return {y, pooled, argmax, smaps, sargmax};
+  return {y, pooled, argmax, smaps, sargmax, hidden};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pooled_, const at::Tensor& argmax_,
-    const at::Tensor& smaps_, const at::Tensor& sargmax_, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-    const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& sweight,
-    const c10::optional<at::Tensor>& sbias, c10::string_view kind, c10::string_view pool, c10::string_view act,
+    const at::Tensor& smaps_, const at::Tensor& sargmax_, const at::Tensor& /*hidden: recomputed*/,
+    const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& w2,
+    const c10::optional<at::Tensor>& b2, const at::Tensor& sweight, const c10::optional<at::Tensor>& sbias,
+    c10::string_view kind, c10::string_view pool, c10::string_view act,
     c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate) {
   check_cuda_input(x);
   check_grad(grad_y, x);

@@ -13,7 +13,7 @@ namespace attnfused {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
     const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind,
     c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding) {
@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
   auto y = at::empty_like(x);
   auto pooled = new_pooled(x);
   auto argmax = new_argmax(x);
-  if (x.size(0) == 0) return {y, pooled, argmax};
+  auto hidden = new_hidden(x);
+  if (x.size(0) == 0) return {y, pooled, argmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
@@ -37,13 +38,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
   zero_unused_max(cw, pooled, argmax);
-  return {y, pooled, argmax};
+  return {y, pooled, argmax, hidden};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pooled_, const at::Tensor& argmax_,
-    const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& w2,
-    const c10::optional<at::Tensor>& b2, c10::string_view kind, c10::string_view pool, c10::string_view act,
+    const at::Tensor& /*hidden: recomputed*/, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+    const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind, c10::string_view pool, c10::string_view act,
     c10::string_view gate, c10::string_view padding) {
   check_cuda_input(x);
   check_grad(grad_y, x);

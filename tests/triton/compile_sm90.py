@@ -91,8 +91,8 @@ def _exercise():
                         w1, w2, b1, b2 = torch.randn(1, 1, 5), None, None, None
                     for act, gate, pad in (("relu", "sigmoid", "zeros"), ("silu", "hardsigmoid", "circular")):
                         opts = (kind, pool, act, gate, pad)
-                        y, pooled, argmax = channel.channel_attention_forward(x, w1, b1, w2, b2, *opts)
-                        channel.channel_attention_backward(g, x, pooled, argmax, w1, b1, w2, b2, *opts)
+                        y, *saved = channel.channel_attention_forward(x, w1, b1, w2, b2, *opts)
+                        channel.channel_attention_backward(g, x, *saved, w1, b1, w2, b2, *opts)
                         if pool != "avg+max" or act != "relu":
                             continue
                         for maps in SPATIAL_MAPS:

@@ -25,11 +25,11 @@ def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, paddi
             flat = smaps.view(N, 2, H * W)
             reduce(x, False, s=s, pooled_out=(flat[:, 1], flat[:, 0], sargmax.view(N, H * W)))
             apply(x, y, s=s, t=spatial_gate(smaps, sweight, sbias, maps, sgate))
-        return y, pooled, argmax, smaps, sargmax
+        return y, pooled, argmax, smaps, sargmax, pooled.new_empty(0)  # hidden: recomputed in backward
 
 
-def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, w1, b1, w2, b2, sweight, sbias, kind, pool, act,
-                  gate, padding, maps, sgate):
+def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, _hidden, w1, b1, w2, b2, sweight, sbias, kind, pool,
+                  act, gate, padding, maps, sgate):
     with device_guard(x):
         N, C, H, W = x.shape
         dx = torch.empty_like(x)

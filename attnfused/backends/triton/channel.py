@@ -442,10 +442,11 @@ def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
         if x.shape[0]:
             s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
             apply(x, y, s=s)
-        return y, pooled, argmax
+        return y, pooled, argmax, pooled.new_empty(0)  # hidden: recomputed in backward
 
 
-def channel_attention_backward(grad_y, x, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate,
+                               padding):
     with device_guard(x):
         dx = torch.empty_like(x)
         pooled = pooled.float().contiguous()
