@@ -9,6 +9,7 @@ from __future__ import annotations
 CHANNEL_KINDS = ("mlp", "conv")
 # "avg+max": f(avg) + f(max) (CBAM); "mix": f(0.5 * avg + 0.5 * max) (timm LightCbam).
 CHANNEL_POOLS = ("avg", "max", "avg+max", "mix")
+
 HIDDEN_ACTS = ("relu", "silu")
 GATES = ("sigmoid", "hardsigmoid")
 CONV_PADDINGS = ("zeros", "circular")
@@ -36,3 +37,9 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
 
     k = int(abs((math.log(channels, 2) + b) / gamma))
     return k if k % 2 else k + 1
+
+
+def pool_inputs(pool: str) -> int:
+    """How many vectors per sample the channel function sees: 2 for "avg+max", else 1
+    (small::pool_inputs in C++)."""
+    return 2 if pool == "avg+max" else 1

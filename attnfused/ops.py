@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._options import pool_inputs
 
 _LIB = "attnfused"
 
@@ -68,7 +69,7 @@ def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str, backend: str) -> t
     """The shape of the forward's `hidden` output (see the contracts above)."""
     if backend not in _SAVE_HIDDEN or kind != "mlp":
         return (0,)
-    return (x.shape[0], (2 if pool == "avg+max" else 1) * w1.shape[0])
+    return (x.shape[0], pool_inputs(pool) * w1.shape[0])
 
 
 # ----------------------------------------------------------------------------- calling the ops

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
                       gate_fn, gate_grad_fn)
 from .reduce import apply, reduce, sum_over_batch
@@ -317,7 +318,7 @@ def _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=None, out=None):
     """Hidden pre-activations hp [N, NV, CR] and out = s (or dlogits, given dot) [N, C]."""
     N, _, C = pooled.shape
     CR = w1.shape[0]
-    NV = 2 if pool == "avg+max" else 1
+    NV = pool_inputs(pool)
     bn, bc, br = _mlp_blocks(C, CR)
     POOL = code(POOLS, "pool", pool)
     b1, w2, b2 = _contig(b1), w2.contiguous(), _contig(b2)
@@ -372,7 +373,7 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
         db2 = torch.zeros(C, **f32) if b2 is not None else None
         if N == 0:
             return dpooled, [dw1, db1, dw2, db2]
-        NV = 2 if pool == "avg+max" else 1
+        NV = pool_inputs(pool)
         dlog = torch.empty((N, C), **f32)
         hp = _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=dot, out=dlog)
         h, dhp = torch.empty_like(hp), torch.empty_like(hp)
