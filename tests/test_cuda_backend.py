@@ -212,7 +212,7 @@ def test_past_2_31_elements(lay):
     case = CHANNEL_CASES[2]
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(4).items()}
     o = case.o
-    y, pooled, argmax = torch.ops.attnfused.channel_attention(
+    y, pooled, argmax, _hidden = torch.ops.attnfused.channel_attention(
         x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], BACKEND)
     assert y.stride() == x.stride()
     for n in range(shape[0]):
