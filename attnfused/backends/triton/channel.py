@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
-                      gate_fn, gate_grad_fn)
+                      gate_fn, gate_grad_fn, programs_wanted)
 from .reduce import apply, reduce, sum_over_batch
 
 
@@ -41,18 +41,21 @@ def _dot(a, b):
 
 
 @triton.jit
-def _mlp_hidden_kernel(pooled_ptr, w1_ptr, b1_ptr, hp_ptr, N, C, CR, NV, POOL: tl.constexpr,
+def _mlp_hidden_kernel(pooled_ptr, w1_ptr, b1_ptr, hp_ptr, N, C, CR, NV, C_SPLIT, POOL: tl.constexpr,
                        HAS_B1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr):
     """Hidden pre-activations hp[n, v] = w1 @ vec_v[n] + b1 for a block of samples and of
-    hidden units: a small matmul, each w1 tile read once per block of samples."""
+    hidden units: a small matmul, each w1 tile read once per block of samples. Program axis 2
+    splits the sum over channels (C_SPLIT channels each, a multiple of BLOCK_C): split j writes
+    its partial sums to hp_ptr + j * N * NV * CR, the bias in split 0."""
     n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
     n_ok = n < N
     r_ok = r < CR
     acc_a = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(split * C_SPLIT, tl.minimum(C, split * C_SPLIT + C_SPLIT), BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         va, vb = _load_vecs(pooled_ptr, n[:, None], C, c[None, :], n_ok[:, None] & c_ok[None, :], POOL)
@@ -62,10 +65,10 @@ def _mlp_hidden_kernel(pooled_ptr, w1_ptr, b1_ptr, hp_ptr, N, C, CR, NV, POOL: t
         if POOL == 2:
             acc_b += _dot(vb, w1t)
     if HAS_B1:
-        b1 = tl.load(b1_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        b1 = tl.load(b1_ptr + r, mask=r_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
         acc_a += b1
         acc_b += b1
-    out = hp_ptr + n[:, None] * NV * CR + r[None, :]
+    out = hp_ptr + split.to(tl.int64) * N * NV * CR + n[:, None] * NV * CR + r[None, :]
     ok = n_ok[:, None] & r_ok[None, :]
     tl.store(out, acc_a, mask=ok)
     if POOL == 2:
@@ -314,6 +317,17 @@ def _mlp_blocks(C: int, CR: int):
     return 16, min(64, max(16, triton.next_power_of_2(C))), min(64, max(16, triton.next_power_of_2(CR)))
 
 
+def _mlp_splits(pooled, C: int, bc: int, programs: int) -> tuple[int, int]:
+    """(splits, channels per split) of the hidden layer's sum over channels. Over samples and
+    hidden units alone the grid is small (16 programs at 128 x 2048 -> 128, 56% of a CBAM
+    training step's time on an H100 at 7 x 7); the splits bring it to a few programs per SM.
+    Each split is a whole number of BLOCK_C chunks."""
+    chunks = triton.cdiv(C, bc)
+    want = 4 * programs if INTERPRET else programs_wanted(pooled)
+    per = triton.cdiv(chunks, max(1, min(chunks, want // max(1, programs)))) * bc
+    return triton.cdiv(C, per), per
+
+
 def _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=None, out=None):
     """Hidden pre-activations hp [N, NV, CR] and out = s (or dlogits, given dot) [N, C]."""
     N, _, C = pooled.shape
@@ -322,10 +336,13 @@ def _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=None, out=None):
     bn, bc, br = _mlp_blocks(C, CR)
     POOL = code(POOLS, "pool", pool)
     b1, w2, b2 = _contig(b1), w2.contiguous(), _contig(b2)
-    hp = torch.empty((N, NV, CR), dtype=torch.float32, device=pooled.device)
-    _mlp_hidden_kernel[(triton.cdiv(N, bn), triton.cdiv(CR, br))](
-        pooled, w1, w1 if b1 is None else b1, hp, N, C, CR, NV, POOL=POOL, HAS_B1=b1 is not None,
+    grid = (triton.cdiv(N, bn), triton.cdiv(CR, br))
+    splits, c_split = _mlp_splits(pooled, C, bc, grid[0] * grid[1])
+    hp = torch.empty((splits, N, NV, CR), dtype=torch.float32, device=pooled.device)
+    _mlp_hidden_kernel[grid + (splits,)](
+        pooled, w1, w1 if b1 is None else b1, hp, N, C, CR, NV, c_split, POOL=POOL, HAS_B1=b1 is not None,
         BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+    hp = hp.sum(0) if splits > 1 else hp[0]  # the splits in a fixed order (no atomics)
     _mlp_out_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc))](
         hp, w2, w2 if b2 is None else b2, out if dot is None else dot, out, N, C, CR, NV, BWD=dot is not None,
         POOL=POOL, ACT=code(ACTS, "act", act), GATE=code(GATES, "gate", gate), HAS_B2=b2 is not None,
