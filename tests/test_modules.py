@@ -2,12 +2,16 @@
 input and parameter gradients, state dicts both ways, every backend this process runs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import attnfused
 from attnfused import reference
+from attnfused.accuracy import bound
 from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, cpu_backends, layout, rand, rel_err
+from tests.cases import float32_noise_floor
 from tests.seed_article import ARTICLE
 
 BACKENDS = cpu_backends()
@@ -43,6 +47,29 @@ def _randomize(module):
     return module
 
 
+def _grad_bounds(ref, x64, g64, ref_grads):
+    """The bound on each float32 gradient's error, by the rule of the op tests (cases.grad_bounds):
+    GRAD_TOLERANCE, or twice the error of the reference module run in float32, or twice the float32
+    noise floor, whichever is largest. A weight gradient that nearly cancels (the 1D conv's three
+    weights, summed over the batch and every pixel) is fixed no better than that by float32
+    inputs: one draw in CI met 1.6e-3 on the reference backend itself."""
+    ref32 = copy.deepcopy(ref).float()
+    x32 = x64.float().requires_grad_()
+    eager = [rel_err(e, r) for e, r in
+             zip(torch.autograd.grad(ref32(x32), [x32, *ref32.parameters()], g64.float()), ref_grads)]
+
+    def run(xp, gp, *params):
+        m = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), params):
+                p.copy_(v)
+        xp = xp.requires_grad_()
+        return torch.autograd.grad(m(xp), [xp, *m.parameters()], gp)
+
+    floor = float32_noise_floor(run, (x64, g64, *[p.detach() for p in ref.parameters()]), ref_grads)
+    return [bound(GRAD_TOLERANCE[torch.float32], max(e, f)) for e, f in zip(eager, floor)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("key", list(CONFIGS))
@@ -57,14 +84,15 @@ def test_module_matches_reference(key, shape, backend):
     xr = x64.clone().requires_grad_()
     out_ref = ref(xr)
     ref_grads = torch.autograd.grad(out_ref, [xr, *ref.parameters()], g)
+    tols = _grad_bounds(ref, x64, g, ref_grads)
     for lay in LAYOUTS:
         x = layout(x64.float(), lay).requires_grad_()
         out = fused(x)
         assert rel_err(out, out_ref) <= TOLERANCE[torch.float32], lay
         grads = torch.autograd.grad(out, [x, *fused.parameters()], g.float())
-        for gr, gref in zip(grads, ref_grads):
+        for gr, gref, tol in zip(grads, ref_grads, tols):
             assert gr.shape == gref.shape
-            assert rel_err(gr, gref) <= GRAD_TOLERANCE[torch.float32], lay
+            assert rel_err(gr, gref) <= tol, lay
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
