@@ -406,27 +406,48 @@ void gemm_nt(const acc_t* A, const acc_t* B, const acc_t* bias, int64_t I, int64
 
 // out[i * M + m] = sum_k A[i * sai + k * sak] * B[k * M + m]: the axpy form, B's rows contiguous
 // along m (the MLP backward: dy W, and the weight gradients dy^T x with A read transposed).
+// Where many row tiles reuse a column block of B (kPackRowTiles or more), each thread first copies
+// the block into a contiguous buffer: B's rows are C or Cr floats apart, a power of two, so a
+// block's rows fall into a few L1 sets and evicted each other (the MLP's dW1 = DHP^T V at 32 x 2048,
+// 128 row tiles: 23 -> 35 FMAs per ns on one core here). The same FMAs in the same order.
+constexpr int64_t kPackRowTiles = 4;
+
 template <typename acc_t, int TI, int TV = 3>
 Job gemm_nn_tiles(const acc_t* A, int64_t sai, int64_t sak, const acc_t* B, int64_t I, int64_t M, int64_t K,
                   acc_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size(), TW = TV * V;
   const int64_t ti = (I + TI - 1) / TI, tiles = (M + TW - 1) / TW * ti;
+  const bool pack = ti >= kPackRowTiles;
   return {tiles, TI * TW * K, [=](int64_t b, int64_t e) {
+    std::vector<acc_t> packed(pack ? K * TW : 0);  // [K, TW]: B's column block, zero past M
+    int64_t packed_m0 = -1;
     for (int64_t t = b; t < e; ++t) {  // row tiles innermost: B's column block is reused from cache
       const int64_t i0 = t % ti * TI, m0 = t / ti * TW;
       const acc_t* a[TI];
       int64_t n[TV];
       for (int u = 0; u < TI; ++u) a[u] = A + std::min(i0 + u, I - 1) * sai;
       for (int v = 0; v < TV; ++v) n[v] = std::clamp<int64_t>(M - m0 - v * V, 0, V);
+      if (pack && m0 != packed_m0) {
+        const int64_t w = std::min(TW, M - m0);
+        for (int64_t k = 0; k < K; ++k) {
+          std::copy_n(B + k * M + m0, w, packed.data() + k * TW);
+          std::fill(packed.data() + k * TW + w, packed.data() + (k + 1) * TW, acc_t(0));
+        }
+        packed_m0 = m0;
+      }
       Vec acc[TI][TV];
       for (int u = 0; u < TI; ++u)
         for (int v = 0; v < TV; ++v) acc[u][v] = Vec(acc_t(0));
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t* bk = B + k * M + m0;
         Vec bv[TV];
-        for (int v = 0; v < TV; ++v)
-          bv[v] = n[v] == V ? Vec::loadu(bk + v * V) : (n[v] ? Vec::loadu(bk + v * V, n[v]) : Vec(acc_t(0)));
+        if (pack) {
+          for (int v = 0; v < TV; ++v) bv[v] = Vec::loadu(packed.data() + k * TW + v * V);
+        } else {
+          const acc_t* bk = B + k * M + m0;
+          for (int v = 0; v < TV; ++v)
+            bv[v] = n[v] == V ? Vec::loadu(bk + v * V) : (n[v] ? Vec::loadu(bk + v * V, n[v]) : Vec(acc_t(0)));
+        }
         for (int u = 0; u < TI; ++u) {
           const Vec av(a[u][k * sak]);
           for (int v = 0; v < TV; ++v) acc[u][v] = at::vec::fmadd(av, bv[v], acc[u][v]);
