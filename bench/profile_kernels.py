@@ -4,12 +4,15 @@
     python -m bench.profile_kernels --blocks se,cbam_fc --shapes 128x512x28x28 --backends cuda
 
 Prints, per (block, backend, mode, shape, layout), the GPU time per call summed over its kernels
-and the largest kernels with their share. The benchmark (`python -m bench`) gives the end-to-end
+and the largest kernels with their share, then the host's time to issue a call and the wall time
+per call with the queue kept full: where issuing takes longer than the GPU's work, the host bounds
+the step (launch overhead, not kernels). The benchmark (`python -m bench`) gives the end-to-end
 figures; this says which pass they go to. GPU only.
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +32,19 @@ def kernel_times(fn, calls: int) -> list[tuple[str, float, int]]:
     rows = [(e.key, e.device_time_total / calls, e.count / calls) for e in prof.key_averages()
             if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
     return sorted(rows, key=lambda r: -r[1])
+
+
+def host_times(fn, calls: int) -> tuple[float, float]:
+    """(us per call to issue `fn` on the host, us per call until the GPU has run them all), over
+    `calls` back-to-back calls."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return 1e6 * (t1 - t0) / calls, 1e6 * (t2 - t0) / calls
 
 
 def profile_case(block: str, backend: str, shape, dtype, layout: str, calls: int, top: int) -> None:
@@ -54,6 +70,9 @@ def profile_case(block: str, backend: str, shape, dtype, layout: str, calls: int
         print(f"== {block} {backend} {mode} {'x'.join(map(str, shape))} {layout}: {total:.1f} us per call on the GPU")
         for name, us, n in rows[:top]:
             print(f"   {us:8.1f} us {100 * us / total:4.0f}%  x{n:<4g} {name[:120]}")
+        issue, wall = host_times(fn, max(calls, 50))
+        print(f"   host: {issue:.0f} us per call to issue, {wall:.0f} us per call back to back"
+              f"{' (host-bound)' if issue > total else ''}")
 
 
 def main(argv=None) -> None:
