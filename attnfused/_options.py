@@ -9,7 +9,6 @@ from __future__ import annotations
 CHANNEL_KINDS = ("mlp", "conv")
 # "avg+max": f(avg) + f(max) (CBAM); "mix": f(0.5 * avg + 0.5 * max) (timm LightCbam).
 CHANNEL_POOLS = ("avg", "max", "avg+max", "mix")
-
 HIDDEN_ACTS = ("relu", "silu")
 GATES = ("sigmoid", "hardsigmoid")
 CONV_PADDINGS = ("zeros", "circular")

@@ -1250,22 +1250,7 @@ class ChannelSmall {
   // Z and S of samples [n0, n0 + n) from pooled [N, 2, C] (mean, max); with `save` (the MLP's
   // [N, P * Cr]), their pre-activations HP are also written there for the backward (restore).
   void forward(const acc_t* pooled, int64_t n0, int64_t n, acc_t* save = nullptr) {
-    const int64_t r0 = n0 * P, rows = n * P;
-    fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + r0 * C);
-    const acc_t* w1 = w_.w1.data_ptr<acc_t>();
-    if (o_.kind == Kind::MLP) {
-      // HP = V W1^T + b1, then the second layer
-      gemm_nt<acc_t>(V.data() + r0 * C, w1, ptr_or_null<acc_t>(w_.b1), rows, Cr, C, HP.data() + r0 * Cr);
-      if (save) std::copy_n(HP.data() + r0 * Cr, rows * Cr, save + r0 * Cr);
-      second_layer(n0, n);
-    } else {
-      at::parallel_for(n0, n0 + n, 1, [&](int64_t b, int64_t e) {
-        for (int64_t s = b; s < e; ++s)
-          for (int64_t p = 0; p < P; ++p)
-            conv1d_row(V.data() + (s * P + p) * C, w1, w_.k, C, o_.padding, 1, Z.data() + s * C, p > 0);
-      });
-    }
-    gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
+    compute(pooled, n0, n, save, nullptr);
   }
 
   // What forward computes for samples [n0, n0 + n), the same values, with the first layer's
@@ -1273,11 +1258,7 @@ class ChannelSmall {
   // again (the recompute of both took a sixth of the CBAM backward at 32 x 2048 x 7 x 7). Without
   // `saved` (the conv; a forward on another backend) all of it is computed again.
   void restore(const acc_t* pooled, const acc_t* saved, int64_t n0, int64_t n) {
-    if (!saved) return forward(pooled, n0, n);
-    fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + n0 * P * C);
-    std::copy_n(saved + n0 * P * Cr, n * P * Cr, HP.data() + n0 * P * Cr);
-    second_layer(n0, n);
-    gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
+    compute(pooled, n0, n, nullptr, saved);
   }
 
   // Back through f for samples [n0, n0 + n): dz [N, C] (the gates' gradient, turned into the
@@ -1364,6 +1345,30 @@ class ChannelSmall {
   const acc_t* hidden_sum() const { return P > 1 ? G.data() : H.data(); }
 
  private:
+  // forward and restore: the MLP's pre-activations HP computed (and copied to `save`), or read
+  // from `saved`; then the second layer (or the conv) and the gates.
+  void compute(const acc_t* pooled, int64_t n0, int64_t n, acc_t* save, const acc_t* saved) {
+    const int64_t r0 = n0 * P, rows = n * P;
+    fill_pool_inputs(pooled + n0 * 2 * C, o_.pool, n, C, V.data() + r0 * C);
+    const acc_t* w1 = w_.w1.data_ptr<acc_t>();
+    if (o_.kind == Kind::MLP) {
+      if (saved) {
+        std::copy_n(saved + r0 * Cr, rows * Cr, HP.data() + r0 * Cr);
+      } else {  // HP = V W1^T + b1
+        gemm_nt<acc_t>(V.data() + r0 * C, w1, ptr_or_null<acc_t>(w_.b1), rows, Cr, C, HP.data() + r0 * Cr);
+        if (save) std::copy_n(HP.data() + r0 * Cr, rows * Cr, save + r0 * Cr);
+      }
+      second_layer(n0, n);
+    } else {
+      at::parallel_for(n0, n0 + n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t s = b; s < e; ++s)
+          for (int64_t p = 0; p < P; ++p)
+            conv1d_row(V.data() + (s * P + p) * C, w1, w_.k, C, o_.padding, 1, Z.data() + s * C, p > 0);
+      });
+    }
+    gate_forward(Z.data() + n0 * C, o_.gate, n * C, S.data() + n0 * C);
+  }
+
   // H = act(HP), G and Z of samples [n0, n0 + n). The second layer is linear, so z = sum over p of
   // (H_p W2^T + b2) = (sum over p of H_p) W2^T + P b2: one row per sample.
   void second_layer(int64_t n0, int64_t n) {
