@@ -11,8 +11,6 @@ and `<name>.csv`, `<name>_*.png`, `<name>.json` and README.md into --out.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import sys
 import time
@@ -138,11 +136,7 @@ def main(argv=None) -> int:
 
     print(report.table(rows))
     bad = [r for r in rows if r.get("status") != "ok"]
-    extra = {"command": "python -m bench " + shlex.join(argv), "wall_s": round(wall, 1),
-             "threads": torch.get_num_threads(), "python": platform.python_version(), "skipped": skipped,
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_end": round(os.getloadavg()[0], 2),
-             "device_long": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                             f"{env._cpu_model()}, {env.cpu_count()} cores")}
+    extra = env.run_facts(dev, "python -m bench " + shlex.join(argv), wall) | {"skipped": skipped}
     report.write_run_meta(meta, extra, stem)
     pngs = [] if a.no_plots else report.plots(rows, meta, stem)
     report.write_device_readme(out)

@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import copy
 import csv
-import os
-import platform
 import shlex
 import sys
 import time
@@ -248,12 +246,7 @@ def main(argv=None) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({k: report._fmt(v, 6) for k, v in {**meta, **r}.items()})
-    report.write_run_meta(meta, {"command": "python -m bench.e2e " + shlex.join(argv), "wall_s": round(wall, 1),
-                                 "threads": torch.get_num_threads(), "python": platform.python_version(),
-                                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                                 "load_avg_end": round(os.getloadavg()[0], 2),
-                                 "device_long": (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                                                 f"{env._cpu_model()}, {env.cpu_count()} cores")}, stem)
+    report.write_run_meta(meta, env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall), stem)
     report.write_device_readme(out)
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")
     return 0

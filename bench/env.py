@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import platform
 import re
 import subprocess
 from functools import lru_cache
@@ -99,6 +100,16 @@ def commit() -> str:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run_facts(device: torch.device, command: str, wall_s: float) -> dict:
+    """What a results folder's README says of a run beyond `meta`: the command, its wall time,
+    threads and load (written to `<name>.json` by report.write_run_meta)."""
+    return {"command": command, "wall_s": round(wall_s, 1), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_avg_end": round(os.getloadavg()[0], 2),
+            "device_long": (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                            f"{_cpu_model()}, {cpu_count()} cores")}
 
 
 def meta(device: str) -> dict:

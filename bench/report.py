@@ -141,7 +141,7 @@ def write_device_readme(folder: Path) -> Path:
             lines.append("- providers not run here: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()))
         files = sorted(p.name for p in folder.iterdir() if p.name == f"{r['stem']}.csv"
                        or re.fullmatch(re.escape(r["stem"]) + r"_(speedup|copyfrac)_[^_]+_n\d+\.png", p.name))
-        lines += [f"- files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
+        lines += ["- files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
         lines += [f"![{f}]({f})" for f in files if f.endswith(".png") and "speedup" in f] + [""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))

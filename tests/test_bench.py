@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from attnfused.backends import extension
 from bench import harness, report
 from bench.__main__ import main as bench_main
 from bench.providers import PROVIDERS, Provider
@@ -140,3 +141,17 @@ def test_profile_kernels_prints_every_case(capsys):
     for mode in ("fwd", "train"):
         line = next(l for l in out.splitlines() if l.startswith(f"== cbam_fc cuda {mode} 2x32x8x8 cl"))
         assert float(line.split(": ")[1].split()[0]) > 0
+
+
+@pytest.mark.skipif(extension.unavailable_reason("cpu") is not None, reason="the probe is a C++ extension op")
+def test_traffic_bench_writes_its_table(tmp_path, capsys):
+    from bench.traffic import ITEMS, main as traffic_main
+
+    assert traffic_main(["--shapes", "2x32x6x5", "--layouts", "nchw,cl", "--reps", "2", "--sample-s", "0",
+                         "--out", str(tmp_path), "--name", "t"]) == 0
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layout"], r["item"]) for r in rows] == [(lo, i) for lo in ("nchw", "cl") for i in ITEMS]
+    assert all(float(r["median_ms"]) > 0 and float(r["copies"]) > 0 for r in rows)
+    assert "eager fwd / 5" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["command"].startswith("python -m bench.traffic")

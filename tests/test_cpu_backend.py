@@ -354,3 +354,39 @@ def test_auto_picks_cpu():
     assert "cpu" in attnfused.available_backends("cpu", torch.float32)
     assert attnfused.backends.unavailable_reason("cpu", "cpu", torch.int32) is not None
     assert "CPU tensors" in attnfused.backends.unavailable_reason("cpu", "meta", torch.float32)
+
+
+# ----------------------------------------------------------------------------- the traffic probe (bench)
+
+@pytest.mark.parametrize("per_sample", ["0", "1", "auto"])
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [SHAPE, STREAMED_SHAPES[1]], ids=str)
+def test_traffic_probe_copies_and_reads_everything(shape, lay, per_sample, monkeypatch):
+    if per_sample == "auto":
+        monkeypatch.delenv("ATTNFUSED_CPU_PER_SAMPLE", raising=False)
+    else:
+        monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+    x, dy = layout(rand(*shape, dtype=torch.float32), lay), layout(rand(*shape, dtype=torch.float32), lay)
+    s64 = {"x": x.double().sum(dim=(1, 2, 3)), "dy": dy.double().sum(dim=(1, 2, 3))}
+    for passes, src, reads in (("r,r,w", x, "x x x"), ("d,d,p", dy, "dy x dy x dy"), ("d,r,p", dy, "dy x x dy"),
+                               ("r", None, "x")):
+        out, sums = C_OPS._traffic_probe(x, dy, passes)
+        if src is None:
+            assert out.numel() == 0
+        else:
+            assert out.stride() == x.stride() and torch.equal(out, src), passes
+        want = sum(s64[name] for name in reads.split())
+        assert sums.dtype == torch.float64 and rel_err(sums, want) <= 1e-4, passes  # float32 sums
+
+
+def test_traffic_probe_bad_input():
+    x = torch.randn(2, 4, 5, 5)
+    for passes in ("", "r,x", "rr", "r,,w", "R"):
+        with pytest.raises(ValueError, match="passes must"):
+            C_OPS._traffic_probe(x, None, passes)
+    with pytest.raises(ValueError, match="dy must be given"):
+        C_OPS._traffic_probe(x, None, "d,w")
+    with pytest.raises(ValueError, match="dy must have x's shape and strides"):
+        C_OPS._traffic_probe(x, x.contiguous(memory_format=torch.channels_last), "r")
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        C_OPS._traffic_probe(x[0], None, "r")
