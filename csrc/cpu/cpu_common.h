@@ -1401,8 +1401,9 @@ void pad_maps(const acc_t* smaps, Maps maps, const PadDims& g, int64_t n, acc_t*
 // out[h, w] += sum over m < planes, a, b of ker[m, a, b] in[m, h + a, w + b] (in: planes of [Hp, Wp],
 // padded; out [H, W]), each output's terms added in that order: U vectors of columns at a time, their
 // sums in registers across every tap (a row-long axpy per tap stored and reloaded each output row
-// 2 k^2 times: 48 of 56x56's per-sample microseconds); the columns past the last whole vector in
-// scalar code (an axpy's tail: a product rounded, then the sum).
+// 2 k^2 times: spatial attention at 32x2x56x56, where the conv dominates, took 0.92 ms forward and
+// 2.9 ms backward, now 0.62 and 2.2); the columns past the last whole vector in scalar code (as an
+// axpy's tail: the product rounded, then the sum).
 template <typename acc_t>
 void corr2d_acc(const acc_t* in, int64_t planes, const acc_t* ker, const PadDims& g, acc_t* out) {
   using Vec = at::vec::Vectorized<acc_t>;
