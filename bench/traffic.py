@@ -13,7 +13,7 @@ float32):
   CBAM backward as built (two dot passes over dy and x, then dx); `bwd 4R+1W` one whose second
   dot pass reads x alone;
 - the fused CBAM-FC block (`cpu` backend): forward, and backward through autograd;
-- eager PyTorch's forward, and a fifth of it (issue 3's forward target, 5x eager).
+- eager PyTorch's forward, and a fifth of it (the forward target of 5x eager).
 
 Each time is also given in copies (time / copy time). A fused op near its probe runs at the speed
 of its memory traffic on this machine: only fewer passes make it faster.
