@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import shlex
 import sys
 import time
@@ -240,12 +239,7 @@ def main(argv=None) -> int:
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells))
     for (at, p), note in notes.items():
         print(f"  {at} {p}: {note}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: report._fmt(v, 6) for k, v in {**meta, **r}.items()})
+    report.write_csv(rows, meta, stem.with_suffix(".csv"), COLUMNS)
     report.write_run_meta(meta, env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall), stem)
     report.write_device_readme(out)
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")

@@ -40,10 +40,11 @@ def table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CSV
 
-def write_csv(rows: list[dict], meta: dict, path: Path) -> None:
+def write_csv(rows: list[dict], meta: dict, path: Path, columns: list[str] = COLUMNS) -> None:
+    """`meta` then each row, under `columns` (the microbenchmark's by default)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(v, 6) for k, v in {**meta, **r}.items()})

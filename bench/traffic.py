@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import shlex
 import sys
 import time
@@ -145,12 +144,7 @@ def main(argv=None) -> int:
                              "copies": t["median"] / copy_ms, "threads": torch.get_num_threads()})
     wall = time.perf_counter() - t0
     print(wide_table(rows))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: report._fmt(v, 6) for k, v in {**meta, **r}.items()})
+    report.write_csv(rows, meta, stem.with_suffix(".csv"), COLUMNS)
     report.write_run_meta(meta, env.run_facts(dev, "python -m bench.traffic " + shlex.join(argv), wall), stem)
     report.write_device_readme(out)
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")
