@@ -90,6 +90,27 @@ def test_streamed_outputs(case, shape, lay):
     assert rel_err(out, ref) <= TOLERANCE[torch.float32], f"{case} forward"
 
 
+# channels_last samples past 2 MB (kGroupBytes): each its own group, and each fetches the thread's
+# next sample during its sweep (spatial_forward_sweep); 4 samples give 2 threads a next one each
+BIG_SAMPLES_SHAPE = (4, 160, 60, 60)
+
+
+@pytest.mark.parametrize("case", [CBAM_CASES[0], SPATIAL_CASES[0]], ids=str)
+def test_sweep_on_big_samples(case, monkeypatch):
+    """The channels_last forward's sweep (per sample: pooling over channels, conv and scaling in one
+    pass, the next sample fetched ahead, the output streamed) against the float64 reference, and bit
+    for bit against the separate passes over the batch."""
+    monkeypatch.delenv("ATTNFUSED_CPU_PER_SAMPLE", raising=False)
+    _check(case, BIG_SAMPLES_SHAPE, torch.float32, "channels_last")
+    x = layout(rand(*BIG_SAMPLES_SHAPE, dtype=torch.float32), "channels_last")
+    w = {k: None if v is None else v.float() for k, v in case.weights(x.shape[1]).items()}
+    outs = []
+    for per_sample in ("1", "0"):
+        monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+        outs.append(case.run(x, w, "cpu"))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
 def test_max_pools_follow_torch_on_nonfinite(lay):
     """The column passes take the max on plain compares and redo a column that met a NaN or

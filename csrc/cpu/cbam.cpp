@@ -1,6 +1,7 @@
 // CBAM on CPU as one op: channel attention, then spatial attention on x1 = x * s, with x1 never
 // stored (recomputed from x and the small s wherever it is read).
-// Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W).
+// Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W); channels_last
+// takes the last two in one sweep per sample (spatial_forward_sweep), its second read from L2.
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps
 // (the MLP's hidden state among them).
 // Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups)

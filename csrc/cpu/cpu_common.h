@@ -818,6 +818,13 @@ constexpr int64_t kGroupBytes = int64_t(2) << 20;
 // every thread busy; the groups are then the fewest, a multiple of the thread count, that fit
 // kGroupBytes (at least one sample). $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces batch passes / one
 // sample per group (the tests run both and the default).
+// The samples [n0, n0 + count) that the calling thread takes next in for_samples (count 0: none),
+// for a pass that fetches them ahead.
+struct NextSamples {
+  int64_t n0 = 0, count = 0;
+};
+inline thread_local NextSamples next_samples;
+
 inline int64_t samples_per_group(const Dims& d, int64_t sample_bytes) {
   const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1' ? 1 : 0;
@@ -836,7 +843,11 @@ void for_samples(const Dims& d, const F& f) {
   const int64_t g = samples_per_group(d, d.sample() * int64_t(sizeof(scalar_t)));
   if (g == 0) return f(int64_t(0), d);
   at::parallel_for(0, (d.N + g - 1) / g, 1, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) f(q * g, d.first(std::min(g, d.N - q * g)));
+    for (int64_t q = b; q < e; ++q) {
+      next_samples = q + 1 < e ? NextSamples{(q + 1) * g, std::min(g, d.N - (q + 1) * g)} : NextSamples{};
+      f(q * g, d.first(std::min(g, d.N - q * g)));
+    }
+    next_samples = NextSamples{};
   });
 }
 
@@ -896,6 +907,19 @@ void pool_space(const scalar_t* x, const Dims& d, acc_type<scalar_t>* pooled, in
 
 // Over channels per (n, hw): smaps [N, 2, HW] = (max, mean) and sargmax [N, HW] of x * s[n, c]
 // (s may be null: plain x).
+// One channels_last pixel p[0, C) (times s[c] if given): max, mean and first argmax over channels.
+template <typename scalar_t>
+inline void pool_pixel(const scalar_t* p, int64_t C, const acc_type<scalar_t>* s, acc_type<scalar_t>& mx,
+                       acc_type<scalar_t>& mean, int64_t& arg) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t sum;
+  if (s)
+    row_pool<scalar_t, true, true>(p, C, sum, mx, arg, s);
+  else
+    row_pool<scalar_t>(p, C, sum, mx, arg);
+  mean = sum * (acc_t(1) / acc_t(C));
+}
+
 template <typename scalar_t>
 void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s, acc_type<scalar_t>* smaps,
                    int64_t* sargmax) {
@@ -906,16 +930,8 @@ void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s
     at::parallel_for(0, d.N * d.HW, grain_rows(d.C), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t n = i / d.HW, hw = i % d.HW;
-        acc_t sum, m;
-        int64_t a;
-        if (s) {
-          row_pool<scalar_t, true, true>(x + i * d.C, d.C, sum, m, a, s + n * d.C);
-        } else {
-          row_pool<scalar_t>(x + i * d.C, d.C, sum, m, a);
-        }
-        smaps[n * 2 * d.HW + hw] = m;
-        smaps[n * 2 * d.HW + d.HW + hw] = sum * inv;
-        sargmax[i] = a;
+        acc_t* mx = smaps + n * 2 * d.HW;
+        pool_pixel(x + i * d.C, d.C, s ? s + n * d.C : nullptr, mx[hw], mx[d.HW + hw], sargmax[i]);
       }
     });
     return;
@@ -1067,6 +1083,51 @@ void apply_run(scalar_t* out, const scalar_t* in, int64_t L, const acc_type<scal
   if (stream) stream_fence();
 }
 
+// One row of apply's pass: po[j] = (pin[j] * T + B) * S + A for j in [0, L), each factor optional
+// (kIn false: pin = 0). Along an NCHW row T and B vary (T[j], B[j]) and S and A are fixed (S[0],
+// A[0]); along a channels_last row (`cl`) the reverse. nt: stored past the caches (po aligned, the
+// caller fences).
+template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA>
+inline void apply_row(scalar_t* po, const scalar_t* pin, int64_t L, bool cl, const acc_type<scalar_t>* T,
+                      const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
+                      bool nt) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  auto put = [&](int64_t j, const Vec& v) { nt ? IO::store_stream(po + j, v) : IO::store(po + j, v); };
+  auto elem = [&](acc_t v, int64_t j) {
+    const int64_t t = cl ? 0 : j, s = cl ? j : 0;
+    if constexpr (kT) v = v * T[t];
+    if constexpr (kB) v = v + B[t];
+    if constexpr (kS) v = v * S[s];
+    if constexpr (kA) v = v + A[s];
+    return v;
+  };
+  int64_t j = 0;
+  if (!cl) {
+    const Vec vs(kS ? S[0] : acc_t(1)), va(kA ? A[0] : acc_t(0));
+    for (; j + IO::kSize <= L; j += IO::kSize) {
+      Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
+      if constexpr (kT) v = v * Vec::loadu(T + j);
+      if constexpr (kB) v = v + Vec::loadu(B + j);
+      if constexpr (kS) v = v * vs;
+      if constexpr (kA) v = v + va;
+      put(j, v);
+    }
+  } else {
+    const Vec vt(kT ? T[0] : acc_t(1)), vb(kB ? B[0] : acc_t(0));
+    for (; j + IO::kSize <= L; j += IO::kSize) {
+      Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
+      if constexpr (kT) v = v * vt;
+      if constexpr (kB) v = v + vb;
+      if constexpr (kS) v = v * Vec::loadu(S + j);
+      if constexpr (kA) v = v + Vec::loadu(A + j);
+      put(j, v);
+    }
+  }
+  for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
+}
+
 // The elementwise pass: out = (in * T[n, hw] + B[n, hw]) * S[n, c] + A[n, c], each factor optional
 // (kIn false: in = 0). One read of `in`, one write of `out`. With `hot`, the marked elements of each
 // row are then rewritten, while the row is in L1, by `value(n, c, hw)`, which recomputes the whole
@@ -1100,47 +1161,19 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
       const scalar_t* pin = in + i * L;
       scalar_t* po = out + i * L;
       const bool nt = stream && IO::can_stream(po);
-      auto put = [&](int64_t j, const Vec& v) { nt ? IO::store_stream(po + j, v) : IO::store(po + j, v); };
-      // along the row: NCHW runs over hw (T, B vary, S, A fixed); channels_last over c (the reverse)
       const acc_t* Tn = kT ? T + n * d.HW : nullptr;
       const acc_t* Bn = kB ? B + n * d.HW : nullptr;
       const acc_t* Sn = kS ? S + n * d.C : nullptr;
       const acc_t* An = kA ? A + n * d.C : nullptr;
-      const bool cl = d.cl;
-      auto elem = [&](acc_t v, int64_t j) {
-        const int64_t hw = cl ? r : j, c = cl ? j : r;
-        if constexpr (kT) v = v * Tn[hw];
-        if constexpr (kB) v = v + Bn[hw];
-        if constexpr (kS) v = v * Sn[c];
-        if constexpr (kA) v = v + An[c];
-        return v;
-      };
-      int64_t j = 0;
-      if (!cl) {
-        const Vec vs(kS ? Sn[r] : acc_t(1)), va(kA ? An[r] : acc_t(0));
-        for (; j + IO::kSize <= L; j += IO::kSize) {
-          Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
-          if constexpr (kT) v = v * Vec::loadu(Tn + j);
-          if constexpr (kB) v = v + Vec::loadu(Bn + j);
-          if constexpr (kS) v = v * vs;
-          if constexpr (kA) v = v + va;
-          put(j, v);
-        }
-      } else {
-        const Vec vt(kT ? Tn[r] : acc_t(1)), vb(kB ? Bn[r] : acc_t(0));
-        for (; j + IO::kSize <= L; j += IO::kSize) {
-          Vec v = kIn ? IO::load(pin + j) : Vec(acc_t(0));
-          if constexpr (kT) v = v * vt;
-          if constexpr (kB) v = v + vb;
-          if constexpr (kS) v = v * Vec::loadu(Sn + j);
-          if constexpr (kA) v = v + Vec::loadu(An + j);
-          put(j, v);
-        }
-      }
-      for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
+      // along the row: NCHW runs over hw (T, B vary, S, A fixed); channels_last over c (the reverse)
+      auto fixed = [&](const acc_t* p) { return p ? p + r : nullptr; };
+      if (d.cl)
+        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, true, fixed(Tn), fixed(Bn), Sn, An, nt);
+      else
+        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, false, Tn, Bn, fixed(Sn), fixed(An), nt);
       if (hot)
         hot->for_row(n, r, [&](int64_t p) {
-          po[p] = static_cast<scalar_t>(cl ? value(n, p, r) : value(n, r, p));
+          po[p] = static_cast<scalar_t>(d.cl ? value(n, p, r) : value(n, r, p));
         });
     }
     if (stream) stream_fence();  // before another thread reads the streamed rows
@@ -1404,8 +1437,10 @@ void pad_maps(const acc_t* smaps, Maps maps, const PadDims& g, int64_t n, acc_t*
 // 2 k^2 times: spatial attention at 32x2x56x56, where the conv dominates, took 0.92 ms forward and
 // 2.9 ms backward, now 0.62 and 2.2); the columns past the last whole vector in scalar code (as an
 // axpy's tail: the product rounded, then the sum).
+// Output rows [h0, h1) only where given (h1 < 0: to the last), out then holding row h at (h - h0) * W.
 template <typename acc_t>
-void corr2d_acc(const acc_t* in, int64_t planes, const acc_t* ker, const PadDims& g, acc_t* out) {
+void corr2d_acc(const acc_t* in, int64_t planes, const acc_t* ker, const PadDims& g, acc_t* out, int64_t h0 = 0,
+                int64_t h1 = -1) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size(), U = 4;
   const int64_t k = g.k, kk = k * k, Wv = g.W / V * V;
@@ -1423,9 +1458,9 @@ void corr2d_acc(const acc_t* in, int64_t planes, const acc_t* ker, const PadDims
       }
     for (int64_t u = 0; u < NV; ++u) acc[u].store(o + u * V);
   };
-  for (int64_t h = 0; h < g.H; ++h) {
+  for (int64_t h = h0; h < (h1 < 0 ? g.H : h1); ++h) {
     const acc_t* top = in + h * g.Wp;
-    acc_t* o = out + h * g.W;
+    acc_t* o = out + (h - h0) * g.W;
     int64_t j = 0;
     for (; j + U * V <= Wv; j += U * V) vectors(top + j, o + j, std::integral_constant<int64_t, U>{});
     for (; j < Wv; j += V) vectors(top + j, o + j, std::integral_constant<int64_t, 1>{});
@@ -1457,6 +1492,56 @@ void spatial_small_forward(const acc_t* smaps, const acc_t* weight, const acc_t*
   gate_forward(z, gate, N * HW, t);
 }
 
+// Spatial attention's forward on one channels_last sample xn (x1 = xn * S[c], S optional) in one
+// sweep down its image rows: row h is pooled over channels (smaps, sargmax, the padded conv input)
+// while row h - p - 1, whose conv inputs are all in by then (p = (k - 1) / 2), takes its conv, gate
+// and out = x1 * t, pixel by pixel in turn with the pooling, so that the pooling's arithmetic runs
+// while the output's stores drain (as separate passes, the pooling ran with the memory idle). Each
+// row of x is read again p + 1 rows after its first read, from L2 (an image row of a ResNet-50
+// stage is 56 KB). Every output as the passes make it: the same functions per pixel, conv output
+// row and element. Meanwhile [ahead_x, + ahead_bytes), x that comes next, is fetched into cache.
+template <typename scalar_t>
+void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<scalar_t>* S,
+                           const acc_type<scalar_t>* weight, const acc_type<scalar_t>* bias, Maps maps, Gate gate,
+                           int64_t k, acc_type<scalar_t>* smn, int64_t* san, scalar_t* on, bool stream,
+                           const scalar_t* ahead_x, int64_t ahead_bytes) {
+  using acc_t = acc_type<scalar_t>;
+  const PadDims g(d.H, d.W, k, maps);
+  std::vector<acc_t> pad(g.M * g.plane(), acc_t(0)), z(d.W), t(d.W);
+  stream = stream && d.C * int64_t(sizeof(scalar_t)) % 64 == 0;  // whole lines only, as apply
+  const char* ahead = reinterpret_cast<const char*>(ahead_x);
+  const int64_t per_pixel = d.HW ? (ahead_bytes / d.HW + 63) / 64 * 64 : 0;  // in whole lines
+  int64_t ahead_done = 0;
+  for (int64_t h = 0; h < d.H + g.p + 1; ++h) {
+    const int64_t r = h - g.p - 1;  // the row to scale
+    if (r >= 0) {
+      std::fill(z.begin(), z.end(), bias ? bias[0] : acc_t(0));
+      corr2d_acc(pad.data(), g.M, weight, g, z.data(), r, r + 1);
+      gate_forward(z.data(), gate, d.W, t.data());
+    }
+    for (int64_t w = 0; w < d.W; ++w) {
+      if (r >= 0) {
+        const int64_t i = (r * d.W + w) * d.C;
+        const bool nt = stream && VecIO<scalar_t>::can_stream(on + i);
+        if (S)
+          apply_row<scalar_t, true, true, false, true, false>(on + i, xn + i, d.C, true, &t[w], nullptr, S, nullptr, nt);
+        else
+          apply_row<scalar_t, true, true, false, false, false>(on + i, xn + i, d.C, true, &t[w], nullptr, nullptr,
+                                                               nullptr, nt);
+      }
+      for (const int64_t end = std::min(ahead_bytes, ahead_done + per_pixel); ahead_done < end; ahead_done += 64)
+        __builtin_prefetch(ahead + ahead_done, 0, 3);
+      if (h < d.H) {
+        const int64_t hw = h * d.W + w;
+        pool_pixel(xn + hw * d.C, d.C, S, smn[hw], smn[d.HW + hw], san[hw]);
+        for (int64_t m = 0; m < g.M; ++m)
+          pad[m * g.plane() + (h + g.p) * g.Wp + w + g.p] = small::spatial_map_in(smn[hw], smn[d.HW + hw], maps, int(m));
+      }
+    }
+  }
+  if (stream) stream_fence();
+}
+
 // Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x) for samples
 // [n0, n0 + d1.N): smaps [N, 2, HW] and sargmax [N, HW] of x1, the conv and gate t, and out = x1 * t.
 // Pointers are the whole batch's.
@@ -1466,13 +1551,27 @@ void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<sc
                              int64_t k, acc_type<scalar_t>* smaps, int64_t* sargmax, scalar_t* out, int64_t n0,
                              const Dims& d1) {
   using acc_t = acc_type<scalar_t>;
+  const bool stream = stream_output<scalar_t>(d);
+  if (d.cl && at::in_parallel_region()) {  // each sample by one thread (for_samples): in one sweep
+    // Samples past kGroupBytes (each its own group) fetch the thread's next sample during their
+    // sweep, for the next pass over space to find in cache: the 56x56 forward at batch 32 measured
+    // 5-10% faster; smaller samples, which come in groups, gained nothing (28x28) or lost up to 10%
+    // (14x14, groups of two).
+    const NextSamples next = next_samples;
+    const bool fetch = d.sample() * int64_t(sizeof(scalar_t)) > kGroupBytes;
+    const int64_t share = fetch ? next.count * d.sample() / d1.N : 0;
+    for (int64_t n = n0; n < n0 + d1.N; ++n)
+      spatial_forward_sweep(x + n * d.sample(), d, S ? S + n * d.C : nullptr, weight, bias, maps, gate, k,
+                            smaps + n * 2 * d.HW, sargmax + n * d.HW, out + n * d.sample(), stream,
+                            x + next.n0 * d.sample() + (n - n0) * share, share * int64_t(sizeof(scalar_t)));
+    return;
+  }
   std::vector<acc_t> z(d1.N * d.HW), t(d1.N * d.HW);
   const scalar_t* xn = x + n0 * d.sample();
   const acc_t* Sn = S ? S + n0 * d.C : nullptr;
   acc_t* smn = smaps + n0 * 2 * d.HW;
   pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);
   spatial_small_forward<acc_t>(smn, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data(), t.data());
-  const bool stream = stream_output<scalar_t>(d);
   if (S)
     apply<scalar_t, true, true, false, true, false>(out + n0 * d.sample(), xn, d1, t.data(), nullptr, Sn, nullptr,
                                                     nullptr, NoHot(), stream);
