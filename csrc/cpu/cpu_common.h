@@ -818,13 +818,6 @@ constexpr int64_t kGroupBytes = int64_t(2) << 20;
 // every thread busy; the groups are then the fewest, a multiple of the thread count, that fit
 // kGroupBytes (at least one sample). $ATTNFUSED_CPU_PER_SAMPLE=0 / =1 forces batch passes / one
 // sample per group (the tests run both and the default).
-// The samples [n0, n0 + count) that the calling thread takes next in for_samples (count 0: none),
-// for a pass that fetches them ahead.
-struct NextSamples {
-  int64_t n0 = 0, count = 0;
-};
-inline thread_local NextSamples next_samples;
-
 inline int64_t samples_per_group(const Dims& d, int64_t sample_bytes) {
   const char* env = std::getenv("ATTNFUSED_CPU_PER_SAMPLE");
   if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1' ? 1 : 0;
@@ -835,6 +828,13 @@ inline int64_t samples_per_group(const Dims& d, int64_t sample_bytes) {
     if (g == 1 || g * sample_bytes <= kGroupBytes) return g;
   }
 }
+
+// The samples [n0, n0 + count) that the calling thread takes next in for_samples (count 0: none),
+// for a pass that fetches them ahead.
+struct NextSamples {
+  int64_t n0 = 0, count = 0;
+};
+inline thread_local NextSamples next_samples;
 
 // Runs f(n0, d1) over the samples [n0, n0 + d1.N): group by group in one parallel region, or
 // f(0, d) once (its passes parallel), as samples_per_group says. Results do not depend on the split.
@@ -905,8 +905,6 @@ void pool_space(const scalar_t* x, const Dims& d, acc_type<scalar_t>* pooled, in
   });
 }
 
-// Over channels per (n, hw): smaps [N, 2, HW] = (max, mean) and sargmax [N, HW] of x * s[n, c]
-// (s may be null: plain x).
 // One channels_last pixel p[0, C) (times s[c] if given): max, mean and first argmax over channels.
 template <typename scalar_t>
 inline void pool_pixel(const scalar_t* p, int64_t C, const acc_type<scalar_t>* s, acc_type<scalar_t>& mx,
@@ -920,6 +918,8 @@ inline void pool_pixel(const scalar_t* p, int64_t C, const acc_type<scalar_t>* s
   mean = sum * (acc_t(1) / acc_t(C));
 }
 
+// Over channels per (n, hw): smaps [N, 2, HW] = (max, mean) and sargmax [N, HW] of x * s[n, c]
+// (s may be null: plain x).
 template <typename scalar_t>
 void pool_channels(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* s, acc_type<scalar_t>* smaps,
                    int64_t* sargmax) {
