@@ -162,6 +162,19 @@ def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     return [bound(t, max(e, f)) for t, e, f in zip(targets, eager, floor)]
 
 
+def forward_ok(case, x64, w64, ref, err, dtype, draws=2):
+    """Whether a forward's error `err` against the float64 result `ref` is within its bound: the
+    target, or, where the error exceeds it, twice the error of the plain PyTorch reference run in
+    float32 or twice the float32 noise floor, whichever is larger (as grad_bounds). A CBAM whose
+    hardsigmoid gates are mostly saturated (97% of the outputs exactly 0) moved by 3.8e-5 when its
+    inputs moved by one float32 roundoff: no float32 computation meets 1e-5 there but by luck."""
+    if err <= TOLERANCE[dtype] or dtype != torch.float32:
+        return err <= TOLERANCE[dtype]
+    eager = rel_err(case.run(x64.float(), _to(w64, dtype=torch.float32)), ref)
+    floor = float32_noise_floor(lambda x, w: [case.run(x, w)], (x64, w64), [ref], draws)[0]
+    return err <= bound(TOLERANCE[dtype], max(eager, floor))
+
+
 def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
     """Forward and every gradient of `backend` on `device` against the float64 oracle on the CPU.
 
@@ -185,7 +198,7 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
     if lay != "strided":  # a strided view is copied once; the output is then plain NCHW
         assert out.stride() == x.stride()
     err = rel_err(out.cpu(), ref)
-    assert err <= TOLERANCE[dtype], f"{case} forward rel err {err:.3g}"
+    assert forward_ok(case, x64, w64, ref.detach(), err, dtype), f"{case} forward rel err {err:.3g}"
     _, leaves = grad_leaves(x, w)
     dense = lay if lay != "strided" else "nchw"
     grads = torch.autograd.grad(out, leaves, layout(g.to(device=device, dtype=dtype), dense))
