@@ -137,9 +137,8 @@ def main(argv=None) -> int:
     print(report.table(rows))
     bad = [r for r in rows if r.get("status") != "ok"]
     extra = env.run_facts(dev, "python -m bench " + shlex.join(argv), wall) | {"skipped": skipped}
-    report.write_run_meta(meta, extra, stem)
     pngs = [] if a.no_plots else report.plots(rows, meta, stem)
-    report.write_device_readme(out)
+    report.save_run(rows, meta, stem, report.COLUMNS, extra)
     print(f"\n{len(rows)} rows in {wall:.0f} s ({len(bad)} not ok) -> {stem.with_suffix('.csv')}"
           + (f", {len(pngs)} plots" if pngs else ""))
     return 1 if any(r.get("status") == "WRONG" for r in rows) else 0

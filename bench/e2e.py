@@ -239,9 +239,7 @@ def main(argv=None) -> int:
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells))
     for (at, p), note in notes.items():
         print(f"  {at} {p}: {note}")
-    report.write_csv(rows, meta, stem.with_suffix(".csv"), COLUMNS)
-    report.write_run_meta(meta, env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall), stem)
-    report.write_device_readme(out)
+    report.save_run(rows, meta, stem, COLUMNS, env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall))
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")
     return 0
 

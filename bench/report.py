@@ -123,6 +123,14 @@ def write_run_meta(meta: dict, extra: dict, stem: Path) -> None:
     stem.with_name(stem.name + ".json").write_text(json.dumps({**meta, **extra}, indent=1) + "\n")
 
 
+def save_run(rows: list[dict], meta: dict, stem: Path, columns: list[str], facts: dict) -> None:
+    """A run's files: `<stem>.csv` (under `columns`), `<stem>.json` (meta and the run's facts), and
+    the README of the folder listing every run (written last: it links the plots already there)."""
+    write_csv(rows, meta, stem.with_suffix(".csv"), columns)
+    write_run_meta(meta, facts, stem)
+    write_device_readme(stem.parent)
+
+
 def write_device_readme(folder: Path) -> Path:
     """README.md listing every run in the folder (from the `<stem>.json` files the runs leave)."""
     runs = [json.loads(p.read_text()) | {"stem": p.stem} for p in sorted(folder.glob("*.json"))]

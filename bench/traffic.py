@@ -144,9 +144,7 @@ def main(argv=None) -> int:
                              "copies": t["median"] / copy_ms, "threads": torch.get_num_threads()})
     wall = time.perf_counter() - t0
     print(wide_table(rows))
-    report.write_csv(rows, meta, stem.with_suffix(".csv"), COLUMNS)
-    report.write_run_meta(meta, env.run_facts(dev, "python -m bench.traffic " + shlex.join(argv), wall), stem)
-    report.write_device_readme(out)
+    report.save_run(rows, meta, stem, COLUMNS, env.run_facts(dev, "python -m bench.traffic " + shlex.join(argv), wall))
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")
     return 0
 
