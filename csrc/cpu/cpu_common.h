@@ -1524,7 +1524,8 @@ void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<sca
         const int64_t i = (r * d.W + w) * d.C;
         const bool nt = stream && VecIO<scalar_t>::can_stream(on + i);
         if (S)
-          apply_row<scalar_t, true, true, false, true, false>(on + i, xn + i, d.C, true, &t[w], nullptr, S, nullptr, nt);
+          apply_row<scalar_t, true, true, false, true, false>(on + i, xn + i, d.C, true, &t[w], nullptr, S, nullptr,
+                                                              nt);
         else
           apply_row<scalar_t, true, true, false, false, false>(on + i, xn + i, d.C, true, &t[w], nullptr, nullptr,
                                                                nullptr, nt);
@@ -1535,7 +1536,8 @@ void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<sca
         const int64_t hw = h * d.W + w;
         pool_pixel(xn + hw * d.C, d.C, S, smn[hw], smn[d.HW + hw], san[hw]);
         for (int64_t m = 0; m < g.M; ++m)
-          pad[m * g.plane() + (h + g.p) * g.Wp + w + g.p] = small::spatial_map_in(smn[hw], smn[d.HW + hw], maps, int(m));
+          pad[m * g.plane() + (h + g.p) * g.Wp + w + g.p] =
+              small::spatial_map_in(smn[hw], smn[d.HW + hw], maps, int(m));
       }
     }
   }
