@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +159,28 @@ def test_traffic_bench_writes_its_table(tmp_path, capsys):
     assert all(float(r["median_ms"]) > 0 and float(r["copies"]) > 0 for r in rows)
     assert "eager fwd / 5" in capsys.readouterr().out
     assert json.loads((tmp_path / "t.json").read_text())["command"].startswith("python -m bench.traffic")
+
+
+_PROBE = Path(__file__).resolve().parent.parent / "bench" / "cpu_probe.c"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("gcc") is None,
+                    reason="bench/cpu_probe.c is x86-64 (AVX2, FMA) and is built with gcc")
+def test_cpu_probe_builds_and_reports(tmp_path):
+    """The machine probe that bench/results/cpu-AMD-EPYC-2c/NOTES.md quotes compiles with its own
+    header's command, prints a positive rate per thread for each test, and refuses bad arguments."""
+    exe = tmp_path / "cpu_probe"
+    subprocess.run(["gcc", "-O3", "-mavx2", "-mfma", "-pthread", "-Wall", "-Werror", str(_PROBE), "-o", str(exe)],
+                   check=True)
+    if "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("no AVX2 here to run it")
+    for args, unit in [(["2", "fma"], "FMA lanes per ns"), (["1", "read", "0"], "GB/s read"),
+                       (["1", "ntwrite"], "GB/s written"), (["1", "scale", "256"], "GB/s written")]:
+        out = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
+        assert len(out) == int(args[0]), out
+        for line in out:
+            test, rate, got_unit = line.split(" ", 2)
+            assert test == args[1] and got_unit == unit and float(rate) > 0, line
+    for bad in (["1"], ["0", "fma"], ["1", "nothing"], ["1", "scale", "3"]):
+        r = subprocess.run([str(exe), *bad], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr, (bad, r)
