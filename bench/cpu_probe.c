@@ -2,7 +2,7 @@
 // bench/results/cpu-AMD-EPYC-2c/NOTES.md ("This machine"). x86-64 with AVX2 and FMA.
 //
 //   gcc -O3 -mavx2 -mfma -pthread bench/cpu_probe.c -o /tmp/cpu_probe
-//   /tmp/cpu_probe THREADS TEST [ARG]
+//   /tmp/cpu_probe THREADS TEST [ARGS]
 //
 // TEST (each thread runs it on buffers of its own, at the same time; best of 4-5 rounds):
 //   fma          12 independent FMA chains: FMA lanes per ns
@@ -11,6 +11,9 @@
 //   copy         reads 64 MB and streams it out scaled: GB/s read + written
 //   scale KB     streams out 64 MB of x * t * S[c] with x taken from a KB-sized buffer (in L2 or
 //                L3), 2048 channels per pixel as the channels-last sweep does: GB/s written
+//   pool L R     the channels-last pooling over space (sum, max, argmax per channel) of 64 MB of
+//                2048 x 7 x 7 samples, as cols_pool walks them: column blocks of L floats, R rows
+//                per step with the accumulators in registers: GB/s read
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -19,7 +22,7 @@
 #include <time.h>
 
 static const char* test;
-static long arg;
+static long arg, arg2;
 
 static double now(void) {
   struct timespec t;
@@ -76,6 +79,48 @@ static void* run(void* unused) {
     }
     keep = _mm256_cvtss_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     report("GB/s read", n * 4.0, best, keep);
+  } else if (!strcmp(test, "pool")) {
+    const long C = 2048, HW = 49, sample = C * HW, samples = (64L << 20) / (sample * 4);
+    if (arg2 < 1 || arg < 16 || arg % 16 || C % arg) {
+      fprintf(stderr, "pool L R: L a multiple of 16 dividing 2048, R >= 1\n");
+      exit(2);
+    }
+    const float* x = filled(samples * sample, 0.5f);
+    float *sum = filled(C, 0), *mx = filled(C, 0), *ix = filled(C, 0);
+    for (int r = 0; r < 4; ++r) {
+      const double t0 = now();
+      for (long n = 0; n < samples; ++n) {
+        const float* xs = x + n * sample;
+        for (long j0 = 0; j0 < C; j0 += arg)
+          for (long r0 = 0; r0 < HW; r0 += arg2)
+            for (long j = j0; j < j0 + arg; j += 16) {
+              __m256 s[2], m[2], ai[2];
+              for (int u = 0; u < 2; ++u) {
+                s[u] = r0 ? _mm256_load_ps(sum + j + 8 * u) : _mm256_setzero_ps();
+                m[u] = r0 ? _mm256_load_ps(mx + j + 8 * u) : _mm256_set1_ps(-1e30f);
+                ai[u] = r0 ? _mm256_load_ps(ix + j + 8 * u) : _mm256_setzero_ps();
+              }
+              for (long row = r0; row < r0 + arg2 && row < HW; ++row) {
+                const __m256 vr = _mm256_set1_ps((float)row);
+                for (int u = 0; u < 2; ++u) {
+                  const __m256 v = _mm256_load_ps(xs + row * C + j + 8 * u), take = _mm256_cmp_ps(v, m[u], _CMP_GT_OQ);
+                  s[u] = _mm256_add_ps(s[u], v);
+                  m[u] = _mm256_blendv_ps(m[u], v, take);
+                  ai[u] = _mm256_blendv_ps(ai[u], vr, take);
+                }
+              }
+              for (int u = 0; u < 2; ++u) {
+                _mm256_store_ps(sum + j + 8 * u, s[u]);
+                _mm256_store_ps(mx + j + 8 * u, m[u]);
+                _mm256_store_ps(ix + j + 8 * u, ai[u]);
+              }
+            }
+        keep += sum[n % C] + mx[n % C] + ix[n % C];
+      }
+      const double t = now() - t0;
+      if (t < best) best = t;
+    }
+    report("GB/s read", samples * sample * 4.0, best, keep);
   } else {
     const long n = 16L << 20;
     const int copy = !strcmp(test, "copy"), scale = !strcmp(test, "scale");
@@ -118,12 +163,13 @@ static void* run(void* unused) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: %s THREADS fma|read D|ntwrite|copy|scale KB\n", argv[0]);
+    fprintf(stderr, "usage: %s THREADS fma|read D|ntwrite|copy|scale KB|pool L R\n", argv[0]);
     return 2;
   }
   const int threads = atoi(argv[1]);
   test = argv[2];
   arg = argc > 3 ? atol(argv[3]) : 0;
+  arg2 = argc > 4 ? atol(argv[4]) : 0;
   if (threads < 1 || threads > 64) {
     fprintf(stderr, "THREADS: 1 to 64\n");
     return 2;

@@ -175,12 +175,13 @@ def test_cpu_probe_builds_and_reports(tmp_path):
     if "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("no AVX2 here to run it")
     for args, unit in [(["2", "fma"], "FMA lanes per ns"), (["1", "read", "0"], "GB/s read"),
-                       (["1", "ntwrite"], "GB/s written"), (["1", "scale", "256"], "GB/s written")]:
+                       (["1", "ntwrite"], "GB/s written"), (["1", "scale", "256"], "GB/s written"),
+                       (["1", "pool", "1024", "8"], "GB/s read")]:
         out = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
         assert len(out) == int(args[0]), out
         for line in out:
             test, rate, got_unit = line.split(" ", 2)
             assert test == args[1] and got_unit == unit and float(rate) > 0, line
-    for bad in (["1"], ["0", "fma"], ["1", "nothing"], ["1", "scale", "3"]):
+    for bad in (["1"], ["0", "fma"], ["1", "nothing"], ["1", "scale", "3"], ["1", "pool", "1000", "8"], ["1", "pool", "1024"]):
         r = subprocess.run([str(exe), *bad], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr, (bad, r)
