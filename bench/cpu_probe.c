@@ -41,6 +41,15 @@ static void report(const char* what, double amount, double seconds, float keep) 
   if (keep == -1.0f) printf("(%g)\n", keep);  // keeps the sums alive
 }
 
+// Runs the statements given `rounds` times, keeping the fastest round's seconds in `best`.
+#define BEST_OF(rounds, ...)                    \
+  for (int round_ = 0; round_ < (rounds); ++round_) { \
+    const double t0_ = now();                   \
+    __VA_ARGS__                                 \
+    const double t_ = now() - t0_;              \
+    if (t_ < best) best = t_;                   \
+  }
+
 static void* run(void* unused) {
   (void)unused;
   double best = 1e30;
@@ -49,34 +58,23 @@ static void* run(void* unused) {
     const long n = 100000000;
     __m256 acc[12], x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
     for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(i * 1e-3f);
-    for (int r = 0; r < 4; ++r) {
-      const double t0 = now();
-      for (long k = 0; k < n; ++k)
-        for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
-      const double t = now() - t0;
-      if (t < best) best = t;
-    }
+    BEST_OF(4, for (long k = 0; k < n; ++k) for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);)
     for (int i = 0; i < 12; ++i) keep += _mm256_cvtss_f32(acc[i]);
     report("FMA lanes per ns", n * 12.0 * 8, best, keep);
   } else if (!strcmp(test, "read")) {
     const long n = 32L << 20;
     const float* q = filled(n, 1);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int r = 0; r < 4; ++r) {
-      const double t0 = now();
-      for (long i = 0; i < n; i += 32) {
-        if (arg) {
-          _mm_prefetch((const char*)(q + i) + arg, _MM_HINT_T1);
-          _mm_prefetch((const char*)(q + i) + arg + 64, _MM_HINT_T1);
-        }
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(q + i));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(q + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(q + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(q + i + 24));
+    BEST_OF(4, for (long i = 0; i < n; i += 32) {
+      if (arg) {
+        _mm_prefetch((const char*)(q + i) + arg, _MM_HINT_T1);
+        _mm_prefetch((const char*)(q + i) + arg + 64, _MM_HINT_T1);
       }
-      const double t = now() - t0;
-      if (t < best) best = t;
-    }
+      a0 = _mm256_add_ps(a0, _mm256_load_ps(q + i));
+      a1 = _mm256_add_ps(a1, _mm256_load_ps(q + i + 8));
+      a2 = _mm256_add_ps(a2, _mm256_load_ps(q + i + 16));
+      a3 = _mm256_add_ps(a3, _mm256_load_ps(q + i + 24));
+    })
     keep = _mm256_cvtss_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     report("GB/s read", n * 4.0, best, keep);
   } else if (!strcmp(test, "pool")) {
@@ -87,8 +85,7 @@ static void* run(void* unused) {
     }
     const float* x = filled(samples * sample, 0.5f);
     float *sum = filled(C, 0), *mx = filled(C, 0), *ix = filled(C, 0);
-    for (int r = 0; r < 4; ++r) {
-      const double t0 = now();
+    BEST_OF(4,
       for (long n = 0; n < samples; ++n) {
         const float* xs = x + n * sample;
         for (long j0 = 0; j0 < C; j0 += arg)
@@ -103,7 +100,8 @@ static void* run(void* unused) {
               for (long row = r0; row < r0 + arg2 && row < HW; ++row) {
                 const __m256 vr = _mm256_set1_ps((float)row);
                 for (int u = 0; u < 2; ++u) {
-                  const __m256 v = _mm256_load_ps(xs + row * C + j + 8 * u), take = _mm256_cmp_ps(v, m[u], _CMP_GT_OQ);
+                  const __m256 v = _mm256_load_ps(xs + row * C + j + 8 * u);
+                  const __m256 take = _mm256_cmp_ps(v, m[u], _CMP_GT_OQ);
                   s[u] = _mm256_add_ps(s[u], v);
                   m[u] = _mm256_blendv_ps(m[u], v, take);
                   ai[u] = _mm256_blendv_ps(ai[u], vr, take);
@@ -117,9 +115,7 @@ static void* run(void* unused) {
             }
         keep += sum[n % C] + mx[n % C] + ix[n % C];
       }
-      const double t = now() - t0;
-      if (t < best) best = t;
-    }
+    )
     report("GB/s read", samples * sample * 4.0, best, keep);
   } else {
     const long n = 16L << 20;
@@ -137,8 +133,7 @@ static void* run(void* unused) {
     const float* q = filled(src, 1);
     const float* S = filled(2048, 1.0001f);
     const __m256 c = _mm256_set1_ps(1.0001f);
-    for (int r = 0; r < 5; ++r) {
-      const double t0 = now();
+    BEST_OF(5,
       if (copy) {
         for (long i = 0; i < n; i += 8) _mm256_stream_ps(p + i, _mm256_mul_ps(_mm256_load_ps(q + i), c));
       } else if (scale) {
@@ -152,9 +147,7 @@ static void* run(void* unused) {
         for (long i = 0; i < n; i += 8) _mm256_stream_ps(p + i, c);
       }
       _mm_sfence();
-      const double t = now() - t0;
-      if (t < best) best = t;
-    }
+    )
     keep = p[n / 3];
     report(copy ? "GB/s read + written" : "GB/s written", copy ? n * 8.0 : n * 4.0, best, keep);
   }
