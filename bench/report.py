@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -100,9 +101,19 @@ def _grid(rows, value: str, skip: tuple[str, ...], title: str, ylabel: str, path
     return path
 
 
+NO_PLOTS = ("[bench] no plots: matplotlib is not installed; `pip install matplotlib` (or the `bench` extra) "
+            "and run again to get them")
+
+
 def plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
     """`<stem>_speedup_<dtype>.png` (over eager; 1 = eager) and `<stem>_copyfrac_<dtype>.png`
-    (copy time / block time; 1 = as fast as a copy), one pair per dtype and batch."""
+    (copy time / block time; 1 = as fast as a copy), one pair per dtype and batch. Without
+    matplotlib: none, and one line on stderr that says how to get them (the table and CSV stand)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(NO_PLOTS, file=sys.stderr)
+        return []
     out = []
     groups = defaultdict(list)
     for r in rows:
@@ -118,24 +129,73 @@ def plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- README of a device folder
+# A device folder holds the current run of each kind, one `<stem>.csv`/`<stem>.json` (and plots) per
+# stem; a new run under the same stem replaces the files (git keeps the old ones) and its summary
+# (commit, date, command, note) moves to HISTORY, so the README lists every run ever made there.
+
+HISTORY = "history.jsonl"
+_SUMMARY = ("device", "device_long", "torch", "triton", "commit", "date", "command", "note", "wall_s")
+
 
 def write_run_meta(meta: dict, extra: dict, stem: Path) -> None:
     stem.with_name(stem.name + ".json").write_text(json.dumps({**meta, **extra}, indent=1) + "\n")
 
 
+def retire_run(stem: Path) -> bool:
+    """Append the summary of the run in `<stem>.json` to the folder's HISTORY; False if none."""
+    path = stem.with_name(stem.name + ".json")
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text())
+    entry = {"stem": stem.name} | {k: old[k] for k in _SUMMARY if old.get(k) not in (None, "")}
+    with open(stem.parent / HISTORY, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return True
+
+
 def save_run(rows: list[dict], meta: dict, stem: Path, columns: list[str], facts: dict) -> None:
     """A run's files: `<stem>.csv` (under `columns`), `<stem>.json` (meta and the run's facts), and
-    the README of the folder listing every run (written last: it links the plots already there)."""
+    the README of the folder listing every run (written last: it links the plots already there).
+    The run it replaces, if any, keeps its summary in the folder's HISTORY."""
+    retire_run(stem)
     write_csv(rows, meta, stem.with_suffix(".csv"), columns)
     write_run_meta(meta, facts, stem)
     write_device_readme(stem.parent)
 
 
+def _run_files(folder: Path, stem: str) -> list[Path]:
+    """The files of run `stem`: its CSV, JSON and plots (not those of a stem it prefixes: b128, b128_s34)."""
+    return sorted(p for p in folder.iterdir() if p.name in (f"{stem}.csv", f"{stem}.json")
+                  or re.fullmatch(re.escape(stem) + r"_(speedup|copyfrac)_[^_]+_n\d+\.png", p.name))
+
+
+def retire(stem: Path) -> list[Path]:
+    """Retire run `stem` by hand (a later run of another name replaced it): its summary goes to
+    HISTORY, its files are deleted (git keeps them), the README is rewritten. Returns the files."""
+    if not retire_run(stem):
+        raise SystemExit(f"--retire: expected a run's CSV with its JSON beside it; no {stem.name}.json in {stem.parent}")
+    files = _run_files(stem.parent, stem.name)
+    for f in files:
+        f.unlink()
+    write_device_readme(stem.parent)
+    return files
+
+
+def _earlier_runs(folder: Path) -> list[dict]:
+    path = folder / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def write_device_readme(folder: Path) -> Path:
-    """README.md listing every run in the folder (from the `<stem>.json` files the runs leave)."""
+    """README.md listing every run in the folder (from the `<stem>.json` files the runs leave), then
+    the earlier runs whose files later runs replaced (from HISTORY), each with its commit."""
     runs = [json.loads(p.read_text()) | {"stem": p.stem} for p in sorted(folder.glob("*.json"))]
-    lines = [f"# Benchmark results: {runs[0]['device'] if runs else folder.name}", "",
-             "Written by `python -m bench` / `python -m bench.e2e`; do not edit by hand.", ""]
+    earlier = _earlier_runs(folder)
+    name = (runs or earlier or [{}])[0].get("device", folder.name)
+    lines = [f"# Benchmark results: {name}", "",
+             "Written by `python -m bench` / `python -m bench.e2e` / `python -m bench.traffic`; do not edit by "
+             "hand." + (" The history of these runs and what they showed: [NOTES.md](NOTES.md)."
+                        if (folder / "NOTES.md").exists() else ""), ""]
     for r in runs:
         lines += [f"## {r['stem']}", "",
                   f"- device: {r.get('device_long', r['device'])}",
@@ -148,10 +208,16 @@ def write_device_readme(folder: Path) -> Path:
             lines.append(f"- note: {r['note']}")
         if r.get("skipped"):
             lines.append("- providers not run here: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()))
-        files = sorted(p.name for p in folder.iterdir() if p.name == f"{r['stem']}.csv"
-                       or re.fullmatch(re.escape(r["stem"]) + r"_(speedup|copyfrac)_[^_]+_n\d+\.png", p.name))
+        files = [p.name for p in _run_files(folder, r["stem"]) if p.suffix != ".json"]
         lines += ["- files: " + ", ".join(f"[{f}]({f})" for f in files), ""]
         lines += [f"![{f}]({f})" for f in files if f.endswith(".png") and "speedup" in f] + [""]
+    if earlier:
+        lines += ["## Earlier runs", "",
+                  "Replaced by the runs above; their files are in the git history of this folder "
+                  "(`git log --stat -- <this folder>`).", ""]
+        lines += [f"- `{e['stem']}`: commit {e.get('commit', '?')}, {e.get('date', '?')}, torch {e.get('torch', '?')}: "
+                  f"`{e.get('command', '?')}`" + (f"; {e['note']}" if e.get("note") else "") for e in earlier]
+        lines.append("")
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
@@ -227,7 +293,13 @@ def main(argv=None):
     ap.add_argument("--summary", metavar="PROVIDER",
                     help="print the compact README table of PROVIDER (time, x eager / x compile)")
     ap.add_argument("--e2e", action="store_true", help="print the README table of a bench.e2e CSV")
+    ap.add_argument("--retire", action="store_true",
+                    help="move the run of CSV to its folder's history: summary kept, files deleted, README rewritten")
     a = ap.parse_args(argv)
+    if a.retire:
+        for f in retire(a.csv.with_suffix("")):
+            print(f"removed {f}")
+        return
     rows = read_csv(a.csv)
     if a.e2e:
         print(e2e_markdown(rows))
