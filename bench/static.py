@@ -1,0 +1,679 @@
+"""python -m bench.static: a performance check of the CUDA kernels that needs no GPU.
+
+Reads the resource usage and the sm_90 SASS of the CUDA extension already built
+(`cuobjdump -res-usage` and `cuobjdump -sass` on attnfused/_C*.so, or the just-in-time build when
+$ATTNFUSED_BUILD=jit), and prints for each kernel the benchmarks use (fp16 by default):
+registers, spills, shared memory, blocks per SM, bytes in flight per SM, and from the SASS of its
+hot loop: load widths, narrow loads, local-memory traffic, branches; then for each pass and
+ResNet-50 stage shape (batch 128, both layouts): vector width, grid and waves (the host's tiling
+plan, mirrored below from csrc/cuda/launch.cuh), instructions per 512 bytes read, a predicted time
+and the time measured on an H100 where one was profiled, and flags.
+
+Model (H100 SXM): a pass moves its bytes at the copy rate (2.9 TB/s) at best; its reads are
+bounded by Little's law (bytes in flight per SM x 132 SMs / ~1 us of latency) and by issue
+(~90 warp-instructions per 512 bytes read keep pace with the copy rate at 1.75 GHz). The
+predicted time is the largest of the three, times the last wave's shortfall. Per-sample math run
+by the last block of each sample (the "fin" column) is not timed: it is flagged instead.
+
+Hot loop: the innermost backward-branch loop holding the most loads of the streamed tensors
+(16-byte loads, or element-wide ones where VEC = 1). Instructions are counted along the longest
+path through the loop (paths that exclude each other count once), with an enclosing loop's work
+(a row's reductions, spill reloads) spread over the hot loop's trips per row.
+
+Flags: spill (local memory in the hot loop or its row), narrow (element-wide loads of the streamed
+tensors, or more narrow side loads than one per element and one), blocks (< 4 per SM), inflight
+(< 22 KB per SM), issue (> 90 instructions per 512 B), vec1 (VEC = 1 where a sample, being
+contiguous, could be read as flat 16-byte vectors), fin (per-sample math in a streaming pass).
+Today's kernels are "old": their flags are printed and the exit status is 0. Kernels whose
+demangled name matches --new (default: the namespace attnfused::cuda::next) are the new path:
+a flag on one of them exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------- H100 and the model
+SMS, REGS_SM, SMEM_SM, THREADS_SM, BLOCKS_SM = 132, 65536, 233472, 2048, 32
+CLK, BW, LATENCY = 1.755e9, 2.9e12, 1.0e-6
+ISSUE_BUDGET = 90  # warp-instructions per 512 B read that keep pace with BW (about 55% issue)
+INFLIGHT_NEED = BW / SMS * LATENCY  # bytes per SM in flight for BW at LATENCY: ~22 KB
+MIN_BLOCKS = 4
+THREADS = 256  # kThreads in kernels.cuh: every kernel runs 256-thread blocks
+NEW_PATH = r"attnfused::cuda::next::"
+SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # bench/shapes.py "resnet50"
+BATCH = 128
+MEASURED = ROOT / "bench" / "results" / "NVIDIA-H100-80GB-HBM3" / "profile_b128_ca52261.txt"
+DTYPE_NAMES = {"fp16": ("c10::Half", 2), "bf16": ("c10::BFloat16", 2), "fp32": ("float", 4)}
+
+# What the plan mirror assumes of the C++ source; tests/test_static.py checks each still holds.
+SOURCE_FACTS = {
+    "csrc/cuda/kernels.cuh": [r"constexpr int kThreads = 256;", r"if \(B % kMax != 0\) return 1;"],
+    "csrc/cuda/launch.cuh": [
+        r"while \(TX < 32 && TX < vecs_b\) TX \*= 2;",
+        r"const int64_t target = int64_t\(num_sms\(\)\) \* 16;",
+        r"ceil_div\(target, std::max<int64_t>\(1, blocks\)\), ceil_div\(vecs_b, TX \* 4\)",
+        r"if \(blocks > 4 \* target\)",
+        r"std::min<int64_t>\(8, blocks / \(2 \* target\)\)",
+        r"int64_t most = ceil_div\(p.A, TY \* 4\);",
+        r"ceil_div\(nvec, kThreads\), int64_t\(num_sms\(\)\) \* 32",
+        r"dir = \(\(over == Over::SPACE\) != p.cl\) \? ROW : COL;",
+    ],
+    "csrc/cuda/onchip.cuh": [r"4 \* x.size\(0\) >= 3 \* per_sm \* prop->multiProcessorCount",
+                             r"sharedMemPerMultiprocessor\) / \(bytes \+ 1024\)"],
+}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------- SASS
+@dataclass
+class Ins:
+    addr: int
+    pred: str
+    op: str  # opcode with modifiers, e.g. LDG.E.128.CONSTANT
+    args: str
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+
+_INS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def parse_sass(text: str) -> dict[str, list[Ins]]:
+    """Functions of `cuobjdump -sass` (absolute branch targets) or `nvdisasm` (.L_x labels) output."""
+    funcs: dict[str, list[Ins]] = {}
+    cur: list[Ins] | None = None
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    for line in text.splitlines():
+        m = _FUNC.match(line) or re.match(r"^\s*\.text\.(\S+?):", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INS.match(line)
+        if m and cur is not None:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            cur.append(Ins(addr, (m.group(2) or "").strip(), m.group(3), m.group(4)))
+    for ins in (i for f in funcs.values() for i in f):  # nvdisasm: `(.L_x_3) -> its address
+        ins.args = re.sub(r"`\((\.L_x_\d+)\)", lambda mm: hex(labels.get(mm.group(1), 0)), ins.args)
+    return funcs
+
+
+@dataclass
+class Res:
+    regs: int
+    stack: int
+    shared: int  # bytes per block, the 1 KB the system reserves per block included
+    local: int
+
+
+def parse_res_usage(text: str) -> dict[str, Res]:
+    out, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^\s*Function\s+(\S+?):?\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", line)
+        if m and name:
+            out[name] = Res(*(int(g) for g in m.groups()))
+            name = None
+    return out
+
+
+def load_width(op: str) -> int:
+    mods = op.split(".")[1:]
+    for m, w in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if m in mods:
+            return w
+    return 4
+
+
+def is_branch(i: Ins) -> bool:
+    return i.base in ("BRA", "BRX", "JMP", "JMX")
+
+
+def branch_target(i: Ins) -> int | None:
+    m = re.search(r"0x([0-9a-f]+)\s*$", i.args)
+    return int(m.group(1), 16) if (m and is_branch(i)) else None
+
+
+def is_stream_load(x: Ins, stream_width: int) -> bool:
+    return x.base in ("LDG", "LD") and load_width(x.op) == stream_width
+
+
+class Flow:
+    """Loops of one function and the longest path through each (its back edge removed), with a
+    loop nested in it counted as trips(inner) times its own longest path."""
+
+    def __init__(self, ins: list[Ins]):
+        self.ins = ins
+        at = {x.addr: k for k, x in enumerate(ins)}
+        self.succ = []
+        loops = set()
+        for k, x in enumerate(ins):
+            t = branch_target(x)
+            out = [at[t]] if t in at else []
+            if t is not None and t < x.addr and t in at:
+                loops.add((at[t], k))  # a backward branch closes a loop; self-loops (t == addr) are not loops
+            if not ((is_branch(x) or x.base == "EXIT") and not x.pred):
+                out.append(k + 1)
+            self.succ.append(out)
+        self.loops = sorted(loops)
+        self.parent = {}
+        for lp in self.loops:
+            outer = [o for o in self.loops if o != lp and o[0] <= lp[0] and lp[1] <= o[1]]
+            self.parent[lp] = min(outer, key=lambda o: o[1] - o[0]) if outer else None
+        self.children = {lp: [c for c in self.loops if self.parent[c] == lp] for lp in self.loops}
+
+    def innermost(self):
+        return [lp for lp in self.loops if not self.children[lp]]
+
+    def longest(self, loop, trips) -> tuple[float, list[int]]:
+        """(cost, instruction indices on the path outside nested loops) once through `loop`."""
+        lo, hi = loop
+        owner = {k: c for c in self.children[loop] for k in range(c[0], c[1] + 1)}
+        best: dict = {}
+        nxt: dict = {}
+        k = hi
+        while k >= lo:  # reverse address order: successors first (structured code branches forward)
+            node = owner.get(k, k)
+            if isinstance(node, tuple):
+                weight = self.longest(node, trips)[0] * trips(node)
+                outs = [t for j in range(node[0], node[1] + 1) for t in self.succ[j] if not node[0] <= t <= node[1]]
+                start = node[0]
+            else:
+                weight, outs, start = 1.0, self.succ[k], k
+            tail, pick = 0.0, None
+            for t in outs:
+                if lo < t <= hi and t > start:
+                    c = best.get(owner.get(t, t), 0.0)
+                    if c > tail:
+                        tail, pick = c, owner.get(t, t)
+            best[node], nxt[node] = weight + tail, pick
+            k = start - 1
+        path, node = [], owner.get(lo, lo)
+        while node is not None:
+            if not isinstance(node, tuple):
+                path.append(node)
+            node = nxt[node]
+        return best[owner.get(lo, lo)], path
+
+
+@dataclass
+class Hot:
+    """The hot loop of one kernel, per trip (one thread), counted along its longest path."""
+    loop: tuple | None
+    parent: tuple | None
+    stream_loads: int = 0  # loads of the streamed tensors
+    stream_width: int = 16
+    narrow_loads: int = 0  # other global loads narrower than 16 B (side vectors, indices)
+    wide_loads: int = 0  # 16-byte global loads
+    local: int = 0  # LDL/STL in the loop or its row
+    bssy: int = 0  # in the loop, every path
+    bra: int = 0
+    first_use: int = 0  # stream loads issued before the first use of any of them
+    instr: float = 0.0  # longest path through the loop
+    row_instr: float = 0.0  # the enclosing loop's own work (besides the hot loop), per row
+    size: int = 0  # instructions in the function
+    tail: int = 0  # instructions after the sample ticket (per-sample math)
+
+
+def analyze(ins: list[Ins], stream_width: int, row_trips: float = 1.0, shfl_trips: float = 5.0,
+            flow: Flow | None = None) -> Hot:
+    flow = flow or Flow(ins)
+    ticket = next((k for k, x in enumerate(ins) if x.base in ("ATOMG", "ATOM", "RED", "REDG")), None)
+    h = Hot(None, None, stream_width=stream_width, size=len(ins), tail=len(ins) - ticket if ticket is not None else 0)
+    cands = []
+    for lp in flow.innermost():
+        n = sum(1 for x in ins[lp[0]:lp[1] + 1] if is_stream_load(x, stream_width))
+        if n:
+            cands.append((n, -lp[0], lp))
+    if not cands:
+        return h
+    lp = h.loop = max(cands)[2]
+    par = h.parent = flow.parent[lp]
+    shfl = {c for c in flow.loops if par and c != lp and par[0] <= c[0] and c[1] <= par[1]
+            and any(x.base == "SHFL" for x in ins[c[0]:c[1] + 1])}
+
+    def trips(c):
+        return row_trips if c == lp else (shfl_trips if c in shfl else 1.0)
+
+    h.instr, path = flow.longest(lp, trips)
+    seen = set()  # a load of an address already loaded on the path (an L1 hit) counts once
+    for x in (ins[k] for k in path):
+        if x.base in ("LDG", "LD"):
+            w = load_width(x.op)
+            addr = x.args.split(",", 1)[-1].strip()
+            h.stream_loads += w == stream_width
+            h.wide_loads += w == 16
+            h.narrow_loads += w < 16 and w != stream_width and addr not in seen
+            seen.add(addr)
+    body = ins[lp[0]:lp[1] + 1]
+    h.bssy = sum(x.base == "BSSY" for x in body)
+    h.bra = sum(is_branch(x) for x in body)
+    region = ins[par[0]:par[1] + 1] if par else body
+    h.local = sum(1 for x in region if x.base in ("LDL", "STL"))
+    h.first_use = independent_loads([ins[k] for k in path], stream_width)
+    if par:
+        h.row_instr = flow.longest(par, trips)[0] - h.instr * row_trips
+    return h
+
+
+_REG = re.compile(r"\bR(\d+)\b")
+
+
+def independent_loads(body: list[Ins], stream_width: int) -> int:
+    """Stream loads issued, in program order, before any instruction reads one of their results."""
+    pending: set[int] = set()
+    n = 0
+    for x in body:
+        operands = x.args.split(",")
+        stores = x.base.startswith("ST") or x.base in ("RED", "REDG")
+        srcs = operands if stores else operands[1:]
+        used = {int(r) for src in srcs for r in _REG.findall(src)}
+        if pending & used:
+            break
+        if is_stream_load(x, stream_width):
+            m = _REG.search(operands[0])
+            if m:
+                r0 = int(m.group(1))
+                pending |= set(range(r0, r0 + max(1, stream_width // 4)))
+                n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------- occupancy, plans
+def blocks_per_sm(regs: int, shared: int, threads: int = THREADS) -> int:
+    warps = cdiv(threads, 32)
+    per_warp = cdiv(max(regs, 1) * 32, 256) * 256  # registers are allocated per warp in 256s
+    return max(0, min(REGS_SM // (per_warp * warps), SMEM_SM // max(shared, 1), THREADS_SM // threads, BLOCKS_SM))
+
+
+def pick_vec(B: int, elem: int) -> int:
+    return 16 // elem if B % (16 // elem) == 0 else 1
+
+
+def plan_reduce(N: int, A: int, B: int, direction: str, vec: int, sms: int = SMS) -> dict:
+    """ReducePass::plan (launch.cuh): TX lanes x VEC along b, 256 / TX rows; KA rows, KB vectors per thread."""
+    vecs_b = cdiv(B, vec)
+    TX = 1
+    while TX < 32 and TX < vecs_b:
+        TX *= 2
+    TY = THREADS // TX
+    target = sms * 16
+    if direction == "ROW":
+        KA, nay = 1, cdiv(A, TY)
+        blocks = N * nay
+        nbx = 1
+        if blocks < target:
+            nbx = max(1, min(cdiv(target, max(1, blocks)), cdiv(vecs_b, TX * 4)))
+        KB = cdiv(vecs_b, TX * nbx)
+        nbx = cdiv(vecs_b, TX * KB)
+        if blocks > 4 * target:
+            KA = min(8, blocks // (2 * target))
+            nay = cdiv(A, TY * KA)
+    else:
+        KB, nbx = 1, cdiv(vecs_b, TX)
+        want = cdiv(target, max(1, N * nbx))
+        most = cdiv(A, TY * 4)
+        nay = max(1, min(want, most))
+        KA = cdiv(A, TY * nay)
+        nay = cdiv(A, TY * KA)
+    return dict(TX=TX, TY=TY, KA=KA, KB=KB, nbx=nbx, nay=nay, grid=N * nbx * nay)
+
+
+def plan_apply(numel: int, vec: int, sms: int = SMS) -> dict:
+    return dict(grid=max(1, min(cdiv(numel // vec, THREADS), sms * 32)), KB=1, TX=32)
+
+
+def onchip_used(C: int, H: int, W: int, N: int, elem: int, sms: int = SMS, optin: int = 232448) -> bool:
+    """onchip_plan (onchip.cuh), $ATTNFUSED_CUDA_ONCHIP unset."""
+    b = cdiv(C * H * W * elem, 16) * 16
+    if N == 0 or b > optin:
+        return False
+    per_sm = max(1, SMEM_SM // (b + 1024))
+    return 4 * N >= 3 * per_sm * sms
+
+
+@dataclass
+class PassUse:
+    label: str
+    kernel: str  # demangled-name prefix
+    kind: str  # reduce, apply, onchip
+    direction: str = ""
+    reads: int = 1  # tensors of x's size read
+    writes: int = 0
+
+
+def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
+    """The kernels the host launches for the op (cbam or se) on this shape, forward then backward."""
+    A, B = (H * W, C) if cl else (C, H * W)
+    v = pick_vec(B, elem)
+    ns = "attnfused::cuda::"
+    red = f"void {ns}_reduce_kernel<{T}, {v}, ({ns}Pass)"
+    small = N * C * H * W + SMS * 32 * THREADS * (16 // elem) < 2 ** 32
+    idx = "unsigned int" if small else "long"
+
+    def app(label, flags):
+        return PassUse(label, f"void {ns}_apply_kernel<{T}, {v}, {idx}, {flags}>", "apply", reads=1, writes=1)
+
+    def over(space: bool):  # launch.cuh: rows run along b = hw in NCHW
+        return "ROW" if space != cl else "COL"
+
+    def d(x):
+        return {"ROW": 1, "COL": 2, "BOTH": 3}[x]
+
+    out = []
+    cbam = op == "cbam"
+    if onchip_used(C, H, W, N, elem):
+        out.append(PassUse("fwd on chip", f"void {ns}_onchip_forward_kernel<{T}, {v}, {str(cbam).lower()}>",
+                           "onchip", reads=1, writes=1))
+    else:
+        s = over(True)
+        out.append(PassUse("fwd chan POOL", f"{red}0, {d(s)}, {ns}ChannelForwardFin<float>", "reduce", s))
+        if cbam:
+            c = over(False)
+            out.append(PassUse("fwd spat POOL", f"{red}0, {d(c)}, {ns}SpatialForwardFin<float>", "reduce", c))
+        out.append(app("fwd apply", "true, false, false"))
+    if cbam:
+        out.append(PassUse("bwd DOT both", f"{red}1, 3, {ns}SpatialBackwardFin<float>", "reduce", "BOTH", reads=2))
+        s = over(True)
+        out.append(PassUse("bwd MASK", f"{red}2, {d(s)}, {ns}CbamChannelBackwardFin<float>", "reduce", s))
+        out.append(app("bwd dx apply", "true, true, true"))
+    else:
+        s = over(True)
+        out.append(PassUse("bwd DOT", f"{red}1, {d(s)}, {ns}ChannelBackwardFin<float>", "reduce", s, reads=2))
+        out.append(app("bwd dx apply", "true, false, true"))
+    return out
+
+
+# ---------------------------------------------------------------------------- measured times
+def read_measured(path: Path) -> dict:
+    """{(kernel name as profiled, truncated), 'NxCxHxW', 'cl'|'nchw'): us} of the cuda rows of a
+    `python -m bench.profile_kernels` output."""
+    out = {}
+    if not path.is_file():
+        return out
+    key = None
+    for line in path.read_text().splitlines():
+        m = re.match(r"== \S+ (\S+) \S+ (\d+x\d+x\d+x\d+) (cl|nchw):", line)
+        if m:
+            key = (m.group(2), m.group(3)) if m.group(1) == "cuda" else None
+            continue
+        m = re.match(r"\s+([\d.]+) us\s+\d+%\s+x(\d+)\s+(.*)$", line)
+        if m and key:
+            out.setdefault((m.group(3).strip(), *key), float(m.group(1)) / int(m.group(2)))
+    return out
+
+
+def measured_for(meas: dict, name: str, shape: str, lay: str):
+    for (pname, s, l), us in meas.items():
+        if s == shape and l == lay and name.startswith(pname):
+            return us
+    return None
+
+
+# ---------------------------------------------------------------------------- tools and library
+def find_tool(name: str) -> str | None:
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name), shutil.which(name)]
+    try:  # Triton's wheel carries cuobjdump and nvdisasm
+        import triton  # noqa: F401
+        cands.append(os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin", name))
+    except Exception:
+        pass
+    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def find_library() -> str | None:
+    jit = os.environ.get("ATTNFUSED_BUILD", "").strip().lower() == "jit"
+    aot = sorted(glob.glob(str(ROOT / "attnfused" / "_C*.so")))
+    cache = os.environ.get("ATTNFUSED_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attnfused")
+    jits = sorted(glob.glob(os.path.join(cache, "**", "attnfused_C_jit*.so"), recursive=True), key=os.path.getmtime)
+    order = (jits[::-1] + aot) if jit else (aot + jits[::-1])
+    return order[0] if order else None
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def read_library(lib: str, cuobjdump: str, want) -> tuple[dict, dict, dict]:
+    """(res usage, SASS, demangled names) of the sm_90 functions whose demangled name `want` accepts."""
+    arch = ["-arch", "sm_90"]
+    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", *arch, lib], capture_output=True, text=True,
+                                         check=True).stdout)
+    names = demangle(sorted(res))
+    keep = sorted(n for n in res if want(names[n]))
+    sass = {}
+    if keep:  # -fun: only these functions' SASS (the whole library's takes minutes)
+        sass = parse_sass(subprocess.run([cuobjdump, "-sass", *arch, "-fun", ",".join(keep), lib],
+                                         capture_output=True, text=True, check=True).stdout)
+    return res, sass, names
+
+
+# ---------------------------------------------------------------------------- the report
+FIN_TAIL = 400  # instructions after the sample ticket: more is per-sample math, not a partials' sum
+FIN_SIZE = 2500  # instructions in a kernel without a ticket (the on-chip forward runs the MLP inside)
+
+
+@dataclass
+class Kernel:
+    name: str  # demangled
+    res: Res
+    hot: Hot
+    flow: Flow
+    blocks: int
+    inflight: int  # bytes per SM
+    new: bool
+    vec: int
+
+
+def kernel_flags(k: Kernel, blocks: int | None = None, inflight: float | None = None) -> list[str]:
+    f = []
+    h = k.hot
+    blocks = k.blocks if blocks is None else blocks
+    inflight = k.inflight if inflight is None else inflight
+    if h.local or k.res.local:
+        f.append("spill")
+    # element-wide loads of the streamed tensors, or more side loads than one per element and one
+    if h.loop and (h.stream_width < 16 or h.narrow_loads > k.vec * h.stream_loads + 1):
+        f.append("narrow")
+    if blocks < MIN_BLOCKS:
+        f.append("blocks")
+    if h.loop and inflight < INFLIGHT_NEED:
+        f.append("inflight")
+    if h.tail > FIN_TAIL or (not h.tail and h.size > FIN_SIZE):
+        f.append("fin")
+    return f
+
+
+def make_kernel(name: str, res: Res, ins: list[Ins], elem: int, vec: int, new_re: str) -> Kernel:
+    flow = Flow(ins)
+    hot = analyze(ins, 16 if vec > 1 else elem, flow=flow)
+    b = blocks_per_sm(res.regs, res.shared)
+    return Kernel(name, res, hot, flow, b, inflight_bytes(b, hot), bool(re.search(new_re, name)), vec)
+
+
+def inflight_bytes(blocks: int, hot: Hot) -> int:
+    """Resident warps x the stream loads a warp has in flight before it uses one (32 lanes each)."""
+    return blocks * (THREADS // 32) * 32 * hot.stream_width * max(1, hot.first_use)
+
+
+def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
+    C, H, W = shape
+    A, B = (H * W, C) if cl else (C, H * W)
+    numel = BATCH * C * H * W
+    vec, hot = k.vec, k.hot
+    blocks, inflight = k.blocks, k.inflight
+    if use.kind == "reduce":
+        plan = plan_reduce(BATCH, A, B, "COL" if use.direction == "BOTH" else use.direction, vec)
+    elif use.kind == "apply":
+        plan = plan_apply(numel, vec)
+    else:  # on chip: one block per sample, the sample in dynamic shared memory
+        plan = dict(grid=BATCH, KB=1, TX=32)
+        blocks = min(blocks, SMEM_SM // (k.res.shared + cdiv(C * H * W * elem, 16) * 16))
+        inflight = inflight_bytes(blocks, hot)
+    ipb = None
+    if hot.loop:
+        # bytes a thread reads per hot-loop trip and per row; a row's own work spread over its trips
+        per_trip = max(1, hot.stream_loads * hot.stream_width)
+        row_bytes = plan["KB"] * vec * elem * use.reads if use.kind == "reduce" else per_trip
+        trips = max(1.0, row_bytes / per_trip)
+        shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0
+        h2 = analyze(k.flow.ins, hot.stream_width, row_trips=trips, shfl_trips=shfl, flow=k.flow)
+        ipb = (h2.instr * trips + h2.row_instr) * 16 / (trips * per_trip)
+    read_b, write_b = numel * elem * use.reads, numel * elem * use.writes
+    # issue keeps pace with the copy rate up to ISSUE_BUDGET instructions per 512 B moved
+    budget = ISSUE_BUDGET * (read_b + write_b) / read_b
+    waves = plan["grid"] / max(1, blocks * SMS)
+    t_bw = (read_b + write_b) / BW
+    t_flight = read_b / (SMS * inflight / LATENCY) if inflight else 0.0
+    t_issue = t_bw * (ipb or 0) / budget
+    wave_factor = math.ceil(waves) / waves if waves > 0 else 1.0
+    pred = max(t_bw, t_flight, t_issue) * wave_factor * 1e6
+    bound = max((t_bw, "copy"), (t_flight, "flight"), (t_issue, "issue"))[1]
+    flags = kernel_flags(k, blocks, inflight)
+    if ipb is not None and ipb > budget:
+        flags.append("issue")
+    if vec == 1 and (C * H * W * elem) % 16 == 0:
+        flags.append("vec1")
+    return dict(label=use.label, shape=f"{C}x{H}x{W}", lay="cl" if cl else "nchw", vec=vec, grid=plan["grid"],
+                waves=waves, blocks=blocks, ipb=ipb, budget=budget, copy=t_bw * 1e6, pred=pred, bound=bound,
+                meas=meas_us, flags=flags, new=k.new)
+
+
+def short_name(demangled: str) -> str:
+    s = demangled.split(">(")[0] + ">"
+    for a, b in (("void ", ""), ("attnfused::cuda::", ""), ("<float>", ""), ("(Pass)", "P"), ("unsigned int", "u32"),
+                 ("_reduce_kernel", "reduce"), ("_apply_kernel", "apply"), ("_onchip_forward_kernel", "onchip"),
+                 ("c10::Half", "half"), ("c10::BFloat16", "bf16"), ("true", "1"), ("false", "0"), (" ", "")):
+        s = s.replace(a, b)
+    return s
+
+
+def report(kernels: dict, rows: list[dict], out=print):
+    out("Kernels (per thread and hot-loop trip, along the loop's longest path; blk = blocks per SM by "
+        "registers and static shared memory)")
+    out(f"{'kernel':44s} {'reg':>3s} {'stk':>3s} {'smemKB':>6s} {'blk':>3s} {'flightKB':>8s} {'ld16':>4s} "
+        f"{'ldS':>3s} {'ldN':>3s} {'LDL':>3s} {'BSSY':>4s} {'BRA':>3s} {'instr':>5s} {'row':>4s} {'tail':>5s}")
+    for name, k in sorted(kernels.items(), key=lambda kv: short_name(kv[0])):
+        h = k.hot
+        out(f"{short_name(name)[:44]:44s} {k.res.regs:3d} {k.res.stack:3d} {k.res.shared / 1024:6.1f} {k.blocks:3d} "
+            f"{k.inflight / 1024:8.1f} {h.wide_loads:4d} {h.stream_loads:3d} {h.narrow_loads:3d} {h.local:3d} "
+            f"{h.bssy:4d} {h.bra:3d} {h.instr:5.0f} {h.row_instr:4.0f} {h.tail:5d}")
+    out("  ld16: 16-byte loads; ldS: loads of the streamed tensors; ldN: narrower side loads; row: the enclosing "
+        "loop's own work per row (shuffle loops x log2 TX); tail: instructions after the sample ticket")
+    out("")
+    out(f"Passes at batch {BATCH} (pred = max(copy at {BW / 1e12:.1f} TB/s, reads at {INFLIGHT_NEED / 1024:.0f} KB "
+        f"in flight per SM / {LATENCY * 1e6:.0f} us, issue at {ISSUE_BUDGET} instr per 512 B moved) x last-wave "
+        f"shortfall; meas = H100 profile)")
+    out(f"{'pass':13s} {'shape':10s} {'lay':4s} {'V':>1s} {'blk':>3s} {'grid':>5s} {'waves':>5s} {'i/512B':>10s} "
+        f"{'copy':>6s} {'pred':>6s} {'bound':6s} {'meas':>6s}  flags")
+    for r in rows:
+        ipb = f"{r['ipb']:4.0f}/{r['budget']:<4.0f}" if r["ipb"] is not None else f"{'-':>10s}"
+        meas = f"{r['meas']:6.1f}" if r["meas"] is not None else f"{'':6s}"
+        out(f"{r['label']:13s} {r['shape']:10s} {r['lay']:4s} {r['vec']:1d} {r['blocks']:3d} {r['grid']:5d} "
+            f"{r['waves']:5.1f} {ipb:>10s} {r['copy']:6.1f} {r['pred']:6.1f} {r['bound']:6s} {meas}  "
+            f"{','.join(r['flags']) or 'ok'}{' (new path)' if r['new'] else ''}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="static performance check of the CUDA kernels (no GPU)")
+    ap.add_argument("--lib", default=None, help="the extension library (default: the built attnfused/_C*.so)")
+    ap.add_argument("--dtype", default="fp16", choices=list(DTYPE_NAMES))
+    ap.add_argument("--new", default=NEW_PATH, help="regex on demangled kernel names: the new path (flags fail)")
+    ap.add_argument("--measured", type=Path, default=MEASURED, help="a bench.profile_kernels output to compare")
+    ap.add_argument("--ops", default="cbam,se", help="comma list of cbam, se (se stands for ECA too)")
+    a = ap.parse_args(argv)
+    lib = a.lib or find_library()
+    cuobjdump = find_tool("cuobjdump")
+    if not lib or not cuobjdump:
+        print(f"bench.static: skipped: {'no built CUDA library' if not lib else 'cuobjdump not found'}")
+        return 0
+    T, elem = DTYPE_NAMES[a.dtype]
+    uses = {}  # (label, shape, cl) -> PassUse, in table order
+    for shape in SHAPES:
+        for cl in (True, False):
+            for op in a.ops.split(","):
+                for u in passes(op, *shape, cl, T, elem):
+                    uses.setdefault((u.label, shape, cl), u)
+    prefixes = {u.kernel for u in uses.values()}
+    res, sass, names = read_library(lib, cuobjdump,
+                                    lambda d: d.startswith(tuple(prefixes)) or bool(re.search(a.new, d)))
+    if not sass:
+        print(f"bench.static: skipped: no sm_90 CUDA kernels in {lib}")
+        return 0
+    shown = os.path.relpath(lib, ROOT) if lib.startswith(str(ROOT)) else os.path.basename(lib)
+    print(f"bench.static: {shown} (sm_90), {a.dtype}; H100 model: {SMS} SMs, {BW / 1e12:.1f} TB/s copy, "
+          f"{INFLIGHT_NEED / 1024:.0f} KB per SM in flight needed at {LATENCY * 1e6:.0f} us\n")
+    kernels = {}
+    for mangled, ins in sass.items():
+        d = names.get(mangled, mangled)
+        m = re.search(r"<[^,<>]+, (\d+)", d)
+        kernels[d] = make_kernel(d, res[mangled], ins, elem, int(m.group(1)) if m else 1, a.new)
+    meas = read_measured(a.measured)
+    rows = []
+    for (label, shape, cl), u in uses.items():
+        k = next((k for d, k in sorted(kernels.items()) if d.startswith(u.kernel)), None)
+        if k is not None:
+            lay = "cl" if cl else "nchw"
+            rows.append(shape_row(k, u, shape, cl, elem, measured_for(meas, k.name, f"{BATCH}x" + "x".join(map(str, shape)), lay)))
+    for d, k in sorted(kernels.items()):  # new-path kernels the plan mirror does not know: kernel flags only
+        if k.new and not d.startswith(tuple(prefixes)):
+            rows.append(dict(label=short_name(d)[:13], shape="-", lay="-", vec=k.vec, blocks=k.blocks, grid=0,
+                             waves=0.0, ipb=None, budget=0, copy=0.0, pred=0.0, bound="-", meas=None,
+                             flags=kernel_flags(k), new=True))
+    report(kernels, rows)
+    flagged_new = [r for r in rows if r["new"] and r["flags"]]
+    old = [r for r in rows if not r["new"]]
+    print(f"\ntoday's kernels: {sum(1 for r in old if r['flags'])} of {len(old)} rows flagged (printed, not failed); "
+          f"new path ({a.new}): {len(rows) - len(old)} rows, {len(flagged_new)} flagged")
+    stale = source_drift()
+    if stale:
+        print("bench.static: warning: the launch-plan mirror may be out of date; not found in the C++ source:\n  "
+              + "\n  ".join(stale))
+    return 1 if flagged_new else 0
+
+
+def source_drift(root: Path = ROOT) -> list[str]:
+    """SOURCE_FACTS no longer found in the source (the mirror above must follow such a change)."""
+    out = []
+    for rel, pats in SOURCE_FACTS.items():
+        p = root / rel
+        text = p.read_text() if p.is_file() else ""
+        out += [f"{rel}: {pat}" for pat in pats if not re.search(pat, text)]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
