@@ -432,8 +432,11 @@ def read_measured(path: Path) -> dict:
 
 
 def measured_for(meas: dict, name: str, shape: str, lay: str):
+    """The profiled time of kernel `name` (demangled): template arguments equal, or a prefix where
+    the profile cut the name short."""
+    head = name.split(">(")[0]
     for (pname, s, l), us in meas.items():
-        if s == shape and l == lay and name.startswith(pname):
+        if s == shape and l == lay and (head == pname.split(">(")[0] if ">(" in pname else head.startswith(pname)):
             return us
     return None
 
@@ -441,10 +444,13 @@ def measured_for(meas: dict, name: str, shape: str, lay: str):
 # ---------------------------------------------------------------------------- tools and library
 def find_tool(name: str) -> str | None:
     cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", name), shutil.which(name)]
-    try:  # Triton's wheel carries cuobjdump and nvdisasm
-        import triton  # noqa: F401
-        cands.append(os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends", "nvidia", "bin", name))
-    except Exception:
+    try:  # Triton's wheel carries cuobjdump and nvdisasm (found without importing it)
+        import importlib.util
+
+        spec = importlib.util.find_spec("triton")
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            cands.append(os.path.join(d, "backends", "nvidia", "bin", name))
+    except (ImportError, ValueError):
         pass
     return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
