@@ -189,3 +189,52 @@ def test_cpu_probe_builds_and_reports(tmp_path):
     for bad in bad_args:
         r = subprocess.run([str(exe), *bad], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr, (bad, r)
+
+
+def test_cli_without_matplotlib_or_tqdm_writes_table_and_csv(tmp_path, capsys, monkeypatch):
+    """Without matplotlib (and tqdm) the run still writes its table, CSV, JSON and README, and says
+    in one line how to get the plots, instead of raising at the end."""
+    import sys
+
+    for mod in ("matplotlib", "matplotlib.pyplot", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, mod, None)  # a None entry makes `import mod` raise ImportError
+    rc = bench_main(["--blocks", "se", "--shapes", "tiny", "--batch", "2", "--modes", "fwd", "--layouts", "nchw",
+                     "--providers", "eager,reference", "--reps", "2", "--sample-s", "0",
+                     "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert "provider" in out and "reference" in out  # the table
+    assert [line for line in err.splitlines() if "no plots" in line] == [report.NO_PLOTS]
+    assert "pip install matplotlib" in report.NO_PLOTS
+    rows = report.read_csv(tmp_path / "t.csv")
+    assert [r["provider"] for r in rows] == ["eager", "reference"] and all(r["status"] == "ok" for r in rows)
+    assert (tmp_path / "t.json").exists() and "[t.csv](t.csv)" in (tmp_path / "README.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def _run(folder: Path, stem: str, commit: str) -> None:
+    meta = {"device": "dev", "torch": "t", "triton": "tr", "commit": commit, "date": f"date-{commit}"}
+    report.save_run([{"block": "se", "provider": "eager"}], meta, folder / stem, harness.COLUMNS,
+                     {"command": f"python -m bench --name {stem}"})
+    (folder / f"{stem}_speedup_fp32_n8.png").write_bytes(b"")
+
+
+def test_replaced_and_retired_runs_keep_their_summary_with_their_commit(tmp_path):
+    """A new run under a stem replaces its files and moves the old run's summary to the history; a
+    run retired by hand loses its files (not those of a stem it prefixes) and keeps its summary."""
+    _run(tmp_path, "b128", "c1")
+    _run(tmp_path, "b128_old", "c0")
+    _run(tmp_path, "b128", "c2")
+    readme = (tmp_path / "README.md").read_text()
+    current, earlier = readme.split("## Earlier runs")
+    assert "commit c2" in current and "commit c1" not in current
+    assert "`b128`: commit c1, date-c1" in earlier and "python -m bench --name b128" in earlier
+
+    removed = report.retire(tmp_path / "b128_old")
+    assert sorted(p.name for p in removed) == ["b128_old.csv", "b128_old.json", "b128_old_speedup_fp32_n8.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "b128.csv", "b128.json", "b128_speedup_fp32_n8.png", report.HISTORY]
+    earlier = (tmp_path / "README.md").read_text().split("## Earlier runs")[1]
+    assert "`b128_old`: commit c0" in earlier and "`b128`: commit c1" in earlier
+    with pytest.raises(SystemExit, match="no b128_old.json"):
+        report.retire(tmp_path / "b128_old")
