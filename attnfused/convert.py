@@ -8,7 +8,10 @@ timm `SEModule`, `EffectiveSEModule`, `EcaModule`, `CecaModule`, `CbamModule`,
 The fused module keeps the original's parameters and buffers under the same names: the
 model's `state_dict` is unchanged, so checkpoints load before or after. A configuration the
 fused ops cannot run (another gate or activation, a norm layer in the MLP, ...) is left in
-place, with the reason in the report.
+place, with the reason in the report. Hooks registered on a replaced module run on its fused
+replacement (their handles still remove them); a module with hooks on its submodules stays, as
+the fused forward does not call them. A module used at several places is replaced by one fused
+module, shared the same way.
 
 timm and torchvision are not dependencies: their classes are looked up only when the package
 has already been imported (a model made of their modules has imported it).
@@ -262,6 +265,28 @@ def _qualname(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+# nn.Module's hook tables (forward, backward, state_dict); a replacement takes the original's over
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+                "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+
+
+def _check_no_hooked_submodule(m: nn.Module) -> None:
+    """The fused forward never calls the original's submodules: hooks on them would silently stop
+    running (an old-style weight_norm, a feature-extraction hook), so such a module stays."""
+    for name, sub in m.named_modules():
+        hooked = [t for t in _HOOK_TABLES if name and getattr(sub, t, None)]
+        _require(not hooked, f"its submodule {name!r} has hooks ({', '.join(hooked)}) that the fused module "
+                             f"would not run")
+
+
+def _take_hooks(original: nn.Module, fused: nn.Module) -> None:
+    """`fused` runs `original`'s hooks: the very tables, so the handles the user holds still remove them."""
+    for table in _HOOK_TABLES:
+        object.__setattr__(fused, table, getattr(original, table))
+
+
 # ----------------------------------------------------------------------------- convert
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False,
@@ -292,28 +317,44 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         model = copy.deepcopy(model)
     adapters = _adapters()
     entries: list[ConvertEntry] = []
+    # a module met before (used at several places): (what replaced it, its entry, if any)
+    seen: dict[int, tuple[nn.Module, Optional[ConvertEntry]]] = {}
 
     def visit(m: nn.Module, path: str) -> nn.Module:
         """`m` converted (the fused module, or `m` with its children converted)."""
+        if id(m) in seen:  # shared: the one replacement everywhere, so it stays shared
+            new, entry = seen[id(m)]
+            if entry is not None:
+                entries.append(dataclasses.replace(entry, path=path))
+            return new
+        new, entry = convert_one(m, path)
+        if entry is not None:
+            entries.append(entry)
+        seen[id(m)] = new, entry
+        return new
+
+    def convert_one(m: nn.Module, path: str) -> tuple[nn.Module, Optional[ConvertEntry]]:
         adapt = adapters.get(type(m))
+        entry = None
         if adapt is not None and include is not None and not include(path, m):
-            entries.append(ConvertEntry(path, _qualname(type(m)), None, "turned down by include"))
+            entry = ConvertEntry(path, _qualname(type(m)), None, "turned down by include")
         elif adapt is not None:
             try:
+                _check_no_hooked_submodule(m)
                 fused = adapt(m, backend)
             except (Unsupported, ValueError, TypeError, AttributeError) as e:
-                entries.append(ConvertEntry(path, _qualname(type(m)), None, str(e)))
+                entry = ConvertEntry(path, _qualname(type(m)), None, str(e))
             else:
-                entries.append(ConvertEntry(path, _qualname(type(m)), type(fused).__name__))
-                return fused
+                _take_hooks(m, fused)
+                return fused, ConvertEntry(path, _qualname(type(m)), type(fused).__name__)
         if isinstance(m, (_FusedVariant, fused_modules._FusedMixin)):
-            return m  # already fused
+            return m, entry  # already fused
         for name, child in list(m._modules.items()):
             if child is not None:
                 new = visit(child, f"{path}.{name}" if path else name)
                 if new is not child:
                     m._modules[name] = new
-        return m
+        return m, entry
 
     model = visit(model, "")
     return (model, entries) if report else model

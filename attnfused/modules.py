@@ -14,8 +14,19 @@ def check_backend(backend) -> str:
     return backend
 
 
+def refuse_script(module) -> None:
+    """torch.jit.script calls this (as `__prepare_scriptable__`) on every module it is given: a clear
+    error instead of TorchScript's own about the Python it cannot compile (backend choice, options)."""
+    raise RuntimeError(
+        f"torch.jit.script does not support attnfused's fused modules ({type(module).__name__}: its forward "
+        f"picks a backend in Python); use torch.compile or torch.export (torch.jit.trace works too), or "
+        f"script the model with the unfused modules (before attnfused.convert, or attnfused.reference)")
+
+
 class _FusedMixin:
     backend: str
+
+    __prepare_scriptable__ = refuse_script
 
     def _set_backend(self, backend):
         self.backend = check_backend(backend)

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fwAD
 
 from . import backends
 from ._options import pool_inputs
@@ -119,13 +120,28 @@ class _Direct(torch.autograd.Function):
 _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, str, type(None)))
 
 
+def needs_decomposition(inputs) -> bool:
+    """Whether `inputs` meet a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or forward-mode
+    AD. The fused ops have a backward formula only: functorch cannot run a custom op's autograd
+    formula (it raises), and forward mode sees no derivative at all (a silent zero tangent). There
+    `call` runs the reference backend's forward instead, plain PyTorch ops that every transform knows."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # a dual level is open only inside `forward_ad.dual_level()`: one int read on every other call
+    return _fwAD._current_level >= 0 and any(
+        isinstance(t, Tensor) and _fwAD.unpack_dual(t).tangent is not None for t in inputs)
+
+
 def call(op, *inputs):
     """`op(*inputs)` (the backend is the last input). In eager mode on plain tensors the backend's
     kernel runs directly (under `_Direct` where a gradient is needed); under torch.compile or
-    export tracing, with tensor subclasses (fake, DTensor), dispatch or torch-function modes, or
-    functorch transforms, the custom op runs, with its fake and autograd registrations."""
+    export tracing, torch.jit.trace, with tensor subclasses (fake, DTensor), or dispatch or
+    torch-function modes, the custom op runs, with its fake and autograd registrations. Under torch.func transforms and
+    forward-mode AD the reference backend's forward runs (`needs_decomposition`), whatever the backend."""
+    if needs_decomposition(inputs):
+        return backends.kernel("reference", op._name)(*inputs[:-1])
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._is_tracing()
             or not _PLAIN_TYPES.issuperset(map(type, inputs))):
         return op(*inputs)
     if torch.autograd.profiler._is_profiler_enabled:  # a trace still names the op
@@ -140,13 +156,24 @@ def _direct(op, inputs):
     return backends.kernel(inputs[-1], op._name)(*inputs[:-1])
 
 
+def _forward_kernel(backend: str, name: str) -> Callable:
+    """The kernel behind a forward custom op. The ops have no forward-mode formula, and forward-mode AD
+    would pass through them with a zero tangent: raise instead (`call` never gets here then)."""
+    if _fwAD._current_level >= 0:
+        raise RuntimeError(
+            f"torch.ops.{_LIB}.{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+            f"torch.autograd.forward_ad); call attnfused.functional.{name} or an attnfused module instead: "
+            f"under forward-mode AD and torch.func transforms they run the reference math")
+    return backends.kernel(backend, name)
+
+
 # ----------------------------------------------------------------------------- channel attention
 
 @torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                       kind: str, pool: str, act: str, gate: str, padding: str,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding))
+    return tuple(_forward_kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding))
 
 
 def _channel_saved_fake(x, w1, kind, pool, backend):
@@ -197,7 +224,7 @@ _register_autograd(channel_attention, _channel_backward, _channel_setup)
 @torch.library.custom_op(f"{_LIB}::spatial_attention", mutates_args=())
 def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.kernel(backend, "spatial_attention")(x, weight, bias, maps, gate)
+    return _forward_kernel(backend, "spatial_attention")(x, weight, bias, maps, gate)
 
 
 def _spatial_saved_fake(x):
@@ -245,7 +272,7 @@ _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
 def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
          sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
          maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "cbam")(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
+    return tuple(_forward_kernel(backend, "cbam")(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
                                                   padding, maps, sgate))
 
 
@@ -293,7 +320,7 @@ _register_autograd(cbam, _cbam_backward, _cbam_setup)
 
 @torch.library.custom_op(f"{_LIB}::spatial_pool", mutates_args=())
 def spatial_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "spatial_pool")(x))
+    return tuple(_forward_kernel(backend, "spatial_pool")(x))
 
 
 @spatial_pool.register_fake
@@ -326,7 +353,7 @@ _register_autograd(spatial_pool, _pool_backward, _pool_setup)
 
 @torch.library.custom_op(f"{_LIB}::spatial_scale", mutates_args=())
 def spatial_scale(x: Tensor, t: Tensor, backend: str) -> Tensor:
-    return backends.kernel(backend, "spatial_scale")(x, t)
+    return _forward_kernel(backend, "spatial_scale")(x, t)
 
 
 @spatial_scale.register_fake

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import _checks, functional as F
 from ._options import (CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, check_choice,
                        spatial_in_channels)
-from .modules import check_backend
+from .modules import check_backend, refuse_script
 from .reference import functional as R
 
 __all__ = ["FusedChannelMLP", "FusedChannelConv", "FusedSpatial", "FusedCbam", "ChannelConfig", "SpatialConfig"]
@@ -203,6 +203,8 @@ class SpatialConfig:
 class _FusedVariant(nn.Module):
     """Takes over `source`'s children, parameters, buffers and public attributes."""
 
+    __prepare_scriptable__ = refuse_script
+
     def __init__(self, source: nn.Module, backend: str):
         super().__init__()
         if not isinstance(source, nn.Module):
@@ -224,7 +226,7 @@ class _FusedVariant(nn.Module):
 
     def _export_forward(self, x: Tensor) -> Tensor:
         self._source.training = self.training
-        return self._source(x)
+        return self._source.forward(x)  # not __call__: its hooks are this module's, and run once
 
     def extra_repr(self) -> str:
         return f"from={self.source_type}, backend={self.backend!r}"

@@ -7,6 +7,7 @@ functional layer and the modules stay as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Callable
@@ -50,16 +51,31 @@ def _module(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
+@contextlib.contextmanager
+def _untraced():
+    """Nothing inside is recorded by torch.jit.trace or by a dispatch mode (torch.export's tracing): the
+    availability checks call the extension's own ops (its build information, a string), which are
+    no part of the model, and which the jit tracer cannot even record (it has no string outputs)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.utils._python_dispatch._disable_current_modes():
+            yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def unavailable_reason(backend: str, device, dtype: torch.dtype | None = None) -> str | None:
     """Why `backend` cannot run on `device` (and `dtype`), or None if it can."""
     if backend not in _MODULES:
         return f"unknown backend {backend!r}; the backends are {list(BACKENDS)}"
     device = torch.device(device)
-    try:
-        mod = _module(backend)
-    except ImportError as e:  # e.g. triton not installed
-        return f"cannot import {_MODULES[backend]}: {e}"
-    return mod.unavailable_reason(device, dtype)
+    with _untraced():
+        try:
+            mod = _module(backend)
+        except ImportError as e:  # e.g. triton not installed
+            return f"cannot import {_MODULES[backend]}: {e}"
+        return mod.unavailable_reason(device, dtype)
 
 
 def available_backends(device="cpu", dtype: torch.dtype | None = None) -> list[str]:
