@@ -2,7 +2,7 @@
 
 Every provider that can run on the device and dtype is checked against the float64
 reference, then timed beside a same-size copy from the same run. Writes a table to stdout
-and `<name>.csv`, `<name>_*.png`, `<name>.json` and README.md into --out.
+and `<name>.csv`, `<name>.json`, README.md and, with matplotlib installed, `<name>_*.png` into --out.
 
   python -m bench --quick                       # the main job: < 2 min on 2 CPU cores
   python -m bench --blocks se,cbam_fc --shapes resnet50 --batch 8,32 --modes fwd,train
