@@ -36,9 +36,17 @@ def check_spatial_kernel(name: str, k) -> int:
     return k
 
 
+def _check_strided(name: str, t: torch.Tensor) -> None:
+    # sparse, mkldnn and nested tensors have no strides for the kernels (nor sizes, for nested)
+    if t.layout is not torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout "
+                        f"{'nested' if t.is_nested else t.layout}; convert it first (e.g. .to_dense())")
+
+
 def check_input(x, channels: int | None = None, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_strided(name, x)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -47,20 +55,32 @@ def check_input(x, channels: int | None = None, name: str = "x") -> None:
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels (dim 1), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
+    # an empty batch returns an empty result whatever C, H and W (SPEC §5)
     if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0 or x.shape[1] == 0):
-        raise ValueError(f"{name} must have non-empty C, H and W, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have non-empty C, H and W when N > 0, got shape {tuple(x.shape)}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_weight(name: str, w, x: torch.Tensor, shape: tuple[int, ...] | None = None,
-                 optional: bool = False) -> None:
+                 optional: bool = False, same_dtype: bool = True) -> None:
+    """`w` is a dense floating tensor on x's device (of `shape`, if given). With `same_dtype`, torch's
+    rule for layers: x's dtype, except under torch.autocast, where half-precision x meets float32
+    weights (float64 is never mixed, as autocast does not cast it)."""
     if w is None:
         if optional:
             return
-        raise TypeError(f"{name} must be a tensor, got None")
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    _check_strided(name, w)
     if w.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype, got {w.dtype}")
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {w.dtype}")
+    if same_dtype and w.dtype != x.dtype and (torch.float64 in (w.dtype, x.dtype) or not _autocast_on(x.device.type)):
+        raise TypeError(f"{name} must have the input's dtype {x.dtype} (as torch's layers require, outside "
+                        f"torch.autocast), got {w.dtype}; convert the module or the input (.to(dtype))")
     if w.device != x.device:
         raise ValueError(f"{name} must be on the input's device {x.device}, got {w.device}")
     if shape is not None and tuple(w.shape) != tuple(shape):

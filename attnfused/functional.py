@@ -114,7 +114,8 @@ def spatial_pool(x: Tensor, *, backend: str = "auto") -> Tensor:
 def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
     """`x * t[:, None]` for a map t of shape (N, H, W)."""
     _checks.check_input(x)
-    _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
+    # t is an activation map, not a layer's weight: any floating dtype (spatial_pool's maps are float32)
+    _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]), same_dtype=False)
     if torch.onnx.is_in_onnx_export():
         return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
     x = native_layout(x)

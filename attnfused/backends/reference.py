@@ -54,6 +54,14 @@ def one_hot_scatter(shape, dim: int, index: torch.Tensor, value: torch.Tensor) -
     return out.scatter(dim, index.unsqueeze(dim), value.unsqueeze(dim))
 
 
+def max_and_index(t: torch.Tensor, dim: int):
+    """`t.max(dim)`, also over an empty `dim` (C, or H*W, of an empty batch): empty results then."""
+    if t.shape[dim] == 0:
+        shape = t.shape[:dim] + t.shape[dim + 1:]
+        return t.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=t.device)
+    return t.max(dim)
+
+
 def shifted(v: torch.Tensor, offsets, circular: bool) -> torch.Tensor:
     """V[n, c, j] = v[n, c + offsets[j]], wrapped (circular) or zero outside [0, C)."""
     C = v.shape[1]
@@ -133,8 +141,11 @@ def spatial_gate_values(smaps, weight, bias, maps, gate):
     """(conv input, logits, t) of spatial attention from the saved [max, mean] maps."""
     m_in = R.spatial_maps(smaps[:, 1], smaps[:, 0], maps)
     k = weight.shape[-1]
-    z = F.conv2d(m_in, weight.to(m_in.dtype), None if bias is None else bias.to(m_in.dtype),
-                 padding=(k - 1) // 2).squeeze(1)
+    if m_in.numel() == 0:  # an empty batch, maybe H or W = 0, where conv2d refuses the kernel size
+        z = m_in.new_zeros((m_in.shape[0], *m_in.shape[2:]))
+    else:
+        z = F.conv2d(m_in, weight.to(m_in.dtype), None if bias is None else bias.to(m_in.dtype),
+                     padding=(k - 1) // 2).squeeze(1)
     return m_in, z, R.gate(z, gate)
 
 
@@ -148,12 +159,12 @@ def channel_pool(xa, pool):
         avg = flat.mean(2)
         return torch.stack((avg, torch.zeros_like(avg)), 1), torch.zeros(avg.shape, dtype=torch.int64,
                                                                              device=avg.device)
-    mx, idx = flat.max(2)
+    mx, idx = max_and_index(flat, 2)
     return torch.stack((flat.mean(2), mx), 1), idx
 
 
 def spatial_pool_core(xa):
-    mx, idx = xa.max(1)
+    mx, idx = max_and_index(xa, 1)
     return torch.stack((mx, xa.mean(1)), 1), idx
 
 
@@ -173,9 +184,12 @@ def spatial_backward_core(dya, xa, smaps, sargmax, weight, bias, maps, gate):
     m_in, z, t = spatial_gate_values(smaps, weight, bias, maps, gate)
     dlogits = ((dya * xa).sum(1) * gate_grad(z, gate)).unsqueeze(1)
     p = (weight.shape[-1] - 1) // 2
-    dw = conv2d_weight(m_in, weight.shape, dlogits, padding=p)
+    if m_in.numel() == 0:  # an empty batch (see spatial_gate_values)
+        dw, dm_in = m_in.new_zeros(weight.shape), torch.zeros_like(m_in)
+    else:
+        dw = conv2d_weight(m_in, weight.shape, dlogits, padding=p)
+        dm_in = conv2d_input(m_in.shape, weight.to(m_in.dtype), dlogits, padding=p)
     db = dlogits.sum().reshape(1)
-    dm_in = conv2d_input(m_in.shape, weight.to(m_in.dtype), dlogits, padding=p)
     if maps == "max_mean":
         dmax, dmean = dm_in[:, 0], dm_in[:, 1]
     elif maps == "mean_max":
