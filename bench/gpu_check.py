@@ -134,6 +134,10 @@ def bench_summary(text: str) -> str:
     return _last_match(r"^(\d+ rows in .*)$", text)[:90]
 
 
+def static_summary(text: str) -> str:
+    return _last_match(r"^(today's kernels: .*|bench.static: skipped.*)$", text)[:90]
+
+
 def tail_summary(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:90] if lines else ""
@@ -306,7 +310,10 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, xdist: list[
             Step("probe_build", build_probe, gpu=False, timeout=15),
             Step("probe_run", [str(probe_bin)], timeout=12),
         ],
-        "static": [Step("bench_static", [py, "-m", "bench.static"], gpu=False, timeout=10)],
+        # against this run's per-kernel profile when the bench stage made one
+        "static": [Step("bench_static", f"m={shlex.quote(str(logdir / 'bench_profile.log'))}; "
+                                        f"{shlex.quote(py)} -m bench.static $([ -s \"$m\" ] && echo --measured \"$m\")",
+                        gpu=False, timeout=10, summary=static_summary)],
     }
 
 
