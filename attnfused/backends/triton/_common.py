@@ -28,6 +28,12 @@ IDX_NONE = 2**31 - 1  # index of a lane that has seen no element yet (loses ever
 IDX_NONE_T = tl.constexpr(IDX_NONE)  # the same, visible inside kernels
 
 
+# blocked float32 sums (reduce.py's docstring): terms a lane sums before its run is flushed, and
+# the fan-in of each level of the cascade the runs are flushed into
+INNER = 16
+INNER_T = tl.constexpr(INNER)
+
+
 def code(table: dict, name: str, value: str) -> int:
     try:
         return table[value]
@@ -124,3 +130,32 @@ def argmax_rows(v, i):
     cand = tl.where(has_nan[:, None], nan, key == m[:, None])
     best_i = tl.min(tl.where(cand, i, IDX_NONE_T), axis=1)
     return tl.where(has_nan, float("nan"), m), best_i
+
+
+# ----------------------------------------------------------------------------- blocked sums
+
+@triton.jit
+def cascade_push(x, i, a1, a2, a3, a4, a5):
+    """Add x, the i-th (from 0) of a sequence of run sums, into the cascade a1..a5: a1 sums
+    INNER runs, a2 INNER sums of a1, a3 and a4 likewise; a5 sums the rest (more than INNER^4
+    runs only). Every level adds at most INNER terms of like size, in a fixed order."""
+    a1 += x
+    if (i + 1) % INNER_T == 0:
+        a2 += a1
+        a1 = tl.zeros_like(a1)
+        if (i + 1) % (INNER_T * INNER_T) == 0:
+            a3 += a2
+            a2 = tl.zeros_like(a2)
+            if (i + 1) % (INNER_T * INNER_T * INNER_T) == 0:
+                a4 += a3
+                a3 = tl.zeros_like(a3)
+                if (i + 1) % (INNER_T * INNER_T * INNER_T * INNER_T) == 0:
+                    a5 += a4
+                    a4 = tl.zeros_like(a4)
+    return a1, a2, a3, a4, a5
+
+
+@triton.jit
+def cascade_total(a1, a2, a3, a4, a5):
+    """The sum held by a cascade, smallest levels first."""
+    return (((a1 + a2) + a3) + a4) + a5

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ..._options import pool_inputs
-from ._common import (ACTS, GATES, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
-                      gate_fn, gate_grad_fn, programs_wanted)
+from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, cascade_push,
+                      cascade_total, code, device_guard, gate_fn, gate_grad_fn, programs_wanted)
 from .reduce import apply, reduce, sum_over_batch
 
 
@@ -195,26 +195,37 @@ def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv,
                       BLOCK_B: tl.constexpr):
     """out[i, j] = sum_n sum_v a[n, v, i] * b[n, v, j] (and sum[i] = sum_n sum_v a[n, v, i]),
     a weight gradient summed over the batch: blocks of samples in a fixed order, each a small
-    matmul."""
+    matmul, blocked (reduce.py): runs of INNER blocks of samples, a cascade."""
     i = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     j = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     i_ok = i < RA
     j_ok = j < RB
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    acc_s = tl.zeros([BLOCK_A], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_ok = n < N
-        for v in range(0, NV):
-            a = tl.load(a_ptr + n[:, None] * a_sn + v * a_sv + i[None, :], mask=n_ok[:, None] & i_ok[None, :],
-                        other=0.0)
-            b = tl.load(b_ptr + n[:, None] * b_sn + v * b_sv + j[None, :], mask=n_ok[:, None] & j_ok[None, :],
-                        other=0.0)
-            acc += _dot(tl.trans(a), b)
-            acc_s += tl.sum(a, axis=0)
-    tl.store(out_ptr + i[:, None] * RB + j[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
+    z = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    a1, a2, a3, a4, a5 = z, z, z, z, z
+    zs = tl.zeros([BLOCK_A], dtype=tl.float32)
+    s1, s2, s3, s4, s5 = zs, zs, zs, zs, zs
+    r = 0
+    for r0 in range(0, N, INNER_T * BLOCK_N):
+        run = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        run_s = tl.zeros([BLOCK_A], dtype=tl.float32)
+        for n0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_N, N - r0), BLOCK_N):
+            n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            n_ok = n < N
+            for v in range(0, NV):
+                a = tl.load(a_ptr + n[:, None] * a_sn + v * a_sv + i[None, :], mask=n_ok[:, None] & i_ok[None, :],
+                            other=0.0)
+                b = tl.load(b_ptr + n[:, None] * b_sn + v * b_sv + j[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                            other=0.0)
+                run += _dot(tl.trans(a), b)
+                run_s += tl.sum(a, axis=0)
+        a1, a2, a3, a4, a5 = cascade_push(run, r, a1, a2, a3, a4, a5)
+        if HAS_SUM:
+            s1, s2, s3, s4, s5 = cascade_push(run_s, r, s1, s2, s3, s4, s5)
+        r += 1
+    tl.store(out_ptr + i[:, None] * RB + j[None, :], cascade_total(a1, a2, a3, a4, a5),
+             mask=i_ok[:, None] & j_ok[None, :])
     if HAS_SUM:
-        tl.store(sum_ptr + i, acc_s, mask=i_ok & (tl.program_id(1) == 0))
+        tl.store(sum_ptr + i, cascade_total(s1, s2, s3, s4, s5), mask=i_ok & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -282,26 +293,33 @@ def _channel_conv_bwd_dv_kernel(dlog_ptr, w_ptr, dpooled_ptr, C, K, n_cblk, POOL
 def _channel_conv_bwd_dw_kernel(pooled_ptr, dlog_ptr, part_ptr, C, K, POOL: tl.constexpr,
                                 CIRCULAR: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr):
     """Per-sample partial tap gradients, all taps at once:
-    part[n, j] = sum_c dlogits[n, c] * (va + vb)[n, c + j - (K-1)/2], channels in a fixed order."""
+    part[n, j] = sum_c dlogits[n, c] * (va + vb)[n, c + j - (K-1)/2], channels in a fixed order,
+    blocked (reduce.py): runs of INNER tiles, a tree across the tile's channels, a cascade."""
     n = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, K_PAD)
     j_ok = j < K
     pad = (K - 1) // 2
-    acc = tl.zeros([K_PAD, BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        i = c[None, :] + j[:, None] - pad
-        if CIRCULAR:
-            i = ((i % C) + C) % C
-            ok = c_ok[None, :] & j_ok[:, None]
-        else:
-            ok = c_ok[None, :] & j_ok[:, None] & (i >= 0) & (i < C)
-        va, vb = _load_vecs(pooled_ptr, n, C, i, ok, POOL)
-        if POOL == 2:
-            va = va + vb
-        acc += tl.load(dlog_ptr + n * C + c, mask=c_ok, other=0.0)[None, :] * va
-    tl.store(part_ptr + n * K + j, tl.sum(acc, axis=1), mask=j_ok)
+    z = tl.zeros([K_PAD], dtype=tl.float32)
+    a1, a2, a3, a4, a5 = z, z, z, z, z
+    i = 0
+    for r0 in range(0, C, INNER_T * BLOCK_C):
+        run = tl.zeros([K_PAD, BLOCK_C], dtype=tl.float32)
+        for c0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_C, C - r0), BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            ic = c[None, :] + j[:, None] - pad
+            if CIRCULAR:
+                ic = ((ic % C) + C) % C
+                ok = c_ok[None, :] & j_ok[:, None]
+            else:
+                ok = c_ok[None, :] & j_ok[:, None] & (ic >= 0) & (ic < C)
+            va, vb = _load_vecs(pooled_ptr, n, C, ic, ok, POOL)
+            if POOL == 2:
+                va = va + vb
+            run += tl.load(dlog_ptr + n * C + c, mask=c_ok, other=0.0)[None, :] * va
+        a1, a2, a3, a4, a5 = cascade_push(tl.sum(run, axis=1), i, a1, a2, a3, a4, a5)
+        i += 1
+    tl.store(part_ptr + n * K + j, cascade_total(a1, a2, a3, a4, a5), mask=j_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -358,7 +376,7 @@ def channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
     """s = gate(f(pooled)) as (N, C) float32."""
     N, _, C = pooled.shape
     s = torch.empty((N, C), dtype=torch.float32, device=pooled.device)
-    if N == 0:
+    if N * C == 0:  # launch no empty grid
         return s
     POOL, GATE = code(POOLS, "pool", pool), code(GATES, "gate", gate)
     w1 = w1.contiguous()
@@ -388,7 +406,7 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
         db1 = torch.zeros(CR, **f32) if b1 is not None else None
         dw2 = torch.zeros((C, CR), **f32)
         db2 = torch.zeros(C, **f32) if b2 is not None else None
-        if N == 0:
+        if N * C == 0:  # launch no empty grid: the weight gradients are sums over nothing
             return dpooled, [dw1, db1, dw2, db2]
         NV = pool_inputs(pool)
         dlog = torch.empty((N, C), **f32)
@@ -404,7 +422,7 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
         outer_sum(dhp, vecs, dw1, db1)  # dw1 [CR, C], db1
         outer_sum(dlog.view(N, 1, C).expand(N, NV, C), h, dw2, db2)  # dw2 [C, CR], db2
         return dpooled, [dw1, db1, dw2, db2]
-    if N == 0:
+    if N * C == 0:
         return dpooled, [dw1, None, None, None]
     K = w1.shape[-1]
     circular = code(PADDINGS, "padding", padding) == 1
@@ -415,22 +433,30 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
                                          CIRCULAR=circular, BLOCK_C=bc)
     _channel_conv_bwd_dv_kernel[(N * ncb,)](dlog, w1, dpooled, C, K, ncb, POOL=POOL, CIRCULAR=circular,
                                             BLOCK_C=bc)
-    part = torch.empty((N, K), **f32)
-    kp = triton.next_power_of_2(K)
-    _channel_conv_bwd_dw_kernel[(N,)](pooled, dlog, part, C, K, POOL=POOL, CIRCULAR=circular,
-                                      BLOCK_C=16 if INTERPRET else max(16, min(bc, 4096 // kp)), K_PAD=kp)
-    sum_over_batch(part, dw1.view(K))
+    sum_over_batch(conv_weight_grad_parts(pooled, dlog, K, POOL, circular), dw1.view(K))
     return dpooled, [dw1, None, None, None]
+
+
+def conv_weight_grad_parts(pooled, dlog, K: int, pool_code: int, circular: bool):
+    """Per-sample tap gradients of the 1D conv, [N, K] float32, from pooled [N, 2, C] and
+    dlogits [N, C]."""
+    N, _, C = pooled.shape
+    kp = triton.next_power_of_2(K)
+    bc = 16 if INTERPRET else max(16, min(_cfg_c(C), 4096 // kp))
+    part = torch.empty((N, K), dtype=torch.float32, device=pooled.device)
+    _channel_conv_bwd_dw_kernel[(N,)](pooled, dlog, part, C, K, POOL=pool_code, CIRCULAR=circular, BLOCK_C=bc,
+                                      K_PAD=kp)
+    return part
 
 
 def outer_sum(a, b, out, out_sum=None):
     """out = sum over (n, v) of a[n, v, :, None] * b[n, v, None, :]; out_sum = sum of a."""
     N, NV, RA = a.shape
     RB = b.shape[2]
-    ba, bb = (16, 16) if INTERPRET else (32, 64)
+    ba, bb, bn = (16, 16, 16) if INTERPRET else (32, 64, 16)
     _outer_sum_kernel[(triton.cdiv(RA, ba), triton.cdiv(RB, bb))](
         a, b, out, out if out_sum is None else out_sum, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), HAS_SUM=out_sum is not None, BLOCK_N=16, BLOCK_A=ba, BLOCK_B=bb)
+        b.stride(1), HAS_SUM=out_sum is not None, BLOCK_N=bn, BLOCK_A=ba, BLOCK_B=bb)
 
 
 def weight_grads(weights, grads):

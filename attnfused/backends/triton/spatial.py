@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import GATES, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn
+from ._common import (GATES, INNER_T, INTERPRET, MAPS, cascade_push, cascade_total, code, device_guard,
+                      gate_fn, gate_grad_fn)
 from .channel import weight_grads
 from .reduce import apply, reduce, sum_over_batch
 
@@ -102,30 +103,43 @@ def _spatial_bwd_dmaps_kernel(dlog_ptr, w_ptr, gmap_ptr, H, W, K, n_pblk, MAPS: 
 def _spatial_bwd_dw_kernel(smaps_ptr, dlog_ptr, part_ptr, H, W, K, TAPS, MAPS: tl.constexpr,
                            BLOCK: tl.constexpr, KK_PAD: tl.constexpr):
     """Per-sample partial weight and bias gradients (part[n] = taps of map 0, of map 1, bias):
-    dlogits times the conv input under each tap, summed over the pixels in a fixed order."""
+    dlogits times the conv input under each tap, summed over the pixels in a fixed order,
+    blocked (reduce.py): runs of INNER tiles, a tree across the tile's pixels, a cascade."""
     n = tl.program_id(0).to(tl.int64)
     P = H * W
     t, di, dj, t_ok = _taps(K, KK_PAD)
-    acc0 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
-    acc1 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
-    accb = tl.zeros([BLOCK], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        p_ok = p < P
-        dl = tl.load(dlog_ptr + n * P + p, mask=p_ok, other=0.0)
-        hh = (p // W)[None, :] + di[:, None]
-        ww = (p % W)[None, :] + dj[:, None]
-        ok = p_ok[None, :] & t_ok[:, None] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        m0, m1 = _maps_at(smaps_ptr, n, P, hh * W + ww, ok, MAPS)
-        acc0 += m0 * dl[None, :]
+    z = tl.zeros([KK_PAD], dtype=tl.float32)
+    zb = tl.zeros([1], dtype=tl.float32)
+    a1, a2, a3, a4, a5 = z, z, z, z, z  # the taps on map 0
+    b1, b2, b3, b4, b5 = z, z, z, z, z  # on map 1
+    c1, c2, c3, c4, c5 = zb, zb, zb, zb, zb  # the bias
+    i = 0
+    for r0 in range(0, P, INNER_T * BLOCK):
+        run0 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
+        run1 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
+        runb = tl.zeros([1, BLOCK], dtype=tl.float32)
+        for p0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK, P - r0), BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            p_ok = p < P
+            dl = tl.load(dlog_ptr + n * P + p, mask=p_ok, other=0.0)
+            hh = (p // W)[None, :] + di[:, None]
+            ww = (p % W)[None, :] + dj[:, None]
+            ok = p_ok[None, :] & t_ok[:, None] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            m0, m1 = _maps_at(smaps_ptr, n, P, hh * W + ww, ok, MAPS)
+            run0 += m0 * dl[None, :]
+            if MAPS != 2:
+                run1 += m1 * dl[None, :]
+            runb += dl[None, :]
+        a1, a2, a3, a4, a5 = cascade_push(tl.sum(run0, axis=1), i, a1, a2, a3, a4, a5)
         if MAPS != 2:
-            acc1 += m1 * dl[None, :]
-        accb += dl
+            b1, b2, b3, b4, b5 = cascade_push(tl.sum(run1, axis=1), i, b1, b2, b3, b4, b5)
+        c1, c2, c3, c4, c5 = cascade_push(tl.sum(runb, axis=1), i, c1, c2, c3, c4, c5)
+        i += 1
     base = part_ptr + n * (TAPS + 1)
-    tl.store(base + t, tl.sum(acc0, axis=1), mask=t_ok)
+    tl.store(base + t, cascade_total(a1, a2, a3, a4, a5), mask=t_ok)
     if MAPS != 2:
-        tl.store(base + K * K + t, tl.sum(acc1, axis=1), mask=t_ok)
-    tl.store(base + TAPS, tl.sum(accb, axis=0))
+        tl.store(base + K * K + t, cascade_total(b1, b2, b3, b4, b5), mask=t_ok)
+    tl.store(base + TAPS + tl.arange(0, 1), cascade_total(c1, c2, c3, c4, c5))
 
 
 def _blocks(P: int, K: int):
@@ -139,7 +153,7 @@ def spatial_gate(smaps, weight, bias, maps, gate, dot=None):
     N, _, H, W = smaps.shape
     P = H * W
     out = torch.empty((N, P), dtype=torch.float32, device=smaps.device)
-    if N == 0:
+    if N * P == 0:  # launch no empty grid
         return out
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -152,6 +166,18 @@ def spatial_gate(smaps, weight, bias, maps, gate, dot=None):
     return out
 
 
+def spatial_weight_grad_parts(smaps, dlog, K: int, taps: int, maps_code: int):
+    """Per-sample weight and bias gradients of the k x k conv, [N, taps + 1] float32, from the
+    conv input smaps [N, 2, H, W] and dlogits [N, H * W]."""
+    N, _, H, W = smaps.shape
+    P = H * W
+    kk = triton.next_power_of_2(K * K)
+    bw = 16 if INTERPRET else max(16, min(triton.next_power_of_2(P), 4096 // kk))
+    part = torch.empty((N, taps + 1), dtype=torch.float32, device=smaps.device)
+    _spatial_bwd_dw_kernel[(N,)](smaps, dlog, part, H, W, K, taps, MAPS=maps_code, BLOCK=bw, KK_PAD=kk)
+    return part
+
+
 def spatial_small_backward(dot, smaps, weight, bias, maps, gate):
     """Back through gate and conv from dot = sum_c(dy * x): (gmap [N, 2, P] = (dmax, dmean),
     dweight float32, dbias float32 or None)."""
@@ -161,7 +187,7 @@ def spatial_small_backward(dot, smaps, weight, bias, maps, gate):
     gmap = torch.empty((N, 2, P), **f32)
     taps = weight.numel()
     dw = torch.zeros(taps + 1, **f32)  # the weight taps, then the bias
-    if N:
+    if N * P:  # else the gradients are sums over nothing (and no empty grid is launched)
         K = weight.shape[-1]
         dlog = spatial_gate(smaps, weight, bias, maps, gate, dot=dot)
         wc = weight.contiguous()
@@ -169,10 +195,7 @@ def spatial_small_backward(dot, smaps, weight, bias, maps, gate):
         npb = triton.cdiv(P, bp)
         MAPS_ = code(MAPS, "maps", maps)
         _spatial_bwd_dmaps_kernel[(N * npb,)](dlog, wc, gmap, H, W, K, npb, MAPS=MAPS_, BLOCK=bp, KK_PAD=kk)
-        part = torch.empty((N, taps + 1), **f32)
-        bw = 16 if INTERPRET else max(16, min(triton.next_power_of_2(P), 4096 // kk))
-        _spatial_bwd_dw_kernel[(N,)](smaps, dlog, part, H, W, K, taps, MAPS=MAPS_, BLOCK=bw, KK_PAD=kk)
-        sum_over_batch(part, dw)
+        sum_over_batch(spatial_weight_grad_parts(smaps, dlog, K, taps, MAPS_), dw)
     # separate tensors: the op's outputs may not alias one another
     return gmap, dw[:taps].view(weight.shape).clone(), (dw[taps:].clone() if bias is not None else None)
 

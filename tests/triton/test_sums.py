@@ -1,0 +1,187 @@
+"""Float32 sums of the Triton kernels against float64 at lengths where a running sum fails,
+and empty tensors (no empty launch grid, no division by zero).
+
+Accuracy: every sum over a long axis (pooling over H*W and over C, the backward's dot products,
+the weight gradients' sums over pixels, channels and samples) must stay within ~1e-6 of the
+float64 sum, relative to the sum of the terms' magnitudes. The inputs are 1 + r, r random below
+2^-17: a float32 running sum of a few hundred such terms has an ulp above 2 r, so it drops every
+r (relative error ~2e-6 at 256 terms, growing with the length), while a blocked sum keeps them.
+The interpreter takes wide tiles and one split on a long axis, so each lane of a tile sums a few
+hundred terms here, as a lane does on the GPU at large sizes; the shapes are the smallest that
+make a running sum fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+from tests import cases
+from tests._util import layout
+from tests.triton._env import DEVICES, INTERPRET
+
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+
+if DEVICES:
+    import triton
+
+    from attnfused.backends.triton import channel, reduce as red, spatial
+
+TOL = 1e-6  # of the sum of the terms' magnitudes
+BITS = 17
+
+
+def biased(*shape, bits=BITS, device="cpu"):
+    """Random float32 values in [1, 1 + 2^-bits): low bits that a long running sum drops."""
+    return (1 + torch.rand(*shape, dtype=torch.float64) * 2.0 ** -bits).float().to(device)
+
+
+def rel_to_magnitude(got, ref, mag):
+    """Largest |got - ref| / mag over the outputs (ref, mag in float64)."""
+    return ((got.double().cpu() - ref) / mag).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- the passes over x
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C,lay", [(1, "nchw"), (2, "channels_last")])
+def test_pool_over_space(C, lay, device):
+    x = layout(biased(1, C, 256, 256, device=device), lay)
+    pooled, _ = channel.channel_pool(x, "avg")
+    x64 = x.double().cpu()
+    err = rel_to_magnitude(pooled[:, 0], x64.mean((2, 3)), x64.abs().mean((2, 3)))
+    assert err <= TOL, f"mean over H*W: error {err:.3g} of the mean magnitude, more than {TOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_over_channels(device):
+    x = layout(biased(1, 2 ** 16, 1, 2, device=device), "channels_last")
+    smaps, _ = spatial.spatial_pool(x)
+    x64 = x.double().cpu()
+    err = rel_to_magnitude(smaps[:, 1], x64.mean(1), x64.abs().mean(1))
+    assert err <= TOL, f"mean over C: error {err:.3g} of the mean magnitude, more than {TOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,reduce_p", [((1, 1, 256, 256), True), ((1, 2 ** 16, 1, 1), False)],
+                         ids=["over_space", "over_channels"])
+def test_backward_dot_products(shape, reduce_p, device):
+    """sum of dy * x (factors below 2^-18 from 1, so the products' low bits are as in the pools)."""
+    x, dy = biased(*shape, bits=BITS + 1, device=device), biased(*shape, bits=BITS + 1, device=device)
+    got = red.reduce(x, reduce_p, dy=dy)
+    prod = x.double().cpu() * dy.double().cpu()
+    dims = (2, 3) if reduce_p else (1,)
+    err = rel_to_magnitude(got, prod.sum(dims).flatten(1), prod.abs().sum(dims).flatten(1))
+    assert err <= TOL, f"dot product: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+
+
+# ----------------------------------------------------------------------------- the weight gradients' sums
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spatial_weight_grad_over_pixels(device):
+    H, W, K = 64, 64, 3  # 4096 pixels: 256 steps of a lane under the interpreter
+    smaps = biased(1, 2, H, W, bits=BITS + 1, device=device)
+    dlog = biased(1, H * W, bits=BITS + 1, device=device)
+    part = spatial.spatial_weight_grad_parts(smaps, dlog, K, 2 * K * K, 0)  # maps (max, mean)
+    m64, d64 = smaps.double().cpu(), dlog.double().cpu().view(1, 1, H, W)
+
+    def dw(m, d):
+        taps = torch.nn.grad.conv2d_weight(m, (1, 2, K, K), d, padding=K // 2)
+        return torch.cat((taps.flatten(), d.sum().view(1)))
+
+    err = rel_to_magnitude(part[0], dw(m64, d64), dw(m64.abs(), d64.abs()))
+    assert err <= TOL, f"k x k conv weight gradient: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv1d_weight_grad_over_channels(device):
+    C, K = 4096, 3
+    pooled = biased(1, 2, C, bits=BITS + 1, device=device)
+    dlog = biased(1, C, bits=BITS + 1, device=device)
+    part = channel.conv_weight_grad_parts(pooled, dlog, K, 0, False)  # pool "avg", zero padding
+    v64, d64 = pooled[:, :1].double().cpu(), dlog.double().cpu().view(1, 1, C)
+
+    def dw(v, d):
+        return torch.nn.grad.conv1d_weight(v, (1, 1, K), d, padding=K // 2).flatten()
+
+    err = rel_to_magnitude(part[0], dw(v64, d64), dw(v64.abs(), d64.abs()))
+    assert err <= TOL, f"1D conv weight gradient: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_weight_grad_over_samples(device):
+    N, RA, RB = 4096, 16, 16  # 256 blocks of 16 samples
+    a, b = biased(N, 1, RA, bits=BITS + 1, device=device), biased(N, 1, RB, bits=BITS + 1, device=device)
+    out, out_sum = torch.empty(RA, RB, device=device), torch.empty(RA, device=device)
+    channel.outer_sum(a, b, out, out_sum)
+    a64, b64 = a.double().cpu()[:, 0], b.double().cpu()[:, 0]
+    err = rel_to_magnitude(out, a64.T @ b64, a64.abs().T @ b64.abs())
+    err_s = rel_to_magnitude(out_sum, a64.sum(0), a64.abs().sum(0))
+    assert max(err, err_s) <= TOL, f"outer-product sums: errors {err:.3g}, {err_s:.3g}, more than {TOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sum_over_batch(device):
+    part = biased(1024, 5, bits=BITS - 2, device=device)  # per-sample partials of 5 weights
+    out = red.sum_over_batch(part, torch.empty(5, device=device))
+    p64 = part.double().cpu()
+    err = rel_to_magnitude(out, p64.sum(0), p64.abs().sum(0))
+    assert err <= TOL, f"sum over samples: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+
+
+# ----------------------------------------------------------------------------- empty tensors
+
+@pytest.fixture
+def no_empty_grid(monkeypatch):
+    """Fail on any kernel launch with an empty grid."""
+    cls = type(red._reduce_partial_kernel)
+    getitem = cls.__getitem__
+
+    def checked(self, grid):
+        if not callable(grid):
+            assert all(int(g) > 0 for g in grid), f"{self.__name__} launched with the empty grid {grid}"
+        return getitem(self, grid)
+
+    monkeypatch.setattr(cls, "__getitem__", checked)
+
+
+EMPTY_CASES = [cases.CHANNEL_CASES[2], cases.CHANNEL_CASES[9], cases.SPATIAL_CASES[0], cases.CBAM_CASES[0],
+               cases.CBAM_CASES[11]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 6, 0, 5), (0, 6, 4, 0), (0, 6, 0, 0)], ids=str)
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=str)
+def test_empty_batch_any_height_width(case, shape, device, no_empty_grid):
+    """N = 0 returns empty results whatever H and W: outputs and input gradients like x, weight
+    gradients of zeros."""
+    for lay in ("nchw", "channels_last"):
+        x = layout(torch.empty(shape, device=device), lay).requires_grad_()
+        w = {k: None if v is None else v.float().to(device).requires_grad_()
+             for k, v in case.weights(shape[1]).items()}
+        out = case.run(x, w, "triton")
+        assert out.shape == x.shape and out.stride() == x.stride(), (out.shape, out.stride(), x.stride())
+        out.backward(torch.empty_like(out))
+        assert x.grad.shape == x.shape, x.grad.shape
+        for name, v in w.items():
+            if v is not None:
+                assert torch.equal(v.grad, torch.zeros_like(v)), f"grad of {name} must be zeros, got {v.grad}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 6, 0, 5), (2, 6, 4, 0), (2, 0, 4, 5)], ids=str)
+def test_empty_axis_in_the_kernels(shape, device, no_empty_grid):
+    """Called directly (the Python checks raise first for N > 0), the launchers neither launch an
+    empty grid nor divide by zero: pooling over an empty axis says so, a pooling that keeps an
+    empty axis returns nothing, a sum over an empty axis is zero, the scale pass writes nothing."""
+    N, C, H, W = shape
+    x = torch.empty(shape, device=device)
+    over_space = C > 0  # the empty axis: H * W, else C
+    with pytest.raises(ValueError, match="x: pooling over " + ("H . W" if over_space else "C")):
+        channel.channel_pool(x, "avg") if over_space else spatial.spatial_pool(x)
+    kept = spatial.spatial_pool(x)[0] if over_space else channel.channel_pool(x, "avg")[0]
+    assert kept.numel() == 0, kept.shape
+    dot = red.reduce(x, over_space, dy=x)
+    assert torch.equal(dot, torch.zeros(N, C if over_space else H * W, device=device)), dot
+    y = red.apply(x, torch.empty_like(x), s=torch.rand(N, C, device=device), t=torch.rand(N, H * W, device=device))
+    assert y.shape == x.shape
