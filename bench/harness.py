@@ -4,8 +4,10 @@ For each case: the float64 reference is computed once; a same-size copy is timed
 floor, SPEC §6); then every provider that can run is built with the reference's weights,
 checked against the float64 result (output, and gradients for bwd/train) and, only if it
 agrees, timed: all of the case's providers and the copy together, their samples
-interleaved (see timing). Bytes saved for backward (unique storages, parameters excluded) and the
-peak memory of one call (GPU) are measured apart from the timing.
+interleaved (see timing). On a GPU the host time to issue one call is taken apart (`host_ms`, see
+timing.host_ms), and a row whose host time exceeds its GPU time is noted as host-bound. Bytes saved
+for backward (unique storages, parameters excluded) and the peak memory of one call (GPU) are
+measured apart from the timing.
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 
 # the CSV's columns; the first thirteen are fixed by the issue
 COLUMNS = ["device", "torch", "triton", "commit", "date", "block", "shape", "dtype", "layout", "mode", "provider",
-           "median_ms", "copy_ms", "status", "min_ms", "speedup_eager", "speedup_compile", "copy_frac", "gbps", "warm_ms",
-           "warm_copy_ms", "rel_err", "tol", "x_bytes", "saved_bytes", "saved_x", "peak_bytes", "threads", "note"]
+           "median_ms", "copy_ms", "status", "min_ms", "host_ms", "speedup_eager", "speedup_compile", "copy_frac",
+           "gbps", "warm_ms", "warm_copy_ms", "rel_err", "tol", "x_bytes", "saved_bytes", "saved_x", "peak_bytes",
+           "threads", "note"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,24 @@ def peak_bytes(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def is_host_bound(row: dict) -> bool:
+    """Issuing a call takes the host longer than the GPU takes to run it: the GPU waits on the host."""
+    host, gpu = row.get("host_ms"), row.get("median_ms")
+    return bool(host and gpu and host > gpu)
+
+
+def mark_host_bound(row: dict) -> None:
+    if is_host_bound(row):
+        what = f"host-bound: {row['host_ms']:.3g} ms to issue > {row['median_ms']:.3g} ms GPU"
+        row["note"] = f"{row['note']}; {what}" if row.get("note") else what
+
+
+def host_bound(rows: list[dict]) -> list[str]:
+    """One line per host-bound row (none on CPU, where host_ms is not measured)."""
+    return [f"{r['block']} {r['shape']} {r['dtype']} {r['layout']} {r['mode']} {r['provider']}: "
+            f"{r['host_ms']:.3g} ms to issue, {r['median_ms']:.3g} ms on the GPU" for r in rows if is_host_bound(r)]
+
+
 def _failed(row: dict, e: Exception) -> None:
     msg = str(e).splitlines()[0][:200] if str(e) else ""
     row.update(status="ERROR", note=f"{type(e).__name__}: {msg}", median_ms=None)
@@ -182,6 +203,7 @@ def run_case(case: Case, providers: dict[str, Provider], timer: Timer, device, s
 
     with torch.set_grad_enabled(case.mode != "fwd"):
         times = timer.time_all(fns)
+        hosts = timer.host_all({k: f for k, f in fns.items() if k != "copy"})  # {} on CPU
     on_step("timing")
     copy_ms = times["copy"]["median"]
     for row in rows:
@@ -191,7 +213,9 @@ def run_case(case: Case, providers: dict[str, Provider], timer: Timer, device, s
             continue
         t = times[name]
         row.update(status="ok", median_ms=t["median"], min_ms=t["min"], warm_ms=t["warm"],
-                   copy_frac=copy_ms / t["median"], gbps=2 * x_bytes / t["median"] / 1e6)
+                   copy_frac=copy_ms / t["median"], gbps=2 * x_bytes / t["median"] / 1e6,
+                   host_ms=hosts.get(name))
+        mark_host_bound(row)
         try:
             with torch.set_grad_enabled(case.mode != "fwd"):
                 row["peak_bytes"] = peak_bytes(fns[name], device)

@@ -6,6 +6,12 @@ CPU: wall-clock medians of samples that each run the function enough times to la
 `sample_s`, interleaved across the providers of a case; the caches are not flushed (the
 large shapes do not fit them anyway). The minimum is kept too: on a shared machine it is
 the figure least disturbed by other processes.
+
+Host time to issue one call (GPU only, `host_ms`): n calls queued behind a `torch.cuda._sleep`
+that keeps the GPU busy longer than the host takes to issue them, timed on the host and divided
+by n. The GPU cannot make the host wait (no kernel of the calls has started), so the figure is
+the host's own work: Python, dispatch, allocations, launches. `host_ms(...)` holds the arithmetic
+and takes the GPU side as an object (`CudaQueue`; the tests pass a fake one and a fake clock).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ class Timer:
     rep_ms: int = 100       # GPU: do_bench's measuring time
     warmup_calls: int = 2   # CPU: least calls after the first, before sampling
     warm_l2: bool = True    # GPU: also take the warm-L2 figure
+    host_calls: int = 10    # GPU: calls queued behind one sleep (their launches must fit the launch queue)
+    host_reps: int = 5      # GPU: samples of host time per median
     _cpu_warm: bool = field(default=False, repr=False)
 
     def time_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, dict[str, float | None]]:
@@ -44,6 +52,72 @@ class Timer:
             self._cpu_warm = True  # growth, clocks) and came out up to 2x slow; sample it twice
             _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
         return _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
+
+    def host_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, float | None]:
+        """{name: host ms to issue one call} on a GPU (None where no sleep covered the calls); {} on CPU."""
+        if self.device.type != "cuda":
+            return {}
+        queue = CudaQueue(self.device)
+        return {k: host_ms(f, queue, self.host_calls, self.host_reps) for k, f in fns.items()}
+
+
+class CudaQueue:
+    """The GPU side of `host_ms`: keep the device busy, ask whether it still is, wait for it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._cycles_per_ms: float | None = None
+        self._after_sleep = None
+
+    def cycles_per_ms(self) -> float:
+        if self._cycles_per_ms is None:  # the sleep counts GPU clock cycles: calibrate once
+            cycles = 10_000_000
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(cycles // 10)  # clocks up
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
+        return self._cycles_per_ms
+
+    def sleep(self, ms: float) -> None:
+        torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms())))
+        self._after_sleep = torch.cuda.Event()
+        self._after_sleep.record()
+
+    def busy(self) -> bool:
+        """The sleep is still running (so none of the calls queued after it has started)."""
+        return not self._after_sleep.query()
+
+    def wait(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def host_ms(fn: Callable[[], object], queue, n: int = 10, reps: int = 5, first_sleep_ms: float = 5.0,
+            max_misses: int = 8, clock: Callable[[], float] = time.perf_counter) -> float | None:
+    """Median over `reps` samples of the host ms per call, each sample `n` calls issued while the GPU
+    sleeps. A sample whose calls outlast the sleep is dropped and the next sleep lasts twice as long
+    as those calls took; after `max_misses` such samples the figure is None (the launch queue was
+    full: fewer calls `n` would fit)."""
+    sleep_ms, samples, misses = first_sleep_ms, [], 0
+    while len(samples) < reps:
+        queue.wait()
+        queue.sleep(sleep_ms)
+        t0 = clock()
+        for _ in range(n):
+            fn()
+        issue_ms = 1e3 * (clock() - t0)
+        covered = queue.busy()
+        queue.wait()
+        if covered:
+            samples.append(issue_ms / n)
+        else:
+            misses += 1
+            if misses > max_misses:
+                return None
+        sleep_ms = max(sleep_ms, 2 * issue_ms)
+    return statistics.median(samples)
 
 
 def _cpu(fns, reps: int, sample_s: float, warmup_s: float, warmup_calls: int):
