@@ -7,7 +7,13 @@
 // Where the batch allows, all of it, the channel MLP included, runs sample by sample (in groups)
 // in one parallel region (for_samples), each sample's x (and dy) read again while in cache. The
 // weight gradients (MLP, spatial conv) sum over the batch at the end.
-#include "cpu/cpu_common.h"
+#include "cpu/args.h"
+#include "cpu/batch.h"
+#include "cpu/channel_math.h"
+#include "cpu/gemm.h"
+#include "cpu/passes.h"
+#include "cpu/spatial_passes.h"
+#include "cpu/sweep.h"
 
 #include <torch/library.h>
 

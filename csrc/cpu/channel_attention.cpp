@@ -3,7 +3,11 @@
 // (the MLP) hidden.
 // Both run sample by sample (in groups), f included, in one parallel region where the batch allows
 // (for_samples): each sample's x (and dy) read again while in cache.
-#include "cpu/cpu_common.h"
+#include "cpu/args.h"
+#include "cpu/channel_math.h"
+#include "cpu/gemm.h"
+#include "cpu/passes.h"
+#include "cpu/sweep.h"
 
 #include <torch/library.h>
 

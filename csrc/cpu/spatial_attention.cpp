@@ -2,7 +2,11 @@
 // Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
 // sample by sample (in groups) in one parallel region where the batch allows (for_samples), the
 // conv's weight gradient summed over the batch at the end.
-#include "cpu/cpu_common.h"
+#include "cpu/args.h"
+#include "cpu/batch.h"
+#include "cpu/gemm.h"
+#include "cpu/spatial_passes.h"
+#include "cpu/sweep.h"
 
 #include <torch/library.h>
 

@@ -1,6 +1,9 @@
 // The two halves of spatial attention, for when ordinary ops run between them (BatchNorm in
 // training): spatial_pool (max and mean over C, 1R) and spatial_scale (x * t, 1R+1W), with backward.
-#include "cpu/cpu_common.h"
+#include "cpu/args.h"
+#include "cpu/batch.h"
+#include "cpu/passes.h"
+#include "cpu/sweep.h"
 
 #include <torch/library.h>
 

@@ -9,7 +9,8 @@
 // The CBAM forward is "r,r,w" (3R+1W), its backward "d,d,p" (5R+1W); a copy is "w".
 // Returns out (a copy of x for "w", of dy for "p"; empty without a writing pass) and, per sample,
 // the sum of every element read (so that no read can be dropped).
-#include "cpu/cpu_common.h"
+#include "cpu/batch.h"
+#include "cpu/vec_io.h"
 
 #include <torch/library.h>
 
