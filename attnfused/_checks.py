@@ -64,11 +64,20 @@ def _autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def check_weight_dtypes(x: torch.Tensor, *named) -> None:
+    """torch's rule for layers, for the (name, weight) pairs (weights None or checked by check_weight):
+    x's dtype, except under torch.autocast, where half-precision x meets float32 weights (float64 is
+    never mixed: autocast does not cast it). Checked after the shapes, which say more when both are off."""
+    for name, w in named:
+        if w is not None and w.dtype != x.dtype and (torch.float64 in (w.dtype, x.dtype)
+                                                    or not _autocast_on(x.device.type)):
+            raise TypeError(f"{name} must have the input's dtype {x.dtype} (as torch's layers require, outside "
+                            f"torch.autocast), got {w.dtype}; convert the module or the input (.to(dtype))")
+
+
 def check_weight(name: str, w, x: torch.Tensor, shape: tuple[int, ...] | None = None,
-                 optional: bool = False, same_dtype: bool = True) -> None:
-    """`w` is a dense floating tensor on x's device (of `shape`, if given). With `same_dtype`, torch's
-    rule for layers: x's dtype, except under torch.autocast, where half-precision x meets float32
-    weights (float64 is never mixed, as autocast does not cast it)."""
+                 optional: bool = False) -> None:
+    """`w` is a dense floating tensor on x's device (of `shape`, if given); see also check_weight_dtypes."""
     if w is None:
         if optional:
             return
@@ -78,9 +87,6 @@ def check_weight(name: str, w, x: torch.Tensor, shape: tuple[int, ...] | None = 
     _check_strided(name, w)
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {w.dtype}")
-    if same_dtype and w.dtype != x.dtype and (torch.float64 in (w.dtype, x.dtype) or not _autocast_on(x.device.type)):
-        raise TypeError(f"{name} must have the input's dtype {x.dtype} (as torch's layers require, outside "
-                        f"torch.autocast), got {w.dtype}; convert the module or the input (.to(dtype))")
     if w.device != x.device:
         raise ValueError(f"{name} must be on the input's device {x.device}, got {w.device}")
     if shape is not None and tuple(w.shape) != tuple(shape):

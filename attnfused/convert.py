@@ -328,12 +328,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
                 entries.append(dataclasses.replace(entry, path=path))
             return new
         new, entry = convert_one(m, path)
-        if entry is not None:
-            entries.append(entry)
         seen[id(m)] = new, entry
         return new
 
     def convert_one(m: nn.Module, path: str) -> tuple[nn.Module, Optional[ConvertEntry]]:
+        """(what replaces `m`, its entry); a module left in place is reported before its children."""
         adapt = adapters.get(type(m))
         entry = None
         if adapt is not None and include is not None and not include(path, m):
@@ -346,7 +345,11 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
                 entry = ConvertEntry(path, _qualname(type(m)), None, str(e))
             else:
                 _take_hooks(m, fused)
-                return fused, ConvertEntry(path, _qualname(type(m)), type(fused).__name__)
+                entry = ConvertEntry(path, _qualname(type(m)), type(fused).__name__)
+                entries.append(entry)
+                return fused, entry
+        if entry is not None:
+            entries.append(entry)
         if isinstance(m, (_FusedVariant, fused_modules._FusedMixin)):
             return m, entry  # already fused
         for name, child in list(m._modules.items()):

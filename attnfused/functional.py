@@ -45,6 +45,7 @@ def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
         for name, w in (("b1", b1), ("w2", w2), ("b2", b2)):
             if w is not None:
                 raise ValueError(f"{name} must be None for kind='conv', got a tensor")
+    _checks.check_weight_dtypes(x, ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))
 
 
 def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="bias", gate_name="gate"):
@@ -57,6 +58,7 @@ def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="
         raise ValueError(f"{weight_name} must have shape (1, {m}, k, k) with k odd for maps={maps!r}, "
                          f"got {tuple(weight.shape)}")
     _checks.check_weight(bias_name, bias, x, (1,), optional=True)
+    _checks.check_weight_dtypes(x, (weight_name, weight), (bias_name, bias))
 
 
 def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tensor | None = None,
@@ -115,7 +117,7 @@ def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
     """`x * t[:, None]` for a map t of shape (N, H, W)."""
     _checks.check_input(x)
     # t is an activation map, not a layer's weight: any floating dtype (spatial_pool's maps are float32)
-    _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]), same_dtype=False)
+    _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
     if torch.onnx.is_in_onnx_export():
         return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
     x = native_layout(x)
