@@ -85,15 +85,16 @@ class Ins:
     pred: str
     op: str  # opcode with modifiers, e.g. LDG.E.128.CONSTANT
     args: str
+    base: str = ""  # the opcode alone, e.g. LDG
 
-    @property
-    def base(self) -> str:
-        return self.op.split(".")[0]
+    def __post_init__(self):
+        self.base = self.op.split(".")[0]
 
 
 _INS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
 _FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_TEXT = re.compile(r"^\s*\.text\.(\S+?):")
 
 
 def parse_sass(text: str) -> dict[str, list[Ins]]:
@@ -103,9 +104,11 @@ def parse_sass(text: str) -> dict[str, list[Ins]]:
     labels: dict[str, int] = {}
     pending: list[str] = []
     for line in text.splitlines():
-        m = _FUNC.match(line) or re.match(r"^\s*\.text\.(\S+?):", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
+        if line.lstrip().startswith("/* 0x"):  # the second half of an instruction's encoding
+            continue
+        m = _FUNC.match(line) or _TEXT.match(line)
+        if m:  # a template instantiated in several files: its first copy (the others are the same code)
+            cur = None if m.group(1) in funcs else funcs.setdefault(m.group(1), [])
             continue
         m = _LABEL.match(line)
         if m:
@@ -140,7 +143,7 @@ def parse_res_usage(text: str) -> dict[str, Res]:
             continue
         m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", line)
         if m and name:
-            out[name] = Res(*(int(g) for g in m.groups()))
+            out.setdefault(name, Res(*(int(g) for g in m.groups())))
             name = None
     return out
 
@@ -157,9 +160,14 @@ def is_branch(i: Ins) -> bool:
     return i.base in ("BRA", "BRX", "JMP", "JMX")
 
 
+_TARGET = re.compile(r"0x([0-9a-f]+)\s*$")
+
+
 def branch_target(i: Ins) -> int | None:
-    m = re.search(r"0x([0-9a-f]+)\s*$", i.args)
-    return int(m.group(1), 16) if (m and is_branch(i)) else None
+    if not is_branch(i):
+        return None
+    m = _TARGET.search(i.args)
+    return int(m.group(1), 16) if m else None
 
 
 def is_stream_load(x: Ins, stream_width: int) -> bool:
@@ -391,7 +399,7 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
     out = []
     cbam = op == "cbam"
     if onchip_used(C, H, W, N, elem):
-        out.append(PassUse("fwd on chip", f"void {ns}_onchip_forward_kernel<{T}, {v}, {str(cbam).lower()}>",
+        out.append(PassUse("fwd chip CBAM" if cbam else "fwd chip SE", f"void {ns}_onchip_forward_kernel<{T}, {v}, {str(cbam).lower()}>",
                            "onchip", reads=1, writes=1))
     else:
         s = over(True)
@@ -404,11 +412,11 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
         out.append(PassUse("bwd DOT both", f"{red}1, 3, {ns}SpatialBackwardFin<float>", "reduce", "BOTH", reads=2))
         s = over(True)
         out.append(PassUse("bwd MASK", f"{red}2, {d(s)}, {ns}CbamChannelBackwardFin<float>", "reduce", s))
-        out.append(app("bwd dx apply", "true, true, true"))
+        out.append(app("bwd dx CBAM", "true, true, true"))
     else:
         s = over(True)
-        out.append(PassUse("bwd DOT", f"{red}1, {d(s)}, {ns}ChannelBackwardFin<float>", "reduce", s, reads=2))
-        out.append(app("bwd dx apply", "true, false, true"))
+        out.append(PassUse("bwd DOT SE", f"{red}1, {d(s)}, {ns}ChannelBackwardFin<float>", "reduce", s, reads=2))
+        out.append(app("bwd dx SE", "true, false, true"))
     return out
 
 
@@ -474,16 +482,33 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def read_library(lib: str, cuobjdump: str, want) -> tuple[dict, dict, dict]:
-    """(res usage, SASS, demangled names) of the sm_90 functions whose demangled name `want` accepts."""
-    arch = ["-arch", "sm_90"]
-    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", *arch, lib], capture_output=True, text=True,
-                                         check=True).stdout)
-    names = demangle(sorted(res))
-    keep = sorted(n for n in res if want(names[n]))
-    sass = {}
-    if keep:  # -fun: only these functions' SASS (the whole library's takes minutes)
-        sass = parse_sass(subprocess.run([cuobjdump, "-sass", *arch, "-fun", ",".join(keep), lib],
-                                         capture_output=True, text=True, check=True).stdout)
+    """(res usage, SASS, demangled names) of the sm_90 functions whose demangled name `want` accepts.
+    Each function's SASS is read once, from the first sm_90 cubin holding it (a template used by
+    several source files is in each of their cubins), with -fun: the whole library's takes minutes."""
+    import tempfile
+
+    def run(*args, cwd=None):
+        return subprocess.run([cuobjdump, *args], capture_output=True, text=True, check=True, cwd=cwd).stdout
+
+    cubins = re.findall(r"ELF file\s+\d+:\s+(\S+\.sm_90a?\.cubin)", run("-lelf", lib))
+    res, sass, where = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cubins:
+            run("-xelf", "all", os.path.abspath(lib), cwd=tmp)
+            files = [os.path.join(tmp, c) for c in cubins]
+        else:  # a cubin itself, or a library cuobjdump lists no ELF files of
+            files = [lib]
+        for f in files:
+            for name, r in parse_res_usage(run("-res-usage", f) if f != lib else run("-res-usage", "-arch", "sm_90", f)).items():
+                if name not in res:
+                    res[name] = r
+                    where[name] = f
+        names = demangle(sorted(res))
+        for f in files:
+            keep = sorted(n for n in res if where[n] == f and want(names[n]))
+            if keep:
+                sass.update(parse_sass(run("-sass", "-fun", ",".join(keep), f) if f != lib
+                                       else run("-sass", "-arch", "sm_90", "-fun", ",".join(keep), f)))
     return res, sass, names
 
 
