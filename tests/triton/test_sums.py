@@ -4,27 +4,22 @@ and empty tensors (no empty launch grid, no division by zero).
 Accuracy: every sum over a long axis (pooling over H*W and over C, the backward's dot products,
 the weight gradients' sums over pixels, channels and samples) must stay within ~1e-6 of the
 float64 sum, relative to the sum of the terms' magnitudes. The inputs are 1 + r, r random below
-2^-17: a float32 running sum of a few hundred such terms has an ulp above 2 r, so it drops every
-r (relative error ~2e-6 at 256 terms, growing with the length), while a blocked sum keeps them.
-The interpreter takes wide tiles and one split on a long axis, so each lane of a tile sums a few
-hundred terms here, as a lane does on the GPU at large sizes; the shapes are the smallest that
-make a running sum fail.
+2^-17: once a float32 running sum of such terms passes 128, half its ulp exceeds every r, so it
+drops them all (relative error ~2e-6 at 256 terms, growing with the length), while a blocked sum
+keeps them. Under the interpreter a long axis takes wide tiles and a single split, so each lane
+of a tile sums 256 terms here, as lanes do on the GPU at large sizes; these are the smallest
+shapes at which a running sum fails.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as tF
 
 from tests import cases
 from tests._util import layout
-from tests.triton._env import DEVICES, INTERPRET
+from tests.triton._env import DEVICES
 
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-
-if DEVICES:
-    import triton
-
+if DEVICES:  # (conftest skips this directory otherwise)
     from attnfused.backends.triton import channel, reduce as red, spatial
 
 TOL = 1e-6  # of the sum of the terms' magnitudes
@@ -77,56 +72,85 @@ def test_backward_dot_products(shape, reduce_p, device):
 
 # ----------------------------------------------------------------------------- the weight gradients' sums
 
+def check(name, got, ref_fn, *inputs):
+    """got against ref_fn(inputs) in float64, relative to ref_fn(|inputs|) (the sum of the terms'
+    magnitudes, for a ref_fn linear in each input)."""
+    x64 = [t.double().cpu() for t in inputs]
+    err = rel_to_magnitude(got, ref_fn(*x64), ref_fn(*[t.abs() for t in x64]))
+    assert err <= TOL, f"{name}: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+
+
+def spatial_dw(K):
+    """Weight gradients of the k x k conv (maps (max, mean)) and the bias, summed over samples."""
+    def ref(m, d):
+        d = d.view(m.shape[0], 1, *m.shape[2:])
+        return torch.cat((torch.nn.grad.conv2d_weight(m, (1, 2, K, K), d, padding=K // 2).flatten(),
+                          d.sum().view(1)))
+    return ref
+
+
+def conv1d_dw(K):
+    """Tap gradients of the 1D conv over the avg vector (pool "avg"), summed over samples."""
+    return lambda v, d: torch.nn.grad.conv1d_weight(v[:, :1], (1, 1, K), d[:, None], padding=K // 2).flatten()
+
+
+def outer(a, b):
+    return torch.cat((torch.einsum("nvi,nvj->ij", a, b).flatten(), a.sum((0, 1))))
+
+
+def run_outer_sum(a, b):
+    out, out_sum = torch.empty(a.shape[2], b.shape[2], device=a.device), torch.empty(a.shape[2], device=a.device)
+    channel.outer_sum(a, b, out, out_sum)
+    return torch.cat((out.flatten(), out_sum))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_spatial_weight_grad_over_pixels(device):
     H, W, K = 64, 64, 3  # 4096 pixels: 256 steps of a lane under the interpreter
-    smaps = biased(1, 2, H, W, bits=BITS + 1, device=device)
-    dlog = biased(1, H * W, bits=BITS + 1, device=device)
+    smaps, dlog = biased(1, 2, H, W, bits=BITS + 1, device=device), biased(1, H * W, bits=BITS + 1, device=device)
     part = spatial.spatial_weight_grad_parts(smaps, dlog, K, 2 * K * K, 0)  # maps (max, mean)
-    m64, d64 = smaps.double().cpu(), dlog.double().cpu().view(1, 1, H, W)
-
-    def dw(m, d):
-        taps = torch.nn.grad.conv2d_weight(m, (1, 2, K, K), d, padding=K // 2)
-        return torch.cat((taps.flatten(), d.sum().view(1)))
-
-    err = rel_to_magnitude(part[0], dw(m64, d64), dw(m64.abs(), d64.abs()))
-    assert err <= TOL, f"k x k conv weight gradient: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+    check("k x k conv weight gradient", part.sum(0), spatial_dw(K), smaps, dlog)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv1d_weight_grad_over_channels(device):
     C, K = 4096, 3
-    pooled = biased(1, 2, C, bits=BITS + 1, device=device)
-    dlog = biased(1, C, bits=BITS + 1, device=device)
+    pooled, dlog = biased(1, 2, C, bits=BITS + 1, device=device), biased(1, C, bits=BITS + 1, device=device)
     part = channel.conv_weight_grad_parts(pooled, dlog, K, 0, False)  # pool "avg", zero padding
-    v64, d64 = pooled[:, :1].double().cpu(), dlog.double().cpu().view(1, 1, C)
-
-    def dw(v, d):
-        return torch.nn.grad.conv1d_weight(v, (1, 1, K), d, padding=K // 2).flatten()
-
-    err = rel_to_magnitude(part[0], dw(v64, d64), dw(v64.abs(), d64.abs()))
-    assert err <= TOL, f"1D conv weight gradient: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+    check("1D conv weight gradient", part.sum(0), conv1d_dw(K), pooled, dlog)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_mlp_weight_grad_over_samples(device):
-    N, RA, RB = 4096, 16, 16  # 256 blocks of 16 samples
-    a, b = biased(N, 1, RA, bits=BITS + 1, device=device), biased(N, 1, RB, bits=BITS + 1, device=device)
-    out, out_sum = torch.empty(RA, RB, device=device), torch.empty(RA, device=device)
-    channel.outer_sum(a, b, out, out_sum)
-    a64, b64 = a.double().cpu()[:, 0], b.double().cpu()[:, 0]
-    err = rel_to_magnitude(out, a64.T @ b64, a64.abs().T @ b64.abs())
-    err_s = rel_to_magnitude(out_sum, a64.sum(0), a64.abs().sum(0))
-    assert max(err, err_s) <= TOL, f"outer-product sums: errors {err:.3g}, {err_s:.3g}, more than {TOL}"
+    N = 4096  # 256 blocks of 16 samples
+    a, b = biased(N, 1, 16, bits=BITS + 1, device=device), biased(N, 1, 16, bits=BITS + 1, device=device)
+    check("outer-product sums", run_outer_sum(a, b), outer, a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sum_over_batch(device):
     part = biased(1024, 5, bits=BITS - 2, device=device)  # per-sample partials of 5 weights
-    out = red.sum_over_batch(part, torch.empty(5, device=device))
-    p64 = part.double().cpu()
-    err = rel_to_magnitude(out, p64.sum(0), p64.abs().sum(0))
-    assert err <= TOL, f"sum over samples: error {err:.3g} of the sum of magnitudes, more than {TOL}"
+    check("sum over samples", red.sum_over_batch(part, torch.empty(5, device=device)), lambda p: p.sum(0), part)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_grads_split_over_programs(device, monkeypatch):
+    """Past MAX_RUNS runs a lane, the weight-gradient kernels split their axis over programs
+    and sum the partials; forced here at small sizes (3 splits of 37 x 29 pixels, of 300
+    channels, of 300 samples)."""
+    for module in (spatial, channel):
+        monkeypatch.setattr(module, "splits_for", lambda length, width, at_least=1: max(at_least, 3))
+    H, W, K, C, N = 37, 29, 5, 300, 300
+    smaps, dlog = torch.randn(2, 2, H, W, device=device), torch.randn(2, H * W, device=device)
+    part = spatial.spatial_weight_grad_parts(smaps, dlog, K, 2 * K * K, 0)
+    assert part.shape == (2 * 3, 2 * K * K + 1), part.shape
+    check("k x k conv weight gradient", part.sum(0), spatial_dw(K), smaps, dlog)
+    pooled, dlog = torch.randn(2, 2, C, device=device), torch.randn(2, C, device=device)
+    part = channel.conv_weight_grad_parts(pooled, dlog, K, 0, False)
+    assert part.shape == (2 * 3, K), part.shape
+    check("1D conv weight gradient", part.sum(0), conv1d_dw(K), pooled, dlog)
+    a, b = torch.randn(N, 2, 20, device=device), torch.randn(N, 2, 24, device=device)
+    check("outer-product sums", run_outer_sum(a, b), outer, a, b)
 
 
 # ----------------------------------------------------------------------------- empty tensors

@@ -28,10 +28,17 @@ IDX_NONE = 2**31 - 1  # index of a lane that has seen no element yet (loses ever
 IDX_NONE_T = tl.constexpr(IDX_NONE)  # the same, visible inside kernels
 
 
-# blocked float32 sums (reduce.py's docstring): terms a lane sums before its run is flushed, and
-# the fan-in of each level of the cascade the runs are flushed into
+# blocked float32 sums (reduce.py's docstring): a lane sums runs of INNER terms; a program sums at
+# most INNER * INNER runs (MAX_RUNS), in two levels of INNER; longer axes are split over programs
 INNER = 16
 INNER_T = tl.constexpr(INNER)
+MAX_RUNS = INNER * INNER
+
+
+def splits_for(length: int, width: int, at_least: int = 1) -> int:
+    """How many programs share an axis of `length` terms taken `width` at a time (a tile's lanes),
+    at least `at_least`: enough that none sums more than MAX_RUNS runs per lane."""
+    return max(at_least, triton.cdiv(length, width * INNER * MAX_RUNS), 1)
 
 
 def code(table: dict, name: str, value: str) -> int:
@@ -135,23 +142,31 @@ def argmax_rows(v, i):
 # ----------------------------------------------------------------------------- blocked sums
 
 @triton.jit
-def cascade_push(x, i, a1, a2, a3, a4, a5):
-    """Add x, the i-th (from 0) of a sequence of run sums, into the cascade a1..a5: a1 sums
-    INNER runs, a2 INNER sums of a1, a3 and a4 likewise; a5 sums the rest (more than INNER^4
-    runs only). Every level adds at most INNER terms of like size, in a fixed order."""
+def run_push(x, i, a1, a2):
+    """Add x, the i-th (from 0) run sum of a program, into its two levels: a1 sums INNER runs,
+    a2 the sums of a1 (at most INNER of them: a program sums at most MAX_RUNS runs)."""
     a1 += x
     if (i + 1) % INNER_T == 0:
         a2 += a1
         a1 = tl.zeros_like(a1)
-        if (i + 1) % (INNER_T * INNER_T) == 0:
-            a3 += a2
-            a2 = tl.zeros_like(a2)
-            if (i + 1) % (INNER_T * INNER_T * INNER_T) == 0:
-                a4 += a3
-                a3 = tl.zeros_like(a3)
-                if (i + 1) % (INNER_T * INNER_T * INNER_T * INNER_T) == 0:
-                    a5 += a4
-                    a4 = tl.zeros_like(a4)
+    return a1, a2
+
+
+@triton.jit
+def cascade_push(x, i, a1, a2, a3, a4, a5):
+    """Add x, the i-th (from 0) of a sequence of sums, into the cascade a1..a5: a1 sums INNER of
+    them, a2 INNER sums of a1, a3 and a4 likewise; a5 sums the rest (past INNER^4 sums only).
+    Every level adds at most INNER terms of like size, in a fixed order."""
+    a1, a2 = run_push(x, i, a1, a2)
+    if (i + 1) % (INNER_T * INNER_T) == 0:
+        a3 += a2
+        a2 = tl.zeros_like(a2)
+        if (i + 1) % (INNER_T * INNER_T * INNER_T) == 0:
+            a4 += a3
+            a3 = tl.zeros_like(a3)
+            if (i + 1) % (INNER_T * INNER_T * INNER_T * INNER_T) == 0:
+                a5 += a4
+                a4 = tl.zeros_like(a4)
     return a1, a2, a3, a4, a5
 
 

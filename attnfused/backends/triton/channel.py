@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ..._options import pool_inputs
-from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, cascade_push,
-                      cascade_total, code, device_guard, gate_fn, gate_grad_fn, programs_wanted)
+from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
+                      gate_fn, gate_grad_fn, programs_wanted, run_push, splits_for)
 from .reduce import apply, reduce, sum_over_batch
 
 
@@ -190,27 +190,31 @@ def _mlp_dv_kernel(dhp_ptr, w1_ptr, pooled_ptr, vecs_ptr, dpooled_ptr, N, C, CR,
 
 
 @triton.jit
-def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv, b_sn, b_sv,
+def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv, b_sn, b_sv, PER,
                       HAS_SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
                       BLOCK_B: tl.constexpr):
-    """out[i, j] = sum_n sum_v a[n, v, i] * b[n, v, j] (and sum[i] = sum_n sum_v a[n, v, i]),
-    a weight gradient summed over the batch: blocks of samples in a fixed order, each a small
-    matmul, blocked (reduce.py): runs of INNER blocks of samples, a cascade."""
+    """out[split, i, j] = sum_n sum_v a[n, v, i] * b[n, v, j] (and sum[split, i] = sum_n sum_v
+    a[n, v, i]) over one split of PER samples, a weight gradient's partial: blocks of samples in
+    a fixed order, each a small matmul, blocked (reduce.py): runs of INNER blocks, two levels
+    of runs."""
     i = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     j = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    split = tl.program_id(2)
+    n_start = split * PER
+    n_end = n_start + tl.minimum(PER, N - n_start)
     i_ok = i < RA
     j_ok = j < RB
-    z = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    a1, a2, a3, a4, a5 = z, z, z, z, z
-    zs = tl.zeros([BLOCK_A], dtype=tl.float32)
-    s1, s2, s3, s4, s5 = zs, zs, zs, zs, zs
+    a1 = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_A], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_A], dtype=tl.float32)
     r = 0
-    for r0 in range(0, N, INNER_T * BLOCK_N):
+    for r0 in range(n_start, n_end, INNER_T * BLOCK_N):
         run = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
         run_s = tl.zeros([BLOCK_A], dtype=tl.float32)
-        for n0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_N, N - r0), BLOCK_N):
+        for n0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_N, n_end - r0), BLOCK_N):
             n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            n_ok = n < N
+            n_ok = n < n_end
             for v in range(0, NV):
                 a = tl.load(a_ptr + n[:, None] * a_sn + v * a_sv + i[None, :], mask=n_ok[:, None] & i_ok[None, :],
                             other=0.0)
@@ -218,14 +222,14 @@ def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, sum_ptr, N, NV, RA, RB, a_sn, a_sv,
                             other=0.0)
                 run += _dot(tl.trans(a), b)
                 run_s += tl.sum(a, axis=0)
-        a1, a2, a3, a4, a5 = cascade_push(run, r, a1, a2, a3, a4, a5)
+        a1, a2 = run_push(run, r, a1, a2)
         if HAS_SUM:
-            s1, s2, s3, s4, s5 = cascade_push(run_s, r, s1, s2, s3, s4, s5)
+            s1, s2 = run_push(run_s, r, s1, s2)
         r += 1
-    tl.store(out_ptr + i[:, None] * RB + j[None, :], cascade_total(a1, a2, a3, a4, a5),
-             mask=i_ok[:, None] & j_ok[None, :])
+    out = out_ptr + split.to(tl.int64) * RA * RB
+    tl.store(out + i[:, None] * RB + j[None, :], a1 + a2, mask=i_ok[:, None] & j_ok[None, :])
     if HAS_SUM:
-        tl.store(sum_ptr + i, cascade_total(s1, s2, s3, s4, s5), mask=i_ok & (tl.program_id(1) == 0))
+        tl.store(sum_ptr + split * RA + i, s1 + s2, mask=i_ok & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -290,23 +294,27 @@ def _channel_conv_bwd_dv_kernel(dlog_ptr, w_ptr, dpooled_ptr, C, K, n_cblk, POOL
 
 
 @triton.jit
-def _channel_conv_bwd_dw_kernel(pooled_ptr, dlog_ptr, part_ptr, C, K, POOL: tl.constexpr,
+def _channel_conv_bwd_dw_kernel(pooled_ptr, dlog_ptr, part_ptr, C, K, PER, POOL: tl.constexpr,
                                 CIRCULAR: tl.constexpr, BLOCK_C: tl.constexpr, K_PAD: tl.constexpr):
-    """Per-sample partial tap gradients, all taps at once:
-    part[n, j] = sum_c dlogits[n, c] * (va + vb)[n, c + j - (K-1)/2], channels in a fixed order,
-    blocked (reduce.py): runs of INNER tiles, a tree across the tile's channels, a cascade."""
+    """Partial tap gradients of one sample over one split of PER channels, all taps at once (row
+    n * splits + split of part): sum_c dlogits[n, c] * (va + vb)[n, c + j - (K-1)/2], channels
+    in a fixed order, blocked (reduce.py): runs of INNER tiles, a tree across the tile's
+    channels, two levels of runs."""
     n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    c_start = split * PER
+    c_end = c_start + tl.minimum(PER, C - c_start)
     j = tl.arange(0, K_PAD)
     j_ok = j < K
     pad = (K - 1) // 2
-    z = tl.zeros([K_PAD], dtype=tl.float32)
-    a1, a2, a3, a4, a5 = z, z, z, z, z
+    a1 = tl.zeros([K_PAD], dtype=tl.float32)
+    a2 = tl.zeros([K_PAD], dtype=tl.float32)
     i = 0
-    for r0 in range(0, C, INNER_T * BLOCK_C):
+    for r0 in range(c_start, c_end, INNER_T * BLOCK_C):
         run = tl.zeros([K_PAD, BLOCK_C], dtype=tl.float32)
-        for c0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_C, C - r0), BLOCK_C):
+        for c0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK_C, c_end - r0), BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
+            c_ok = c < c_end
             ic = c[None, :] + j[:, None] - pad
             if CIRCULAR:
                 ic = ((ic % C) + C) % C
@@ -317,9 +325,9 @@ def _channel_conv_bwd_dw_kernel(pooled_ptr, dlog_ptr, part_ptr, C, K, POOL: tl.c
             if POOL == 2:
                 va = va + vb
             run += tl.load(dlog_ptr + n * C + c, mask=c_ok, other=0.0)[None, :] * va
-        a1, a2, a3, a4, a5 = cascade_push(tl.sum(run, axis=1), i, a1, a2, a3, a4, a5)
+        a1, a2 = run_push(tl.sum(run, axis=1), i, a1, a2)
         i += 1
-    tl.store(part_ptr + n * K + j, cascade_total(a1, a2, a3, a4, a5), mask=j_ok)
+    tl.store(part_ptr + (n * tl.num_programs(1) + split) * K + j, a1 + a2, mask=j_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -438,25 +446,37 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
 
 
 def conv_weight_grad_parts(pooled, dlog, K: int, pool_code: int, circular: bool):
-    """Per-sample tap gradients of the 1D conv, [N, K] float32, from pooled [N, 2, C] and
-    dlogits [N, C]."""
+    """Partial tap gradients of the 1D conv, [N * splits, K] float32 (their sum over rows is the
+    gradient), from pooled [N, 2, C] and dlogits [N, C]."""
     N, _, C = pooled.shape
     kp = triton.next_power_of_2(K)
     bc = 16 if INTERPRET else max(16, min(_cfg_c(C), 4096 // kp))
-    part = torch.empty((N, K), dtype=torch.float32, device=pooled.device)
-    _channel_conv_bwd_dw_kernel[(N,)](pooled, dlog, part, C, K, POOL=pool_code, CIRCULAR=circular, BLOCK_C=bc,
-                                      K_PAD=kp)
+    per = triton.cdiv(triton.cdiv(C, splits_for(C, bc)), bc) * bc
+    splits = triton.cdiv(C, per)
+    part = torch.empty((N * splits, K), dtype=torch.float32, device=pooled.device)
+    _channel_conv_bwd_dw_kernel[(N, splits)](pooled, dlog, part, C, K, per, POOL=pool_code, CIRCULAR=circular,
+                                             BLOCK_C=bc, K_PAD=kp)
     return part
 
 
 def outer_sum(a, b, out, out_sum=None):
-    """out = sum over (n, v) of a[n, v, :, None] * b[n, v, None, :]; out_sum = sum of a."""
+    """out = sum over (n, v) of a[n, v, :, None] * b[n, v, None, :]; out_sum = sum of a. Long
+    batches are split over programs, whose partials are then summed in split order."""
     N, NV, RA = a.shape
     RB = b.shape[2]
     ba, bb, bn = (16, 16, 16) if INTERPRET else (32, 64, 16)
-    _outer_sum_kernel[(triton.cdiv(RA, ba), triton.cdiv(RB, bb))](
-        a, b, out, out if out_sum is None else out_sum, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), HAS_SUM=out_sum is not None, BLOCK_N=bn, BLOCK_A=ba, BLOCK_B=bb)
+    per = triton.cdiv(triton.cdiv(N, splits_for(N, bn)), bn) * bn
+    splits = triton.cdiv(N, per)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    part = out if splits == 1 else torch.empty((splits, RA, RB), **f32)
+    part_s = out_sum if splits == 1 or out_sum is None else torch.empty((splits, RA), **f32)
+    _outer_sum_kernel[(triton.cdiv(RA, ba), triton.cdiv(RB, bb), splits)](
+        a, b, part, part if part_s is None else part_s, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), per, HAS_SUM=out_sum is not None, BLOCK_N=bn, BLOCK_A=ba, BLOCK_B=bb)
+    if splits > 1:
+        sum_over_batch(part.view(splits, RA * RB), out.view(RA * RB))
+        if out_sum is not None:
+            sum_over_batch(part_s, out_sum)
 
 
 def weight_grads(weights, grads):

@@ -9,11 +9,11 @@ kernel combines the partials in split order.
 
 Accuracy: no float32 sum is one long running sum (a running sum of m terms rounds m times,
 and drops every term's low bits that fall below half its ulp). A long sum is blocked: each lane
-of a tile sums INNER consecutive terms (a run); the runs of a tile are summed across its lanes as
-a tree, and these sums go into a cascade (cascade_push) whose levels each add at most INNER sums
-of like size. On the GPU a lane sums at most 2^18 terms (2^31 elements in one channel): a
-term then goes through at most 16 + 7 + 4 x 16 roundings in a program, and the combine of the
-splits is blocked the same way, so every level adds at most 16 terms of like size.
+of a tile sums INNER consecutive terms (a run); a run's lanes are summed as a tree; a program
+adds its run sums in two levels of at most INNER each (so it sums at most MAX_RUNS runs: longer
+axes take more splits); the splits' partials are combined in tiles of INNER summed as a tree,
+then a cascade of levels of at most INNER each. No level adds more than INNER = 16 terms of
+like size, whatever the length.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INNER_T, INTERPRET, IDX_NONE_T, argmax_combine, argmax_rows, cascade_push, cascade_total,
-                      geometry, programs_wanted)
+                      geometry, programs_wanted, run_push, splits_for)
 
 
 @triton.jit
@@ -62,7 +62,8 @@ def _reduce_partial_kernel(
     DOT: sum of g * v, g = dy, or dx1 of spatial attention if SP_GRAD.
     Results go to row n, column split * K + k of each output (n strides *_sn). FINAL (a
     single split): these are the final outputs, the sum a mean for pooling.
-    The sums are blocked (module docstring): runs of INNER tiles, a tree across lanes, a cascade.
+    The sums are blocked (module docstring): runs of INNER tiles, a tree across lanes, two levels
+    of runs (L_PER_SPLIT is at most MAX_RUNS runs).
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,8 +79,8 @@ def _reduce_partial_kernel(
     k_ok = k < K
     l_start = split * L_PER_SPLIT
     l_end = l_start + tl.minimum(L_PER_SPLIT, L - l_start)  # (no int32 overflow near 2^31)
-    zero = tl.zeros([BLOCK_K], dtype=tl.float32)
-    a1, a2, a3, a4, a5 = zero, zero, zero, zero, zero
+    a1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     best = tl.full([BLOCK_K, BLOCK_L], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK_K, BLOCK_L], IDX_NONE_T, tl.int32)
     i = 0
@@ -111,10 +112,10 @@ def _reduce_partial_kernel(
                 upd = mask & ((v > best) | ((v == best) & (best_i > li)) | ((v != v) & (best == best)))
                 best = tl.where(upd, v, best)
                 best_i = tl.where(upd, li, best_i)
-        a1, a2, a3, a4, a5 = cascade_push(tl.sum(run, axis=1), i, a1, a2, a3, a4, a5)
+        a1, a2 = run_push(tl.sum(run, axis=1), i, a1, a2)
         i += 1
     col = split * K + k
-    total = cascade_total(a1, a2, a3, a4, a5)
+    total = a1 + a2
     if FINAL and not DOT:
         total = total / L
     tl.store(sum_ptr + n * sum_sn + col, total, mask=k_ok)
@@ -164,14 +165,14 @@ def _reduce_config(x: torch.Tensor, N: int, K: int, L: int, l_contiguous: bool):
     if INTERPRET and L <= 4096:
         bk, bl, warps, per = 16, 16, 1, 32  # small: the tests' shapes still take several splits
     elif INTERPRET:
-        # a long axis: wide tiles and one split (the interpreter runs each program and loop step
-        # in Python), so that each lane sums hundreds of terms, as on the GPU
+        # a long axis: wide tiles and as few splits as the blocked sums allow (the interpreter
+        # runs each program and loop step in Python): each lane sums hundreds of terms, as on the GPU
         bk, bl, warps = 16, 256, 1
-        per = triton.cdiv(L, bl) * bl
+        per = triton.cdiv(triton.cdiv(L, splits_for(L, bl)), bl) * bl
     else:
         bk, bl, warps = (16, 128, 4) if l_contiguous else (64, 32, 4)
-        splits = max(1, min(triton.cdiv(programs_wanted(x), N * triton.cdiv(K, bk)), triton.cdiv(L, bl), 128))
-        per = triton.cdiv(triton.cdiv(L, splits), bl) * bl
+        splits = min(triton.cdiv(programs_wanted(x), N * triton.cdiv(K, bk)), triton.cdiv(L, bl), 128)
+        per = triton.cdiv(triton.cdiv(L, splits_for(L, bl, splits)), bl) * bl
     return bk, bl, per, triton.cdiv(L, per), warps
 
 

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GATES, INNER_T, INTERPRET, MAPS, cascade_push, cascade_total, code, device_guard,
-                      gate_fn, gate_grad_fn)
+from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, run_push,
+                      splits_for)
 from .channel import weight_grads
 from .reduce import apply, reduce, sum_over_batch
 
@@ -100,27 +100,32 @@ def _spatial_bwd_dmaps_kernel(dlog_ptr, w_ptr, gmap_ptr, H, W, K, n_pblk, MAPS: 
 
 
 @triton.jit
-def _spatial_bwd_dw_kernel(smaps_ptr, dlog_ptr, part_ptr, H, W, K, TAPS, MAPS: tl.constexpr,
+def _spatial_bwd_dw_kernel(smaps_ptr, dlog_ptr, part_ptr, H, W, K, TAPS, PER, MAPS: tl.constexpr,
                            BLOCK: tl.constexpr, KK_PAD: tl.constexpr):
-    """Per-sample partial weight and bias gradients (part[n] = taps of map 0, of map 1, bias):
-    dlogits times the conv input under each tap, summed over the pixels in a fixed order,
-    blocked (reduce.py): runs of INNER tiles, a tree across the tile's pixels, a cascade."""
+    """Partial weight and bias gradients of one sample over one split of PER pixels (row
+    n * splits + split of part = taps of map 0, of map 1, bias): dlogits times the conv input
+    under each tap, summed over the pixels in a fixed order, blocked (reduce.py): runs of INNER
+    tiles, a tree across the tile's pixels, two levels of runs."""
     n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     P = H * W
+    p_start = split * PER
+    p_end = p_start + tl.minimum(PER, P - p_start)
     t, di, dj, t_ok = _taps(K, KK_PAD)
-    z = tl.zeros([KK_PAD], dtype=tl.float32)
-    zb = tl.zeros([1], dtype=tl.float32)
-    a1, a2, a3, a4, a5 = z, z, z, z, z  # the taps on map 0
-    b1, b2, b3, b4, b5 = z, z, z, z, z  # on map 1
-    c1, c2, c3, c4, c5 = zb, zb, zb, zb, zb  # the bias
+    a1 = tl.zeros([KK_PAD], dtype=tl.float32)  # the taps on map 0
+    a2 = tl.zeros([KK_PAD], dtype=tl.float32)
+    b1 = tl.zeros([KK_PAD], dtype=tl.float32)  # on map 1
+    b2 = tl.zeros([KK_PAD], dtype=tl.float32)
+    c1 = tl.zeros([1], dtype=tl.float32)  # the bias
+    c2 = tl.zeros([1], dtype=tl.float32)
     i = 0
-    for r0 in range(0, P, INNER_T * BLOCK):
+    for r0 in range(p_start, p_end, INNER_T * BLOCK):
         run0 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
         run1 = tl.zeros([KK_PAD, BLOCK], dtype=tl.float32)
         runb = tl.zeros([1, BLOCK], dtype=tl.float32)
-        for p0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK, P - r0), BLOCK):
+        for p0 in range(r0, r0 + tl.minimum(INNER_T * BLOCK, p_end - r0), BLOCK):
             p = p0 + tl.arange(0, BLOCK)
-            p_ok = p < P
+            p_ok = p < p_end
             dl = tl.load(dlog_ptr + n * P + p, mask=p_ok, other=0.0)
             hh = (p // W)[None, :] + di[:, None]
             ww = (p % W)[None, :] + dj[:, None]
@@ -130,16 +135,16 @@ def _spatial_bwd_dw_kernel(smaps_ptr, dlog_ptr, part_ptr, H, W, K, TAPS, MAPS: t
             if MAPS != 2:
                 run1 += m1 * dl[None, :]
             runb += dl[None, :]
-        a1, a2, a3, a4, a5 = cascade_push(tl.sum(run0, axis=1), i, a1, a2, a3, a4, a5)
+        a1, a2 = run_push(tl.sum(run0, axis=1), i, a1, a2)
         if MAPS != 2:
-            b1, b2, b3, b4, b5 = cascade_push(tl.sum(run1, axis=1), i, b1, b2, b3, b4, b5)
-        c1, c2, c3, c4, c5 = cascade_push(tl.sum(runb, axis=1), i, c1, c2, c3, c4, c5)
+            b1, b2 = run_push(tl.sum(run1, axis=1), i, b1, b2)
+        c1, c2 = run_push(tl.sum(runb, axis=1), i, c1, c2)
         i += 1
-    base = part_ptr + n * (TAPS + 1)
-    tl.store(base + t, cascade_total(a1, a2, a3, a4, a5), mask=t_ok)
+    base = part_ptr + (n * tl.num_programs(1) + split) * (TAPS + 1)
+    tl.store(base + t, a1 + a2, mask=t_ok)
     if MAPS != 2:
-        tl.store(base + K * K + t, cascade_total(b1, b2, b3, b4, b5), mask=t_ok)
-    tl.store(base + TAPS + tl.arange(0, 1), cascade_total(c1, c2, c3, c4, c5))
+        tl.store(base + K * K + t, b1 + b2, mask=t_ok)
+    tl.store(base + TAPS + tl.arange(0, 1), c1 + c2)
 
 
 def _blocks(P: int, K: int):
@@ -167,14 +172,17 @@ def spatial_gate(smaps, weight, bias, maps, gate, dot=None):
 
 
 def spatial_weight_grad_parts(smaps, dlog, K: int, taps: int, maps_code: int):
-    """Per-sample weight and bias gradients of the k x k conv, [N, taps + 1] float32, from the
-    conv input smaps [N, 2, H, W] and dlogits [N, H * W]."""
+    """Partial weight and bias gradients of the k x k conv, [N * splits, taps + 1] float32 (their
+    sum over rows is the gradient), from the conv input smaps [N, 2, H, W] and dlogits [N, H * W]."""
     N, _, H, W = smaps.shape
     P = H * W
     kk = triton.next_power_of_2(K * K)
-    bw = 16 if INTERPRET else max(16, min(triton.next_power_of_2(P), 4096 // kk))
-    part = torch.empty((N, taps + 1), dtype=torch.float32, device=smaps.device)
-    _spatial_bwd_dw_kernel[(N,)](smaps, dlog, part, H, W, K, taps, MAPS=maps_code, BLOCK=bw, KK_PAD=kk)
+    bw = 16 if INTERPRET else max(16, min(triton.next_power_of_2(P), 2048 // kk))
+    per = triton.cdiv(triton.cdiv(P, splits_for(P, bw)), bw) * bw
+    splits = triton.cdiv(P, per)
+    part = torch.empty((N * splits, taps + 1), dtype=torch.float32, device=smaps.device)
+    _spatial_bwd_dw_kernel[(N, splits)](smaps, dlog, part, H, W, K, taps, per, MAPS=maps_code, BLOCK=bw,
+                                        KK_PAD=kk)
     return part
 
 
