@@ -6,7 +6,8 @@ may still be in cache, so R is not one fixed cost. This times, interleaved in on
 float32):
 
 - `copy`: a same-size copy (the benchmark's floor);
-- compute-free probes (`torch.ops.attnfused_C._traffic_probe`): the same sweeps over `x` and `dy`
+- compute-free probes (`bench/traffic_probe.cpp`, built just in time on first use by `probe_op()`,
+  never part of the installed library): the same sweeps over `x` and `dy`
   with the same grouping, parallel layout and stores as the fused ops, and no arithmetic.
   `fwd 3R+1W` is the CBAM forward as built (pool over space, pool over channels, scale);
   `fwd 2R+1W` a forward that pools over channels inside the scaling pass; `bwd 5R+1W` the
@@ -45,17 +46,45 @@ COLUMNS = ["device", "torch", "commit", "date", "block", "shape", "layout", "dty
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
+PROBE_SOURCE = Path(__file__).resolve().parent / "traffic_probe.cpp"
+PROBE_NAME = "attnfused_traffic_probe"
+
+
+def probe_op():
+    """`torch.ops.attnfused_bench.traffic_probe(x, dy, passes) -> (out, sums)`, compiled from
+    traffic_probe.cpp on first use, with the extension's CPU flags and headers, into the
+    extension's cache folder (one folder per source, flags and torch, like the extension's)."""
+    if not hasattr(torch.ops.attnfused_bench, "traffic_probe"):
+        import hashlib
+
+        from attnfused.backends import extension as ext
+        from torch.utils.cpp_extension import load
+
+        flags = ext.build_flags(False, "jit", None)
+        h = hashlib.sha256(PROBE_SOURCE.read_bytes())
+        for p in sorted(ext.headers(with_cuda=False)):
+            h.update(Path(p).read_bytes())
+        h.update(repr((flags, torch.__version__, sys.version_info[:2])).encode())
+        build_dir = ext.cache_dir() / f"traffic_probe-{h.hexdigest()[:16]}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        load(PROBE_NAME, [str(PROBE_SOURCE)], extra_cflags=flags["cxx"], extra_ldflags=flags["ldflags"],
+             extra_include_paths=flags["include_dirs"], build_directory=str(build_dir), is_python_module=False,
+             verbose=False)
+    return torch.ops.attnfused_bench.traffic_probe
+
+
 def probe(passes: str, x: torch.Tensor, dy: torch.Tensor):
-    return lambda: torch.ops.attnfused_C._traffic_probe(x, dy, passes)
+    op = probe_op()
+    return lambda: op(x, dy, passes)
 
 
 def check_probe(x: torch.Tensor, dy: torch.Tensor) -> None:
     """The probe copies what its writing pass reads and sums every read: check both once."""
     for passes, src, reads in (("r,r,w", x, [x, x, x]), ("d,d,p", dy, [dy, x, dy, x, dy])):
-        out, sums = torch.ops.attnfused_C._traffic_probe(x, dy, passes)
+        out, sums = probe_op()(x, dy, passes)
         want = sum(t.double().sum(dim=(1, 2, 3)) for t in reads)
         if not torch.equal(out, src) or not torch.allclose(sums, want, rtol=1e-4, atol=1e-2 * x[0].numel() ** 0.5):
-            raise RuntimeError(f"_traffic_probe({passes!r}) did not copy or sum its input")
+            raise RuntimeError(f"traffic_probe({passes!r}) did not copy or sum its input")
 
 
 def case_fns(shape, layout: str, seed: int) -> dict:
@@ -121,8 +150,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--layouts: choose from {list(LAYOUTS)}, got {a.layouts!r}")
     shapes = parse_shapes(a.shapes.split(","), [int(b) for b in a.batch.split(",")])
 
-    from attnfused.backends import extension
-    extension.ensure_loaded()  # the probe is an op of the compiled extension (builds just in time)
+    probe_op()  # compiled here on first use, before anything is timed
     env.use_all_cores()
     env.keep_freed_memory()
     dev = torch.device("cpu")

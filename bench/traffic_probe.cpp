@@ -1,7 +1,9 @@
-// A benchmark instrument, not a block (bench/traffic.py): the memory traffic of the fused CPU ops'
-// pass structure without their arithmetic. The samples are taken as the ops take them (for_samples:
-// groups in one parallel region, or pass by pass over the batch), and each group goes through
-// `passes` in order, each a linear sweep over the group's bytes:
+// A benchmark instrument, not a block, and not part of the installed library: bench/traffic.py
+// compiles it just in time (probe_op) with the extension's headers and flags, as the op
+// torch.ops.attnfused_bench.traffic_probe(x, dy, passes) -> (out, sums). It makes the memory
+// traffic of the fused CPU ops' pass structure without their arithmetic. The samples are taken as
+// the ops take them (for_samples: groups in one parallel region, or pass by pass over the batch),
+// and each group goes through `passes` in order, each a linear sweep over the group's bytes:
 //   r  read x                       d  read dy and x
 //   w  read x, write out            p  read dy, write out
 // out is written as the ops write their outputs: non-temporal stores where they stream
@@ -125,8 +127,13 @@ std::tuple<Tensor, Tensor> traffic_probe_kernel(const Tensor& x, const std::opti
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnfused_C, CPU, m) {
-  m.impl("_traffic_probe", &traffic_probe_kernel);
+// a fragment: bench's Python code may define ops in the same namespace
+TORCH_LIBRARY_FRAGMENT(attnfused_bench, m) {
+  m.def("traffic_probe(Tensor x, Tensor? dy, str passes) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(attnfused_bench, CPU, m) {
+  m.impl("traffic_probe", &traffic_probe_kernel);
 }
 
 }  // namespace cpu
