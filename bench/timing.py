@@ -64,13 +64,14 @@ class Timer:
 class CudaQueue:
     """The GPU side of `host_ms`: keep the device busy, ask whether it still is, wait for it."""
 
+    _cycles_per_ms: dict[torch.device, float] = {}  # per device, for the whole run
+
     def __init__(self, device: torch.device):
         self.device = device
-        self._cycles_per_ms: float | None = None
         self._after_sleep = None
 
     def cycles_per_ms(self) -> float:
-        if self._cycles_per_ms is None:  # the sleep counts GPU clock cycles: calibrate once
+        if self.device not in self._cycles_per_ms:  # the sleep counts GPU clock cycles: calibrate once
             cycles = 10_000_000
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(cycles // 10)  # clocks up
@@ -78,8 +79,8 @@ class CudaQueue:
             torch.cuda._sleep(cycles)
             end.record()
             end.synchronize()
-            self._cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
-        return self._cycles_per_ms
+            self._cycles_per_ms[self.device] = cycles / max(start.elapsed_time(end), 1e-3)
+        return self._cycles_per_ms[self.device]
 
     def sleep(self, ms: float) -> None:
         torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms())))
