@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         runner.stage(s, budgets[s], steps[s], env)
     info["wall_s"] = round(time.monotonic() - runner.t0, 1)
     path = runner.write(info)
-    print(f"\nlogs and CSV in {logdir} (summary: {path.name}); wall {info['wall_s']} s of {a.total_s:.0f}")
+    print(f"\nlogs and CSV in {logdir} (summary: {path.name}); wall {info['wall_s']} s of {a.total_s * scale:.0f}")
     print(runner.table())
     failed = [r for r in runner.results if r.status in ("fail", "timeout")]
     return 1 if failed else 0
