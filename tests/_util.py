@@ -1,6 +1,7 @@
 """Shared test helpers: inputs, layouts, backends; the tolerances come from attnfused.accuracy."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -47,6 +48,14 @@ def rand_distinct(*shape, dtype=torch.float64, device="cpu") -> torch.Tensor:
     if n > pool.numel():
         raise ValueError(f"{n} distinct {dtype} values asked, {pool.numel()} available")
     return pool[torch.randperm(pool.numel())[:n]].view(*shape).to(device)
+
+
+def autocast_for(dtype: torch.dtype, device="cpu"):
+    """The context for half-precision x with float32 weights: torch.autocast (torch's layers and the
+    fused ops take mixed dtypes only there); no context for float32 and float64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def cpu_backends(dtype: torch.dtype | None = None) -> list[str]:

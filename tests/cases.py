@@ -15,7 +15,7 @@ from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, spati
 from attnfused.accuracy import bound
 from attnfused.reference import functional as R
 
-from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests._util import GRAD_TOLERANCE, TOLERANCE, autocast_for, layout, rand, rand_distinct, rel_err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Case:
         if self.op in ("channel", "cbam"):
             if o["kind"] == "mlp":
                 hidden = max(1, C // 2)
-                w["w1"] = rand(hidden, C, dtype=dtype, scale=C ** -0.5)
+                w["w1"] = rand(hidden, C, dtype=dtype, scale=max(C, 1) ** -0.5)
                 w["b1"] = rand(hidden, dtype=dtype, scale=0.3) if o["bias"] else None
                 w["w2"] = rand(C, hidden, dtype=dtype, scale=hidden ** -0.5)
                 w["b2"] = rand(C, dtype=dtype, scale=0.3) if o["bias"] else None
@@ -193,7 +193,8 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
 
     x = layout(x64.to(device=device, dtype=dtype), lay).requires_grad_()
     w = {k: None if v is None else v.to(device=device, dtype=wdt).requires_grad_() for k, v in w64.items()}
-    out = case.run(x, w, backend)
+    with autocast_for(dtype, device):
+        out = case.run(x, w, backend)
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     if lay != "strided":  # a strided view is copied once; the output is then plain NCHW
         assert out.stride() == x.stride()
@@ -230,15 +231,33 @@ def check_deterministic(case, backend, shape, lay, device="cpu"):
 
 
 def check_empty_batch(case, backend, device="cpu", C=4):
-    """N = 0: an empty output, an empty input gradient and zero weight gradients."""
-    x = torch.empty(0, C, 5, 6, device=device, requires_grad=True)
+    """N = 0, in each layout and dtype the backend takes: an output and an input gradient like x
+    (shape, dtype, strides: an empty tensor may be both NCHW- and channels_last-contiguous, so the
+    strides themselves are compared), and weight gradients of zeros of the weights' shapes and dtypes."""
+    from attnfused.backends import unavailable_reason
+
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        if unavailable_reason(backend, device, dtype) is None:
+            for lay in ("nchw", "channels_last"):
+                _check_empty_batch(case, backend, device, C, dtype, lay)
+
+
+def _check_empty_batch(case, backend, device, C, dtype, lay):
+    wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x = layout(torch.empty(0, C, 5, 6, device=device, dtype=dtype), lay).requires_grad_()
     w = {k: None if v is None else v.requires_grad_()
-         for k, v in _to(case.weights(C), dtype=torch.float32, device=device).items()}
-    out = case.run(x, w, backend)
-    assert out.shape == (0, C, 5, 6)
-    out.sum().backward()
-    assert x.grad.shape == x.shape
-    assert all(v.grad is not None and v.grad.abs().sum() == 0 for v in w.values() if v is not None)
+         for k, v in _to(case.weights(C), dtype=wdt, device=device).items()}
+    with autocast_for(dtype, device):
+        out = case.run(x, w, backend)
+    assert (out.shape, out.dtype, out.device) == (x.shape, x.dtype, x.device), (out.shape, out.dtype, out.device)
+    assert out.stride() == x.stride(), f"output strides {out.stride()}, x's {x.stride()}"
+    out.backward(torch.empty_like(out))
+    assert (x.grad.shape, x.grad.dtype, x.grad.stride()) == (x.shape, x.dtype, x.stride()), \
+        f"grad of x: {x.grad.shape} {x.grad.dtype} {x.grad.stride()}, x: {x.shape} {x.dtype} {x.stride()}"
+    for name, v in w.items():
+        if v is not None:
+            assert v.grad is not None and v.grad.dtype == v.dtype and v.grad.shape == v.shape, name
+            assert torch.equal(v.grad, torch.zeros_like(v)), f"grad of {name} must be zeros, got {v.grad}"
 
 
 def check_nonfinite(case, backend, special, device="cpu"):

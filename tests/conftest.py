@@ -1,7 +1,18 @@
+import os
 import random
 
 import pytest
 import torch
+
+from tests.mutation.plugin import ENV_VAR as MUTANT_VAR
+
+
+def pytest_configure(config):
+    # the mutation check (tests/test_mutation.py): wrong kernels, selected by the variable
+    if os.environ.get(MUTANT_VAR):
+        from tests.mutation import plugin
+
+        config.pluginmanager.register(plugin, "attnfused-mutation")
 
 
 @pytest.fixture(autouse=True)

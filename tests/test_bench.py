@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from attnfused.accuracy import GRAD_TOLERANCE, TOLERANCE
 from attnfused.backends import extension
 from bench import harness, report
 from bench.__main__ import main as bench_main
@@ -54,7 +55,10 @@ def test_parity_passes_and_wrong_is_not_timed(mode, layout):
     for name in ("eager", "reference", "good"):
         r = rows[name]
         assert r["status"] == "ok", r
-        assert r["rel_err"] <= r["tol"] <= 1e-5 or r["rel_err"] <= r["tol"]
+        assert r["rel_err"] <= r["tol"], r
+        # the bound is the float32 target, or twice PyTorch's own float32 error where larger (SPEC §4),
+        # which only gradients reach here: far below the wrong provider's 1e-3 either way
+        assert r["tol"] <= (TOLERANCE[torch.float32] if mode == "fwd" else GRAD_TOLERANCE[torch.float32]), r
         assert r["median_ms"] > 0 and r["copy_ms"] > 0
         assert (r.get("saved_bytes") or 0) > 0 or mode == "fwd"
     assert rows["good"]["speedup_eager"] > 0

@@ -2,6 +2,7 @@
 input and parameter gradients, state dicts both ways, every backend this process runs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import attnfused
 from attnfused import reference
 from attnfused.accuracy import bound
-from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, cpu_backends, layout, rand, rel_err
+from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, autocast_for, cpu_backends, layout, rand, rel_err
 from tests.cases import float32_noise_floor
 from tests.seed_article import ARTICLE
 
@@ -118,21 +119,37 @@ def test_state_dict_interchange_with_article(key):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key", ["SEBlock", "ECABlock", "SpatialAttention", "CBAMBlock"])
 def test_half_precision_not_worse_than_pytorch(key, dtype):
-    """SPEC §4: within tolerance and never worse than twice the reference run in the same dtype."""
+    """SPEC §4: the output within tolerance and never worse than twice the reference run in the same
+    dtype; each gradient (input and parameters) within the gradient target, or twice the reference's
+    gradient error in that dtype where larger."""
     backends = [b for b in BACKENDS if attnfused.backends.unavailable_reason(b, "cpu", dtype) is None]
     C = 32
-    ref = _randomize(_build(key, C, lambda n: getattr(reference, n)))
-    x = rand(2, C, 8, 8).to(dtype)
-    exact = ref.double()(x.double())
-    pytorch_err = rel_err(ref.to(dtype)(x), exact)
-    ref.float()
+    ref = _randomize(_build(key, C, lambda n: getattr(reference, n))).float()
+    x, g = rand(2, C, 8, 8).to(dtype), rand(2, C, 8, 8).to(dtype)
+
+    def run(module, xx, autocast=False):
+        xx = xx.clone().requires_grad_()
+        with autocast_for(dtype) if autocast else contextlib.nullcontext():
+            y = module(xx)
+        return y, torch.autograd.grad(y, [xx, *module.parameters()], g.to(y.dtype))
+
+    exact, exact_grads = run(copy.deepcopy(ref).double(), x.double())
+    half, half_grads = run(copy.deepcopy(ref).to(dtype), x)
+    pytorch_err = rel_err(half, exact)
+    grad_tols = [bound(GRAD_TOLERANCE[dtype], rel_err(h, e)) for h, e in zip(half_grads, exact_grads)]
     for backend in backends:
         fused = _build(key, C, lambda n: getattr(attnfused, n))
         fused.load_state_dict(ref.state_dict())
         fused.backend = backend
-        err = rel_err(fused(x), exact)  # float32 weights, half input: the autocast case
+        y, grads = run(fused, x, autocast=True)  # float32 weights, half input: the autocast case
+        err = rel_err(y, exact)
         assert err <= TOLERANCE[dtype]
         assert err <= 2 * pytorch_err, (backend, err, pytorch_err)
+        names = ["x"] + [n for n, _ in fused.named_parameters()]
+        for name, gr, ge, leaf, tol in zip(names, grads, exact_grads, [x, *fused.parameters()], grad_tols,
+                                           strict=True):
+            assert gr.dtype == leaf.dtype and gr.shape == leaf.shape, name
+            assert rel_err(gr, ge) <= tol, f"{backend}: gradient of {name} rel err {rel_err(gr, ge):.3g} > {tol:.3g}"
 
 
 def test_extra_repr_shows_configuration():
