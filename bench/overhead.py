@@ -2,7 +2,9 @@
 
 At a tiny shape (2x64x8x8 float32, one thread), where a kernel takes microseconds, one call of
 each block goes through every layer below, all of them timed in one run, their samples interleaved
-(medians; see bench.timing). Each layer's time is printed as its excess over the raw kernel:
+(medians; see bench.timing), on this thread's CPU time by default (everything runs on it with one
+thread, and the time the OS gives other processes stays out). Each layer's time is printed as its
+excess over the raw kernel:
 
   kernel      torch.ops.attnfused_C.<op>: the C++ kernel through the dispatcher, no Python
   backend     attnfused.backends.kernel("cpu", <op>): the backend's Python kernel
@@ -30,6 +32,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -196,7 +199,11 @@ def floor_fns() -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- run and report
 
-def measure(blocks=tuple(BLOCKS), reps: int = 31, sample_s: float = 0.005, seed: int = 0) -> dict:
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+def measure(blocks=tuple(BLOCKS), reps: int = 51, sample_s: float = 0.002, seed: int = 0,
+            clock: str = "thread") -> dict:
     """{(block or "floor", mode): {item: median us}}, every item timed in one interleaved run."""
     fns, keys = {}, {}
     groups = [(b, block_fns(b, seed)) for b in blocks] + [("floor", floor_fns())]
@@ -205,7 +212,8 @@ def measure(blocks=tuple(BLOCKS), reps: int = 31, sample_s: float = 0.005, seed:
             for item, f in items.items():
                 fns[f"{what}/{mode}/{item}"] = f
                 keys[f"{what}/{mode}/{item}"] = (what, mode, item)
-    timer = Timer(torch.device("cpu"), reps=reps, sample_s=sample_s, warmup_s=min(0.05, 10 * sample_s))
+    timer = Timer(torch.device("cpu"), reps=reps, sample_s=sample_s, warmup_s=min(0.05, 10 * sample_s),
+                  clock=CLOCKS[clock])
     with torch.enable_grad():
         times = timer.time_all(fns)
     out: dict = {}
@@ -242,11 +250,12 @@ def floor_table(res: dict) -> str:
     return _table(lines)
 
 
-def report(res: dict, reps: int) -> str:
+def report(res: dict, reps: int, clock: str) -> str:
     shape = "x".join(map(str, SHAPE))
     return "\n".join([
-        f"us per call: {shape} float32, {torch.get_num_threads()} thread(s), backend {BACKEND!r}, medians of {reps} "
-        f"interleaved samples; +layer = that layer's time minus the raw kernel's (fwd: no grad; train: fwd + bwd)",
+        f"us per call ({clock} clock): {shape} float32, {torch.get_num_threads()} thread(s), backend {BACKEND!r}, "
+        f"medians of {reps} interleaved samples; +layer = that layer's time minus the raw kernel's "
+        f"(fwd: no grad; train: fwd + bwd)",
         layer_table(res), "",
         "floor of the mechanisms, us: +item = its time minus empty_like's (fwd: graph recorded; train: + backward)",
         floor_table(res)])
@@ -257,8 +266,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", default=",".join(BLOCKS), help=f"comma list of {list(BLOCKS)}")
-    ap.add_argument("--reps", type=int, default=31, help="samples per median (default 31)")
-    ap.add_argument("--sample-s", type=float, default=0.005, help="least seconds per sample (default 0.005)")
+    ap.add_argument("--reps", type=int, default=51, help="samples per median (default 51)")
+    ap.add_argument("--sample-s", type=float, default=0.002, help="least seconds per sample (default 0.002)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="thread",
+                    help="thread: this thread's CPU time (default; with one thread); wall: elapsed time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="also write the output to this file")
@@ -268,11 +279,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"--blocks: choose from {list(BLOCKS)}, got {a.blocks!r}")
     torch.set_num_threads(a.threads)
     env.keep_freed_memory()
-    res = measure(blocks, a.reps, a.sample_s, a.seed)
+    if a.clock == "thread" and a.threads != 1:
+        raise SystemExit("--clock thread counts this thread only: use it with --threads 1, or --clock wall")
+    res = measure(blocks, a.reps, a.sample_s, a.seed, a.clock)
     meta = env.meta("cpu")
     text = (f"python -m bench.overhead {' '.join(argv)}\n{env.device_name('cpu')}, torch {meta['torch']}, "
             f"commit {meta['commit']}, {meta['date']}, load average {os.getloadavg()[0]:.2f}\n\n"
-            + report(res, a.reps))
+            + report(res, a.reps, a.clock))
     print(text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,9 @@ class Timer:
     warm_l2: bool = True    # GPU: also take the warm-L2 figure
     host_calls: int = 10    # GPU: calls queued behind one sleep (their launches must fit the launch queue)
     host_reps: int = 5      # GPU: samples of host time per median
+    # CPU: the clock of the samples; time.thread_time (this thread's CPU time) leaves out the time the
+    # OS gives other processes, for single-threaded work only
+    clock: Callable[[], float] = time.perf_counter
     _cpu_warm: bool = field(default=False, repr=False)
 
     def time_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, dict[str, float | None]]:
@@ -50,8 +53,8 @@ class Timer:
             return out
         if not self._cpu_warm:  # the run's first case: its first samples run cold (thread pool, heap
             self._cpu_warm = True  # growth, clocks) and came out up to 2x slow; sample it twice
-            _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
-        return _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls)
+            _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls, self.clock)
+        return _cpu(fns, self.reps, self.sample_s, self.warmup_s, self.warmup_calls, self.clock)
 
     def host_all(self, fns: dict[str, Callable[[], object]]) -> dict[str, float | None]:
         """{name: host ms to issue one call} on a GPU (None where no sleep covered the calls); {} on CPU."""
@@ -121,24 +124,24 @@ def host_ms(fn: Callable[[], object], queue, n: int = 10, reps: int = 5, first_s
     return statistics.median(samples)
 
 
-def _cpu(fns, reps: int, sample_s: float, warmup_s: float, warmup_calls: int):
+def _cpu(fns, reps: int, sample_s: float, warmup_s: float, warmup_calls: int, clock=time.perf_counter):
     inner = {}
     for k, fn in fns.items():
         fn()
-        t0, n = time.perf_counter(), 0
-        while n < max(1, warmup_calls) or time.perf_counter() - t0 < warmup_s:
+        t0, n = clock(), 0
+        while n < max(1, warmup_calls) or clock() - t0 < warmup_s:
             fn()
             n += 1
-        inner[k] = max(1, round(sample_s / ((time.perf_counter() - t0) / n)))
+        inner[k] = max(1, round(sample_s / ((clock() - t0) / n)))
     samples = {k: [] for k in fns}
     order = list(fns)
     for r in range(reps):
         for k in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
             fn, n = fns[k], inner[k]
-            t = time.perf_counter()
+            t = clock()
             for _ in range(n):
                 fn()
-            samples[k].append((time.perf_counter() - t) / n)
+            samples[k].append((clock() - t) / n)
     return {k: {"median": 1e3 * statistics.median(v), "min": 1e3 * min(v), "warm": None}
             for k, v in samples.items()}
 
