@@ -7,22 +7,24 @@ Stages run in order, each under its own time budget; a step that overruns is kil
 process group) and logged as `timeout`, and a stage that no longer fits the total is skipped and
 logged. Every skip is logged with its reason.
 
-  build     90 s  just-in-time build for sm_90 (ATTNFUSED_BUILD=jit, MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)
+  build    100 s  just-in-time build for sm_90 (ATTNFUSED_BUILD=jit, MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)
   tests    150 s  a curated CUDA subset (-m "cuda and not slow"): every op and option in both layouts and
                   fp32/fp16/bf16 through the multi-pass path, in fp16 through the on-chip path, the tiling
                   and odd shapes, bit-identity, opcheck, torch.compile, graph capture, streams, drop-in
   sanitize  60 s  compute-sanitizer memcheck, racecheck, synccheck on one slice (op x option x dtype),
                   a different slice per commit and day (--slice N to force one)
-  bench    160 s  CUDA per-kernel profile (fp16, 56x56 and 7x7), then python -m bench at the ResNet-50
-                  stages, batch 128 (eager, compile, cuda) and batch 1 and 8 (eager, cuda, fwd), one dtype
-                  per run, fp16 and bf16 alternating (--dtype to force one)
+  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7), then python -m bench at the ResNet-50
+                  stages, batch 128 fwd+train (one block with eager, compile, cuda; the other two with
+                  eager, cuda) and batch 1 and 8 fwd (eager, cuda); one dtype per run, fp16 and bf16 in
+                  turn (--dtype), the block with compile in turn among CBAM-FC, SE, ECA
   probes    20 s  L2 re-read rate of 8-64 MB chunks; cudaOccupancyMaxActiveClusters for clusters of 8 and
                   16 CTAs holding one sample (bench/gpu_probes.cu, built with nvcc)
   static    15 s  python -m bench.static on the library just built, against this run's profile
   (margin 45 s)
 
-Logs, CSVs and the summary go to $GPU_CHECK_DIR, else $OUT/gpu_check (the device tool's folder), else
-/tmp/attnfused_gpu_check. The last lines printed are one short table (summary.csv holds it too).
+Logs, CSVs and summary.csv go to $GPU_CHECK_DIR (default /tmp/attnfused_gpu_check); with $OUT set (the
+device tool's folder, which returns at most 8 files) they are packed into $OUT/gpu_check.tgz, beside
+$OUT/gpu_check_summary.csv. The last lines printed are one short table.
 Set ATTNFUSED_COMMIT=<commit> when the tree's .git is stale; the results and the rotation use it.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_S = 540
 # stage budgets in seconds; the rest of TOTAL_S is margin
-BUDGETS = {"build": 90, "tests": 150, "sanitize": 60, "bench": 160, "probes": 20, "static": 15}
+BUDGETS = {"build": 100, "tests": 150, "sanitize": 60, "bench": 150, "probes": 20, "static": 15}
 STAGES = list(BUDGETS)
 SKIP_NO_GPU = "skipped: no GPU"
 
@@ -64,6 +66,7 @@ SAN_DTYPES = ["float32", "float16 and not bfloat16", "bfloat16"]
 SAN_TOOLS = ["memcheck", "racecheck", "synccheck"]
 
 BENCH_SHAPES = "resnet50"
+BENCH_BLOCKS = ["cbam_fc", "se", "eca"]
 DTYPES = ["fp16", "bf16"]
 
 
@@ -89,7 +92,8 @@ def pick_rotation(commit: str, day: str, slice_arg: int | None = None, dtype_arg
     key = run_key(commit, day)
     i = (key % len(slices)) if slice_arg is None else slice_arg % len(slices)
     dtype = dtype_arg or DTYPES[(key // len(slices)) % len(DTYPES)]
-    return i, slices[i], dtype
+    block = BENCH_BLOCKS[(key // (len(slices) * len(DTYPES))) % len(BENCH_BLOCKS)]
+    return i, slices[i], dtype, block
 
 
 @dataclass
@@ -273,7 +277,8 @@ def _gpu_present(py: str) -> bool:
         return False
 
 
-def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, xdist: list[str]) -> dict[str, list[Step]]:
+def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
+                xdist: list[str]) -> dict[str, list[Step]]:
     pyt = [py, "-m", "pytest", *TEST_FILES, "-p", "no:cacheprovider", "-m", TEST_M]
     probe_bin = logdir / "gpu_probes"
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
@@ -286,12 +291,16 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, xdist: list[
                *pyt, "-q", "-x", "-k", slice_expr]
         san.append(Step(tool, cmd, dry=[*pyt, "--collect-only", "-q", "-k", slice_expr],
                         env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, summary=sanitizer_summary, timeout=20))
-    bench = [py, "-m", "bench", "--blocks", "cbam_fc,se,eca", "--shapes", BENCH_SHAPES, "--layouts", "cl,nchw",
-             "--dtypes", dtype, "--out", str(logdir), "--no-progress", "--no-plots"]
-    b128 = [*bench, "--batch", "128", "--modes", "fwd,train", "--providers", "eager,compile,cuda", "--rep-ms", "40",
-            "--name", f"bench_b128_{dtype}"]
-    bsmall = [*bench, "--batch", "1,8", "--modes", "fwd", "--providers", "eager,cuda", "--rep-ms", "25",
-              "--name", f"bench_b1_8_{dtype}"]
+    bench = [py, "-m", "bench", "--shapes", BENCH_SHAPES, "--layouts", "cl,nchw", "--dtypes", dtype,
+             "--out", str(logdir), "--no-progress", "--no-plots"]
+    # torch.compile costs seconds per graph: one block per run with it, the other two without
+    rest = ",".join(b for b in BENCH_BLOCKS if b != block)
+    b128 = [*bench, "--blocks", block, "--batch", "128", "--modes", "fwd,train", "--providers", "eager,compile,cuda",
+            "--rep-ms", "40", "--name", f"bench_b128_{block}_{dtype}"]
+    b128_rest = [*bench, "--blocks", rest, "--batch", "128", "--modes", "fwd,train", "--providers", "eager,cuda",
+                 "--rep-ms", "40", "--name", f"bench_b128_rest_{dtype}"]
+    bsmall = [*bench, "--blocks", ",".join(BENCH_BLOCKS), "--batch", "1,8", "--modes", "fwd", "--providers",
+              "eager,cuda", "--rep-ms", "25", "--name", f"bench_b1_8_{dtype}"]
     return {
         "build": [Step("jit_build", [py, "-c", "import attnfused, json; i = attnfused.build_info(); "
                                            "print(json.dumps(i, indent=1, default=str)); assert i['cuda'], i"],
@@ -304,8 +313,10 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, xdist: list[
         "sanitize": san,
         "bench": [
             Step("profile", [py, "-m", "bench.profile_kernels", "--blocks", "cbam_fc,se", "--backends", "cuda",
-                             "--dtype", "fp16", "--calls", "3"], timeout=40),
-            Step("b128", b128, dry=[*b128, "--device", "cpu", "--list"], timeout=95, summary=bench_summary),
+                             "--dtype", "fp16", "--calls", "3"], timeout=25),
+            Step("b128_" + block, b128, dry=[*b128, "--device", "cpu", "--list"], timeout=65, summary=bench_summary),
+            Step("b128_rest", b128_rest, dry=[*b128_rest, "--device", "cpu", "--list"], timeout=30,
+                 summary=bench_summary),
             Step("b1_8", bsmall, dry=[*bsmall, "--device", "cpu", "--list"], summary=bench_summary),
         ],
         "probes": [
@@ -344,13 +355,12 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"--stages: unknown {bad}; choose from {STAGES}")
 
-    logdir = Path(os.environ.get("GPU_CHECK_DIR") or (Path(os.environ["OUT"]) / "gpu_check" if os.environ.get("OUT")
-                                                     else "/tmp/attnfused_gpu_check"))
+    logdir = Path(os.environ.get("GPU_CHECK_DIR") or "/tmp/attnfused_gpu_check")
     logdir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     commit = _commit()
     day = datetime.date.today().isoformat()
-    idx, slice_expr, dtype = pick_rotation(commit, day, a.slice, a.dtype)
+    idx, slice_expr, dtype, block = pick_rotation(commit, day, a.slice, a.dtype)
     gpu = not a.dry_run and _gpu_present(py)
     xdist_args = []
     for mod, args in (("xdist", ["-n", "12"]), ("pytest_timeout", ["--timeout", "90"])):
@@ -364,7 +374,7 @@ def main(argv=None) -> int:
            "ATTNFUSED_CACHE_DIR": str(Path(os.environ.get("ATTNFUSED_CACHE_DIR", "/tmp/attnfused_gpu_check_jit"))),
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     info = {"commit": commit, "day": day, "gpu": gpu, "dry_run": a.dry_run, "logdir": str(logdir),
-            "sanitizer_slice": f"{idx}/{len(sanitizer_slices())}: {slice_expr}", "bench_dtype": dtype,
+            "sanitizer_slice": f"{idx}/{len(sanitizer_slices())}: {slice_expr}", "bench_dtype": dtype, "bench_block_with_compile": block,
             "kernels": os.environ.get("ATTNFUSED_CUDA_KERNELS", "(default)"), "stages": stages, "budgets": budgets, "time_scale": a.time_scale or (3.0 if a.dry_run else 1.0)}
     for k, v in info.items():
         print(f"[gpu_check] {k}: {v}")
@@ -373,7 +383,7 @@ def main(argv=None) -> int:
 
     scale = a.time_scale or (3.0 if a.dry_run else 1.0)
     runner = Runner(logdir, gpu, a.total_s * scale, scale=scale)
-    steps = build_steps(py, logdir, slice_expr, dtype, xdist_args)
+    steps = build_steps(py, logdir, slice_expr, dtype, block, xdist_args)
     for s in STAGES:
         if s not in stages:
             runner._record(s, "-", "skipped", None, 0.0, budgets[s], "not asked for (--stages)")
@@ -381,6 +391,10 @@ def main(argv=None) -> int:
         runner.stage(s, budgets[s], steps[s], env)
     info["wall_s"] = round(time.monotonic() - runner.t0, 1)
     path = runner.write(info)
+    out = os.environ.get("OUT")
+    if out and Path(out).is_dir():  # two files back: the device tool returns few
+        shutil.copy(path, Path(out) / "gpu_check_summary.csv")
+        subprocess.run(["tar", "czf", str(Path(out) / "gpu_check.tgz"), "-C", str(logdir), "."], check=False)
     print(f"\nlogs and CSV in {logdir} (summary: {path.name}); wall {info['wall_s']} s of {a.total_s * scale:.0f}")
     print(runner.table())
     failed = [r for r in runner.results if r.status in ("fail", "timeout")]

@@ -239,13 +239,14 @@ def test_gpu_check_stage_past_the_total_is_skipped(tmp_path):
 
 def test_gpu_check_rotation_covers_every_slice_and_both_dtypes():
     slices = gpu_check.sanitizer_slices()
-    seen, dtypes = set(), set()
+    seen, dtypes, blocks = set(), set(), set()
     for c in range(400):
-        i, expr, dt = gpu_check.pick_rotation(f"{c:07x}", "2026-12-07")
+        i, expr, dt, block = gpu_check.pick_rotation(f"{c:07x}", "2026-12-07")
         seen.add(i)
         dtypes.add(dt)
+        blocks.add(block)
         assert expr == slices[i]
-    assert seen == set(range(len(slices))) and dtypes == {"fp16", "bf16"}
+    assert seen == set(range(len(slices))) and dtypes == {"fp16", "bf16"} and blocks == set(gpu_check.BENCH_BLOCKS)
     assert gpu_check.pick_rotation("abc", "d") == gpu_check.pick_rotation("abc", "d")
-    assert gpu_check.pick_rotation("abc", "d", slice_arg=3, dtype_arg="bf16")[::2] == (3, "bf16")
+    assert gpu_check.pick_rotation("abc", "d", slice_arg=3, dtype_arg="bf16")[0:3:2] == (3, "bf16")
     assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TOTAL_S - 45, "keep a margin in the 540 s"

@@ -4,8 +4,8 @@
 #   bash csrc/cuda/validate_gpu.sh [--dry-run] [--stages build,tests,...] [--slice N] [--dtype fp16|bf16]
 # runs `python3 -m bench.gpu_check` (its docstring lists the stages): JIT build for sm_90, a curated
 # CUDA test subset, compute-sanitizer on a rotating slice, per-kernel profile and benchmark rows,
-# the L2 and cluster probes, the static check. Logs and CSV go to $GPU_CHECK_DIR, else
-# $OUT/gpu_check, else /tmp/attnfused_gpu_check; a short table is printed last.
+# the L2 and cluster probes, the static check. Logs and CSV go to $GPU_CHECK_DIR (default
+# /tmp/attnfused_gpu_check), packed into $OUT/gpu_check.tgz when $OUT is set; a short table is printed last.
 #
 # Longer single stages, untimed, each in a call of its own (logs in $LOGS, default /tmp/attnfused_gpu):
 #   bash csrc/cuda/validate_gpu.sh all-tests    every CUDA, drop-in and Triton test (about 4 min, 12 workers)
