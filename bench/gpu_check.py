@@ -328,7 +328,7 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
         # against this run's per-kernel profile when the bench stage made one
         "static": [Step("bench_static", f"m={shlex.quote(str(logdir / 'bench_profile.log'))}; "
                                         f"{shlex.quote(py)} -m bench.static $([ -s \"$m\" ] && echo --measured \"$m\")",
-                        gpu=False, timeout=10, summary=static_summary)],
+                        gpu=False, summary=static_summary)],
     }
 
 
@@ -357,6 +357,8 @@ def main(argv=None) -> int:
 
     logdir = Path(os.environ.get("GPU_CHECK_DIR") or "/tmp/attnfused_gpu_check")
     logdir.mkdir(parents=True, exist_ok=True)
+    for old in [*logdir.glob("*.log"), *logdir.glob("bench_*.*"), logdir / "summary.csv", logdir / "run.txt"]:
+        old.unlink(missing_ok=True)  # an earlier run's files would be packed with this run's
     py = sys.executable
     commit = _commit()
     day = datetime.date.today().isoformat()
@@ -394,7 +396,8 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out and Path(out).is_dir():  # two files back: the device tool returns few
         shutil.copy(path, Path(out) / "gpu_check_summary.csv")
-        subprocess.run(["tar", "czf", str(Path(out) / "gpu_check.tgz"), "-C", str(logdir), "."], check=False)
+        subprocess.run(["tar", "czf", str(Path(out) / "gpu_check.tgz"), "--exclude", "gpu_probes", "-C", str(logdir),
+                        "."], check=False)
     print(f"\nlogs and CSV in {logdir} (summary: {path.name}); wall {info['wall_s']} s of {a.total_s * scale:.0f}")
     print(runner.table())
     failed = [r for r in runner.results if r.status in ("fail", "timeout")]
