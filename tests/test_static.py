@@ -250,3 +250,15 @@ def test_gpu_check_rotation_covers_every_slice_and_both_dtypes():
     assert gpu_check.pick_rotation("abc", "d") == gpu_check.pick_rotation("abc", "d")
     assert gpu_check.pick_rotation("abc", "d", slice_arg=3, dtype_arg="bf16")[0:3:2] == (3, "bf16")
     assert sum(gpu_check.BUDGETS.values()) <= gpu_check.TOTAL_S - 45, "keep a margin in the 540 s"
+
+
+def test_gpu_check_steps_cover_every_stage(tmp_path):
+    steps = gpu_check.build_steps("python3", tmp_path, "parity_all_options and cbam", "fp16", "se", [])
+    assert list(steps) == gpu_check.STAGES
+    for stage, ss in steps.items():
+        assert ss, stage
+        for st in ss:
+            # a GPU step either has a dry form or is logged as skipped without a GPU
+            assert st.gpu or st.dry is None, (stage, st.name)
+    bench = {st.name: st.cmd for st in steps["bench"]}
+    assert "compile" in ",".join(bench["b128_se"]) and "compile" not in ",".join(bench["b128_rest"])
