@@ -1,157 +1,356 @@
-"""python -m bench.e2e: a ResNet-50 with SE, ECA or CBAM blocks, end to end.
+"""python -m bench.e2e: whole attention networks, as a user runs them, eager and compiled.
 
-Times inference and a training step (forward, cross-entropy, backward, SGD step) of the
-plain ResNet-50 and of ResNet-50 with an attention block after each bottleneck's last
-BatchNorm (on the residual branch, before the addition, as the SE/CBAM/ECA papers place
-it): the reference blocks (eager) against the same model converted to fused blocks
-(`attnfused.convert`, same state_dict), in images/s, with the attention's overhead over
-the plain network. All models of a mode are timed interleaved, in the same run.
+Times inference and a training step (forward, cross-entropy, backward, SGD step) of each model
+under each provider:
+  eager              the original model
+  compile            torch.compile of the original model
+  fused              the model converted by attnfused.convert (same state_dict)
+  fused+compile      the converted model, then torch.compile
+  compile-ro         torch.compile(mode="reduce-overhead") of the original (CUDA graphs; GPU only)
+  fused+compile-ro   the converted model under mode="reduce-overhead" (GPU only)
+Models: torchvision's ResNet-50 with SE, ECA or CBAM after every bottleneck's bn3 (on the residual
+branch, before the addition, as the papers place it; `--attn`), and timm models (`--model`:
+seresnet50, ecaresnet50d, efficientnet_b0, resnet50_cbam = resnet50 with attn_layer="cbam").
 
-  python -m bench.e2e --quick                       # well under a minute on 2 CPU cores
-  python -m bench.e2e --batch 64 --res 224 --amp bf16 --layout cl    # a GPU
-  python -m bench.e2e --model timm:seresnet50       # a timm model, converted vs original
+Before any timing each provider's output (inference: the logits; training: the logits and every
+parameter's gradient) is checked against the same model run in float64: it must be within the
+dtype's tolerance, or twice eager's own error where that is larger (SPEC section 4). A provider
+that fails is reported WRONG and not timed. The first call (which compiles) is not timed; its
+extra cost is reported apart (`*_compile_s`). The providers of a model are timed interleaved, as
+medians of `--reps` samples. The fields follow timm's benchmark.py (`infer_samples_per_sec`,
+`infer_step_time` in ms, `infer_batch_size`, `infer_img_size`, the same for `train_`,
+`param_count` in millions), with `amp` and `channels_last`; `*_vs_eager` and `*_vs_compile` are
+throughputs over those of the same model's eager and compile rows, `*_vs_plain` over the plain
+ResNet-50 run the same way (fused -> eager, fused+compile -> compile).
 
-Anchor (ECA-Net paper): CBAM-ResNet-50 trained at 472 images/s against 1024 for ResNet-50
-(46%); our goal is at least 90% on a Hopper GPU.
+  python -m bench.e2e --quick                     # a smoke run: tiny images, one model
+  python -m bench.e2e --attn plain,se,cbam --batch 8 --res 112
+  python -m bench.e2e --batch 64 --res 224 --amp bf16 --layout cl     # a GPU, every model
+  python -m bench.e2e --model seresnet50 --providers eager,fused
+
+Writes <stem>.csv, <stem>.md (the table), <stem>.json and <stem>_images_s_<amp>_n<batch>.png (with
+matplotlib) under bench/results/<device>/.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import blocks, env, parity, report
+from . import env, report
+from .e2e_models import PROVIDERS, TIMM, TV_ATTN, Provider, baseline, convert, resnet50  # noqa: F401
+from .e2e_models import timm_spec, tv_spec, with_convert_kwargs
 from .progress import bar
-from .timing import Timer
+from .timing import Timer, synchronize
 
-# the attention of each model variant: a bench block name (None: the plain ResNet-50)
-ATTN = {"plain": None, "se": "se", "eca": "eca", "cbam": "cbam_fc"}
 MODES = ("infer", "train")
 AMP = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-COLUMNS = ["device", "torch", "triton", "commit", "date", "model", "attn", "provider", "mode", "batch", "res",
-           "amp", "layout", "median_ms", "min_ms", "images_s", "vs_plain", "attn_overhead_ms", "rel_err",
-           "backend", "threads", "note"]
-QUICK = dict(batch=2, res=64, reps=3, sample_s=0.0)
+QUICK = dict(batch=2, res=64, reps=2, attn="se", model="")
+_PER_MODE = ["samples_per_sec", "step_time", "step_time_min", "batch_size", "img_size", "vs_eager", "vs_compile",
+             "vs_plain", "compile_s", "rel_err", "status"]
+COLUMNS = (["device", "torch", "triton", "commit", "date", "model", "family", "attn", "provider", "backend", "amp",
+            "channels_last", "param_count"] + [f"{m}_{k}" for m in MODES for k in _PER_MODE] + ["threads", "note"])
 
 
-def resnet50(attn: str | None, backend: str | None = None, num_classes: int = 1000) -> nn.Module:
-    """torchvision's ResNet-50 with `attn` (a bench block) after every bottleneck's bn3:
-    reference blocks when backend is None, else fused ones on `backend`."""
-    try:
-        from torchvision.models import resnet50 as tv_resnet50
-    except ImportError as e:
-        raise SystemExit(f"bench.e2e needs torchvision (pip install torchvision): {e}")
-    model = tv_resnet50(num_classes=num_classes)
-    if attn is not None:
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for bottleneck in stage:
-                c = bottleneck.bn3.num_features
-                bottleneck.bn3 = nn.Sequential(bottleneck.bn3, blocks.make(attn, c, backend))
-    return model
+# ----------------------------------------------------------------------------- one call of a model
+
+def _autocast(x, amp):
+    return torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
-def fused_copy(model: nn.Module, attn: str | None, backend: str) -> tuple[nn.Module, str]:
-    """The model with fused attention and the same weights, and how it was made:
-    `attnfused.convert` where it fuses every block, else the fused classes built in the same
-    architecture with the model's state_dict loaded."""
-    import attnfused
-
-    note = "attnfused.convert is not available"
-    if hasattr(attnfused, "convert"):
-        fused, entries = attnfused.convert(model, backend=backend, report=True)
-        done = sum(e.converted for e in entries)
-        if entries and done == len(entries):
-            return fused, f"attnfused.convert: {done}/{len(entries)} attention modules fused"
-        left = next((e for e in entries if not e.converted), None)
-        note = f"attnfused.convert fused {done}/{len(entries)}" + (f" ({left.reason})" if left else "")
-    fused = resnet50(attn, backend).to(next(model.parameters()).device)
-    fused.load_state_dict(model.state_dict())
-    return fused, note + "; fused classes built and the state_dict loaded instead"
-
-
-def _timm_models(name: str, backend: str, device) -> tuple[nn.Module, nn.Module, str, int] | str:
-    try:
-        import timm
-    except ImportError:
-        return "timm is not installed (pip install timm); skipping --model timm:" + name
-    import attnfused
-
-    if not hasattr(attnfused, "convert"):
-        return "attnfused.convert is not available yet; skipping --model timm:" + name
-    model = timm.create_model(name, pretrained=False).to(device)
-    fused, entries = attnfused.convert(model, backend=backend, report=True)
-    done = sum(e.converted for e in entries)
-    note = f"attnfused.convert: {done}/{len(entries)} attention modules fused"
-    if done == 0:
-        note += " (nothing to fuse: the timing compares two identical models)"
-    return model, fused, note, model.default_cfg.get("input_size", (3, 224, 224))[-1]
-
-
-def _step(model: nn.Module, x, target, mode: str, amp):
-    autocast = (torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext())
+def outputs(fn, module: nn.Module, x, target, mode: str, amp) -> dict[str, torch.Tensor]:
+    """What the parity check compares: the logits, and in training every parameter's gradient
+    (by name, as the converted model keeps the names; the weights are left unchanged)."""
     if mode == "infer":
-        model.eval()
+        module.eval()
+        with torch.no_grad(), _autocast(x, amp):
+            return {"logits": fn(x).detach().float().clone()}
+    module.train()
+    module.zero_grad(set_to_none=True)
+    with _autocast(x, amp):
+        logits = fn(x)
+    F.cross_entropy(logits.float(), target).backward()
+    params = dict(module.named_parameters())
+    grads = torch.cat([params[n].grad.detach().reshape(-1).double() for n in sorted(params)
+                       if params[n].grad is not None])
+    module.zero_grad(set_to_none=True)
+    return {"logits": logits.detach().float().clone(), "grads": grads}
+
+
+def step(fn, module: nn.Module, x, target, mode: str, amp, cudagraphs: bool):
+    """The timed call: inference without gradients, or a whole training step with SGD."""
+    if mode == "infer":
+        module.eval()
 
         def infer():
-            with torch.no_grad(), autocast:
-                return model(x)
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad(), _autocast(x, amp):
+                return fn(x)
         return infer
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    module.train()
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
 
     def train():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.cross_entropy(model(x), target)
+        with _autocast(x, amp):
+            loss = F.cross_entropy(fn(x), target)
         loss.backward()
         opt.step()
     return train
 
 
-def _logits_err(a: nn.Module, b: nn.Module, x, amp) -> float:
-    """Relative difference of the two models' eval logits (float32 runs: same weights, same math)."""
-    a.eval(), b.eval()
-    with torch.no_grad():
-        autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        with autocast:
-            return parity.rel_err(b(x).float(), a(x).float())
+def check(out: dict, eager: dict, ref: dict, dtype: torch.dtype) -> tuple[float, str]:
+    """(the largest relative difference from eager, "ok" or "WRONG ..."): each output within the
+    dtype's tolerance of the float64 run, or twice eager's own error where that is larger."""
+    from attnfused.accuracy import GRAD_TOLERANCE, TOLERANCE, bound, rel_err
+
+    worst, status = 0.0, "ok"
+    for key, ref_t in ref.items():
+        target = (GRAD_TOLERANCE if key == "grads" else TOLERANCE)[dtype]
+        err, lim = rel_err(out[key], ref_t), bound(target, rel_err(eager[key], ref_t))
+        worst = max(worst, rel_err(out[key], eager[key]))
+        if not err <= lim:
+            status = f"WRONG: {key} rel err {err:.3g} against float64 > {lim:.3g}"
+    return worst, status
+
+
+# ----------------------------------------------------------------------------- one model, one mode
+
+@dataclass
+class Run:
+    provider: Provider
+    module: nn.Module  # the model whose parameters train (the compiled wrapper's original)
+    fn: object  # what is called: the module or its compiled wrapper
+    first_s: float = 0.0
+
+
+def _counter_total(name: str) -> int:
+    from torch._dynamo.utils import counters
+    return sum(counters[name].values())
+
+
+def time_model(orig: nn.Module, fused: dict, provs: list[Provider], mode: str, x, target, a,
+               timer: Timer) -> dict[str, dict]:
+    """{provider: results} of one model in one mode: parity first, then interleaved timing. `fused`:
+    the converted model per convert keyword arguments."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a fresh cache per model and mode: no recompile limit, no stale guards
+    dev, amp = x.device, AMP[a.amp]
+    dtype = amp or torch.float32
+    ref_model = copy.deepcopy(orig).double()
+    ref = outputs(ref_model, ref_model, x.double(), target, mode, None)
+    del ref_model
+    out: dict[str, dict] = {}
+    runs: dict[str, Run] = {}
+    eager_out = None
+    for p in provs:  # eager comes first: the others are checked against its error
+        module = copy.deepcopy(fused[p.convert_kwargs] if p.fused else orig)
+        fn = torch.compile(module, mode=p.compile_mode, dynamic=False) if p.compiles else module
+        breaks = _counter_total("graph_break") if p.compiles else 0
+        try:
+            synchronize(dev)
+            t0 = time.perf_counter()
+            got = outputs(fn, module, x, target, mode, amp)
+            synchronize(dev)
+            first = time.perf_counter() - t0
+        except Exception as e:  # a provider that cannot run here: say so, time the others
+            if p.name == "eager":
+                raise
+            out[p.name] = {"status": f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        if p.name == "eager":
+            eager_out = got
+        if a.verbose:
+            print(f"[bench.e2e]   {mode} {p.name}: first call {first:.1f} s", flush=True)
+        rel, status = check(got, eager_out, ref, dtype)
+        note = []
+        if p.compiles and _counter_total("graph_break") > breaks:
+            note.append(f"{_counter_total('graph_break') - breaks} graph breaks")
+        out[p.name] = {"rel_err": rel, "status": status, "note": note}
+        if status == "ok":
+            runs[p.name] = Run(p, module, fn, first)
+    fns = {k: step(r.fn, r.module, x, target, mode, amp, r.provider.compile_mode == "reduce-overhead")
+           for k, r in runs.items()}
+    for k, f in fns.items():  # one untimed step each: what the first call cost beyond it was compiling
+        synchronize(dev)
+        t0 = time.perf_counter()
+        f()
+        synchronize(dev)
+        if runs[k].provider.compiles:
+            out[k]["compile_s"] = max(0.0, runs[k].first_s - (time.perf_counter() - t0))
+    for k, t in timer.time_all(fns).items():
+        out[k].update(step_time=t["median"], step_time_min=t["min"], samples_per_sec=a.batch / t["median"] * 1e3)
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+def _ratio(num, den):
+    return num / den if num and den else None
+
+
+def fill_ratios(rows: list[dict]) -> None:
+    """`*_vs_eager`, `*_vs_compile` (same model) and `*_vs_plain` (the plain ResNet-50, same way of running)."""
+    by = {(r["model"], r["attn"], r["provider"]): r for r in rows}
+    for r in rows:
+        for m in MODES:
+            sps = r.get(f"{m}_samples_per_sec")
+            for col, prov in (("vs_eager", "eager"), ("vs_compile", "compile")):
+                other = by.get((r["model"], r["attn"], prov), {})
+                r[f"{m}_{col}"] = _ratio(sps, other.get(f"{m}_samples_per_sec"))
+            if r["family"] == "tv" and r["attn"] != "plain":
+                plain = by.get((r["model"], "plain", baseline(PROVIDERS.get(r["provider"], PROVIDERS["eager"]))), {})
+                r[f"{m}_vs_plain"] = _ratio(sps, plain.get(f"{m}_samples_per_sec"))
+
+
+def _cell(r: dict, m: str) -> str:
+    sps = r.get(f"{m}_samples_per_sec")
+    status = r.get(f"{m}_status") or ""
+    if sps is None:
+        return status.split(":")[0] if status else ""
+    shown = {"eager": ("plain",), "compile": ("eager", "plain")}.get(r["provider"], ("eager", "compile", "plain"))
+    vs = [f"{r[f'{m}_vs_{k}']:.2f}x {k}" for k in shown if r.get(f"{m}_vs_{k}") is not None]
+    return f"{sps:.1f}" + (f" ({', '.join(vs)})" if vs else "")
+
+
+def markdown(rows: list[dict], modes: list[str]) -> str:
+    """One line per model and provider: images/s per mode with the ratios to eager and compile."""
+    head = ["model", "attn", "provider"] + [f"{m} img/s" for m in modes] + [f"{m} compile s" for m in modes] + \
+           ["max rel diff to eager"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rel = [r.get(f"{m}_rel_err") for m in modes if r.get(f"{m}_rel_err") is not None]
+        cells = [r["model"], r["attn"], r["provider"]] + [_cell(r, m) for m in modes] + \
+                [report._fmt(r.get(f"{m}_compile_s"), 3) for m in modes] + [f"{max(rel):.2g}" if rel else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], modes: list[str], title: str, path: Path) -> Path | None:
+    """Grouped bars of images/s: one panel per mode, one group per model, one bar per provider."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[bench.e2e] no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(f"{r['model']} {r['attn']}" if r["family"] == "tv" else r["model"] for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(1.0 + 1.2 * len(models) * len(modes), 3.6), squeeze=False)
+    width = 0.8 / len(provs)
+    for ax, m in zip(axes[0], modes):
+        for k, p in enumerate(provs):
+            val = {(f"{r['model']} {r['attn']}" if r["family"] == "tv" else r["model"]): r.get(f"{m}_samples_per_sec")
+                   for r in rows if r["provider"] == p}
+            ax.bar([i + (k - (len(provs) - 1) / 2) * width for i in range(len(models))],
+                   [val.get(name) or 0 for name in models], width, label=p, color=f"C{k}")
+        ax.set_xticks(range(len(models)), models, rotation=25, fontsize=7, ha="right")
+        ax.set_ylabel(f"{m} images/s", fontsize=8)
+        ax.set_title(m, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _write_table(rows: list[dict], a, stem: Path) -> str:
+    """The ratios filled in, the CSV and a bare markdown table of the rows so far; the table."""
+    fill_ratios(rows)
+    report.write_csv(rows, env.meta(str(a.device)), stem.with_suffix(".csv"), COLUMNS)
+    table = markdown(rows, a.modes)
+    stem.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help=f"tiny run for CI and a first look: {QUICK}")
+    ap.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--attn", default="plain,se,eca,cbam", help=f"comma list of {list(ATTN)}")
-    ap.add_argument("--model", default=None, help="timm:NAME: a timm model converted vs the original instead")
+    ap.add_argument("--attn", default=None, help=f"torchvision ResNet-50 variants, a comma list of {list(TV_ATTN)} "
+                    "(default all, or none when only --model is given)")
+    ap.add_argument("--layers", default="3,4,6,3", help="bottlenecks per stage of the torchvision ResNet "
+                    "(default ResNet-50's; fewer: a small network of the same structure)")
+    ap.add_argument("--model", default=None, help=f"timm models, a comma list (timm: prefix optional) of {list(TIMM)} "
+                    "or any timm name (default all of those, or none when only --attn is given)")
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {list(PROVIDERS)}; eager is "
+                    "always run (the others are checked against it)")
+    ap.add_argument("--convert-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra attnfused.convert keyword argument for the fused providers (a Python literal)")
     ap.add_argument("--modes", default="infer,train")
     ap.add_argument("--batch", type=int, default=None, help="default 64 on GPU, 8 on CPU")
-    ap.add_argument("--res", type=int, default=None, help="image size (default 224 on GPU, 112 on CPU)")
+    ap.add_argument("--res", type=int, default=None, help="image size (default 224 on GPU, 112 on CPU; a timm model "
+                    "alone in the run takes its own)")
     ap.add_argument("--amp", default="none", choices=list(AMP), help="autocast dtype (the weights stay fp32)")
     ap.add_argument("--layout", default="nchw", choices=("nchw", "cl"))
     ap.add_argument("--backend", default="auto", help="backend of the fused blocks")
     ap.add_argument("--reps", type=int, default=None, help="samples per median (default 10)")
-    ap.add_argument("--sample-s", type=float, default=None)
+    ap.add_argument("--sample-s", type=float, default=None, help="CPU: least seconds per sample (default 0)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default=None, help="a line for the results folder's README (e.g. the machine's load)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None, help="file stem (default e2e, e2e_quick, or e2e_timm_NAME)")
+    ap.add_argument("--name", default=None, help="file stem (default e2e or e2e_quick)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="print each provider's first call as it happens")
     a = ap.parse_args(argv)
     a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = a.device.type == "cuda"
     q = QUICK if a.quick else {}
+    if a.attn is None and a.model is None:
+        a.attn, a.model = q.get("attn", ",".join(TV_ATTN)), q.get("model", ",".join(TIMM))
+    a.attn, a.model = a.attn or "", a.model or ""
+    try:
+        a.layers = tuple(int(n) for n in a.layers.split(","))
+    except ValueError:
+        raise SystemExit(f"--layers: expected a comma list of integers, got {a.layers!r}")
+    if len(a.layers) != 4 or min(a.layers) < 1:
+        raise SystemExit(f"--layers: expected four block counts >= 1, got {a.layers}")
     a.batch = a.batch or q.get("batch") or (64 if gpu else 8)
+    a.res_given = a.res is not None or a.quick
     a.res = a.res or q.get("res") or (224 if gpu else 112)
     a.reps = a.reps or q.get("reps") or 10
-    a.sample_s = a.sample_s if a.sample_s is not None else q.get("sample_s", 0.0)
+    a.sample_s = a.sample_s if a.sample_s is not None else 0.0
+    a.modes = [m for m in a.modes.split(",") if m]
+    if not a.modes or any(m not in MODES for m in a.modes):
+        raise SystemExit(f"--modes: choose from {list(MODES)}, got {a.modes}")
+    names = ["eager"] + [p for p in a.providers.split(",") if p and p != "eager"]
+    bad = [p for p in names if p not in PROVIDERS]
+    if bad:
+        raise SystemExit(f"--providers: choose from {list(PROVIDERS)}, got {bad}")
+    extra = {}
+    for item in a.convert_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--convert-arg: expected KEY=VALUE, got {item!r}")
+        extra[key] = _literal(value)
+    a.providers = [with_convert_kwargs(PROVIDERS[p], extra) for p in names]
     return a
 
 
@@ -164,84 +363,101 @@ def main(argv=None) -> int:
         env.keep_freed_memory()
     fmt = torch.channels_last if a.layout == "cl" else torch.contiguous_format
     amp = AMP[a.amp]
-    modes = [m for m in a.modes.split(",") if m]
-    if any(m not in MODES for m in modes):
-        raise SystemExit(f"--modes: choose from {list(MODES)}, got {modes}")
     import attnfused.backends as B
 
     backend_used = B.resolve(a.backend, torch.empty(1, 1, 1, 1, device=dev, dtype=amp or torch.float32))
-
-    # (model name, attn, provider, module); the eager models first, each fused one after its twin
-    models, notes = [], {}
-    torch.manual_seed(a.seed)
-    if a.model:
-        if not a.model.startswith("timm:"):
-            raise SystemExit(f"--model: only timm:NAME is supported, got {a.model!r}")
-        name = a.model[5:]
-        got = _timm_models(name, a.backend, dev)
-        if isinstance(got, str):
-            print(f"[bench.e2e] {got}")
-            return 0
-        orig, fused, note, res = got
-        a.res = a.res if ("--res" in argv or a.quick) else res  # the model's own size unless asked
-        models = [(name, "timm", "eager", orig), (name, "timm", "fused", fused)]
-        notes[(name, "fused")] = note
-    else:
-        for attn in [s for s in a.attn.split(",") if s]:
-            if attn not in ATTN:
-                raise SystemExit(f"--attn: choose from {list(ATTN)}, got {attn!r}")
-            eager = resnet50(ATTN[attn]).to(dev)
-            models.append(("resnet50", attn, "eager", eager))
-            if ATTN[attn] is not None:
-                fused, how = fused_copy(eager, ATTN[attn], a.backend)
-                models.append(("resnet50", attn, "fused", fused))
-                notes[(attn, "fused")] = how
-    models = [(n, at, p, m.to(dev, memory_format=fmt)) for n, at, p, m in models]
+    specs, skipped_models = [tv_spec(s, a.layers) for s in a.attn.split(",") if s], []
+    for name in [s for s in a.model.split(",") if s]:
+        got = timm_spec(name)
+        (skipped_models.append(got) if isinstance(got, str) else specs.append(got))
+    for line in skipped_models:
+        print(f"[bench.e2e] {line}")
+    if len(specs) == 1 and specs[0].default_res and not a.res_given:
+        a.res = specs[0].default_res  # a timm model alone: its own image size unless asked
+    skipped = {p.name: why for p in a.providers if (why := p.unavailable(dev))}
+    provs = [p for p in a.providers if p.name not in skipped]
+    for name, why in skipped.items():
+        print(f"[bench.e2e] {name} skipped: {why}")
 
     g = torch.Generator(device=dev).manual_seed(a.seed)
     x = torch.randn(a.batch, 3, a.res, a.res, generator=g, device=dev).contiguous(memory_format=fmt)
     target = torch.randint(0, 1000, (a.batch,), generator=g, device=dev)
-    errs = {}
-    for i, (n, at, p, m) in enumerate(models):
-        if p == "fused":
-            errs[(at, p)] = _logits_err(models[i - 1][3], m, x, amp)
-
     meta = env.meta(str(dev))
     out = a.out or env.RESULTS / meta["device"]
-    stem = out / (a.name or (f"e2e_timm_{a.model[5:]}" if a.model else "e2e_quick" if a.quick else "e2e"))
+    stem = out / (a.name or ("e2e_quick" if a.quick else "e2e"))
     # GPU: a training step is ~100 ms, so do_bench needs a long window to take ~10 samples
     timer = Timer(dev, reps=a.reps, sample_s=a.sample_s, warmup_s=0.0, rep_ms=1000, warmup_calls=1, warm_l2=False)
-    rows = []
+    rows: list[dict] = []
     t0 = time.perf_counter()
-    pbar = bar(len(modes), enabled=not a.no_progress)
-    for mode in modes:
-        pbar.set_description(f"e2e {mode}")
-        # train steps change the weights: each mode starts from copies, so all models stay twins
-        fns = {(n, at, p): _step(copy.deepcopy(m), x, target, mode, amp) for n, at, p, m in models}
-        times = timer.time_all(fns)
-        plain = times.get(("resnet50", "plain", "eager"), {}).get("median")
-        for (n, at, p), t in times.items():
-            ms = t["median"]
-            rows.append({"model": n, "attn": at, "provider": p, "mode": mode, "batch": a.batch, "res": a.res,
-                         "amp": a.amp, "layout": a.layout, "median_ms": ms, "min_ms": t["min"],
-                         "images_s": a.batch / ms * 1e3, "vs_plain": plain / ms if plain else None,
-                         "attn_overhead_ms": ms - plain if plain and at != "plain" else None,
-                         "rel_err": errs.get((at, p)), "backend": backend_used if p == "fused" else "",
-                         "threads": torch.get_num_threads(), "note": notes.get((at, p), "")})
-        pbar.update(1)
+    pbar = bar(len(specs) * len(a.modes), enabled=not a.no_progress)
+    built = []  # per model: (spec, original, {convert kwargs: converted}, providers run, rows by provider)
+    for spec in specs:
+        torch.manual_seed(a.seed)
+        orig = spec.build().to(dev, memory_format=fmt)
+        fused, notes = {}, [spec.note] if spec.note else []
+        for kw in dict.fromkeys(p.convert_kwargs for p in provs if p.fused):
+            model, how, done = convert(orig, a.backend, dict(kw))
+            fused[kw] = model if done else None
+            notes.append(how + (f" {dict(kw)}" if kw else ""))
+        # a model without attention converts to itself: its fused rows would time the same model again
+        run = [p for p in provs if not p.fused or fused[p.convert_kwargs] is not None]
+        params = round(sum(p.numel() for p in orig.parameters()) / 1e6, 2)
+        by = {}
+        for p in run:
+            by[p.name] = r = {"model": spec.name, "family": spec.family, "attn": spec.attn, "provider": p.name,
+                              "backend": backend_used if p.fused else "", "amp": a.amp,
+                              "channels_last": a.layout == "cl", "param_count": params,
+                              "threads": torch.get_num_threads(),
+                              "note": "; ".join(notes if p.fused else [n for n in notes if not n.startswith("attn")])}
+            rows.append(r)
+        built.append((spec, orig, fused, run, by))
+    cut = None
+    try:
+        for mode in a.modes:  # every model's inference first: a run cut short keeps whole modes
+            for spec, orig, fused, run, by in built:
+                pbar.set_description(f"e2e {spec.name} {spec.attn} {mode}")
+                for name, res in time_model(orig, fused, run, mode, x, target, a, timer).items():
+                    r = by[name]
+                    r.update({f"{mode}_batch_size": a.batch, f"{mode}_img_size": a.res})
+                    r.update({f"{mode}_{k}": v for k, v in res.items() if k != "note"})
+                    r["note"] = "; ".join([r["note"]] * bool(r["note"]) + [f"{mode}: {n}" for n in res.get("note", [])])
+                _write_table(rows, a, stem)  # what is done so far survives a run cut short
+                pbar.update(1)
+    except KeyboardInterrupt:  # stopped by hand: keep what was measured
+        cut = f"cut short by hand during {mode} of {spec.name} {spec.attn}; rows without figures did not run"
+        print(f"[bench.e2e] {cut}")
+    del built
     pbar.close()
     wall = time.perf_counter() - t0
 
-    cols = ["model", "attn", "provider", "mode", "batch", "res", "median_ms", "images_s", "vs_plain",
-            "attn_overhead_ms", "rel_err"]
-    cells = [cols] + [[report._fmt(r.get(c), 4) for c in cols] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    print("\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells))
-    for (at, p), note in notes.items():
-        print(f"  {at} {p}: {note}")
-    report.save_run(rows, meta, stem, COLUMNS, env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall))
+    table = _write_table(rows, a, stem)
+    print(table)
+    wrong = [f"{r['model']} {r['attn']} {r['provider']} {m}: {r[f'{m}_status']}" for r in rows for m in a.modes
+             if (r.get(f"{m}_status") or "ok") != "ok"]
+    for line in wrong:
+        print(f"[bench.e2e] {line}")
+    facts = env.run_facts(dev, "python -m bench.e2e " + shlex.join(argv), wall)
+    a.note = "; ".join(n for n in (a.note, cut) if n) or None
+    if a.note:
+        facts["note"] = a.note
+    if skipped:
+        facts["skipped"] = skipped
+    where = (f"{meta['device']}, {a.amp}, batch {a.batch}, {a.res}x{a.res}, {a.layout}, torch {meta['torch']}, "
+             f"commit {meta['commit']}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, a.modes, f"images/s per model and provider ({where})",
+         stem.with_name(f"{stem.name}_images_s_{a.amp}_n{a.batch}.png"))
+    head = [f"# bench.e2e: {where}", "", f"- command: `{facts['command']}`",
+            f"- wall time {wall:.0f} s, threads {facts['threads']}, load average at the end {facts['load_avg_end']}"]
+    head += [f"- note: {a.note}"] if a.note else []
+    head += [f"- not run here: {k} ({v})" for k, v in skipped.items()] + [f"- {s}" for s in skipped_models]
+    head += ["- cells: images/s (throughput over eager and over compile of the same model, and over the plain "
+             "ResNet-50 run the same way); compile s: the first call's extra time, not in the figures", ""]
+    stem.with_suffix(".md").write_text("\n".join(head + [table] + ([""] + [f"- {w}" for w in wrong] if wrong else [])
+                                                 ) + "\n")
+    report.save_run(rows, env.meta(str(dev)), stem, COLUMNS, facts)
     print(f"\n{len(rows)} rows in {wall:.0f} s -> {stem.with_suffix('.csv')}")
-    return 0
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
