@@ -8,7 +8,9 @@ Layout: _common (option codes, scalar math, configs), reduce (the passes over x:
 backward dot products with fixed-order split reductions, and the elementwise scale and
 input-gradient pass), channel (MLP as small matmuls over blocks of samples, 1D conv),
 spatial (k x k conv), cbam (the fused block). Every reduction is deterministic: partials per
-program, combined in a fixed order by a second small kernel; no atomics.
+program, combined in a fixed order by a second small kernel; no atomics. Every float32 sum over
+a long axis is blocked (no level adds more than 16 terms of like size; reduce.py): no long
+running sum, whose error would grow with H*W, C or N.
 
 Tests: `TRITON_INTERPRET=1 python -m pytest tests/triton -q` (CPU), the same without the
 variable on a GPU; `python -m tests.triton.compile_sm90` compiles every kernel variant for
