@@ -70,6 +70,21 @@ def test_backward_dot_products(shape, reduce_p, device):
     assert err <= TOL, f"dot product: error {err:.3g} of the sum of magnitudes, more than {TOL}"
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="a GPU run: 2^32 elements (17 GB)")
+def test_pool_over_space_past_2_31_elements():
+    """Two channels of 2^31 - 2^16 pixels each, channels_last, on the GPU (17 GB in float32): the
+    GPU's own configuration at its largest lengths, where each lane of a running sum would sum
+    2^19 terms."""
+    H, W = 2 ** 16, 2 ** 15 - 1
+    x = torch.empty(1, 2, H, W, device="cuda", memory_format=torch.channels_last)
+    x.uniform_(0, 2.0 ** -BITS).add_(1)
+    pooled, _ = channel.channel_pool(x, "avg")
+    for c in range(2):
+        ref = sum(x[0, c, h:h + 1024].double().sum() for h in range(0, H, 1024)) / (H * W)  # the terms are > 0
+        err = abs(pooled[0, 0, c].double() - ref).item() / ref.item()
+        assert err <= TOL, f"mean over H*W of channel {c}: relative error {err:.3g}, more than {TOL}"
+
+
 # ----------------------------------------------------------------------------- the weight gradients' sums
 
 def check(name, got, ref_fn, *inputs):
