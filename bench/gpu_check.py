@@ -61,7 +61,9 @@ TEST_M = "cuda and not slow"
 
 # sanitizer slices: op x option class x dtype (-k terms of the parity tests' ids)
 SAN_OPS = ["channel and mlp", "channel and conv", "spatial", "cbam and mlp", "cbam and conv"]
-SAN_OPTIONS = ["avg and not max", "max and not avg", "avg+max", "mix"]
+# option classes: the channel pools; the spatial maps for the ops that have them
+SAN_OPTIONS = {"channel": ["avg and not max", "max and not avg", "avg+max", "mix"],
+               "spatial": ["max_mean", "mean_max", "mix"], "cbam": ["max_mean", "mean_max", "mix"]}
 SAN_DTYPES = ["float32", "float16 and not bfloat16", "bfloat16"]
 SAN_TOOLS = ["memcheck", "racecheck", "synccheck"]
 
@@ -73,12 +75,9 @@ DTYPES = ["fp16", "bf16"]
 def sanitizer_slices() -> list[str]:
     out = []
     for op in SAN_OPS:
-        for opt in SAN_OPTIONS:
+        for opt in SAN_OPTIONS[op.split()[0]]:
             for dt in SAN_DTYPES:
-                if op == "spatial" and opt != SAN_OPTIONS[0]:
-                    continue  # the spatial op has no pooling option: one slice per dtype
-                sel = f"({op}) and ({dt})" if op == "spatial" else f"({op}) and ({opt}) and ({dt})"
-                out.append(f"parity_all_options and {sel}")
+                out.append(f"parity_all_options and ({op}) and ({opt}) and ({dt})")
     return out
 
 

@@ -262,3 +262,20 @@ def test_gpu_check_steps_cover_every_stage(tmp_path):
             assert st.gpu or st.dry is None, (stage, st.name)
     bench = {st.name: st.cmd for st in steps["bench"]}
     assert "compile" in ",".join(bench["b128_se"]) and "compile" not in ",".join(bench["b128_rest"])
+
+
+def test_gpu_check_sanitizer_slices_are_small_and_cover_the_parity_tests():
+    from _pytest.mark.expression import Expression
+
+    from tests.cases import ALL_CASES
+
+    # the parity tests' ids as tests/test_cuda_backend.py makes them (path, case, dtype, layout)
+    ids = [f"test_parity_all_options[{p}-{c}-torch.{d}-{lay}]" for p in ("multipass", "onchip") for c in ALL_CASES
+           for d in ("float32", "float16", "bfloat16") for lay in ("nchw", "channels_last")]
+    covered = set()
+    for expr in gpu_check.sanitizer_slices():
+        e = Expression.compile(expr)
+        hit = {t for t in ids if e.evaluate(lambda k, t=t: k.lower() in t.lower())}
+        assert 1 <= len(hit) <= 20, (expr, len(hit))
+        covered |= hit
+    assert covered == set(ids)
