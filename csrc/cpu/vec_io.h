@@ -30,14 +30,15 @@ inline int64_t grain_rows(int64_t row_len) {
 }
 
 // The column blocks of a column pass over `len` columns: `count` equal blocks of `size` columns
-// (a whole number of vectors, at most kColBlock). Depends on the shape alone, and every column is
-// summed over the rows in order whatever the split, so results never depend on it.
+// (a whole number of vectors, at most kColBlock; no block for len 0, an empty batch's H*W or C).
+// Depends on the shape alone, and every column is summed over the rows in order whatever the
+// split, so results never depend on it.
 struct ColBlocks {
   int64_t count, size;
   ColBlocks(int64_t len, int64_t vec) {
     const int64_t want = std::max<int64_t>(1, (len + kColBlock - 1) / kColBlock);
-    size = ((len + want - 1) / want + vec - 1) / vec * vec;
-    count = std::max<int64_t>(1, (len + size - 1) / size);
+    size = std::max(vec, ((len + want - 1) / want + vec - 1) / vec * vec);
+    count = (len + size - 1) / size;
   }
   int64_t begin(int64_t b) const { return b * size; }
   int64_t length(int64_t b, int64_t len) const { return std::min(size, len - b * size); }
