@@ -1,8 +1,13 @@
 """Functional forms of the fused blocks: check arguments, pick the backend, call the op.
 
 Every function takes `backend="auto"` (SPEC §3) and returns a tensor shaped, typed and
-laid out (NCHW or channels_last) like `x`. Weights may be float32 while `x` is half
-precision (autocast); all reductions and small math run in float32.
+laid out (NCHW or channels_last) like `x`. Weights have x's dtype, as torch's layers require;
+under `torch.autocast` they may be float32 while `x` is half precision. All reductions and
+small math run in float32 (float64 for float64 x).
+
+Under torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap, ...) and forward-mode AD the
+functions compute the same result with plain PyTorch ops (the reference backend's), whatever
+the backend: the fused kernels have a backward formula only (see `ops.needs_decomposition`).
 """
 from __future__ import annotations
 

@@ -302,3 +302,18 @@ def test_convert_keeps_a_shared_module_shared():
         assert [e.path for e in report] == ["0", "2"] and all(e.converted for e in report)
         assert len(list(converted.parameters())) == len(list(model.parameters()))
         assert rel_err(converted(x), want) <= TOL
+
+
+def test_convert_keeps_hooks_on_a_variant():
+    """A timm/torchvision block becomes a variant module that takes over the original's layers;
+    hooks on the block itself run on the variant, once."""
+    misc = pytest.importorskip("torchvision.ops.misc")
+    se = misc.SqueezeExcitation(8, 4).to(DT)
+    calls = []
+    se.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__) or out * 2)
+    x = rand(2, 8, 5, 4)
+    want = se(x)
+    converted, report = attnfused.convert(nn.Sequential(se), backend=BACKENDS[0], report=True)
+    assert report[0].replaced_by == "FusedChannelMLP"
+    calls.clear()
+    assert rel_err(converted(x), want) <= TOL and calls == ["FusedChannelMLP"]
