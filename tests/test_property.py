@@ -1,0 +1,37 @@
+"""Property-based parity of the backends this process runs on CPU ("reference", "cpu") against the
+float64 reference: random shapes, layouts, dtypes, options and special values (tests/_property.py;
+the Triton backend's run is tests/triton/test_property.py)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import _property as P
+from tests._util import cpu_backends
+
+# N = 0 with H or W = 0 kills the process (SIGFPE) in the cpu backend's spatial kernels today
+EMPTY_SPATIAL_CRASH = {"cpu": "N = 0 with H or W = 0 crashes the cpu backend's spatial kernels (SIGFPE)"}
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in cpu_backends()])
+@settings(max_examples=P.budget(100))
+@given(data=st.data())
+def test_matches_float64_reference(backend, data):
+    ex = data.draw(P.examples(P.available(backend), skip_empty_dims=backend in EMPTY_SPATIAL_CRASH),
+                   label="example")
+    P.check(ex, backend)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 0, 4), (0, 3, 5, 0), (0, 0, 0, 0)], ids=str)
+@pytest.mark.parametrize("op", P.OPS)
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in cpu_backends()])
+def test_empty_batch_and_space(backend, op, shape):
+    """The shapes the property test leaves out where a backend cannot take them yet, every op."""
+    if backend in EMPTY_SPATIAL_CRASH:
+        pytest.skip(EMPTY_SPATIAL_CRASH[backend])
+    case = P.Case(op, (("act", "relu"), ("bias", True), ("gate", "sigmoid"), ("k", 3), ("k1d", 3),
+                       ("kind", "mlp"), ("maps", "max_mean"), ("padding", "zeros"), ("pool", "avg+max"),
+                       ("sbias", True), ("sgate", "sigmoid"))) if op in ("channel", "spatial", "cbam") else None
+    for lay in ("nchw", "channels_last"):
+        P.check(P.Example(op, case, shape, P.torch.float32, lay, "none", 1.0, 0), backend)
