@@ -30,7 +30,7 @@ from tests.cases import Case, forward_ok, grad_bounds, grad_leaves
 # the same run each time; the per-test seed fixture (tests/conftest.py) does not matter here
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("dev", **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
@@ -95,15 +95,16 @@ def _shapes(skip_empty_dims: bool):
     return st.one_of(sizes, sizes, sizes, empty)
 
 
-def examples(dtypes, skip_empty_dims=False):
+def examples(dtypes, skip_empty_dims=False, specials=SPECIALS):
     """The strategy of Examples for a backend that takes `dtypes`; `skip_empty_dims` leaves out
-    N = 0 with C, H or W = 0 (a backend that cannot take them yet says why in its own test)."""
+    N = 0 with C, H or W = 0, `specials` the special values (what a backend cannot take yet, its
+    test says why)."""
     @st.composite
     def draw(draw_):
         op = draw_(st.sampled_from(OPS))
         dtype = draw_(st.sampled_from(dtypes))
         return Example(op, draw_(_options(op)), draw_(_shapes(skip_empty_dims)), dtype,
-                       draw_(st.sampled_from(LAYOUTS)), draw_(st.sampled_from(SPECIALS)),
+                       draw_(st.sampled_from(LAYOUTS)), draw_(st.sampled_from(specials)),
                        draw_(st.sampled_from(SCALES[dtype])), draw_(st.integers(0, 2**31 - 1)))
     return draw()
 

@@ -4,6 +4,7 @@ the Triton backend's run is tests/triton/test_property.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,4 +35,4 @@ def test_empty_batch_and_space(backend, op, shape):
                        ("kind", "mlp"), ("maps", "max_mean"), ("padding", "zeros"), ("pool", "avg+max"),
                        ("sbias", True), ("sgate", "sigmoid"))) if op in ("channel", "spatial", "cbam") else None
     for lay in ("nchw", "channels_last"):
-        P.check(P.Example(op, case, shape, P.torch.float32, lay, "none", 1.0, 0), backend)
+        P.check(P.Example(op, case, shape, torch.float32, lay, "none", 1.0, 0), backend)
