@@ -36,17 +36,20 @@ def check_spatial_kernel(name: str, k) -> int:
     return k
 
 
-def _check_strided(name: str, t: torch.Tensor) -> None:
+_STRIDED = torch.strided
+
+
+def _layout_error(name: str, t: torch.Tensor) -> TypeError:
     # sparse, mkldnn and nested tensors have no strides for the kernels (nor sizes, for nested)
-    if t.layout is not torch.strided or t.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout "
-                        f"{'nested' if t.is_nested else t.layout}; convert it first (e.g. .to_dense())")
+    return TypeError(f"{name} must be a dense (strided) tensor, got layout "
+                     f"{'nested' if t.is_nested else t.layout}; convert it first (e.g. .to_dense())")
 
 
 def check_input(x, channels: int | None = None, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    _check_strided(name, x)
+    if x.layout is not _STRIDED or x.is_nested:
+        raise _layout_error(name, x)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -64,27 +67,29 @@ def _autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def check_weight_dtypes(x: torch.Tensor, *named) -> None:
-    """torch's rule for layers, for the (name, weight) pairs (weights None or checked by check_weight):
-    x's dtype, except under torch.autocast, where half-precision x meets float32 weights (float64 is
-    never mixed: autocast does not cast it). Checked after the shapes, which say more when both are off."""
-    for name, w in named:
-        if w is not None and w.dtype != x.dtype and (torch.float64 in (w.dtype, x.dtype)
-                                                    or not _autocast_on(x.device.type)):
-            raise TypeError(f"{name} must have the input's dtype {x.dtype} (as torch's layers require, outside "
+def check_dtypes(x: torch.Tensor, names: tuple[str, ...], weights: tuple) -> None:
+    """torch's rule for layers: each weight (None, or checked by check_weight) has x's dtype, except
+    under torch.autocast, where half-precision x meets float32 weights (float64 is never mixed:
+    autocast does not cast it). Called after every shape check, which says more when both are off."""
+    dtype = x.dtype
+    for name, w in zip(names, weights):
+        if w is not None and w.dtype is not dtype and (
+                torch.float64 in (w.dtype, dtype) or not _autocast_on(x.device.type)):
+            raise TypeError(f"{name} must have the input's dtype {dtype} (as torch's layers require, outside "
                             f"torch.autocast), got {w.dtype}; convert the module or the input (.to(dtype))")
 
 
 def check_weight(name: str, w, x: torch.Tensor, shape: tuple[int, ...] | None = None,
                  optional: bool = False) -> None:
-    """`w` is a dense floating tensor on x's device (of `shape`, if given); see also check_weight_dtypes."""
+    """`w` is a dense floating tensor on x's device (of `shape`, if given); dtypes: `check_dtypes`."""
     if w is None:
         if optional:
             return
         raise TypeError(f"{name} must be a torch.Tensor, got None")
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-    _check_strided(name, w)
+    if w.layout is not _STRIDED:
+        raise _layout_error(name, w)
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {w.dtype}")
     if w.device != x.device:

@@ -27,6 +27,9 @@ def native_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+_CHANNEL_WEIGHTS = ("w1", "b1", "w2", "b2")
+
+
 def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     _checks.check_input(x)
     check_choice("kind", kind, CHANNEL_KINDS)
@@ -35,8 +38,8 @@ def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     check_choice("gate", gate, GATES)
     check_choice("padding", padding, CONV_PADDINGS)
     C = x.shape[1]
+    _checks.check_weight("w1", w1, x)
     if kind == "mlp":
-        _checks.check_weight("w1", w1, x)
         if w1.dim() != 2 or w1.shape[1] != C or w1.shape[0] < 1:
             raise ValueError(f"w1 must have shape (hidden, {C}) with hidden >= 1, got {tuple(w1.shape)}")
         hidden = w1.shape[0]
@@ -44,13 +47,12 @@ def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
         _checks.check_weight("b1", b1, x, (hidden,), optional=True)
         _checks.check_weight("b2", b2, x, (C,), optional=True)
     else:
-        _checks.check_weight("w1", w1, x)
         if w1.dim() != 3 or w1.shape[:2] != (1, 1) or w1.shape[2] % 2 == 0:
             raise ValueError(f"w1 (the 1D conv weight) must have shape (1, 1, k) with k odd, got {tuple(w1.shape)}")
         for name, w in (("b1", b1), ("w2", w2), ("b2", b2)):
             if w is not None:
                 raise ValueError(f"{name} must be None for kind='conv', got a tensor")
-    _checks.check_weight_dtypes(x, ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))
+    _checks.check_dtypes(x, _CHANNEL_WEIGHTS, (w1, b1, w2, b2))
 
 
 def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="bias", gate_name="gate"):
@@ -63,7 +65,7 @@ def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="
         raise ValueError(f"{weight_name} must have shape (1, {m}, k, k) with k odd for maps={maps!r}, "
                          f"got {tuple(weight.shape)}")
     _checks.check_weight(bias_name, bias, x, (1,), optional=True)
-    _checks.check_weight_dtypes(x, (weight_name, weight), (bias_name, bias))
+    _checks.check_dtypes(x, (weight_name, bias_name), (weight, bias))
 
 
 def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tensor | None = None,
