@@ -72,6 +72,11 @@ def check_dtypes(x: torch.Tensor, names: tuple[str, ...], weights: tuple) -> Non
     under torch.autocast, where half-precision x meets float32 weights (float64 is never mixed:
     autocast does not cast it). Called after every shape check, which says more when both are off."""
     dtype = x.dtype
+    for w in weights:  # the common case, all alike, in as few steps as it takes
+        if w is not None and w.dtype is not dtype:
+            break
+    else:
+        return
     for name, w in zip(names, weights):
         if w is not None and w.dtype is not dtype and (
                 torch.float64 in (w.dtype, dtype) or not _autocast_on(x.device.type)):
