@@ -197,7 +197,7 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
         out = case.run(x, w, backend)
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     if lay != "strided":  # a strided view is copied once; the output is then plain NCHW
-        assert out.stride() == x.stride()
+        assert out.stride() == x.stride(), f"{case} output strides {out.stride()}, x's {x.stride()} ({lay})"
     err = rel_err(out.cpu(), ref)
     assert forward_ok(case, x64, w64, ref.detach(), err, dtype), f"{case} forward rel err {err:.3g}"
     _, leaves = grad_leaves(x, w)
