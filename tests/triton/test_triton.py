@@ -250,3 +250,13 @@ def test_compile_fullgraph(device):
     gx, = torch.autograd.grad(out.sum(), x)
     gx_ref, = torch.autograd.grad(ref.sum(), x)
     assert torch.equal(gx, gx_ref)
+
+
+def test_hardsigmoid_keeps_nan():
+    # a NaN logit stays NaN through the hard sigmoid, as in torch (min/max alone would map it to 0)
+    x = torch.tensor([[[[0.5, float("nan")]]]])
+    w = torch.randn(1, 1, 3)
+    for dev in DEVICES:
+        y = attnfused.functional.channel_attention(x.to(dev), w.to(dev), kind="conv", gate="hardsigmoid",
+                                                   backend="triton")
+        assert torch.isnan(y).all(), y

@@ -82,7 +82,9 @@ def gate_fn(z, GATE: tl.constexpr):
     if GATE == 0:
         g = 1.0 / (1.0 + tl.exp(-z))
     else:
-        g = tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+        # NaN stays NaN, as in torch's hardsigmoid (min/max would drop it)
+        nan = tl.PropagateNan.ALL
+        g = tl.minimum(tl.maximum(z + 3.0, 0.0, propagate_nan=nan), 6.0, propagate_nan=nan) / 6.0
     return g
 
 
