@@ -5,9 +5,11 @@
 per device land in `bench/results/<device>/`.
 
 Modules: `env` (device, versions, commit), `shapes` (presets), `blocks` (the seven
-blocks), `providers` (eager, compile, fused backends), `timing` (CPU and CUDA timers),
-`parity` (tolerances and the float64 check), `harness` (one row per case and provider),
-`report` (table, CSV, plots, README), `progress` (bar).
+blocks), `providers` (eager, compile, fused backends), `timing` (CPU and CUDA timers, host time
+per call), `parity` (tolerances and the float64 check), `harness` (one row per case and provider),
+`report` (table, CSV, plots, README), `progress` (bar). Run on their own: `e2e` (whole models),
+`overhead` (per-call cost of each layer on CPU), `traffic` (memory traffic probe, built just in
+time), `static` (the CUDA kernels' static performance check), `gpu_check` (the timed GPU check).
 """
 
 import os as _os

@@ -20,7 +20,7 @@ import torch
 
 from . import env, report
 from .blocks import BLOCKS
-from .harness import DTYPES, LAYOUTS, MODES, Case, run_case, unavailable
+from .harness import DTYPES, LAYOUTS, MODES, Case, host_bound, run_case, unavailable
 from .progress import bar
 from .providers import PROVIDERS
 from .shapes import PRESETS, parse_shapes
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
 
     print(report.table(rows))
+    for line in host_bound(rows):  # GPU rows whose issue time exceeds their GPU time
+        print("host-bound:", line)
     bad = [r for r in rows if r.get("status") != "ok"]
     extra = env.run_facts(dev, "python -m bench " + shlex.join(argv), wall) | {"skipped": skipped}
     pngs = [] if a.no_plots else report.plots(rows, meta, stem)

@@ -27,7 +27,7 @@ def _fmt(v, digits: int = 4) -> str:
 # ----------------------------------------------------------------------------- stdout table
 
 _TABLE = [("block", "block"), ("shape", "shape"), ("dtype", "dtype"), ("layout", "layout"), ("mode", "mode"),
-          ("provider", "provider"), ("median_ms", "ms"), ("copy_ms", "copy ms"), ("speedup_eager", "x eager"),
+          ("provider", "provider"), ("median_ms", "ms"), ("host_ms", "host ms"), ("copy_ms", "copy ms"), ("speedup_eager", "x eager"),
           ("speedup_compile", "x compile"), ("copy_frac", "copy frac"), ("saved_x", "saved/x"),
           ("status", "status"), ("note", "")]
 

@@ -50,7 +50,5 @@ TORCH_LIBRARY(attnfused_C, m) {
   m.def("spatial_pool_backward(Tensor grad_smaps, Tensor x, Tensor sargmax) -> Tensor");
   m.def("spatial_scale(Tensor x, Tensor t) -> Tensor");
   m.def("spatial_scale_backward(Tensor grad_y, Tensor x, Tensor t) -> (Tensor, Tensor)");
-  // a benchmark instrument, CPU only (cpu/traffic_probe.cpp, bench/traffic.py)
-  m.def("_traffic_probe(Tensor x, Tensor? dy, str passes) -> (Tensor, Tensor)");
   m.def("_build_info() -> str", &build_info);
 }
