@@ -13,9 +13,11 @@ branch, before the addition, as the papers place it; `--attn`), and timm models 
 seresnet50, ecaresnet50d, efficientnet_b0, resnet50_cbam = resnet50 with attn_layer="cbam").
 
 Before any timing each provider's output (inference: the logits; training: the logits and every
-parameter's gradient) is checked against the same model run in float64: it must be within the
-dtype's tolerance, or twice eager's own error where that is larger (SPEC section 4). A provider
-that fails is reported WRONG and not timed. The first call (which compiles) is not timed; its
+parameter's gradient) is checked against the original model run in float64. A fused provider must
+be within the dtype's tolerance, or twice the error of the original model run the same way (eager,
+and compile for fused+compile) where that is larger (SPEC section 4); compile of the original must
+pass on the logits (its gradients are reported in the note: Inductor's numerics are its own). A
+provider that fails is reported WRONG and not timed. The first call (which compiles) is not timed; its
 extra cost is reported apart (`*_compile_s`). The providers of a model are timed interleaved, as
 medians of `--reps` samples. The fields follow timm's benchmark.py (`infer_samples_per_sec`,
 `infer_step_time` in ms, `infer_batch_size`, `infer_img_size`, the same for `train_`,
@@ -112,16 +114,21 @@ def step(fn, module: nn.Module, x, target, mode: str, amp, cudagraphs: bool):
     return train
 
 
-def check(out: dict, eager: dict, ref: dict, dtype: torch.dtype) -> tuple[float, str]:
-    """(the largest relative difference from eager, "ok" or "WRONG ..."): each output within the
-    dtype's tolerance of the float64 run, or twice eager's own error where that is larger."""
+def check(out: dict, eager: dict, ref: dict, dtype: torch.dtype, base: dict | None = None,
+          keys: tuple[str, ...] | None = None) -> tuple[float, str]:
+    """(the largest relative difference from eager, "ok" or "WRONG ..."): each output of `keys` (default
+    all) within the dtype's tolerance of the float64 run, or twice the error of the original model
+    run the same way (eager's, and `base`'s: compile's for fused+compile) where that is larger."""
     from attnfused.accuracy import GRAD_TOLERANCE, TOLERANCE, bound, rel_err
 
     worst, failed = 0.0, []
     for key, ref_t in ref.items():
-        target = (GRAD_TOLERANCE if key == "grads" else TOLERANCE)[dtype]
-        err, lim = rel_err(out[key], ref_t), bound(target, rel_err(eager[key], ref_t))
         worst = max(worst, rel_err(out[key], eager[key]))
+        if keys is not None and key not in keys:
+            continue
+        target = (GRAD_TOLERANCE if key == "grads" else TOLERANCE)[dtype]
+        pytorch_err = max(rel_err(o[key], ref_t) for o in (eager, base) if o is not None)
+        err, lim = rel_err(out[key], ref_t), bound(target, pytorch_err)
         if not err <= lim:
             failed.append(f"{key} rel err {err:.3g} against float64 > {lim:.3g}")
     return worst, "WRONG: " + "; ".join(failed) if failed else "ok"
@@ -156,8 +163,8 @@ def time_model(orig: nn.Module, fused: dict, provs: list[Provider], mode: str, x
     del ref_model
     out: dict[str, dict] = {}
     runs: dict[str, Run] = {}
-    eager_out = None
-    for p in provs:  # eager comes first: the others are checked against its error
+    eager_out, got_by = None, {}
+    for p in provs:  # eager first, and compile before fused+compile: each is checked against its baseline
         module = copy.deepcopy(fused[p.convert_kwargs] if p.fused else orig)
         fn = torch.compile(module, mode=p.compile_mode, dynamic=False) if p.compiles else module
         breaks = _counter_total("graph_break") if p.compiles else 0
@@ -172,12 +179,22 @@ def time_model(orig: nn.Module, fused: dict, provs: list[Provider], mode: str, x
                 raise
             out[p.name] = {"status": f"ERROR: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             continue
+        got_by[p.name] = got
         if p.name == "eager":
             eager_out = got
         if a.verbose:
             print(f"[bench.e2e]   {mode} {p.name}: first call {first:.1f} s", flush=True)
-        rel, status = check(got, eager_out, ref, dtype)
         note = []
+        if p.fused:  # ours: held to what PyTorch does with the original model run the same way
+            rel, status = check(got, eager_out, ref, dtype, base=got_by.get(baseline(p)))
+        else:  # PyTorch's own (compile): its forward confirms the same model runs; Inductor's
+            # gradients have numerics of their own (through train-mode BatchNorm at small batches
+            # they came out 5e-3 off float64 where eager's were 5e-5 off), so they are only reported
+            rel, status = check(got, eager_out, ref, dtype, keys=("logits",))
+            if "grads" in ref and p.name != "eager":
+                from attnfused.accuracy import rel_err
+                note.append(f"gradients {rel_err(got['grads'], ref['grads']):.2g} off float64, eager's "
+                            f"{rel_err(eager_out['grads'], ref['grads']):.2g}")
         if p.compiles and _counter_total("graph_break") > breaks:
             note.append(f"{_counter_total('graph_break') - breaks} graph breaks")
         out[p.name] = {"rel_err": rel, "status": status, "note": note}
@@ -340,10 +357,11 @@ def parse_args(argv):
     a.modes = [m for m in a.modes.split(",") if m]
     if not a.modes or any(m not in MODES for m in a.modes):
         raise SystemExit(f"--modes: choose from {list(MODES)}, got {a.modes}")
-    names = ["eager"] + [p for p in a.providers.split(",") if p and p != "eager"]
-    bad = [p for p in names if p not in PROVIDERS]
+    asked = {p for p in a.providers.split(",") if p} | {"eager"}
+    bad = sorted(asked - set(PROVIDERS))
     if bad:
         raise SystemExit(f"--providers: choose from {list(PROVIDERS)}, got {bad}")
+    names = [p for p in PROVIDERS if p in asked]  # in PROVIDERS' order: each baseline before its fused twin
     extra = {}
     for item in a.convert_arg:
         key, sep, value = item.partition("=")
