@@ -105,9 +105,9 @@ class _ThroughMode(TorchDispatchMode):
 def test_direct_kernels_match_custom_ops(case, backend, grad):
     """In eager mode on plain tensors the kernels run directly (ops.call); the custom ops give
     the same outputs and gradients bit for bit."""
-    x = rand(2, 7, 5, 6)
+    x = rand(2, 7, 5, 6, dtype=torch.float32)
     w = case.weights(7, dtype=torch.float32)
-    g = rand(2, 7, 5, 6)
+    g = rand(2, 7, 5, 6, dtype=torch.float32)
 
     def run():
         xx = x.clone().requires_grad_(grad)
