@@ -17,6 +17,9 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace attnfused {
 namespace cpu {
 namespace {
@@ -113,13 +116,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
       sp.samples(pdy, px, f.S.data(), n0, d1);
       dot_space<scalar_t, true, true>(pdy + off, px + off, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
       at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
-        for (int64_t n = b; n < e; ++n)
+        std::vector<double> hot(d.C);  // a channel may be the max at every pixel: summed in double
+        for (int64_t n = b; n < e; ++n) {
+          std::fill(hot.begin(), hot.end(), 0.0);
           for (int64_t hw = 0; hw < d.HW; ++hw) {
             const int64_t c = sam[n * d.HW + hw];
             TORCH_CHECK_INDEX(c >= 0 && c < d.C, "sargmax[", n, ", ", hw, "] = ", c, " is outside [0, C = ", d.C,
                               ")");
-            dz[n * d.C + c] += dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]);
+            hot[c] += static_cast<double>(dmax_s[n * d.HW + hw] * static_cast<acc_t>(px[d.at(n, c, hw)]));
           }
+          for (int64_t c = 0; c < d.C; ++c)
+            dz[n * d.C + c] = static_cast<acc_t>(static_cast<double>(dz[n * d.C + c]) + hot[c]);
+        }
       });
       f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
       // dx = dx1 * s + A + one-hot(argmax) dmax_c

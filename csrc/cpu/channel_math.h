@@ -56,26 +56,46 @@ void conv1d_row(const acc_t* src, const acc_t* w, int64_t k, int64_t C, Padding 
 template <typename acc_t>
 acc_t conv1d_dweight(const acc_t* Vm, const acc_t* dz, int64_t rows, int64_t P, int64_t k, int64_t C,
                      Padding padding, int64_t j) {
-  if (k > C && padding != Padding::ZEROS) return small::conv1d_dweight_at(Vm, dz, rows, P, k, C, padding, j);
+  WideSum wide;  // the sum over rows goes into double every kSumBlock vectors per lane
+  if (k > C && padding != Padding::ZEROS) {
+    for (int64_t r = 0; r < rows; ++r)
+      wide.add(small::conv1d_dweight_at(Vm + r * C, dz + (r / P) * C, 1, 1, k, C, padding, j));
+    return wide.finish(acc_t(0));
+  }
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t s = j - (k - 1) / 2;  // dz[c] meets V[c + s]
   const int64_t c0 = std::clamp<int64_t>(-s, 0, C), c1 = std::clamp<int64_t>(C - s, 0, C);
   const bool wrap = padding != Padding::ZEROS;
   Vec acc(acc_t(0));
+  int64_t steps = 0;  // vectors added into acc since it last went into `wide`
   auto run = [&](const acc_t* d, const acc_t* v, int64_t n) {  // acc += d[0, n) * v[0, n)
     int64_t i = 0;
     for (; i + V <= n; i += V) acc = at::vec::fmadd(Vec::loadu(d + i), Vec::loadu(v + i), acc);
     if (i < n) acc = at::vec::fmadd(Vec::loadu(d + i, n - i), Vec::loadu(v + i, n - i), acc);
+    steps += (n + V - 1) / V;
   };
   for (int64_t r = 0; r < rows; ++r) {
+    if (steps >= kSumBlock) {
+      wide.add(lanes_sum(acc));
+      acc = Vec(acc_t(0));
+      steps = 0;
+    }
     const acc_t* v = Vm + r * C;
     const acc_t* d = dz + (r / P) * C;
     if (wrap && c0 > 0) run(d, v + C + s, c0);  // c in [0, -s): V[c + s + C]
     run(d + c0, v + c0 + s, c1 - c0);
     if (wrap && c1 < C) run(d + c1, v + c1 + s - C, C - c1);  // c in [C - s, C): V[c + s - C]
   }
-  return lanes_sum(acc);
+  return wide.finish(lanes_sum(acc));
+}
+
+// Sum over rows r of a[(r / a_div) * lda + i] (a bias gradient: one sum over the batch), in double.
+template <typename acc_t>
+acc_t batch_sum_at(const acc_t* a, int64_t lda, int64_t a_div, int64_t rows, int64_t i) {
+  double acc = 0.0;
+  for (int64_t r = 0; r < rows; ++r) acc += static_cast<double>(a[(r / a_div) * lda + i]);
+  return static_cast<acc_t>(acc);
 }
 
 // The inputs of f: V [N*P, C], row n * P + p = input p of sample n (pool_input of avg and max).
@@ -168,12 +188,12 @@ class ChannelSmall {
       if (w_.b1.defined()) {
         db1 = at::empty({Cr}, opts);
         for (int64_t j = 0; j < Cr; ++j)
-          db1.data_ptr<acc_t>()[j] = small::batch_outer_at<acc_t>(DHP.data(), Cr, 1, nullptr, 0, rows, j, 0);
+          db1.data_ptr<acc_t>()[j] = batch_sum_at<acc_t>(DHP.data(), Cr, 1, rows, j);
       }
       if (w_.b2.defined()) {
         db2 = at::empty({C}, opts);
         for (int64_t c = 0; c < C; ++c)
-          db2.data_ptr<acc_t>()[c] = small::batch_outer_at<acc_t>(dz, C, P, nullptr, 0, rows, c, 0);
+          db2.data_ptr<acc_t>()[c] = batch_sum_at<acc_t>(dz, C, P, rows, c);
       }
       return {gemm_nn_job<acc_t>(DHP.data(), 1, Cr, V.data(), Cr, C, rows, dw1.data_ptr<acc_t>()),
               gemm_nn_job<acc_t>(dz, 1, C, hidden_sum(), C, Cr, N, dw2.data_ptr<acc_t>())};

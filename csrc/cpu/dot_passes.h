@@ -31,9 +31,16 @@ inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t 
   };
   Vec acc0(acc_t(0)), acc1(acc_t(0));  // 2 chains in registers hide the FMA latency
   int64_t i = 0;
-  for (; i + 2 * V <= L; i += 2 * V) {
-    acc0 = at::vec::fmadd(A_at(i), X_at(i), acc0);
-    acc1 = at::vec::fmadd(A_at(i + V), X_at(i + V), acc1);
+  WideSum wide;
+  while (i + 2 * V <= L) {
+    for (const int64_t end = std::min(L, i + kSumBlock * 2 * V); i + 2 * V <= end; i += 2 * V) {
+      acc0 = at::vec::fmadd(A_at(i), X_at(i), acc0);
+      acc1 = at::vec::fmadd(A_at(i + V), X_at(i + V), acc1);
+    }
+    if (i + 2 * V <= L) {  // another block follows
+      wide.add(lanes_sum(acc0 + acc1));
+      acc0 = acc1 = Vec(acc_t(0));
+    }
   }
   if (i + V <= L) {
     acc0 = at::vec::fmadd(A_at(i), X_at(i), acc0);
@@ -47,7 +54,7 @@ inline acc_type<scalar_t> row_dot(const scalar_t* a, const scalar_t* x, int64_t 
     if constexpr (kS) vx = vx * S[i];
     s += va * vx;
   }
-  return s;
+  return wide.finish(s);
 }
 
 // Column form: out[j] = sum_r A_rj * X_rj for columns [j0, j0 + L), with per-row T[r], B[r], S[r]
@@ -61,6 +68,12 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = IO::kSize, U = 4;
+  if (L > kColBlock) {  // the column blocks of parallel_col_blocks never are; others go a block at a time
+    for (int64_t j = 0; j < L; j += kColBlock)
+      cols_dot<scalar_t, kT, kB, kS, kX>(a, x, R, stride, j0 + j, std::min(kColBlock, L - j), T, B, S, out + j);
+    return;
+  }
+  WideColumns<acc_t> wide;
   const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
@@ -70,7 +83,7 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
       Vec acc[U];
       for (int64_t u = 0; u < U; ++u) {
         n[u] = kFull ? V : std::clamp<int64_t>(L - j - u * V, 0, V);
-        acc[u] = r0 == 0 || n[u] == 0 ? Vec(acc_t(0)) : Vec::loadu(out + j + u * V, n[u]);
+        acc[u] = r0 % kSumRows == 0 || n[u] == 0 ? Vec(acc_t(0)) : Vec::loadu(out + j + u * V, n[u]);
       }
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* pa = a + r * stride + j0 + j;
@@ -98,7 +111,9 @@ inline void cols_dot(const scalar_t* a, const scalar_t* x, int64_t R, int64_t st
         if (n[u]) acc[u].store(out + j + u * V, n[u]);
     };
     step_columns<U * V>(L, step);
+    if (R > kSumRows && (r1 % kSumRows == 0 || r1 == R)) wide.widen(out, L, r1 - 1 - (r1 - 1) % kSumRows);
   }
+  if (R > kSumRows) wide.finish(out, L);
 }
 
 }  // namespace cpu

@@ -169,26 +169,51 @@ Job gemm_nn_tiles(const acc_t* A, int64_t sai, int64_t sak, const acc_t* B, int6
         }
         packed_m0 = m0;
       }
-      Vec acc[TI][TV];
-      for (int u = 0; u < TI; ++u)
-        for (int v = 0; v < TV; ++v) acc[u][v] = Vec(acc_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        Vec bv[TV];
-        if (pack) {
-          for (int v = 0; v < TV; ++v) bv[v] = Vec::loadu(packed.data() + k * TW + v * V);
-        } else {
-          const acc_t* bk = B + k * M + m0;
-          for (int v = 0; v < TV; ++v)
-            bv[v] = n[v] == V ? Vec::loadu(bk + v * V) : (n[v] ? Vec::loadu(bk + v * V, n[v]) : Vec(acc_t(0)));
+      // the FMAs of k in [k0, k1) for the tile, its sums then handed to put(acc)
+      auto block = [&](int64_t k0, int64_t k1, const auto& put) {
+        Vec acc[TI][TV];
+        for (int u = 0; u < TI; ++u)
+          for (int v = 0; v < TV; ++v) acc[u][v] = Vec(acc_t(0));
+        for (int64_t k = k0; k < k1; ++k) {
+          Vec bv[TV];
+          if (pack) {
+            for (int v = 0; v < TV; ++v) bv[v] = Vec::loadu(packed.data() + k * TW + v * V);
+          } else {
+            const acc_t* bk = B + k * M + m0;
+            for (int v = 0; v < TV; ++v)
+              bv[v] = n[v] == V ? Vec::loadu(bk + v * V) : (n[v] ? Vec::loadu(bk + v * V, n[v]) : Vec(acc_t(0)));
+          }
+          for (int u = 0; u < TI; ++u) {
+            const Vec av(a[u][k * sak]);
+            for (int v = 0; v < TV; ++v) acc[u][v] = at::vec::fmadd(av, bv[v], acc[u][v]);
+          }
         }
-        for (int u = 0; u < TI; ++u) {
-          const Vec av(a[u][k * sak]);
-          for (int v = 0; v < TV; ++v) acc[u][v] = at::vec::fmadd(av, bv[v], acc[u][v]);
-        }
+        put(acc);
+      };
+      if (K <= kSumBlock) {
+        block(0, K, [&](auto& acc) {
+          for (int u = 0; u < TI && i0 + u < I; ++u)
+            for (int v = 0; v < TV; ++v)
+              if (n[v]) acc[u][v].store(out + (i0 + u) * M + m0 + v * V, n[v]);
+        });
+        continue;
       }
+      // chains longer than kSumBlock (the weight gradients' sums over the batch): into double a
+      // block of kSumBlock at a time
+      alignas(64) double wide[TI * TW] = {};
+      for (int64_t k0 = 0; k0 < K; k0 += kSumBlock)
+        block(k0, std::min(K, k0 + kSumBlock), [&](auto& acc) {
+          for (int u = 0; u < TI; ++u)
+            for (int v = 0; v < TV; ++v) {
+              alignas(64) acc_t lanes[V];
+              acc[u][v].store(lanes);
+              for (int64_t l = 0; l < V; ++l) wide[u * TW + v * V + l] += static_cast<double>(lanes[l]);
+            }
+        });
       for (int u = 0; u < TI && i0 + u < I; ++u)
         for (int v = 0; v < TV; ++v)
-          if (n[v]) acc[u][v].store(out + (i0 + u) * M + m0 + v * V, n[v]);
+          for (int64_t l = 0; l < n[v]; ++l)
+            out[(i0 + u) * M + m0 + v * V + l] = static_cast<acc_t>(wide[u * TW + v * V + l]);
     }
   }};
 }

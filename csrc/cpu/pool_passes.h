@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "cpu/vec_io.h"
 
@@ -36,17 +38,24 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_
   Vec s0(acc_t(0)), s1(acc_t(0));
   Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0;
   Vec b0(acc_t(0)), b1(acc_t(0));  // block start of each lane's max (chain 1: plus V)
+  WideSum wide;
   int64_t i = 0;
-  for (; i + 2 * V <= L; i += 2 * V) {
-    const Vec v0 = vec_at(i), v1 = vec_at(i + V);
-    s0 += v0;
-    s1 += v1;
-    if constexpr (kMax) {
-      const Vec t0 = v0 > m0, t1 = v1 > m1, vi(static_cast<acc_t>(i));
-      m0 = Vec::blendv(m0, v0, t0);
-      m1 = Vec::blendv(m1, v1, t1);
-      b0 = Vec::blendv(b0, vi, t0);
-      b1 = Vec::blendv(b1, vi, t1);
+  while (i + 2 * V <= L) {
+    for (const int64_t end = std::min(L, i + kSumBlock * 2 * V); i + 2 * V <= end; i += 2 * V) {
+      const Vec v0 = vec_at(i), v1 = vec_at(i + V);
+      s0 += v0;
+      s1 += v1;
+      if constexpr (kMax) {
+        const Vec t0 = v0 > m0, t1 = v1 > m1, vi(static_cast<acc_t>(i));
+        m0 = Vec::blendv(m0, v0, t0);
+        m1 = Vec::blendv(m1, v1, t1);
+        b0 = Vec::blendv(b0, vi, t0);
+        b1 = Vec::blendv(b1, vi, t1);
+      }
+    }
+    if (i + 2 * V <= L) {  // another block follows
+      wide.add(lanes_sum(s0 + s1));
+      s0 = s1 = Vec(acc_t(0));
     }
   }
   if (i + V <= L) {
@@ -75,6 +84,7 @@ inline void row_pool(const scalar_t* p, int64_t L, acc_type<scalar_t>& sum, acc_
     if constexpr (kMax)
       if (v > m) m = v, a = j;
   }
+  s = wide.finish(s);
   sum = s;
   if constexpr (kMax) {
     if (std::isnan(s) || !exact) {
@@ -101,10 +111,13 @@ inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int6
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
+  std::vector<double> total(R > kSumRows ? L : 0);  // the sums' blocks of kSumRows rows
   for (int64_t r = 0; r < R; ++r) {
     const scalar_t* p = base + r * stride + j0;
     const acc_t sc = rscale ? rscale[r] : acc_t(1);
     const Vec vs(sc);
+    if (r > 0 && r % kSumRows == 0)
+      for (int64_t j = 0; j < L; ++j) total[j] += static_cast<double>(std::exchange(sum[j], acc_t(0)));
     int64_t j = 0;
     for (; j < L; j += IO::kSize) {
       const int64_t n = std::min<int64_t>(IO::kSize, L - j);
@@ -128,6 +141,7 @@ inline void cols_pool_wide(const scalar_t* base, int64_t R, int64_t stride, int6
       }
     }
   }
+  for (int64_t j = 0; j < L && R > kSumRows; ++j) sum[j] = static_cast<acc_t>(total[j] + static_cast<double>(sum[j]));
 }
 
 // Column pass: for columns [j0, j0 + L) (L <= kColBlock) of R rows (row r at base + r * stride),
@@ -148,6 +162,7 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
     return;
   }
   alignas(64) acc_t idx[kColBlock];
+  WideColumns<acc_t> wide;
   const bool ahead = L * int64_t(sizeof(scalar_t)) < kPrefetchBelowBytes;
   for (int64_t r0 = 0; r0 < R; r0 += kRowStep) {
     const int64_t r1 = std::min(R, r0 + kRowStep);
@@ -163,7 +178,7 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
           vm[u] = Vec(-std::numeric_limits<acc_t>::infinity());
           vi[u] = Vec(acc_t(0));
         } else {
-          vs[u] = Vec::loadu(sum + j + u * V, n[u]);
+          vs[u] = r0 % kSumRows == 0 ? Vec(acc_t(0)) : Vec::loadu(sum + j + u * V, n[u]);  // a new block
           vm[u] = Vec::loadu(mx + j + u * V, n[u]);
           vi[u] = Vec::loadu(idx + j + u * V, n[u]);
         }
@@ -190,7 +205,9 @@ inline void cols_pool(const scalar_t* base, int64_t R, int64_t stride, int64_t j
       }
     };
     step_columns<U * V>(L, step);
+    if (R > kSumRows && (r1 % kSumRows == 0 || r1 == R)) wide.widen(sum, L, r1 - 1 - (r1 - 1) % kSumRows);
   }
+  if (R > kSumRows) wide.finish(sum, L);
   for (int64_t j = 0; j < L; ++j) {
     arg[j] = static_cast<int64_t>(idx[j]);
     if (!std::isnan(sum[j])) continue;

@@ -145,11 +145,11 @@ Job spatial_weight_backward(const acc_t* dz, const acc_t* pads, Maps maps, int64
   return {g.M * kk, N * HW, [=](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t m = i / kk, a = (i / k) % k, c = i % k;
-      acc_t acc = acc_t(0);
+      double acc = 0.0;  // a sum over N * H rows: in double
       for (int64_t n = 0; n < N; ++n)
         for (int64_t h = 0; h < H; ++h)
-          acc += dot(dz + n * HW + h * W, pads + (n * g.M + m) * g.plane() + (h + a) * g.Wp + c, W);
-      dweight[i] = acc;
+          acc += static_cast<double>(dot(dz + n * HW + h * W, pads + (n * g.M + m) * g.plane() + (h + a) * g.Wp + c, W));
+      dweight[i] = static_cast<acc_t>(acc);
     }
   }};
 }
