@@ -31,9 +31,10 @@ STEPS = 240
 BATCH, RES, CLASSES, SAMPLES = 8, 48, 10, 96
 LR, MOMENTUM, NOISE = 0.05, 0.9, 0.5
 # (loss curve, final parameters and buffers): the largest relative difference allowed. Measured with
-# correct kernels: float32 SE 9e-6 and 1.1e-5, float64 3e-14 and 2e-14. With wrong ones: 3x gradients
+# correct kernels: float32 SE 5.4e-5 and 1.4e-3 on 2 threads (a small BatchNorm bias; 9e-6 and 1.1e-5 on
+# one), float64 3e-14 and 2e-14. With wrong ones: 3x gradients
 # 0.017-2.3, a dropped max gradient 0.47-1.3 (float64), a float32 path in float64 1.4e-8 (SE) to 5e-4 (CBAM).
-TOL = {torch.float32: (5e-5, 2e-4), torch.float64: (1e-9, 1e-9)}
+TOL = {torch.float32: (5e-4, 1e-2), torch.float64: (1e-9, 1e-9)}
 # lockstep, float32: the gradients' relative difference (all parameters as one vector), the median over
 # the steps and the worst step (a flipped max, or the last steps' small, ill-conditioned gradients:
 # measured 2.4e-3); a 3x gradient or a dropped max gradient is off by 0.18 or more at the median step
