@@ -275,16 +275,6 @@ def summary(rows: list[dict], provider: str) -> str:
     return "\n".join(lines)
 
 
-E2E_COLUMNS = ["attn", "provider", "mode", "batch", "res", "median_ms", "images_s", "vs_plain", "attn_overhead_ms"]
-
-
-def e2e_markdown(rows: list[dict]) -> str:
-    """The README table of a `bench.e2e` CSV."""
-    lines = ["| " + " | ".join(E2E_COLUMNS) + " |", "|" + "---|" * len(E2E_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c), 3) for c in E2E_COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     ap.add_argument("csv", type=Path)
@@ -292,7 +282,6 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="print the stdout table of the CSV")
     ap.add_argument("--summary", metavar="PROVIDER",
                     help="print the compact README table of PROVIDER (time, x eager / x compile)")
-    ap.add_argument("--e2e", action="store_true", help="print the README table of a bench.e2e CSV")
     ap.add_argument("--retire", action="store_true",
                     help="move the run of CSV to its folder's history: summary kept, files deleted, README rewritten")
     a = ap.parse_args(argv)
@@ -301,9 +290,7 @@ def main(argv=None):
             print(f"removed {f}")
         return
     rows = read_csv(a.csv)
-    if a.e2e:
-        print(e2e_markdown(rows))
-    elif a.summary:
+    if a.summary:
         print(summary(rows, a.summary))
     else:
         print(table(rows) if a.table else markdown(rows))

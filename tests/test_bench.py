@@ -113,19 +113,6 @@ def test_cli_rejects_unknown_names():
         bench_main(["--shapes", "12x", "--no-progress"])
 
 
-def test_e2e_tiny(tmp_path):
-    pytest.importorskip("torchvision")
-    from bench import e2e
-
-    rc = e2e.main(["--attn", "plain,se", "--batch", "2", "--res", "32", "--modes", "infer,train", "--reps", "1",
-                   "--backend", "reference", "--out", str(tmp_path), "--name", "e", "--no-progress"])
-    assert rc == 0
-    rows = report.read_csv(tmp_path / "e.csv")
-    assert [(r["attn"], r["provider"]) for r in rows[:3]] == [("plain", "eager"), ("se", "eager"), ("se", "fused")]
-    fused = rows[2]
-    assert fused["rel_err"] is not None and fused["rel_err"] < 1e-4 and fused["images_s"] > 0
-
-
 def test_device_readme_lists_each_run_with_its_own_files(tmp_path):
     """A stem that prefixes another (b128, b128_s34) gets only its own CSV and plots."""
     meta = {"device": "dev", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}

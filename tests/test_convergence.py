@@ -27,7 +27,7 @@ from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 
 import attnfused  # noqa: E402
 
-STEPS = 240
+STEPS = 150
 BATCH, RES, CLASSES, SAMPLES = 8, 48, 10, 96
 LR, MOMENTUM, NOISE = 0.05, 0.9, 0.5
 # (loss curve, final parameters and buffers): the largest relative difference allowed. Measured with

@@ -7,12 +7,31 @@ size take x's dtype and strides.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..reference import functional as R
-from . import register
+from . import register as _register
+
+
+def register(name: str, op: str):
+    """`backends.register`, with autocast off inside the kernel: its math runs in the accumulation
+    dtype it chooses (under autocast, torch's conv and linear would run the small math in half)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def kernel(x, *args):
+            if not torch.amp.is_autocast_available(x.device.type):
+                return fn(x, *args)
+            with torch.autocast(x.device.type, enabled=False):
+                return fn(x, *args)
+
+        _register(name, op)(kernel)
+        return fn
+    return deco
+
 
 NAME = "reference"
 

@@ -59,6 +59,8 @@ def channel_conv1d(v, weight, padding: str):
     k = weight.shape[-1]
     p = (k - 1) // 2
     C = v.shape[1]
+    if C == 0:  # an empty batch's 0 channels: torch's conv1d takes no empty input (still tied to weight)
+        return v * weight.sum()
     if padding == "zeros":
         return F.conv1d(v.unsqueeze(1), weight.to(v.dtype), padding=p).squeeze(1)
     if padding == "circular":
