@@ -279,6 +279,9 @@ def _gpu_present(py: str) -> bool:
 def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                 xdist: list[str]) -> dict[str, list[Step]]:
     pyt = [py, "-m", "pytest", *TEST_FILES, "-p", "no:cacheprovider", "-m", TEST_M]
+    # inputs past 2**31 elements (64-bit indexing, blocked sums): the CUDA and Triton tests marked slow
+    large = [py, "-m", "pytest", "tests/test_cuda_backend.py", "tests/triton/test_sums.py", "-p", "no:cacheprovider",
+             "-rf", "--tb=short", "-q", "-k", "past_2_31"]
     probe_bin = logdir / "gpu_probes"
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     build_probe = [nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "bench/gpu_probes.cu",
@@ -307,7 +310,9 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                                       "print('cuda sources:', len(e.cuda_sources()), '| why not:', e.cuda_why_not(),"
                                       " '| archs:', e.cuda_arch_list(jit=True))"],
                        summary=build_summary)],
-        "tests": [Step("cuda_subset", [*pyt, "-q", "-rf", "--tb=short", *xdist, "-k", TEST_K],
+        "tests": [Step("large_index", large, dry=[*large, "--collect-only"], timeout=40,
+                       summary=pytest_summary),
+                  Step("cuda_subset", [*pyt, "-q", "-rf", "--tb=short", *xdist, "-k", TEST_K],
                        dry=[*pyt, "--collect-only", "-q", "-k", TEST_K], summary=pytest_summary)],
         "sanitize": san,
         "bench": [
