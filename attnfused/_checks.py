@@ -1,4 +1,4 @@
-"""Argument checks shared by the modules, the functional layer and the ops (SPEC §5).
+"""Argument checks shared by the modules, the functional layer and the ops (docs/contract.md §5).
 
 Every message names the argument, what was expected and what came.
 """
@@ -58,7 +58,7 @@ def check_input(x, channels: int | None = None, name: str = "x") -> None:
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels (dim 1), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
-    # an empty batch returns an empty result whatever C, H and W (SPEC §5)
+    # an empty batch returns an empty result whatever C, H and W (docs/contract.md §5)
     if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0 or x.shape[1] == 0):
         raise ValueError(f"{name} must have non-empty C, H and W when N > 0, got shape {tuple(x.shape)}")
 

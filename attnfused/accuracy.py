@@ -1,4 +1,4 @@
-"""The accuracy contract (SPEC §4), in one place for the tests and the benchmarks' parity check."""
+"""The accuracy contract (docs/contract.md §4), in one place for the tests and the benchmarks' parity check."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3
 
 
 def bound(target: float, eager_err: float) -> float:
-    """SPEC §4: the target, or twice the error of the PyTorch reference in the same dtype where
+    """docs/contract.md §4: the target, or twice the error of the PyTorch reference in the same dtype where
     that is larger (a result that nearly cancels is ill-conditioned for any summation order; the
     eager module is the baseline, not the bar)."""
     return max(target, 2.0 * eager_err)

@@ -295,7 +295,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
 
     Args:
         model: any `nn.Module` (the model itself may be an attention module).
-        backend: the fused modules' backend, "auto" (SPEC §3) or a name.
+        backend: the fused modules' backend, "auto" (docs/contract.md §3) or a name.
         inplace: convert `model` itself (the fused modules hold its very parameters, so an
             optimizer built on them keeps working); otherwise a deep copy is converted.
         report: also return the list of `ConvertEntry`, one per attention module met:

@@ -1,6 +1,6 @@
 """Functional forms of the fused blocks: check arguments, pick the backend, call the op.
 
-Every function takes `backend="auto"` (SPEC §3) and returns a tensor shaped, typed and
+Every function takes `backend="auto"` (docs/contract.md §3) and returns a tensor shaped, typed and
 laid out (NCHW or channels_last) like `x`. Weights have x's dtype, as torch's layers require;
 under `torch.autocast` they may be float32 while `x` is half precision. All reductions and
 small math run in float32 (float64 for float64 x).
@@ -21,7 +21,7 @@ from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDE
 
 
 def native_layout(x: Tensor) -> Tensor:
-    """x itself if NCHW- or channels_last-contiguous, else one copy to NCHW (SPEC §4)."""
+    """x itself if NCHW- or channels_last-contiguous, else one copy to NCHW (docs/contract.md §4)."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()

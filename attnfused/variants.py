@@ -1,4 +1,4 @@
-"""Generic fused modules for the attention blocks of models people already have (SPEC §2).
+"""Generic fused modules for the attention blocks of models people already have (docs/contract.md §2).
 
 Each class takes over an existing module (`source`): its children, parameters, buffers and
 plain attributes under the same names, so the model's `state_dict` keeps its keys and values

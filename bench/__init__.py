@@ -1,6 +1,6 @@
 """attnfused benchmarks.
 
-`python -m bench` times the attention blocks (microbenchmarks, SPEC §6) and
+`python -m bench` times the attention blocks (microbenchmarks, docs/contract.md §6) and
 `python -m bench.e2e` a ResNet-50 with them (end to end). Results, plots and a README
 per device land in `bench/results/<device>/`.
 

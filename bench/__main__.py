@@ -1,4 +1,4 @@
-"""python -m bench: microbenchmarks of the attention blocks (SPEC §6).
+"""python -m bench: microbenchmarks of the attention blocks (docs/contract.md §6).
 
 Every provider that can run on the device and dtype is checked against the float64
 reference, then timed beside a same-size copy from the same run. Writes a table to stdout

@@ -15,7 +15,7 @@ seresnet50, ecaresnet50d, efficientnet_b0, resnet50_cbam = resnet50 with attn_la
 Before any timing each provider's output (inference: the logits; training: the logits and every
 parameter's gradient) is checked against the original model run in float64. A fused provider must
 be within the dtype's tolerance, or twice the error of the original model run the same way (eager,
-and compile for fused+compile) where that is larger (SPEC section 4); compile of the original must
+and compile for fused+compile) where that is larger (docs/contract.md §4); compile of the original must
 pass on the logits (its gradients are reported in the note: Inductor's numerics are its own). A
 provider that fails is reported WRONG and not timed. The first call (which compiles) is not timed; its
 extra cost is reported apart (`*_compile_s`). The providers of a model are timed interleaved, as

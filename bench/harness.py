@@ -1,7 +1,7 @@
 """One benchmark case = (block, shape, dtype, layout, mode); one row per provider.
 
 For each case: the float64 reference is computed once; a same-size copy is timed (the
-floor, SPEC §6); then every provider that can run is built with the reference's weights,
+floor, docs/contract.md §6); then every provider that can run is built with the reference's weights,
 checked against the float64 result (output, and gradients for bwd/train) and, only if it
 agrees, timed: all of the case's providers and the copy together, their samples
 interleaved (see timing). On a GPU the host time to issue one call is taken apart (`host_ms`, see

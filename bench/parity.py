@@ -1,11 +1,11 @@
 """The parity check made before any timing: a provider's output (and gradients) against the
-float64 reference, as ||out - ref|| / ||ref|| (SPEC §4)."""
+float64 reference, as ||out - ref|| / ||ref|| (docs/contract.md §4)."""
 from __future__ import annotations
 
 import torch
 
 from attnfused import accuracy
-from attnfused.accuracy import TOLERANCE, rel_err  # noqa: F401 (SPEC §4, one source)
+from attnfused.accuracy import TOLERANCE, rel_err  # noqa: F401 (docs/contract.md §4, one source)
 
 
 def max_rel_err(outs, refs, names) -> tuple[float, str]:
@@ -15,5 +15,5 @@ def max_rel_err(outs, refs, names) -> tuple[float, str]:
 
 
 def bound(dtype: torch.dtype, eager_err: float) -> float:
-    """SPEC §4: the dtype's target, or twice the PyTorch reference's error where larger."""
+    """docs/contract.md §4: the dtype's target, or twice the PyTorch reference's error where larger."""
     return accuracy.bound(TOLERANCE[dtype], eager_err)

@@ -1,4 +1,4 @@
-"""Shape presets (SPEC §6): (C, H, W) per preset; the batch comes from --batch."""
+"""Shape presets (docs/contract.md §6): (C, H, W) per preset; the batch comes from --batch."""
 from __future__ import annotations
 
 import re

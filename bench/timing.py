@@ -1,4 +1,4 @@
-"""Timers (SPEC §6): medians, after warm-up, with the compile/first-call cost excluded.
+"""Timers (docs/contract.md §6): medians, after warm-up, with the compile/first-call cost excluded.
 
 GPU: CUDA events through `triton.testing.do_bench` (median, L2 flushed before every call);
 the warm-L2 figure (no flush) is taken apart with CUDA events around each call.

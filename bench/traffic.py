@@ -1,6 +1,6 @@
 """python -m bench.traffic: the fused CPU blocks against the memory traffic of their own passes.
 
-SPEC §6 counts bytes: a CBAM forward built from three passes over `x` moves 3R+1W, a copy 1R+1W.
+docs/contract.md §6 counts bytes: a CBAM forward built from three passes over `x` moves 3R+1W, a copy 1R+1W.
 On CPU the fused ops take the samples in groups and run every pass over a group while its bytes
 may still be in cache, so R is not one fixed cost. This times, interleaved in one run (CPU only,
 float32):

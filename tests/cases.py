@@ -1,4 +1,4 @@
-"""Op configurations the parity tests sweep: every option of SPEC §2 at least once.
+"""Op configurations the parity tests sweep: every option of docs/contract.md §2 at least once.
 
 Each case builds the functional call and the float64 oracle for one op; backends are
 checked against the oracle with tests/_util.py's tolerances.

@@ -1,4 +1,4 @@
-"""SPEC §5: bad input raises a clear exception naming the argument; nothing passes silently."""
+"""docs/contract.md §5: bad input raises a clear exception naming the argument; nothing passes silently."""
 from __future__ import annotations
 
 import pytest

@@ -56,7 +56,7 @@ def test_parity_passes_and_wrong_is_not_timed(mode, layout):
         r = rows[name]
         assert r["status"] == "ok", r
         assert r["rel_err"] <= r["tol"], r
-        # the bound is the float32 target, or twice PyTorch's own float32 error where larger (SPEC §4),
+        # the bound is the float32 target, or twice PyTorch's own float32 error where larger (docs/contract.md §4),
         # which only gradients reach here: far below the wrong provider's 1e-3 either way
         assert r["tol"] <= (TOLERANCE[torch.float32] if mode == "fwd" else GRAD_TOLERANCE[torch.float32]), r
         assert r["median_ms"] > 0 and r["copy_ms"] > 0

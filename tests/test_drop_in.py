@@ -146,7 +146,7 @@ def _run(model, x, autocast=None):
 def _check_against_float64(original, converted, x, dtype, autocast=None):
     """The converted model (under autocast, or cast to `dtype`) against the original run in float64:
     each block's output, the output and every parameter's gradient within the dtype's target, or
-    twice the error of the original model run the same way where that is larger (SPEC §4; with
+    twice the error of the original model run the same way where that is larger (docs/contract.md §4; with
     every block in a row the roundings add up). Blocks and gradients are compared one by one so
     that a block whose half-precision path is wrong is named."""
     exact_outs, _, exact_grads = _run(copy.deepcopy(original).double(), x.double())

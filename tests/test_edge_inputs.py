@@ -1,4 +1,4 @@
-"""Edge inputs (SPEC §4, §5): non-strided layouts, non-tensor weights, mixed dtypes (torch's rule
+"""Edge inputs (docs/contract.md §4, §5): non-strided layouts, non-tensor weights, mixed dtypes (torch's rule
 outside autocast, float32 weights with half-precision x under it), empty batches whatever H, W
 and C, and error messages that name the argument, what was expected and what came."""
 from __future__ import annotations

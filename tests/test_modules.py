@@ -119,7 +119,7 @@ def test_state_dict_interchange_with_article(key):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("key", ["SEBlock", "ECABlock", "SpatialAttention", "CBAMBlock"])
 def test_half_precision_not_worse_than_pytorch(key, dtype):
-    """SPEC §4: the output within tolerance and never worse than twice the reference run in the same
+    """docs/contract.md §4: the output within tolerance and never worse than twice the reference run in the same
     dtype; each gradient (input and parameters) within the gradient target, or twice the reference's
     gradient error in that dtype where larger."""
     backends = [b for b in BACKENDS if attnfused.backends.unavailable_reason(b, "cpu", dtype) is None]

@@ -1,7 +1,7 @@
 """What people do with a model besides calling it: torch.func transforms (jvp, grad, vjp, jacrev,
 jacfwd, vmap, per-sample gradients), forward-mode AD, torch.jit.trace / script, torch.export, and
 attnfused.convert's model surgery (hooks, shared modules). Each gives the float64 reference's
-answer or a clear error, never a silent zero (SPEC §4 "Transforms")."""
+answer or a clear error, never a silent zero (docs/contract.md §4 "Transforms")."""
 from __future__ import annotations
 
 import dataclasses

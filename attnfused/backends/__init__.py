@@ -23,7 +23,7 @@ OPS = ("channel_attention", "channel_attention_backward", "spatial_attention", "
        "cbam", "cbam_backward", "spatial_pool", "spatial_pool_backward", "spatial_scale",
        "spatial_scale_backward")
 
-# the order `auto` tries, by device type (SPEC §3)
+# the order `auto` tries, by device type (docs/contract.md §3)
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _MODULES = {"reference": "attnfused.backends.reference", "cpu": "attnfused.backends.cpu",

@@ -2,7 +2,7 @@
 
 Constructors (positional order), submodule names and `state_dict` keys are exactly the
 article's, so its checkpoints load here and into the fused `attnfused.<Name>` classes.
-Configuration errors raise at construction (SPEC §5) instead of the article's asserts.
+Configuration errors raise at construction (docs/contract.md §5) instead of the article's asserts.
 """
 from __future__ import annotations
 
