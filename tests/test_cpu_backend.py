@@ -8,7 +8,7 @@ import torch
 
 import attnfused
 from attnfused.backends import extension
-from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
+from tests._util import GRAD_TOLERANCE, TOLERANCE, autocast_for, layout, rand, rand_distinct, rel_err
 from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, forward_ok, grad_bounds
 
 pytestmark = pytest.mark.skipif(extension.unavailable_reason("cpu") is not None,
@@ -48,7 +48,8 @@ def _check(case, shape, dtype, lay):
     ref = _run_with_grads(case, xr, wr, g, None)
     x = layout(x64.to(dtype), lay).requires_grad_()
     w = {k: None if v is None else v.to(wdt).requires_grad_() for k, v in w64.items()}
-    out = _run_with_grads(case, x, w, g.to(dtype), "cpu")
+    with autocast_for(dtype):  # half x meets float32 weights only under autocast, as in torch's layers
+        out = _run_with_grads(case, x, w, g.to(dtype), "cpu")
     assert out[0].stride() == x.stride() and out[1].stride() == x.stride()  # x's exact layout, no copies
     err = rel_err(out[0], ref[0])
     assert forward_ok(case, x64, w64, ref[0].detach(), err, dtype), f"{case} forward: {err:.3g}"
