@@ -82,9 +82,8 @@ def gate_fn(z, GATE: tl.constexpr):
     if GATE == 0:
         g = 1.0 / (1.0 + tl.exp(-z))
     else:
-        # NaN stays NaN, as in torch's hardsigmoid (min/max would drop it)
-        nan = tl.PropagateNan.ALL
-        g = tl.minimum(tl.maximum(z + 3.0, 0.0, propagate_nan=nan), 6.0, propagate_nan=nan) / 6.0
+        # a NaN logit stays NaN, as in torch's hardsigmoid (min/max alone would drop it)
+        g = tl.where(z != z, z, tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0)
     return g
 
 
