@@ -18,6 +18,7 @@ import attnfused
 from attnfused import functional as F
 from attnfused.reference import functional as R
 from tests._util import TOLERANCE, cpu_backends, rand, rel_err
+from tests.test_bad_input import _raises
 
 C = 8
 MODULES = {
@@ -43,14 +44,6 @@ FUNCS = {
     "spatial_pool": lambda x, w, **kw: F.spatial_pool(x, **kw),
     "spatial_scale": lambda x, w, **kw: F.spatial_scale(x, torch.rand(2, 5, 4), **kw),  # x of shape (2, C, 5, 4)
 }
-
-
-def _raises(exc, words, fn):
-    with pytest.raises(exc) as info:
-        fn()
-    msg = str(info.value)
-    for w in words:
-        assert w in msg, f"{w!r} not in {msg!r}"
 
 
 # ----------------------------------------------------------------------------- layouts
