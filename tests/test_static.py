@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from bench import gpu_check, static
+from bench import gpu_check, sass, static
 
 # ---------------------------------------------------------------------------- canned SASS
 
 
-def sass(name: str, body: str) -> str:
+def canned(name: str, body: str) -> str:
     """cuobjdump -sass layout: a function header, then `/*addr*/ instruction ;` lines."""
     lines = [f"\t\tFunction : {name}"]
     for k, ins in enumerate(x.strip() for x in body.strip().splitlines()):
@@ -21,7 +21,7 @@ def sass(name: str, body: str) -> str:
 
 
 # a loop of two independent 16-byte loads (no branch inside): 2 in flight before the first use
-VECTOR_LOOP = sass("_Zvec", """
+VECTOR_LOOP = canned("_Zvec", """
     S2R R0, SR_TID.X
     IMAD.WIDE R2, R0, 0x10, R8
     LDG.E.128.CONSTANT R4, desc[UR4][R2.64]
@@ -36,7 +36,7 @@ VECTOR_LOOP = sass("_Zvec", """
 """)
 
 # one 16-byte load, then an if/else per element (BSSY / BSYNC): the two arms exclude each other
-BRANCHY_LOOP = sass("_Zbranchy", """
+BRANCHY_LOOP = canned("_Zbranchy", """
     MOV R0, RZ
     LDG.E.128.CONSTANT R4, desc[UR4][R2.64]
     BSSY B1, 0xa0
@@ -55,7 +55,7 @@ BRANCHY_LOOP = sass("_Zbranchy", """
 """)
 
 # a row loop (spill reload, 2-byte stream loads in an inner loop), then a ticket and per-sample math
-SPILL_NARROW = sass("_Zspill", """
+SPILL_NARROW = canned("_Zspill", """
     MOV R0, RZ
     LDL.64 R14, [R1+0x8]
     LDG.E.U16 R4, desc[UR4][R14.64]
@@ -85,46 +85,46 @@ NVDISASM = """
 
 
 def test_parse_both_layouts_and_branch_targets():
-    f = static.parse_sass(VECTOR_LOOP)["_Zvec"]
+    f = sass.parse_sass(VECTOR_LOOP)["_Zvec"]
     assert [x.op for x in f[:3]] == ["S2R", "IMAD.WIDE", "LDG.E.128.CONSTANT"]
-    assert f[8].pred == "@!P0" and static.branch_target(f[8]) == 0x20
-    g = static.parse_sass(NVDISASM)["_Zlab"]
-    assert static.branch_target(g[3]) == 0x10, "a .L_x label must resolve to its instruction's address"
-    assert static.Flow(g).loops == [(1, 3)]
+    assert f[8].pred == "@!P0" and sass.branch_target(f[8]) == 0x20
+    g = sass.parse_sass(NVDISASM)["_Zlab"]
+    assert sass.branch_target(g[3]) == 0x10, "a .L_x label must resolve to its instruction's address"
+    assert sass.Flow(g).loops == [(1, 3)]
 
 
 def test_load_widths():
-    assert [static.load_width(op) for op in ("LDG.E.128.CONSTANT", "LDG.E.64", "LDG.E.U16", "LDG.E", "LDG.E.S8")] \
+    assert [sass.load_width(op) for op in ("LDG.E.128.CONSTANT", "LDG.E.64", "LDG.E.U16", "LDG.E", "LDG.E.S8")] \
         == [16, 8, 2, 4, 1]
 
 
 def test_vector_loop_two_loads_in_flight():
-    ins = static.parse_sass(VECTOR_LOOP)["_Zvec"]
-    flow = static.Flow(ins)
+    ins = sass.parse_sass(VECTOR_LOOP)["_Zvec"]
+    flow = sass.Flow(ins)
     assert flow.loops == [(2, 8)], "the self-branch after EXIT is no loop"
-    h = static.analyze(ins, 16, flow=flow)
+    h = sass.analyze(ins, 16, flow=flow)
     assert (h.stream_loads, h.first_use, h.wide_loads, h.bssy, h.local, h.tail) == (2, 2, 2, 0, 0, 0)
     assert h.instr == 7
 
 
 def test_branchy_loop_counts_one_arm():
-    ins = static.parse_sass(BRANCHY_LOOP)["_Zbranchy"]
-    h = static.analyze(ins, 16)
+    ins = sass.parse_sass(BRANCHY_LOOP)["_Zbranchy"]
+    h = sass.analyze(ins, 16)
     assert h.loop == (1, 13) and h.bssy == 1 and h.bra == 3
     # 13 instructions in the loop; the longest path takes the 3-instruction arm and skips the 2-instruction one
     assert h.instr == 13 - 2, h.instr
 
 
 def test_spill_narrow_row_and_tail():
-    ins = static.parse_sass(SPILL_NARROW)["_Zspill"]
-    h = static.analyze(ins, 2, row_trips=4)
+    ins = sass.parse_sass(SPILL_NARROW)["_Zspill"]
+    h = sass.analyze(ins, 2, row_trips=4)
     assert h.loop == (2, 8) and h.parent == (1, 11)
     assert h.local == 1, "the spill reload of the enclosing row loop counts"
     assert (h.stream_loads, h.narrow_loads, h.stream_width) == (1, 1, 2)
     # the row loop's own work: the reload and the 3 instructions closing it, once per 4 inner trips
     assert h.instr == 7 and h.row_instr == 4
     assert h.tail == 2
-    k = static.Kernel("k", static.Res(40, 0, 1024, 0), h, static.Flow(ins), 6, static.inflight_bytes(6, h), True, 1)
+    k = static.Kernel("k", sass.Res(40, 0, 1024, 0), h, sass.Flow(ins), 6, static.inflight_bytes(6, h), True, 1)
     assert set(static.kernel_flags(k)) == {"spill", "narrow", "inflight"}
 
 
@@ -161,13 +161,13 @@ def _fake_library(monkeypatch, with_new_spill: bool):
     """read_library answering with canned SASS: today's forward apply (as the vector loop) and,
     optionally, a new-path kernel with a spill."""
     apply_name = "void attnfused::cuda::_apply_kernel<c10::Half, 8, unsigned int, true, false, false>(x)"
-    funcs = {"_Zvec": (apply_name, VECTOR_LOOP, static.Res(32, 0, 1024, 0))}
+    funcs = {"_Zvec": (apply_name, VECTOR_LOOP, sass.Res(32, 0, 1024, 0))}
     if with_new_spill:
-        funcs["_Zspill"] = ("void attnfused::cuda::next::_pool<c10::Half, 1>(x)", SPILL_NARROW, static.Res(40, 0, 1024, 0))
+        funcs["_Zspill"] = ("void attnfused::cuda::next::_pool<c10::Half, 1>(x)", SPILL_NARROW, sass.Res(40, 0, 1024, 0))
 
     def fake(lib, tool, want):
         res = {m: r for m, (_, _, r) in funcs.items()}
-        sass_ = {m: static.parse_sass(t)[m] for m, (_, t, _) in funcs.items()}
+        sass_ = {m: sass.parse_sass(t)[m] for m, (_, t, _) in funcs.items()}
         return res, sass_, {m: d for m, (d, _, _) in funcs.items()}
 
     monkeypatch.setattr(static, "read_library", fake)
