@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     dev = a.device
     if dev.type == "cpu":
-        env.use_all_cores()
-        env.keep_freed_memory()
+        env.prepare_cpu()
     blocks = _csv_list(a.blocks, BLOCKS, "blocks")
     providers = _csv_list(a.providers, PROVIDERS, "providers")
     modes = _csv_list(a.modes, MODES, "modes")

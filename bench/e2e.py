@@ -280,12 +280,7 @@ def plot(rows: list[dict], modes: list[str], title: str, path: Path) -> Path | N
         ax.set_xticks(range(len(models)), models, rotation=25, fontsize=7, ha="right")
         ax.set_ylabel(f"{m} images/s", fontsize=8)
         ax.set_title(m, fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, axes, title, path)
 
 
 def _write_table(rows: list[dict], a, stem: Path) -> str:
@@ -377,8 +372,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     dev = a.device
     if dev.type == "cpu":
-        env.use_all_cores()
-        env.keep_freed_memory()
+        env.prepare_cpu()
     fmt = torch.channels_last if a.layout == "cl" else torch.contiguous_format
     amp = AMP[a.amp]
     import attnfused.backends as B

@@ -31,6 +31,12 @@ def use_all_cores() -> int:
     return n
 
 
+def prepare_cpu() -> None:
+    """The CPU conditions every benchmark runs under: all cores this process may use, freed memory kept."""
+    use_all_cores()
+    keep_freed_memory()
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the OS (no trimming of
     the heap, no mmap for big blocks), for every provider alike. Otherwise a fresh output of a

@@ -93,6 +93,13 @@ def _grid(rows, value: str, skip: tuple[str, ...], title: str, ylabel: str, path
             ax.set_title(f"{b} {m} {lay}" + (f" (N={shapes[0].split('x')[0]})" if shapes else ""), fontsize=9)
             if j == 0:
                 ax.set_ylabel(ylabel, fontsize=8)
+    return save_figure(fig, axes, title, path)
+
+
+def save_figure(fig, axes, title: str, path: Path) -> Path:
+    """The legend in the first panel, the title, written to `path` at 90 dpi, closed."""
+    import matplotlib.pyplot as plt
+
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

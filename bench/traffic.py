@@ -151,8 +151,7 @@ def main(argv=None) -> int:
     shapes = parse_shapes(a.shapes.split(","), [int(b) for b in a.batch.split(",")])
 
     probe_op()  # compiled here on first use, before anything is timed
-    env.use_all_cores()
-    env.keep_freed_memory()
+    env.prepare_cpu()
     dev = torch.device("cpu")
     meta = env.meta("cpu")
     out = Path(a.out) if a.out else env.RESULTS / meta["device"]
