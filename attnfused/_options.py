@@ -16,6 +16,10 @@ CONV_PADDINGS = ("zeros", "circular")
 # or a single map 0.5 * mean + 0.5 * max (timm LightSpatialAttn).
 SPATIAL_MAPS = ("max_mean", "mean_max", "mix")
 
+# Where the gradient of a max goes when several elements equal it: "first", all of it to one of
+# them (the index torch.max and AdaptiveMaxPool2d give); "split", evenly among all of them (amax).
+TIE_RULES = ("first", "split")
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 

@@ -47,6 +47,7 @@ class ConvertEntry:
     type: str  # qualified class name of the original module
     replaced_by: Optional[str]  # class name of the fused module, or None when left in place
     reason: str = ""  # why it was left in place
+    tie: Optional[str] = None  # the fused module's max-gradient rule ("first", "split"; None: no max)
 
     @property
     def converted(self) -> bool:
@@ -55,8 +56,12 @@ class ConvertEntry:
     def __str__(self) -> str:
         where = self.path or "<model>"
         if self.converted:
-            return f"{where}: {self.type} -> {self.replaced_by}"
+            rule = f" (max gradient: {_TIE_WORDS[self.tie]})" if self.tie else ""
+            return f"{where}: {self.type} -> {self.replaced_by}{rule}"
         return f"{where}: {self.type} left in place: {self.reason}"
+
+
+_TIE_WORDS = {"first": "to one maximal element, as torch.max", "split": "split among ties, as amax"}
 
 
 # ----------------------------------------------------------------------------- layer kinds
@@ -112,15 +117,19 @@ def _require(ok: bool, reason: str) -> None:
 # Each takes the original module and the backend, and returns the fused module or raises
 # Unsupported. They state what the original's forward computes; the variants check the layers.
 
+# timm takes its maxima with `amax`, whose gradient is split evenly among tied elements
+_AMAX = "split"
+
+
 def _se_module(m, backend):  # timm.layers.SEModule
     _require(type(m.bn) is nn.Identity, f"norm_layer on the hidden vector ({type(m.bn).__name__}) is not supported")
     return FusedChannelMLP(m, fc1="fc1", fc2="fc2", pool="mix" if m.add_maxpool else "avg", act=act_kind(m.act),
-                           gate=gate_kind(m.gate), backend=backend)
+                           gate=gate_kind(m.gate), tie=_AMAX, backend=backend)
 
 
 def _effective_se(m, backend):  # timm.layers.EffectiveSEModule: one 1x1 conv with bias
     return FusedChannelMLP(m, fc1="fc", fc2=None, pool="mix" if m.add_maxpool else "avg", gate=gate_kind(m.gate),
-                           backend=backend)
+                           tie=_AMAX, backend=backend)
 
 
 def _eca_conv_padding(conv: nn.Conv1d) -> str:
@@ -151,7 +160,7 @@ def _channel_attn_config(m, prefix: str, light: bool) -> ChannelConfig:
     """timm ChannelAttn: gate(mlp(avg) + mlp(max)); LightChannelAttn: sigmoid(mlp(avg/2 + max/2))
     (its forward calls F.sigmoid whatever its gate layer)."""
     return ChannelConfig("mlp", prefix + "fc1", prefix + "fc2", pool="mix" if light else "avg+max",
-                         act=act_kind(m.act), gate="sigmoid" if light else gate_kind(m.gate))
+                         act=act_kind(m.act), gate="sigmoid" if light else gate_kind(m.gate), tie=_AMAX)
 
 
 def _spatial_attn_config(m, prefix: str, light: bool) -> SpatialConfig:
@@ -162,7 +171,8 @@ def _spatial_attn_config(m, prefix: str, light: bool) -> SpatialConfig:
     _require(set(cna._modules) <= {"conv", "bn", "aa"}, f"extra layers in the spatial ConvNormAct: "
              f"{sorted(set(cna._modules) - {'conv', 'bn', 'aa'})}")
     bn = None if type(cna.bn) is nn.Sequential and len(cna.bn) == 0 else prefix + "conv.bn"
-    return SpatialConfig(prefix + "conv.conv", bn, maps="mix" if light else "mean_max", gate=gate_kind(m.gate))
+    return SpatialConfig(prefix + "conv.conv", bn, maps="mix" if light else "mean_max", gate=gate_kind(m.gate),
+                         tie=_AMAX)
 
 
 def _timm_cbam(light: bool):
@@ -178,14 +188,15 @@ def _timm_cbam(light: bool):
 def _timm_channel_attn(light: bool):
     def adapt(m, backend):
         cfg = _channel_attn_config(m, "", light)
-        return FusedChannelMLP(m, fc1=cfg.w1, fc2=cfg.w2, pool=cfg.pool, act=cfg.act, gate=cfg.gate, backend=backend)
+        return FusedChannelMLP(m, fc1=cfg.w1, fc2=cfg.w2, pool=cfg.pool, act=cfg.act, gate=cfg.gate, tie=cfg.tie,
+                               backend=backend)
     return adapt
 
 
 def _timm_spatial_attn(light: bool):
     def adapt(m, backend):
         cfg = _spatial_attn_config(m, "", light)
-        return FusedSpatial(m, conv=cfg.conv, bn=cfg.bn, maps=cfg.maps, gate=cfg.gate, backend=backend)
+        return FusedSpatial(m, conv=cfg.conv, bn=cfg.bn, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, backend=backend)
     return adapt
 
 
@@ -345,7 +356,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
                 entry = ConvertEntry(path, _qualname(type(m)), None, str(e))
             else:
                 _take_hooks(m, fused)
-                entry = ConvertEntry(path, _qualname(type(m)), type(fused).__name__)
+                entry = ConvertEntry(path, _qualname(type(m)), type(fused).__name__, tie=fused.max_tie)
                 entries.append(entry)
                 return fused, entry
         if entry is not None:

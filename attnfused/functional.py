@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _checks, backends, ops
 from .reference import functional as R
-from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS,
+from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, TIE_RULES,
                        check_choice, spatial_in_channels)
 
 
@@ -30,8 +30,9 @@ def native_layout(x: Tensor) -> Tensor:
 _CHANNEL_WEIGHTS = ("w1", "b1", "w2", "b2")
 
 
-def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie):
     _checks.check_input(x)
+    check_choice("tie", tie, TIE_RULES)
     check_choice("kind", kind, CHANNEL_KINDS)
     check_choice("pool", pool, CHANNEL_POOLS)
     check_choice("act", act, HIDDEN_ACTS)
@@ -55,7 +56,8 @@ def _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
     _checks.check_dtypes(x, _CHANNEL_WEIGHTS, (w1, b1, w2, b2))
 
 
-def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="bias", gate_name="gate"):
+def _spatial_args(x, weight, bias, maps, gate, tie, weight_name="weight", bias_name="bias", gate_name="gate"):
+    check_choice("tie", tie, TIE_RULES)
     check_choice("maps", maps, SPATIAL_MAPS)
     check_choice(gate_name, gate, GATES)
     _checks.check_weight(weight_name, weight, x)
@@ -70,54 +72,61 @@ def _spatial_args(x, weight, bias, maps, gate, weight_name="weight", bias_name="
 
 def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tensor | None = None,
                       b2: Tensor | None = None, *, kind: str = "mlp", pool: str = "avg", act: str = "relu",
-                      gate: str = "sigmoid", padding: str = "zeros", backend: str = "auto") -> Tensor:
+                      gate: str = "sigmoid", padding: str = "zeros", tie: str = "first",
+                      backend: str = "auto") -> Tensor:
     """`x * gate(f(pool(x)))`: f is the MLP `w2 @ act(w1 @ v + b1) + b2` (kind "mlp") or the
-    1D conv of weight `w1` (1, 1, k) along channels (kind "conv")."""
-    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
+    1D conv of weight `w1` (1, 1, k) along channels (kind "conv"). `tie`: where the gradient of
+    the max pool goes among equal elements, "first" (one, as `AdaptiveMaxPool2d`) or "split"
+    (evenly, as `amax`)."""
+    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     if torch.onnx.is_in_onnx_export():  # the exported graph is the reference math: standard operators
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
-                                   padding=padding)
+                                   padding=padding, tie=tie)
     x = native_layout(x)
-    return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding,
+    return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie,
                     backends.resolve(backend, x))[0]
 
 
 def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, maps: str = "max_mean",
-                      gate: str = "sigmoid", backend: str = "auto") -> Tensor:
-    """`x * gate(conv2d(maps(x), weight, bias))[n, h, w]` with a k x k conv, padding (k-1)//2."""
+                      gate: str = "sigmoid", tie: str = "first", backend: str = "auto") -> Tensor:
+    """`x * gate(conv2d(maps(x), weight, bias))[n, h, w]` with a k x k conv, padding (k-1)//2;
+    `tie` as in `channel_attention`, for the max over channels."""
     _checks.check_input(x)
-    _spatial_args(x, weight, bias, maps, gate)
+    _spatial_args(x, weight, bias, maps, gate, tie)
     if torch.onnx.is_in_onnx_export():
-        return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate)
+        return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate, tie=tie)
     x = native_layout(x)
-    return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, backends.resolve(backend, x))[0]
+    return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, tie, backends.resolve(backend, x))[0]
 
 
 def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
          spatial_weight: Tensor, spatial_bias: Tensor | None = None, *, kind: str = "mlp",
          pool: str = "avg+max", act: str = "relu", gate: str = "sigmoid", padding: str = "zeros",
-         maps: str = "max_mean", spatial_gate: str = "sigmoid", backend: str = "auto") -> Tensor:
-    """Channel attention then spatial attention, fused: the channel-scaled tensor is never stored."""
-    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
-    _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, "spatial_weight", "spatial_bias",
+         maps: str = "max_mean", spatial_gate: str = "sigmoid", tie: str = "first",
+         backend: str = "auto") -> Tensor:
+    """Channel attention then spatial attention, fused: the channel-scaled tensor is never stored.
+    `tie` (as in `channel_attention`) rules both maxima."""
+    _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
+    _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, tie, "spatial_weight", "spatial_bias",
                   "spatial_gate")
     if torch.onnx.is_in_onnx_export():
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
-                      padding=padding, maps=maps, spatial_gate=spatial_gate)
+                      padding=padding, maps=maps, spatial_gate=spatial_gate, tie=tie)
     x = native_layout(x)
     return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding,
-                    maps, spatial_gate, backends.resolve(backend, x))[0]
+                    maps, spatial_gate, tie, backends.resolve(backend, x))[0]
 
 
-def spatial_pool(x: Tensor, *, backend: str = "auto") -> Tensor:
-    """The max and mean over channels as one (N, 2, H, W) float32 tensor ([max, mean]); its
-    gradient goes to the mean and to one maximal channel."""
+def spatial_pool(x: Tensor, *, tie: str = "first", backend: str = "auto") -> Tensor:
+    """The max and mean over channels as one (N, 2, H, W) float32 tensor ([max, mean]); the max's
+    gradient goes to one maximal channel (`tie` "first") or evenly to all ("split")."""
     _checks.check_input(x)
+    check_choice("tie", tie, TIE_RULES)
     if torch.onnx.is_in_onnx_export():
-        mean, mx = R.pool_channels(x)
+        mean, mx = R.pool_channels(x, tie)
         return torch.stack((mx, mean), 1)
     x = native_layout(x)
-    return ops.call(ops.spatial_pool, x, backends.resolve(backend, x))[0]
+    return ops.call(ops.spatial_pool, x, tie, backends.resolve(backend, x))[0]
 
 
 def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:

@@ -25,6 +25,9 @@ def refuse_script(module) -> None:
 
 class _FusedMixin:
     backend: str
+    # where a max's gradient goes among equal elements: one of them, as the article's
+    # AdaptiveMaxPool2d and torch.max send it (None: the block takes no max)
+    max_tie: str | None = "first"
 
     __prepare_scriptable__ = refuse_script
 
@@ -40,6 +43,10 @@ class SEBlock(_FusedMixin, ref.SEBlock):
         super().__init__(mode, channels, ratio)
         self._set_backend(backend)
 
+    @property
+    def max_tie(self):
+        return None if self.mode == "avg" else "first"
+
     def forward(self, x):
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
@@ -47,6 +54,8 @@ class SEBlock(_FusedMixin, ref.SEBlock):
 
 
 class ECABlock(_FusedMixin, ref.ECABlock):
+    max_tie = None
+
     def __init__(self, channels: int, gamma=2, b=1, *, backend: str = "auto"):
         super().__init__(channels, gamma, b)
         self._set_backend(backend)

@@ -5,22 +5,27 @@ Every op takes `backend` (a concrete name; `attnfused.functional` resolves "auto
 runs that backend's kernel from the registry. Option arguments are the strings listed
 in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 
-- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding)`
+- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding, tie)`
   -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max,
   hidden)`. For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
   `hidden` is what a backend keeps of the MLP for its backward: on "cpu" (kind "mlp") [N, P*Cr]
   acc = each sample's first-layer pre-activations (P = 2 rows for pool "avg+max", else 1);
   elsewhere an empty tensor, and the backward recomputes them from `pooled` (`hidden_shape`).
-- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate)`
+- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
-- `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate)`
+- `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate, tie)`
   -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps taken of x1 = x * s.
-- `spatial_pool(x)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W])` -> `x * t`: the two
+- `spatial_pool(x, tie)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W])` -> `x * t`: the two
   halves of spatial attention for when ordinary ops run between them (BatchNorm in training).
 - Each `<op>_backward` takes `grad_y` (same strides as x), the forward's inputs and saved
   outputs, and returns `grad_x` (x's dtype and strides) and one gradient per weight (the
   weight's shape and dtype; an empty tensor where the weight is None).
+- `tie` (`attnfused._options.TIE_RULES`) is where a max's gradient goes among equal elements:
+  "first" at the saved index, "split" evenly among all of them (the backward finds them in x, or
+  in CBAM's x * s). The forward is the same under both; argmax and sargmax are the first index.
+  Kernels take `tie` where `_NATIVE_SPLIT` lists their backend; elsewhere they are called without
+  it, and a "split" backward runs the reference backend's (plain PyTorch ops, from x).
 
 Outputs the size of x have x's dtype and strides; only x and the small saved tensors are
 kept for backward, never a second tensor of x's size.
@@ -73,6 +78,24 @@ def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str, backend: str) -> t
     return (x.shape[0], pool_inputs(pool) * w1.shape[0])
 
 
+# ----------------------------------------------------------------------------- kernels
+
+# the ops whose last option is `tie` (forward and backward), and the backends whose kernels take it
+TIE_OPS = frozenset(f"{op}{end}" for op in ("channel_attention", "spatial_attention", "cbam", "spatial_pool")
+                     for end in ("", "_backward"))
+_NATIVE_SPLIT = frozenset({"reference"})
+
+
+def run_kernel(backend: str, name: str, args) -> object:
+    """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`). A backend
+    without the split rule gets no `tie`, and its "split" backward is the reference backend's."""
+    if name not in TIE_OPS or backend in _NATIVE_SPLIT:
+        return backends.kernel(backend, name)(*args)
+    if args[-1] == "split" and name.endswith("_backward"):
+        return backends.kernel("reference", name)(*args)
+    return backends.kernel(backend, name)(*args[:-1])
+
+
 # ----------------------------------------------------------------------------- calling the ops
 # Each forward op's autograd formula (setup_context, backward), registered with the op and also run
 # by `_Direct`. The formulas call the backward op through `_backward_op`.
@@ -88,7 +111,7 @@ def _backward_op(ctx, op, *args):
     """The backward op on the forward's backend: its kernel itself under `_Direct`, else the op (also
     under create_graph, where the op says that the backward has no derivative of its own)."""
     if getattr(ctx, "direct", False) and not torch.is_grad_enabled():
-        return backends.kernel(ctx.backend, op._name)(*args)
+        return run_kernel(ctx.backend, op._name, args)
     return op(*args, ctx.backend)
 
 
@@ -99,7 +122,7 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, name: str, *inputs):
-        out = backends.kernel(inputs[-1], name)(*inputs[:-1])
+        out = run_kernel(inputs[-1], name, inputs[:-1])
         ctx.name, ctx.n_inputs, ctx.direct = name, len(inputs), True
         ctx.set_materialize_grads(False)  # the formulas read only y's gradient
         _AUTOGRAD[name][0](ctx, inputs, out)
@@ -139,7 +162,7 @@ def call(op, *inputs):
     torch-function modes, the custom op runs, with its fake and autograd registrations. Under torch.func transforms and
     forward-mode AD the reference backend's forward runs (`needs_decomposition`), whatever the backend."""
     if needs_decomposition(inputs):
-        return backends.kernel("reference", op._name)(*inputs[:-1])
+        return run_kernel("reference", op._name, inputs[:-1])
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._is_tracing()
             or not _PLAIN_TYPES.issuperset(map(type, inputs))):
@@ -153,27 +176,29 @@ def call(op, *inputs):
 def _direct(op, inputs):
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
         return _Direct.apply(op._name, *inputs)
-    return backends.kernel(inputs[-1], op._name)(*inputs[:-1])
+    return run_kernel(inputs[-1], op._name, inputs[:-1])
 
 
-def _forward_kernel(backend: str, name: str) -> Callable:
-    """The kernel behind a forward custom op. The ops have no forward-mode formula, and forward-mode AD
-    would pass through them with a zero tangent: raise instead (`call` never gets here then)."""
+def _forward_kernel(backend: str, name: str, *args):
+    """The kernel behind a forward custom op, run on `args`. The ops have no forward-mode formula, and
+    forward-mode AD would pass through them with a zero tangent: raise instead (`call` never gets
+    here then)."""
     if _fwAD._current_level >= 0:
         raise RuntimeError(
             f"torch.ops.{_LIB}.{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
             f"torch.autograd.forward_ad); call attnfused.functional.{name} or an attnfused module instead: "
             f"under forward-mode AD and torch.func transforms they run the reference math")
-    return backends.kernel(backend, name)
+    return run_kernel(backend, name, args)
 
 
 # ----------------------------------------------------------------------------- channel attention
 
 @torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
-                      kind: str, pool: str, act: str, gate: str, padding: str,
+                      kind: str, pool: str, act: str, gate: str, padding: str, tie: str,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_forward_kernel(backend, "channel_attention")(x, w1, b1, w2, b2, kind, pool, act, gate, padding))
+    return tuple(_forward_kernel(backend, "channel_attention", x, w1, b1, w2, b2, kind, pool, act, gate, padding,
+                                 tie))
 
 
 def _channel_saved_fake(x, w1, kind, pool, backend):
@@ -183,21 +208,21 @@ def _channel_saved_fake(x, w1, kind, pool, backend):
 
 
 @channel_attention.register_fake
-def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
+def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, backend):
     return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool, backend))
 
 
 @torch.library.custom_op(f"{_LIB}::channel_attention_backward", mutates_args=())
 def channel_attention_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, hidden: Tensor,
                                w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
-                               kind: str, pool: str, act: str, gate: str, padding: str,
+                               kind: str, pool: str, act: str, gate: str, padding: str, tie: str,
                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "channel_attention_backward")(
-        grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding))
+    return tuple(run_kernel(backend, "channel_attention_backward", (
+        grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)))
 
 
 @channel_attention_backward.register_fake
-def _(grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding, backend):
+def _(grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, backend):
     return (torch.empty_like(x), torch.empty_like(w1), _grad_like(b1, w1), _grad_like(w2, w1),
             _grad_like(b2, w1))
 
@@ -212,8 +237,8 @@ def _channel_backward(ctx, grad_y, *_saved_grads):
     x, pooled, argmax, hidden, w1, b1, w2, b2 = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, same_strides_as(grad_y, x), x, pooled,
                                           argmax, hidden, w1, b1, w2, b2, *ctx.opts)
-    return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2),
-            None, None, None, None, None, None)
+    return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2)) \
+        + (None,) * (len(ctx.opts) + 1)
 
 
 _register_autograd(channel_attention, _channel_backward, _channel_setup)
@@ -222,9 +247,9 @@ _register_autograd(channel_attention, _channel_backward, _channel_setup)
 # ----------------------------------------------------------------------------- spatial attention
 
 @torch.library.custom_op(f"{_LIB}::spatial_attention", mutates_args=())
-def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str,
+def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str, tie: str,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_kernel(backend, "spatial_attention")(x, weight, bias, maps, gate)
+    return tuple(_forward_kernel(backend, "spatial_attention", x, weight, bias, maps, gate, tie))
 
 
 def _spatial_saved_fake(x):
@@ -233,20 +258,20 @@ def _spatial_saved_fake(x):
 
 
 @spatial_attention.register_fake
-def _(x, weight, bias, maps, gate, backend):
+def _(x, weight, bias, maps, gate, tie, backend):
     return (torch.empty_like(x), *_spatial_saved_fake(x))
 
 
 @torch.library.custom_op(f"{_LIB}::spatial_attention_backward", mutates_args=())
 def spatial_attention_backward(grad_y: Tensor, x: Tensor, smaps: Tensor, sargmax: Tensor, weight: Tensor,
-                               bias: Optional[Tensor], maps: str, gate: str,
+                               bias: Optional[Tensor], maps: str, gate: str, tie: str,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "spatial_attention_backward")(
-        grad_y, x, smaps, sargmax, weight, bias, maps, gate))
+    return tuple(run_kernel(backend, "spatial_attention_backward", (
+        grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie)))
 
 
 @spatial_attention_backward.register_fake
-def _(grad_y, x, smaps, sargmax, weight, bias, maps, gate, backend):
+def _(grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie, backend):
     return torch.empty_like(x), torch.empty_like(weight), _grad_like(bias, weight)
 
 
@@ -260,7 +285,7 @@ def _spatial_backward(ctx, grad_y, _g1, _g2):
     x, smaps, sargmax, weight, bias = ctx.saved_tensors
     gx, gw, gb = _backward_op(ctx, spatial_attention_backward, same_strides_as(grad_y, x), x, smaps, sargmax,
                               weight, bias, *ctx.opts)
-    return gx, gw, _none_if_empty(bias, gb), None, None, None
+    return (gx, gw, _none_if_empty(bias, gb)) + (None,) * (len(ctx.opts) + 1)
 
 
 _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
@@ -271,13 +296,13 @@ _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
 @torch.library.custom_op(f"{_LIB}::cbam", mutates_args=())
 def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
          sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
-         maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_forward_kernel(backend, "cbam")(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
-                                                  padding, maps, sgate))
+         maps: str, sgate: str, tie: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_forward_kernel(backend, "cbam", x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
+                                 padding, maps, sgate, tie))
 
 
 @cbam.register_fake
-def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, backend):
+def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, backend):
     pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool, backend)
     return (torch.empty_like(x), pooled, argmax, *_spatial_saved_fake(x), hidden)
 
@@ -286,10 +311,11 @@ def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, s
 def cbam_backward(grad_y: Tensor, x: Tensor, pooled: Tensor, argmax: Tensor, smaps: Tensor, sargmax: Tensor,
                   hidden: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                   sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
-                  maps: str, sgate: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "cbam_backward")(
+                  maps: str, sgate: str, tie: str,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(run_kernel(backend, "cbam_backward", (
         grad_y, x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, kind, pool, act,
-        gate, padding, maps, sgate))
+        gate, padding, maps, sgate, tie)))
 
 
 @cbam_backward.register_fake
@@ -319,33 +345,33 @@ _register_autograd(cbam, _cbam_backward, _cbam_setup)
 # ----------------------------------------------------------------------------- spatial halves
 
 @torch.library.custom_op(f"{_LIB}::spatial_pool", mutates_args=())
-def spatial_pool(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_forward_kernel(backend, "spatial_pool")(x))
+def spatial_pool(x: Tensor, tie: str, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_forward_kernel(backend, "spatial_pool", x, tie))
 
 
 @spatial_pool.register_fake
-def _(x, backend):
+def _(x, tie, backend):
     return _spatial_saved_fake(x)
 
 
 @torch.library.custom_op(f"{_LIB}::spatial_pool_backward", mutates_args=())
-def spatial_pool_backward(grad_smaps: Tensor, x: Tensor, sargmax: Tensor, backend: str) -> Tensor:
-    return backends.kernel(backend, "spatial_pool_backward")(grad_smaps, x, sargmax)
+def spatial_pool_backward(grad_smaps: Tensor, x: Tensor, sargmax: Tensor, tie: str, backend: str) -> Tensor:
+    return run_kernel(backend, "spatial_pool_backward", (grad_smaps, x, sargmax, tie))
 
 
 @spatial_pool_backward.register_fake
-def _(grad_smaps, x, sargmax, backend):
+def _(grad_smaps, x, sargmax, tie, backend):
     return torch.empty_like(x)
 
 
 def _pool_setup(ctx, inputs, output):
-    ctx.backend = inputs[1]
+    ctx.tie, ctx.backend = inputs[1:]
     ctx.save_for_backward(inputs[0], output[1])
 
 
 def _pool_backward(ctx, grad_smaps, _grad_argmax):
     x, sargmax = ctx.saved_tensors
-    return _backward_op(ctx, spatial_pool_backward, grad_smaps.contiguous(), x, sargmax), None
+    return _backward_op(ctx, spatial_pool_backward, grad_smaps.contiguous(), x, sargmax, ctx.tie), None, None
 
 
 _register_autograd(spatial_pool, _pool_backward, _pool_setup)
@@ -353,7 +379,7 @@ _register_autograd(spatial_pool, _pool_backward, _pool_setup)
 
 @torch.library.custom_op(f"{_LIB}::spatial_scale", mutates_args=())
 def spatial_scale(x: Tensor, t: Tensor, backend: str) -> Tensor:
-    return _forward_kernel(backend, "spatial_scale")(x, t)
+    return _forward_kernel(backend, "spatial_scale", x, t)
 
 
 @spatial_scale.register_fake
@@ -363,7 +389,7 @@ def _(x, t, backend):
 
 @torch.library.custom_op(f"{_LIB}::spatial_scale_backward", mutates_args=())
 def spatial_scale_backward(grad_y: Tensor, x: Tensor, t: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(backends.kernel(backend, "spatial_scale_backward")(grad_y, x, t))
+    return tuple(run_kernel(backend, "spatial_scale_backward", (grad_y, x, t)))
 
 
 @spatial_scale_backward.register_fake

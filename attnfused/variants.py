@@ -28,7 +28,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import _checks, functional as F
-from ._options import (CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, check_choice,
+from ._options import (CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, TIE_RULES, check_choice,
                        spatial_in_channels)
 from .modules import check_backend, refuse_script
 from .reference import functional as R
@@ -93,7 +93,8 @@ class ChannelConfig:
     """Where a channel attention's weights live (paths from the fused module) and its options.
 
     kind "mlp": `w1` and `w2` name the two layers (`w2=None`: one layer, EffectiveSE);
-    kind "conv": `w1` names the `nn.Conv1d(1, 1, k, bias=False)` along channels.
+    kind "conv": `w1` names the `nn.Conv1d(1, 1, k, bias=False)` along channels. `tie`: the max
+    pool's gradient rule, "split" for code that pools with `amax`, "first" for `AdaptiveMaxPool2d`.
     """
     kind: str
     w1: str
@@ -102,9 +103,11 @@ class ChannelConfig:
     act: str = "relu"
     gate: str = "sigmoid"
     padding: str = "zeros"
+    tie: str = "first"
 
     def validate(self, root: nn.Module) -> None:
         check_choice("pool", self.pool, CHANNEL_POOLS)
+        check_choice("tie", self.tie, TIE_RULES)
         check_choice("act", self.act, HIDDEN_ACTS)
         check_choice("gate", self.gate, GATES)
         check_choice("padding", self.padding, CONV_PADDINGS)
@@ -141,7 +144,7 @@ class ChannelConfig:
 
     def options(self) -> dict:
         act = "relu" if self.w2 is None else self.act
-        return dict(kind=self.kind, pool=self.pool, act=act, gate=self.gate, padding=self.padding)
+        return dict(kind=self.kind, pool=self.pool, act=act, gate=self.gate, padding=self.padding, tie=self.tie)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +154,11 @@ class SpatialConfig:
     bn: Optional[str] = None
     maps: str = "max_mean"
     gate: str = "sigmoid"
+    tie: str = "first"
 
     def validate(self, root: nn.Module) -> None:
         check_choice("maps", self.maps, SPATIAL_MAPS)
+        check_choice("tie", self.tie, TIE_RULES)
         check_choice("gate", self.gate, GATES)
         conv = _sub(root, self.conv)
         k = _check_conv(conv, self.conv, nn.Conv2d, spatial_in_channels(self.maps))
@@ -188,7 +193,7 @@ class SpatialConfig:
 
     def apply_unfolded(self, root: nn.Module, x1: Tensor, backend: str) -> Tensor:
         """Spatial attention with the BatchNorm module run on the logits (batch statistics)."""
-        smaps = F.spatial_pool(x1, backend=backend)  # (N, 2, H, W): [max, mean]
+        smaps = F.spatial_pool(x1, tie=self.tie, backend=backend)  # (N, 2, H, W): [max, mean]
         m = R.spatial_maps(smaps[:, 1], smaps[:, 0], self.maps)
         conv = root.get_submodule(self.conv)
         b = None if conv.bias is None else conv.bias.to(m.dtype)
@@ -224,6 +229,14 @@ class _FusedVariant(nn.Module):
         # _modules so it adds no state_dict keys.
         object.__setattr__(self, "_source", source)
 
+    @property
+    def max_tie(self) -> Optional[str]:
+        """The tie rule of the maxima this module takes (None: it takes none)."""
+        ch, sp = getattr(self, "channel_config", None), getattr(self, "spatial_config", None)
+        if sp is not None:
+            return sp.tie
+        return ch.tie if ch is not None and ch.pool != "avg" else None
+
     def _export_forward(self, x: Tensor) -> Tensor:
         self._source.training = self.training
         return self._source.forward(x)  # not __call__: its hooks are this module's, and run once
@@ -252,8 +265,8 @@ class FusedChannelMLP(_FusedChannel):
     `ChannelConfig.tensors`): exact, at four times the small math of the single layer."""
 
     def __init__(self, source: nn.Module, *, fc1: str = "fc1", fc2: Optional[str] = "fc2", pool: str = "avg",
-                 act: str = "relu", gate: str = "sigmoid", backend: str = "auto"):
-        super().__init__(source, ChannelConfig("mlp", fc1, fc2, pool=pool, act=act, gate=gate), backend)
+                 act: str = "relu", gate: str = "sigmoid", tie: str = "first", backend: str = "auto"):
+        super().__init__(source, ChannelConfig("mlp", fc1, fc2, pool=pool, act=act, gate=gate, tie=tie), backend)
 
 
 class FusedChannelConv(_FusedChannel):
@@ -263,17 +276,17 @@ class FusedChannelConv(_FusedChannel):
     `padding` attribute is not read (timm's CecaModule pads before an unpadded conv)."""
 
     def __init__(self, source: nn.Module, *, conv: str = "conv", pool: str = "avg", padding: str = "zeros",
-                 gate: str = "sigmoid", backend: str = "auto"):
-        super().__init__(source, ChannelConfig("conv", conv, pool=pool, gate=gate, padding=padding), backend)
+                 gate: str = "sigmoid", tie: str = "first", backend: str = "auto"):
+        super().__init__(source, ChannelConfig("conv", conv, pool=pool, gate=gate, padding=padding, tie=tie), backend)
 
 
 class FusedSpatial(_FusedVariant):
     """`x * gate(bn(conv2d(maps(x))))` with `source`'s conv (and BatchNorm) at paths `conv`, `bn`."""
 
     def __init__(self, source: nn.Module, *, conv: str = "conv", bn: Optional[str] = None, maps: str = "max_mean",
-                 gate: str = "sigmoid", backend: str = "auto"):
+                 gate: str = "sigmoid", tie: str = "first", backend: str = "auto"):
         super().__init__(source, backend)
-        self.spatial_config = SpatialConfig(conv, bn, maps, gate)
+        self.spatial_config = SpatialConfig(conv, bn, maps, gate, tie)
         self.spatial_config.validate(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -284,7 +297,7 @@ class FusedSpatial(_FusedVariant):
             _checks.check_input(x)
             return cfg.apply_unfolded(self, x, self.backend)
         w, b = cfg.folded(self)
-        return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, backend=self.backend)
+        return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, backend=self.backend)
 
 
 class FusedCbam(_FusedVariant):
@@ -294,6 +307,9 @@ class FusedCbam(_FusedVariant):
         super().__init__(source, backend)
         channel.validate(self)
         spatial.validate(self)
+        if channel.tie != spatial.tie:
+            raise ValueError(f"the channel and spatial halves must have one tie rule, got {channel.tie!r} and "
+                             f"{spatial.tie!r}")
         self.channel_config, self.spatial_config = channel, spatial
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import attnfused
 from attnfused import functional as F
-from attnfused._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS)
+from attnfused._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS,
+                                TIE_RULES)
 from attnfused.accuracy import bound
 from attnfused.reference import functional as R
 from tests._util import GRAD_TOLERANCE, TOLERANCE, autocast_for, layout, rand, rand_distinct, rel_err
@@ -54,6 +55,7 @@ SCALES = {torch.float64: (1.0, 1e-6, 1e6), torch.float32: (1.0, 1e-6, 1e6), torc
 @dataclasses.dataclass(frozen=True)
 class Example:
     op: str
+    tie: str  # the max's gradient rule (also in `case`)
     case: Case | None  # the options of "channel", "spatial", "cbam"
     shape: tuple
     dtype: torch.dtype
@@ -63,7 +65,7 @@ class Example:
     seed: int
 
 
-def _options(op: str):
+def _options(op: str, tie: str):
     """The options of an op as tests/cases.py's Case takes them (None for the two halves)."""
     if op not in ("channel", "spatial", "cbam"):
         return st.just(None)
@@ -74,8 +76,9 @@ def _options(op: str):
     spatial = st.fixed_dictionaries(dict(maps=st.sampled_from(SPATIAL_MAPS), k=st.sampled_from((1, 3, 5, 7)),
                                          sbias=st.booleans(), sgate=st.sampled_from(GATES)))
 
+
     def case(c, s):
-        opts = {"channel": c, "spatial": s, "cbam": {**c, **s}}[op]
+        opts = {"channel": c, "spatial": s, "cbam": {**c, **s}}[op] | {"tie": tie}
         if opts.get("kind") == "conv":
             opts["bias"] = False  # the 1D conv has no bias
         elif opts.get("kind") == "mlp":
@@ -101,9 +104,9 @@ def examples(dtypes, skip_empty_dims=False, specials=SPECIALS):
     test says why)."""
     @st.composite
     def draw(draw_):
-        op = draw_(st.sampled_from(OPS))
+        op, tie = draw_(st.sampled_from(OPS)), draw_(st.sampled_from(TIE_RULES))
         dtype = draw_(st.sampled_from(dtypes))
-        return Example(op, draw_(_options(op)), draw_(_shapes(skip_empty_dims)), dtype,
+        return Example(op, tie, draw_(_options(op, tie)), draw_(_shapes(skip_empty_dims)), dtype,
                        draw_(st.sampled_from(LAYOUTS)), draw_(st.sampled_from(specials)),
                        draw_(st.sampled_from(SCALES[dtype])), draw_(st.integers(0, 2**31 - 1)))
     return draw()
@@ -158,9 +161,9 @@ def run(ex: Example, x: torch.Tensor, w: dict, backend: str | None):
     """The op through attnfused.functional on `backend`, or the float64 oracle (backend None)."""
     if ex.op == "spatial_pool":
         if backend is None:
-            mean, mx = R.pool_channels(x)
+            mean, mx = R.pool_channels(x, ex.tie)
             return torch.stack((mx, mean), 1)
-        return F.spatial_pool(x, backend=backend)
+        return F.spatial_pool(x, tie=ex.tie, backend=backend)
     if ex.op == "spatial_scale":
         if backend is None:
             return (x.to(R.acc_dtype(x.dtype)) * w["t"][:, None]).to(x.dtype)

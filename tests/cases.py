@@ -11,7 +11,7 @@ import itertools
 import torch
 
 from attnfused import functional as F
-from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, spatial_in_channels
+from attnfused._options import CHANNEL_POOLS, CONV_PADDINGS, SPATIAL_MAPS, TIE_RULES, spatial_in_channels
 from attnfused.accuracy import bound
 from attnfused.reference import functional as R
 
@@ -53,7 +53,7 @@ class Case:
     def run(self, x, w: dict, backend=None):
         """The fused functional call (backend given) or the float64 oracle (backend None)."""
         o = self.o
-        ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"))
+        ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"), tie=o["tie"])
         if self.op == "channel":
             if backend is None:
                 return R.channel_attention(x, w["w1"], w["b1"], w["w2"], w["b2"], gate_kind=o["gate"], **ch)
@@ -61,8 +61,9 @@ class Case:
                                        **ch)
         if self.op == "spatial":
             if backend is None:
-                return R.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate_kind=o["sgate"])
-            return F.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate=o["sgate"], backend=backend)
+                return R.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate_kind=o["sgate"], tie=o["tie"])
+            return F.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate=o["sgate"], tie=o["tie"],
+                                       backend=backend)
         if backend is None:
             return R.cbam(x, w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], gate_kind=o["gate"],
                           maps=o["maps"], spatial_gate=o["sgate"], **ch)
@@ -75,27 +76,28 @@ def _case(op, **opts):
 
 
 def _channel_variants():
-    """Every pool with both MLP settings (relu/sigmoid/no bias, silu/hardsigmoid/bias), every
-    pool with the conv (zero and circular padding, both gates)."""
-    for pool, (act, gate, bias) in itertools.product(CHANNEL_POOLS, [("relu", "sigmoid", False),
-                                                                      ("silu", "hardsigmoid", True)]):
-        yield dict(kind="mlp", pool=pool, act=act, gate=gate, bias=bias, padding="zeros", k1d=3)
-    for pool, (padding, gate, k1d) in itertools.product(CHANNEL_POOLS, [("zeros", "sigmoid", 3),
-                                                                         ("circular", "hardsigmoid", 5)]):
-        yield dict(kind="conv", pool=pool, act="relu", gate=gate, bias=False, padding=padding, k1d=k1d)
+    """Every pool with both MLP settings (relu/sigmoid/no bias/first tie rule, silu/hardsigmoid/bias/
+    split), every pool with the conv (zero padding/sigmoid/first, circular/hardsigmoid/split)."""
+    for pool, (act, gate, bias, tie) in itertools.product(CHANNEL_POOLS, [("relu", "sigmoid", False, "first"),
+                                                                           ("silu", "hardsigmoid", True, "split")]):
+        yield dict(kind="mlp", pool=pool, act=act, gate=gate, bias=bias, padding="zeros", k1d=3, tie=tie)
+    for pool, (padding, gate, k1d, tie) in itertools.product(CHANNEL_POOLS, [("zeros", "sigmoid", 3, "first"),
+                                                                              ("circular", "hardsigmoid", 5, "split")]):
+        yield dict(kind="conv", pool=pool, act="relu", gate=gate, bias=False, padding=padding, k1d=k1d, tie=tie)
 
 
 def _spatial_variants():
-    for maps, (k, sbias, sgate) in zip(SPATIAL_MAPS * 2, [(7, False, "sigmoid"), (3, True, "hardsigmoid"),
-                                                          (5, True, "sigmoid"), (1, False, "sigmoid"),
-                                                          (3, False, "sigmoid"), (7, True, "hardsigmoid")]):
-        yield dict(maps=maps, k=k, sbias=sbias, sgate=sgate)
+    for maps, (k, sbias, sgate, tie) in zip(SPATIAL_MAPS * 2, [
+            (7, False, "sigmoid", "first"), (3, True, "hardsigmoid", "split"), (5, True, "sigmoid", "first"),
+            (1, False, "sigmoid", "split"), (3, False, "sigmoid", "split"), (7, True, "hardsigmoid", "first")]):
+        yield dict(maps=maps, k=k, sbias=sbias, sgate=sgate, tie=tie)
 
 
 CHANNEL_CASES = [_case("channel", **v) for v in _channel_variants()]
 SPATIAL_CASES = [_case("spatial", **v) for v in _spatial_variants()]
 # CBAM: each channel variant once, paired round-robin with the spatial variants
-CBAM_CASES = [_case("cbam", **c, **s) for c, s in zip(_channel_variants(), itertools.cycle(_spatial_variants()))]
+# (one tie rule for both maxima: the channel variant's)
+CBAM_CASES = [_case("cbam", **{**s, **c}) for c, s in zip(_channel_variants(), itertools.cycle(_spatial_variants()))]
 ALL_CASES = CHANNEL_CASES + SPATIAL_CASES + CBAM_CASES
 assert {c.o["padding"] for c in CHANNEL_CASES} == set(CONV_PADDINGS)
 
@@ -280,10 +282,11 @@ def check_pooled_contract(backend, lay="nchw", device="cpu"):
     mean, (mx, idx) = x.mean((2, 3)), x.flatten(2).max(2)
     w1, w2, sw = rand(3, 6), rand(6, 3), rand(1, 2, 3, 3)
     for pool in CHANNEL_POOLS:
-        copts = ("mlp", pool, "relu", "sigmoid", "zeros")
+        copts = ("mlp", pool, "relu", "sigmoid", "zeros", "first")
         wts = tuple(v.to(device) if v is not None else None for v in (w1, None, w2, None))
         saved = (ops.channel_attention(x.to(device), *wts, *copts, backend)[1:3],
-                 ops.cbam(x.to(device), *wts, sw.to(device), None, *copts, "max_mean", "sigmoid", backend)[1:3])
+                 ops.cbam(x.to(device), *wts, sw.to(device), None, *copts[:-1], "max_mean", "sigmoid", "first",
+                          backend)[1:3])
         for pooled, argmax in saved:
             pooled, argmax = pooled.cpu(), argmax.cpu()
             assert rel_err(pooled[:, 0], mean) <= TOLERANCE[torch.float32], pool
@@ -308,24 +311,25 @@ def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
         copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
         if case.op == "channel":
             wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            saved = ops.channel_attention(x, *wts, *copts, saver)[1:]
-            yield ops.channel_attention.default, (x, *wts, *copts, backend)
-            yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, backend)
+            saved = ops.channel_attention(x, *wts, *copts, o["tie"], saver)[1:]
+            yield ops.channel_attention.default, (x, *wts, *copts, o["tie"], backend)
+            yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, o["tie"], backend)
         elif case.op == "spatial":
-            sopts = (o["maps"], o["sgate"])
+            sopts = (o["maps"], o["sgate"], o["tie"])
             saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, saver)[1:]
             yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, backend)
             yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, backend)
         else:
             wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
-            opts = (*copts, o["maps"], o["sgate"])
+            opts = (*copts, o["maps"], o["sgate"], o["tie"])
             saved = ops.cbam(x, *wts, *opts, saver)[1:]
             yield ops.cbam.default, (x, *wts, *opts, backend)
             yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, backend)
-    smaps, sargmax = ops.spatial_pool(x, saver)
-    yield ops.spatial_pool.default, (x, backend)
-    yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x, sargmax,
-                                              backend)
+    for tie in TIE_RULES:
+        smaps, sargmax = ops.spatial_pool(x, tie, saver)
+        yield ops.spatial_pool.default, (x, tie, backend)
+        yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x,
+                                                  sargmax, tie, backend)
     t = torch.rand(2, 5, 3, device=device)
     yield ops.spatial_scale.default, (x, t, backend)
     yield ops.spatial_scale_backward.default, (g, x, t, backend)

@@ -80,13 +80,13 @@ def test_spatial_halves(dtype, lay):
     shape = SMALL_SHAPE[dtype]
     x = layout(rand_distinct(*shape, dtype=dtype).to(dtype).cuda(), lay)
     xc = x.cpu()
-    smaps, sargmax = torch.ops.attnfused.spatial_pool(x, BACKEND)
-    rsmaps, rsargmax = torch.ops.attnfused.spatial_pool(xc, "reference")
+    smaps, sargmax = torch.ops.attnfused.spatial_pool(x, "first", BACKEND)
+    rsmaps, rsargmax = torch.ops.attnfused.spatial_pool(xc, "first", "reference")
     assert rel_err(smaps.cpu(), rsmaps) <= TOLERANCE[dtype] and torch.equal(sargmax.cpu(), rsargmax)
     gs = rand(*smaps.shape, dtype=smaps.dtype).cuda()
-    gx = torch.ops.attnfused.spatial_pool_backward(gs, x, sargmax, BACKEND)
+    gx = torch.ops.attnfused.spatial_pool_backward(gs, x, sargmax, "first", BACKEND)
     assert gx.stride() == x.stride()
-    assert rel_err(gx.cpu(), torch.ops.attnfused.spatial_pool_backward(gs.cpu(), xc, rsargmax, "reference")) \
+    assert rel_err(gx.cpu(), torch.ops.attnfused.spatial_pool_backward(gs.cpu(), xc, rsargmax, "first", "reference")) \
         <= TOLERANCE[dtype]
     t = torch.rand(shape[0], *shape[2:], dtype=torch.float32).cuda()
     y = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
@@ -213,7 +213,8 @@ def test_past_2_31_elements(lay):
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(4).items()}
     o = case.o
     y, pooled, argmax, _hidden = torch.ops.attnfused.channel_attention(
-        x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], BACKEND)
+        x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], "first",
+        BACKEND)
     assert y.stride() == x.stride()
     for n in range(shape[0]):
         for c in range(shape[1]):

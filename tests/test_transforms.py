@@ -189,9 +189,9 @@ def test_raw_op_under_forward_ad_says_what_to_use():
     x, v = rand(2, C, 4, 4), rand(2, C, 4, 4)
     backend = BACKENDS[0]
     with pytest.raises(RuntimeError, match=r"no forward-mode derivative.*attnfused\.functional\.spatial_pool"):
-        jvp(lambda x: torch.ops.attnfused.spatial_pool(x, backend)[0], (x,), (v,))
+        jvp(lambda x: torch.ops.attnfused.spatial_pool(x, "first", backend)[0], (x,), (v,))
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="attnfused.functional.spatial_pool"):
-        torch.ops.attnfused.spatial_pool(fwAD.make_dual(x, v), backend)
+        torch.ops.attnfused.spatial_pool(fwAD.make_dual(x, v), "first", backend)
 
 
 # ----------------------------------------------------------------------------- torch.jit and torch.export

@@ -67,18 +67,26 @@ def act_grad(z: torch.Tensor, kind: str) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-def one_hot_scatter(shape, dim: int, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Zeros of `shape` with `value` put at `index` along `dim` (the gradient of a max)."""
-    out = value.new_zeros(shape)
-    return out.scatter(dim, index.unsqueeze(dim), value.unsqueeze(dim))
+def max_grad(t: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor, tie: str) -> torch.Tensor:
+    """The gradient `value` of the max of `t` over `dim`, spread per the tie rule: "first", all of
+    it at `index` (the forward's); "split", `value / count` at each of the `count` elements equal to
+    the max, computed as torch's `amax` backward does (a NaN max: NaN everywhere along `dim`)."""
+    if tie == "first":
+        return t.new_zeros(t.shape).scatter(dim, index.unsqueeze(dim), value.unsqueeze(dim))
+    if t.shape[dim] == 0:
+        return t.new_zeros(t.shape)
+    mask = t == t.amax(dim, keepdim=True)
+    return (value.unsqueeze(dim) / mask.sum(dim, keepdim=True)) * mask
 
 
-def max_and_index(t: torch.Tensor, dim: int):
-    """`t.max(dim)`, also over an empty `dim` (C, or H*W, of an empty batch): empty results then."""
+def max_and_index(t: torch.Tensor, dim: int, tie: str = "first"):
+    """(max, index of a max) over `dim`, the max's autograd per the tie rule; also over an empty
+    `dim` (C, or H*W, of an empty batch): empty results then."""
     if t.shape[dim] == 0:
         shape = t.shape[:dim] + t.shape[dim + 1:]
         return t.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=t.device)
-    return t.max(dim)
+    values, index = t.max(dim)
+    return (R.max_over(t, dim, tie) if tie == "split" else values), index
 
 
 def shifted(v: torch.Tensor, offsets, circular: bool) -> torch.Tensor:
@@ -170,7 +178,7 @@ def spatial_gate_values(smaps, weight, bias, maps, gate):
 
 # ----------------------------------------------------------------------------- cores (acc dtype)
 
-def channel_pool(xa, pool):
+def channel_pool(xa, pool, tie="first"):
     """(pooled [N, 2, C] = (mean, max), argmax [N, C]) over space; for pool "avg" nothing reads the
     max, and it and argmax are zeros (the ops' contract)."""
     flat = xa.flatten(2)
@@ -178,27 +186,27 @@ def channel_pool(xa, pool):
         avg = flat.mean(2)
         return torch.stack((avg, torch.zeros_like(avg)), 1), torch.zeros(avg.shape, dtype=torch.int64,
                                                                              device=avg.device)
-    mx, idx = max_and_index(flat, 2)
+    mx, idx = max_and_index(flat, 2, tie)
     return torch.stack((flat.mean(2), mx), 1), idx
 
 
-def spatial_pool_core(xa):
-    mx, idx = max_and_index(xa, 1)
+def spatial_pool_core(xa, tie="first"):
+    mx, idx = max_and_index(xa, 1, tie)
     return torch.stack((mx, xa.mean(1)), 1), idx
 
 
-def channel_backward_core(dya, xa, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def channel_backward_core(dya, xa, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding, tie):
     N, C, H, W = xa.shape
     z, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     dlogits = (dya * xa).sum((2, 3)) * gate_grad(z, gate)
     dpooled, dw1, db1, dw2, db2 = channel_small_backward(dlogits, pooled, w1, b1, w2, b2, kind, pool, act,
                                                          padding)
-    dmax_hot = one_hot_scatter((N, C, H * W), 2, argmax, dpooled[:, 1]).view(N, C, H, W)
-    dx = dya * s[:, :, None, None] + (dpooled[:, 0] / (H * W))[:, :, None, None] + dmax_hot
+    dmax = max_grad(xa.flatten(2), 2, argmax, dpooled[:, 1], tie).view(N, C, H, W)
+    dx = dya * s[:, :, None, None] + (dpooled[:, 0] / (H * W))[:, :, None, None] + dmax
     return dx, dw1, db1, dw2, db2
 
 
-def spatial_backward_core(dya, xa, smaps, sargmax, weight, bias, maps, gate):
+def spatial_backward_core(dya, xa, smaps, sargmax, weight, bias, maps, gate, tie):
     N, C, H, W = xa.shape
     m_in, z, t = spatial_gate_values(smaps, weight, bias, maps, gate)
     dlogits = ((dya * xa).sum(1) * gate_grad(z, gate)).unsqueeze(1)
@@ -215,7 +223,7 @@ def spatial_backward_core(dya, xa, smaps, sargmax, weight, bias, maps, gate):
         dmax, dmean = dm_in[:, 1], dm_in[:, 0]
     else:
         dmax = dmean = 0.5 * dm_in[:, 0]
-    dx = dya * t[:, None] + (dmean / C)[:, None] + one_hot_scatter((N, C, H, W), 1, sargmax, dmax)
+    dx = dya * t[:, None] + (dmean / C)[:, None] + max_grad(xa, 1, sargmax, dmax, tie)
     return dx, dw, db
 
 
@@ -234,66 +242,78 @@ def grads_out(refs, grads):
 # ----------------------------------------------------------------------------- ops
 
 @register(NAME, "channel_attention")
-def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie):
     xa = acc(x)
-    pooled, argmax = channel_pool(xa, pool)
+    pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     return like(x, xa * s[:, :, None, None]), pooled, argmax, pooled.new_empty(0)  # hidden: recomputed
 
 
 @register(NAME, "channel_attention_backward")
-def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate, padding):
-    dx, *gw = channel_backward_core(acc(grad_y), acc(x), pooled, argmax, w1, b1, w2, b2, kind, pool, act,
-                                    gate, padding)
+def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate, padding,
+                               tie):
+    xa = acc(x)
+    if tie == "split":  # from x itself: also the split rule of the backends that have no own (see ops)
+        pooled, argmax = channel_pool(xa, pool)
+    dx, *gw = channel_backward_core(acc(grad_y), xa, pooled, argmax, w1, b1, w2, b2, kind, pool, act,
+                                    gate, padding, tie)
     return (like(x, dx), *grads_out((w1, b1, w2, b2), gw))
 
 
 @register(NAME, "spatial_attention")
-def spatial_attention(x, weight, bias, maps, gate):
+def spatial_attention(x, weight, bias, maps, gate, tie):
     xa = acc(x)
-    smaps, sargmax = spatial_pool_core(xa)
+    smaps, sargmax = spatial_pool_core(xa, tie)
     _, _, t = spatial_gate_values(smaps, weight, bias, maps, gate)
     return like(x, xa * t[:, None]), smaps, sargmax
 
 
 @register(NAME, "spatial_attention_backward")
-def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, gate):
-    dx, *gw = spatial_backward_core(acc(grad_y), acc(x), smaps, sargmax, weight, bias, maps, gate)
+def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie):
+    xa = acc(x)
+    if tie == "split":
+        smaps, sargmax = spatial_pool_core(xa)
+    dx, *gw = spatial_backward_core(acc(grad_y), xa, smaps, sargmax, weight, bias, maps, gate, tie)
     return (like(x, dx), *grads_out((weight, bias), gw))
 
 
 @register(NAME, "cbam")
-def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate):
+def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie):
     xa = acc(x)
-    pooled, argmax = channel_pool(xa, pool)
+    pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels
-    smaps, sargmax = spatial_pool_core(x1)
+    smaps, sargmax = spatial_pool_core(x1, tie)
     _, _, t = spatial_gate_values(smaps, sweight, sbias, maps, sgate)
     return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax, pooled.new_empty(0)  # hidden: recomputed
 
 
 @register(NAME, "cbam_backward")
 def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, _hidden, w1, b1, w2, b2, sweight, sbias, kind,
-                  pool, act, gate, padding, maps, sgate):
+                  pool, act, gate, padding, maps, sgate, tie):
     xa = acc(x)
+    if tie == "split":
+        pooled, argmax = channel_pool(xa, pool)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
-    dx1, dsw, dsb = spatial_backward_core(acc(grad_y), xa * s[:, :, None, None], smaps, sargmax, sweight,
-                                          sbias, maps, sgate)
-    dx, *gw = channel_backward_core(dx1, xa, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding)
+    x1 = xa * s[:, :, None, None]
+    if tie == "split":  # the maps of this x1, rounded as compared here
+        smaps, sargmax = spatial_pool_core(x1)
+    dx1, dsw, dsb = spatial_backward_core(acc(grad_y), x1, smaps, sargmax, sweight, sbias, maps, sgate, tie)
+    dx, *gw = channel_backward_core(dx1, xa, pooled, argmax, w1, b1, w2, b2, kind, pool, act, gate, padding,
+                                    tie)
     return (like(x, dx), *grads_out((w1, b1, w2, b2, sweight, sbias), (*gw, dsw, dsb)))
 
 
 @register(NAME, "spatial_pool")
-def spatial_pool(x):
-    return spatial_pool_core(acc(x))
+def spatial_pool(x, tie):
+    return spatial_pool_core(acc(x), tie)
 
 
 @register(NAME, "spatial_pool_backward")
-def spatial_pool_backward(grad_smaps, x, sargmax):
+def spatial_pool_backward(grad_smaps, x, sargmax, tie):
     N, C, H, W = x.shape
-    g = acc(grad_smaps)
-    dx = (g[:, 1] / C)[:, None].expand(N, C, H, W) + one_hot_scatter((N, C, H, W), 1, sargmax, g[:, 0])
+    xa, g = acc(x), acc(grad_smaps)
+    dx = (g[:, 1] / C)[:, None].expand(N, C, H, W) + max_grad(xa, 1, sargmax, g[:, 0], tie)
     return like(x, dx)
 
 

@@ -1,8 +1,9 @@
 """The oracle: every computation the fused ops do, in plain PyTorch with autograd.
 
-Written for clarity, not speed. Gradients of max pooling go to one maximal element
-(the index `torch.max(dim)` returns), as `AdaptiveMaxPool2d` does. Reductions and the
-small MLP/conv math run in float32 (float64 for float64 input), like the kernels.
+Written for clarity, not speed. The gradient of a max follows `tie`: "first" sends it to one
+maximal element (the index `torch.max(dim)` returns), as `AdaptiveMaxPool2d` does; "split"
+divides it evenly among all maximal elements, as `amax` does. Reductions and the small MLP/conv
+math run in float32 (float64 for float64 input), like the kernels.
 """
 from __future__ import annotations
 
@@ -33,16 +34,25 @@ def hidden_act(z: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"act must be 'relu' or 'silu', got {kind!r}")
 
 
-def pool_space(x: torch.Tensor):
+def max_over(t: torch.Tensor, dim: int, tie: str = "first") -> torch.Tensor:
+    """The max over `dim`, its gradient per the tie rule ("first": `torch.max`, "split": `amax`)."""
+    if tie == "first":
+        return t.max(dim).values
+    if tie == "split":
+        return t.amax(dim)
+    raise ValueError(f"tie must be 'first' or 'split', got {tie!r}")
+
+
+def pool_space(x: torch.Tensor, tie: str = "first"):
     """avg and max over (H, W): two (N, C) tensors in the accumulation dtype."""
     flat = x.flatten(2).to(acc_dtype(x.dtype))
-    return flat.mean(2), flat.max(2).values
+    return flat.mean(2), max_over(flat, 2, tie)
 
 
-def pool_channels(x: torch.Tensor):
+def pool_channels(x: torch.Tensor, tie: str = "first"):
     """mean and max over C: two (N, H, W) maps in the accumulation dtype."""
     xa = x.to(acc_dtype(x.dtype))
-    return xa.mean(1), xa.max(1).values
+    return xa.mean(1), max_over(xa, 1, tie)
 
 
 def mlp(v, w1, b1, w2, b2, act: str):
@@ -90,9 +100,9 @@ def channel_logits(avg, mx, w1, b1, w2, b2, *, kind: str, pool: str, act: str, p
 
 
 def channel_attention(x, w1, b1=None, w2=None, b2=None, *, kind="mlp", pool="avg", act="relu",
-                      gate_kind="sigmoid", padding="zeros"):
+                      gate_kind="sigmoid", padding="zeros", tie="first"):
     """y = x * gate(f(pool(x)))[n, c]."""
-    avg, mx = pool_space(x)
+    avg, mx = pool_space(x, tie)
     s = gate(channel_logits(avg, mx, w1, b1, w2, b2, kind=kind, pool=pool, act=act, padding=padding),
              gate_kind)
     return (x.to(s.dtype) * s[:, :, None, None]).to(x.dtype)
@@ -116,16 +126,16 @@ def spatial_logits(mean, mx, weight, bias, maps: str):
     return F.conv2d(m, weight.to(m.dtype), b, padding=(k - 1) // 2).squeeze(1)
 
 
-def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid"):
+def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid", tie="first"):
     """y = x * gate(conv2d(maps(x)))[n, h, w]."""
-    mean, mx = pool_channels(x)
+    mean, mx = pool_channels(x, tie)
     t = gate(spatial_logits(mean, mx, weight, bias, maps), gate_kind)
     return (x.to(t.dtype) * t[:, None]).to(x.dtype)
 
 
 def cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias=None, *, kind="mlp", pool="avg+max",
-         act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid"):
-    """Channel attention, then spatial attention on its output."""
+         act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid", tie="first"):
+    """Channel attention, then spatial attention on its output (one tie rule for both maxima)."""
     x1 = channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate_kind,
-                           padding=padding)
-    return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate)
+                           padding=padding, tie=tie)
+    return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate, tie=tie)

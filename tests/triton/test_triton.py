@@ -112,7 +112,7 @@ def test_saved_tensors_match_reference_backend(lay, device):
     x = layout(rand(*SHAPE, dtype=torch.float32), lay)
     w = {k: None if v is None else v.float() for k, v in case.weights(SHAPE[1]).items()}
     args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
-            o["padding"], o["maps"], o["sgate"])
+            o["padding"], o["maps"], o["sgate"], o["tie"])
     ref = torch.ops.attnfused.cbam(x, *args, "reference")
     dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     out = torch.ops.attnfused.cbam(x.to(device), *dev_args, B)
@@ -133,7 +133,7 @@ def test_ops_take_any_strides(device):
     case's hardsigmoid gates have kinks, and its bias gradients nearly cancel)."""
     case = CBAM_CASES[5]
     o = case.o
-    opts = (o["kind"], o["pool"], o["act"], o["gate"], o["padding"], o["maps"], o["sgate"])
+    opts = (o["kind"], o["pool"], o["act"], o["gate"], o["padding"], o["maps"], o["sgate"], o["tie"])
     x64 = rand_distinct(*SHAPE, dtype=torch.float32).double()
     g64 = rand(*SHAPE).float().double()
     w64 = {k: None if v is None else v.float().double() for k, v in case.weights(SHAPE[1]).items()}
