@@ -24,8 +24,8 @@ in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 - `tie` (`attnfused._options.TIE_RULES`) is where a max's gradient goes among equal elements:
   "first" at the saved index, "split" evenly among all of them (the backward finds them in x, or
   in CBAM's x * s). The forward is the same under both; argmax and sargmax are the first index.
-  Kernels take `tie` where `_NATIVE_SPLIT` lists their backend; elsewhere they are called without
-  it, and a "split" backward runs the reference backend's (plain PyTorch ops, from x).
+  A backend declares whether its kernels take `tie` and compute "split" (`backends.declare_ties`);
+  a "split" backward where they do not runs the reference backend's (plain PyTorch ops, from x).
 
 Outputs the size of x have x's dtype and strides; only x and the small saved tensors are
 kept for backward, never a second tensor of x's size.
@@ -80,20 +80,21 @@ def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str, backend: str) -> t
 
 # ----------------------------------------------------------------------------- kernels
 
-# the ops whose last option is `tie` (forward and backward), and the backends whose kernels take it
+# the ops whose last option is `tie`, forward and backward
 TIE_OPS = frozenset(f"{op}{end}" for op in ("channel_attention", "spatial_attention", "cbam", "spatial_pool")
                      for end in ("", "_backward"))
-_NATIVE_SPLIT = frozenset({"reference"})
 
 
 def run_kernel(backend: str, name: str, args) -> object:
-    """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`). A backend
-    without the split rule gets no `tie`, and its "split" backward is the reference backend's."""
-    if name not in TIE_OPS or backend in _NATIVE_SPLIT:
+    """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`), `tie` passed on
+    where the backend's kernels take it (`backends.declare_ties`). A "split" backward on a backend
+    that has no kernel for it is the reference backend's: plain PyTorch ops from x."""
+    if name not in TIE_OPS:
         return backends.kernel(backend, name)(*args)
-    if args[-1] == "split" and name.endswith("_backward"):
+    takes_tie, split = backends.tie_support(backend)
+    if not split and args[-1] == "split" and name.endswith("_backward"):
         return backends.kernel("reference", name)(*args)
-    return backends.kernel(backend, name)(*args[:-1])
+    return backends.kernel(backend, name)(*(args if takes_tie else args[:-1]))
 
 
 # ----------------------------------------------------------------------------- calling the ops

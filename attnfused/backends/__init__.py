@@ -51,6 +51,27 @@ def _module(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
+# Per backend, for the ops that take a tie rule (attnfused.ops.TIE_OPS): whether its kernels take the
+# `tie` argument (last), and whether its backward kernels compute the "split" rule themselves.
+_TIES: dict[str, tuple[bool, bool]] = {}
+
+
+def declare_ties(backend: str, *, takes_tie: bool, split: bool) -> None:
+    """Called by a backend module as it registers its kernels (split implies takes_tie)."""
+    if split and not takes_tie:
+        raise ValueError("a backend that computes the split rule takes the tie argument")
+    _TIES[backend] = (takes_tie, split)
+
+
+def tie_support(backend: str) -> tuple[bool, bool]:
+    """(takes_tie, split) of `backend` (see declare_ties); the backend is imported on first use."""
+    found = _TIES.get(backend)
+    if found is None:
+        _module(backend)
+        found = _TIES.setdefault(backend, (False, False))
+    return found
+
+
 @contextlib.contextmanager
 def _untraced():
     """Nothing inside is recorded by torch.jit.trace or by a dispatch mode (torch.export's tracing): the

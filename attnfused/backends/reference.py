@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..reference import functional as R
-from . import register as _register
+from . import declare_ties, register as _register
 
 
 def register(name: str, op: str):
@@ -34,6 +34,7 @@ def register(name: str, op: str):
 
 
 NAME = "reference"
+declare_ties(NAME, takes_tie=True, split=True)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

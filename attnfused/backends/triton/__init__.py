@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .. import register
+from .. import declare_ties, register
 
 NAME = "triton"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,6 +53,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str |
 
 if _IMPORT_ERROR is None:
     from . import cbam as _cbam, channel as _channel, spatial as _spatial
+
+    declare_ties(NAME, takes_tie=False, split=False)  # a "split" backward runs the reference backend's
 
     for _op, _fn in {
         "channel_attention": _channel.channel_attention_forward,
