@@ -73,11 +73,7 @@ TIMM = {
     "seresnet50": ("seresnet50", {}, "se", ""),
     "ecaresnet50d": ("ecaresnet50d", {}, "eca", ""),
     "efficientnet_b0": ("efficientnet_b0", {}, "se", ""),
-    # zero_init_last would zero every bn3, so every CBAM input starts at 0 and every max ties: timm's
-    # amax splits a tied max's gradient, the fused kernels give it to one element, and the training
-    # parity check would compare two different (both valid) gradients. The timing does not depend on it.
-    "resnet50_cbam": ("resnet50", {"block_args": {"attn_layer": "cbam"}, "zero_init_last": False}, "cbam",
-                      "zero_init_last=False: with it every max of the first step ties"),
+    "resnet50_cbam": ("resnet50", {"block_args": {"attn_layer": "cbam"}}, "cbam", ""),
 }
 
 
