@@ -12,6 +12,12 @@ program, combined in a fixed order by a second small kernel; no atomics. Every f
 a long axis is blocked (no level adds more than 16 terms of like size; reduce.py): no long
 running sum, whose error would grow with H*W, C or N.
 
+The max's tie rule (attnfused.ops): every kernel of an op that takes a max takes `tie` last.
+"first" sends the max's gradient to the saved index; "split" divides it among all elements
+equal to the max, as torch's amax: the backward pass that already reduces dy * x (or dy * x1,
+x1 = x * s in CBAM, the product rounded as the forward's max saw it) also counts each max's
+ties, and the dx pass adds (v == max) * (dmax / count) (a NaN max: count 0, NaN along it).
+
 Tests: `TRITON_INTERPRET=1 python -m pytest tests/triton -q` (CPU), the same without the
 variable on a GPU; `python -m tests.triton.compile_sm90` compiles every kernel variant for
 sm_90 without a GPU.
@@ -54,7 +60,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str |
 if _IMPORT_ERROR is None:
     from . import cbam as _cbam, channel as _channel, spatial as _spatial
 
-    declare_ties(NAME, takes_tie=False, split=False)  # a "split" backward runs the reference backend's
+    declare_ties(NAME, takes_tie=True, split=True)  # "split" backwards count the maxima's ties in a pass over x
 
     for _op, _fn in {
         "channel_attention": _channel.channel_attention_forward,

@@ -23,6 +23,12 @@ ACTS = {"relu": 0, "silu": 1}
 POOLS = {"avg": 0, "max": 1, "avg+max": 2, "mix": 3}
 MAPS = {"max_mean": 0, "mean_max": 1, "mix": 2}
 PADDINGS = {"zeros": 0, "circular": 1}
+TIES = {"first": 0, "split": 1}  # where a max's gradient goes among equal elements (attnfused.ops)
+
+
+def is_split(tie: str) -> bool:
+    """Whether the tie rule is "split" (checked: "first" or "split")."""
+    return code(TIES, "tie", tie) == 1
 
 IDX_NONE = 2**31 - 1  # index of a lane that has seen no element yet (loses every tie)
 IDX_NONE_T = tl.constexpr(IDX_NONE)  # the same, visible inside kernels

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
-                      gate_fn, gate_grad_fn, programs_wanted, run_push, splits_for)
+                      gate_fn, gate_grad_fn, is_split, programs_wanted, run_push, splits_for)
 from .reduce import apply, reduce, sum_over_batch
 
 
@@ -499,7 +499,8 @@ def channel_pool(x, pool):
     return pooled, argmax
 
 
-def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding):
+def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie="first"):
+    is_split(tie)  # checked; the forward is the same under both rules
     with device_guard(x):
         pooled, argmax = channel_pool(x, pool)
         y = torch.empty_like(x)
@@ -510,16 +511,24 @@ def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding)
 
 
 def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate,
-                               padding):
+                               padding, tie="first"):
+    # "split" (where the max is read: pool is not "avg"): the pass that reduces dy * x also counts the
+    # elements equal to each (n, c)'s max; the dx pass gives each of them dmax / count
+    split = is_split(tie) and pool != "avg"
     with device_guard(x):
         dx = torch.empty_like(x)
         pooled = pooled.float().contiguous()
+        ccnt = None
         if x.shape[0]:
-            dot = reduce(x, True, dy=grad_y)
+            if split:
+                dot, ccnt = reduce(x, True, dy=grad_y, count_max=pooled[:, 1])
+            else:
+                dot = reduce(x, True, dy=grad_y)
             s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         else:
             dot = pooled.new_empty((0, x.shape[1]))
         dpooled, grads = channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         if x.shape[0]:
-            apply(x, dx, dy=grad_y, s=s, ch_grad=(dpooled, argmax.contiguous()), bwd=True)
+            apply(x, dx, dy=grad_y, s=s, ch_grad=(dpooled, argmax.contiguous()), bwd=True,
+                  ch_split=(pooled, ccnt) if split else None)
         return (dx, *weight_grads((w1, b1, w2, b2), grads))

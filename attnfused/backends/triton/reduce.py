@@ -37,29 +37,48 @@ def _p_offset(p, W, sh, sw, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _spatial_grad(g, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, HAS_T: tl.constexpr):
-    """dx1 of spatial attention from dy: dy * t + dmean / C + [c == sargmax] * dmax."""
+def _spatial_grad(g, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, HAS_T: tl.constexpr, x, s_ptr, smax_ptr,
+                  scnt_ptr, SPLIT: tl.constexpr, MUL_S: tl.constexpr):
+    """dx1 of spatial attention from dy: dy * t + dmean / C + the max's share. Tie rule "first"
+    (not SPLIT): [c == sargmax] * dmax. "split": (dmax / count) * [x1 == max] with x1 = x (* s[n, c]
+    if MUL_S, rounded as the forward's max saw it), max = smax_ptr's [N, 2, P] maps (max first) and
+    count = scnt_ptr's [N, P] (the number of channels equal to the max; 0 at a NaN max: NaN then, as
+    torch's amax backward)."""
     if HAS_T:
         g = g * tl.load(t_ptr + n * P + p, mask=mask, other=0.0)
     gbase = gmap_ptr + n * 2 * P + p
     dmax = tl.load(gbase, mask=mask, other=0.0)
     dmean = tl.load(gbase + P, mask=mask, other=0.0)
-    sarg = tl.load(sarg_ptr + n * P + p, mask=mask, other=-1)
-    return g + dmean / C + tl.where(sarg == c, dmax, 0.0)
+    if SPLIT:
+        x1 = x
+        if MUL_S:
+            x1 = x1 * tl.load(s_ptr + n * C + c, mask=mask, other=0.0)
+        m = tl.load(smax_ptr + n * 2 * P + p, mask=mask, other=0.0)
+        cnt = tl.load(scnt_ptr + n * P + p, mask=mask, other=1.0)
+        share = (dmax / cnt) * (x1 == m).to(tl.float32)
+    else:
+        sarg = tl.load(sarg_ptr + n * P + p, mask=mask, other=-1)
+        share = tl.where(sarg == c, dmax, 0.0)
+    return g + dmean / C + share
 
 
 @triton.jit
 def _reduce_partial_kernel(
         x_ptr, dy_ptr, s_ptr, t_ptr, gmap_ptr, sarg_ptr, sum_ptr, sum_sn, max_ptr, max_sn, idx_ptr, idx_sn,
+        cmax_ptr, cmax_sn, cnt_ptr, cnt_sn, smax_ptr, scnt_ptr,
         C, P, W, n_kblk, L_PER_SPLIT,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         REDUCE_P: tl.constexpr, DOT: tl.constexpr, HAS_S: tl.constexpr, SP_GRAD: tl.constexpr,
-        FINAL: tl.constexpr, FLAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+        FINAL: tl.constexpr, FLAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+        COUNT: tl.constexpr, SP_SPLIT: tl.constexpr):
     """Partial reductions of one (sample, block of kept indices, split of the reduced axis).
 
     REDUCE_P: reduce over p, keep c (channel pooling); else reduce over c, keep p.
     pool (not DOT): sum, max and first argmax of v = x (* s[n, c] if HAS_S);
-    DOT: sum of g * v, g = dy, or dx1 of spatial attention if SP_GRAD.
+    DOT: sum of g * v, g = dy, or dx1 of spatial attention if SP_GRAD (its max's share split
+    among equal channels if SP_SPLIT: x1 = x * s[n, c], smax_ptr the maps, scnt_ptr the counts).
+    COUNT (with DOT, the tie rule "split"): also the number of l where v equals cmax_ptr[n, k]
+    (row stride cmax_sn), a float32 count to cnt_ptr (row stride cnt_sn), as the sums.
     Results go to row n, column split * K + k of each output (n strides *_sn). FINAL (a
     single split): these are the final outputs, the sum a mean for pooling.
     The sums are blocked (module docstring): runs of INNER tiles, a tree across lanes, two levels
@@ -83,6 +102,9 @@ def _reduce_partial_kernel(
     a2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     best = tl.full([BLOCK_K, BLOCK_L], float("-inf"), tl.float32)
     best_i = tl.full([BLOCK_K, BLOCK_L], IDX_NONE_T, tl.int32)
+    if COUNT:
+        cmax = tl.load(cmax_ptr + n * cmax_sn + k, mask=k_ok, other=0.0)
+        ties = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)  # whole numbers: exact
     i = 0
     for r0 in range(l_start, l_end, INNER_T * BLOCK_L):
         run = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
@@ -103,8 +125,11 @@ def _reduce_partial_kernel(
                 g = tl.load(dy_ptr + n * syn + c * syc + _p_offset(p, W, syh, syw, FLAT), mask=mask,
                             other=0.0).to(tl.float32)
                 if SP_GRAD:
-                    g = _spatial_grad(g, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, True)
+                    g = _spatial_grad(g, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, True, v, s_ptr, smax_ptr,
+                                      scnt_ptr, SP_SPLIT, True)
                 run += g * v
+                if COUNT:
+                    ties += (mask & (v == cmax[:, None])).to(tl.float32)
             else:
                 run += v
                 # per lane, l grows over the loop: a strict > keeps the first maximum
@@ -119,6 +144,8 @@ def _reduce_partial_kernel(
     if FINAL and not DOT:
         total = total / L
     tl.store(sum_ptr + n * sum_sn + col, total, mask=k_ok)
+    if COUNT:
+        tl.store(cnt_ptr + n * cnt_sn + col, tl.sum(ties, axis=1), mask=k_ok)
     if not DOT:
         m, i = argmax_rows(best, best_i)
         tl.store(max_ptr + n * max_sn + col, m, mask=k_ok)
@@ -184,24 +211,30 @@ def _finalize(r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, N, K, S, L, po
                                         POOL=pool, BLOCK=fb)
 
 
-def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, pooled_out=None):
+def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, pooled_out=None, count_max=None,
+           sp_split=None):
     """Reduce x (N, C, H, W) over p (reduce_p) or over c.
 
     pool (dy None): writes pooled_out = (mean view, max view, argmax), each (N, K) with unit
     stride along K (views into the op's saved tensors). dot (dy given): returns the (N, K)
     float32 sums of g * v. v = x * s[n, c] if s is given; g = dx1 of spatial attention if
-    sp_grad = (t [N, P], gmap [N, 2, P] (dmax, dmean), sargmax [N, P]) is given.
+    sp_grad = (t [N, P], gmap [N, 2, P] (dmax, dmean), sargmax [N, P]) is given, its max's
+    gradient split among equal channels (tie rule "split") if sp_split = (smaps [N, 2, P] (max,
+    mean) of x1 = x * s[n, c], counts [N, P], s [N, C]) is given.
+    count_max (dot only, the tie rule "split"): the (N, K) max (unit stride along K) of v over the
+    reduced axis; then returns (sums, counts): counts (N, K) float32 = how many v equal it.
     """
     N, C, H, W = x.shape
     P = H * W
     K, L = (C, P) if reduce_p else (P, C)
     f32 = dict(dtype=torch.float32, device=x.device)
     dot = dy is not None
+    count = count_max is not None
     if N * K == 0:  # nothing to compute: launch no empty grid
-        return torch.empty((N, K), **f32) if dot else None
+        return ((torch.empty((N, K), **f32),) * (1 + count) if count else torch.empty((N, K), **f32)) if dot else None
     if L == 0:  # a sum over nothing is 0; a max over nothing has no value
         if dot:
-            return torch.zeros((N, K), **f32)
+            return (torch.zeros((N, K), **f32), torch.zeros((N, K), **f32)) if count else torch.zeros((N, K), **f32)
         raise ValueError(f"x: pooling over {'H * W' if reduce_p else 'C'} needs a nonempty axis, got shape "
                          f"{tuple(x.shape)}")
     sxn, sxc, sxh, sxw, flat = geometry(x)
@@ -220,15 +253,31 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
                                             torch.empty((N, S, K), dtype=torch.int32, device=x.device))
     t, gmap, sarg = sp_grad if sp_grad is not None else (x, x, x)
     r_sum, r_max, r_idx = results
+    # (the pointers and strides of what a launch does not read: x and 0, no new specializations)
+    cmax, cmax_sn, cnt, r_cnt, cnt_sn, smax, scnt = x, 0, x, x, 0, x, x
+    if count:
+        assert dot and count_max.stride(-1) == 1
+        cmax, cmax_sn = count_max, count_max.stride(0)
+        cnt = torch.empty((N, K), **f32)
+        r_cnt = cnt if final else torch.empty((N, S, K), **f32)
+        cnt_sn = r_cnt.stride(0)
+    if sp_split is not None:
+        assert sp_grad is not None and s is None  # x1 = x * s: the s of sp_split
+        smax, scnt, s = sp_split
     _reduce_partial_kernel[(N * n_kblk, S)](
         x, dy, x if s is None else s, t, gmap, sarg, r_sum, r_sum.stride(0), r_max, r_max.stride(0), r_idx,
-        r_idx.stride(0), C, P, W, n_kblk, per, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-        REDUCE_P=reduce_p, DOT=dot, HAS_S=s is not None, SP_GRAD=sp_grad is not None, FINAL=final, FLAT=flat,
-        BLOCK_K=bk, BLOCK_L=bl, num_warps=warps)
+        r_idx.stride(0), cmax, cmax_sn, r_cnt, cnt_sn, smax, scnt,
+        C, P, W, n_kblk, per, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+        REDUCE_P=reduce_p, DOT=dot, HAS_S=s is not None and sp_split is None, SP_GRAD=sp_grad is not None,
+        FINAL=final, FLAT=flat, BLOCK_K=bk, BLOCK_L=bl, COUNT=count, SP_SPLIT=sp_split is not None,
+        num_warps=warps)
     if final:
-        return out if dot else None
+        return ((out, cnt) if count else out) if dot else None
     if dot:
         _finalize(r_sum, r_sum, r_sum, out, K, out, K, out, N, K, S, L, False)
+        if count:
+            _finalize(r_cnt, r_cnt, r_cnt, cnt, K, cnt, K, cnt, N, K, S, L, False)
+            return out, cnt
         return out
     mean, mx, idx = pooled_out
     _finalize(r_sum, r_max, r_idx, mean, mean.stride(0), mx, mx.stride(0), idx, N, K, S, L, True)
@@ -249,13 +298,18 @@ def sum_over_batch(part: torch.Tensor, out: torch.Tensor):
 
 @triton.jit
 def _apply_kernel(x_ptr, dy_ptr, out_ptr, s_ptr, t_ptr, cgrad_ptr, carg_ptr, gmap_ptr, sarg_ptr,
+                  pooled_ptr, ccnt_ptr, smax_ptr, scnt_ptr,
                   C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow,
                   BWD: tl.constexpr, HAS_DY: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
                   CH_GRAD: tl.constexpr, SP_GRAD: tl.constexpr, FLAT: tl.constexpr,
+                  CH_SPLIT: tl.constexpr, SP_SPLIT: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Forward: out = x * s[n, c] * t[n, p]. Backward: out = dx, from dy through the spatial
-    gradient (dy * t + dmean / C + one-hot dmax, SP_GRAD) and then the channel gradient
-    (g * s + davg / P + one-hot dmax, CH_GRAD)."""
+    gradient (dy * t + dmean / C + dmax's share, SP_GRAD) and then the channel gradient
+    (g * s + davg / P + dmax's share, CH_GRAD). A max's share: one-hot at the saved index (tie
+    rule "first"), or with CH_SPLIT / SP_SPLIT (tie rule "split") dmax / count at each element
+    equal to the max (the channel max: pooled_ptr [N, 2, C], counts ccnt_ptr [N, C]; the spatial
+    max of x1 = x (* s if HAS_S): smax_ptr [N, 2, P], counts scnt_ptr [N, P]); x is read then."""
     pid = tl.program_id(0)
     n_pblk = tl.cdiv(P, BLOCK_P)
     n = (pid // n_pblk).to(tl.int64)
@@ -263,21 +317,33 @@ def _apply_kernel(x_ptr, dy_ptr, out_ptr, s_ptr, t_ptr, cgrad_ptr, carg_ptr, gma
     c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None]
     mask = (c < C) & (p < P)
     if BWD:
+        if CH_SPLIT or SP_SPLIT:
+            xv = tl.load(x_ptr + n * sxn + c * sxc + _p_offset(p, W, sxh, sxw, FLAT), mask=mask,
+                         other=0.0).to(tl.float32)
+        else:
+            xv = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         if HAS_DY:
             v = tl.load(dy_ptr + n * syn + c * syc + _p_offset(p, W, syh, syw, FLAT), mask=mask,
                         other=0.0).to(tl.float32)
         else:
             v = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         if SP_GRAD:
-            v = _spatial_grad(v, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, HAS_T)
+            v = _spatial_grad(v, n, c, p, mask, C, P, t_ptr, gmap_ptr, sarg_ptr, HAS_T, xv, s_ptr, smax_ptr, scnt_ptr,
+                              SP_SPLIT, HAS_S)
         elif HAS_T:
             v = v * tl.load(t_ptr + n * P + p, mask=mask, other=0.0)
         if CH_GRAD:
             cbase = cgrad_ptr + n * 2 * C + c
             davg = tl.load(cbase, mask=mask, other=0.0)
             dmax = tl.load(cbase + C, mask=mask, other=0.0)
-            carg = tl.load(carg_ptr + n * C + c, mask=mask, other=-1)
-            v = v * tl.load(s_ptr + n * C + c, mask=mask, other=0.0) + davg / P + tl.where(carg == p, dmax, 0.0)
+            if CH_SPLIT:
+                m = tl.load(pooled_ptr + n * 2 * C + C + c, mask=mask, other=0.0)
+                cnt = tl.load(ccnt_ptr + n * C + c, mask=mask, other=1.0)
+                share = (dmax / cnt) * (xv == m).to(tl.float32)
+            else:
+                carg = tl.load(carg_ptr + n * C + c, mask=mask, other=-1)
+                share = tl.where(carg == p, dmax, 0.0)
+            v = v * tl.load(s_ptr + n * C + c, mask=mask, other=0.0) + davg / P + share
     else:
         v = tl.load(x_ptr + n * sxn + c * sxc + _p_offset(p, W, sxh, sxw, FLAT), mask=mask,
                     other=0.0).to(tl.float32)
@@ -296,14 +362,18 @@ _APPLY_CONFIGS = [triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=w)
                                     (32, 32, 4))]
 # cache_results: keep the choice on disk across processes (where this Triton has it)
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD"], **_CACHE)(_apply_kernel)
+_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD", "CH_SPLIT", "SP_SPLIT"],
+                                   **_CACHE)(_apply_kernel)
 
 
 def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_grad=None, sp_grad=None,
-          bwd=False):
-    """The elementwise pass (see _apply_kernel); out is written, x or dy read once each.
+          bwd=False, ch_split=None, sp_split=None):
+    """The elementwise pass (see _apply_kernel); out is written, x or dy read once each (both under
+    the tie rule "split").
 
     ch_grad = (dpooled [N, 2, C], argmax [N, C]); sp_grad = (gmap [N, 2, P], sargmax [N, P]).
+    The tie rule "split": ch_split = (pooled [N, 2, C], counts [N, C]) splits the channel max's
+    gradient, sp_split = (smaps [N, 2, P], counts [N, P]) the spatial max's (of x * s if s is given).
     """
     N, C, H, W = x.shape
     P = H * W
@@ -316,10 +386,14 @@ def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_gra
     flat = flat and oflat and yflat  # the (h, w) addressing serves every stride pattern
     cgrad, carg = ch_grad if ch_grad is not None else (x, x)
     gmap, sarg = sp_grad if sp_grad is not None else (x, x)
-    args = (x, y, out, x if s is None else s, x if t is None else t, cgrad, carg, gmap, sarg,
+    pooled, ccnt = ch_split if ch_split is not None else (x, x)
+    smax, scnt = sp_split if sp_split is not None else (x, x)
+    assert (ch_split is None or ch_grad is not None) and (sp_split is None or sp_grad is not None)
+    args = (x, y, out, x if s is None else s, x if t is None else t, cgrad, carg, gmap, sarg, pooled, ccnt, smax, scnt,
             C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow)
     flags = dict(BWD=bwd, HAS_DY=dy is not None, HAS_S=s is not None, HAS_T=t is not None,
-                 CH_GRAD=ch_grad is not None, SP_GRAD=sp_grad is not None, FLAT=flat)
+                 CH_GRAD=ch_grad is not None, SP_GRAD=sp_grad is not None, FLAT=flat,
+                 CH_SPLIT=ch_split is not None, SP_SPLIT=sp_split is not None)
     if INTERPRET:
         bc, bp = 16, 16
         _apply_kernel[(N * triton.cdiv(P, bp), triton.cdiv(C, bc))](*args, **flags, BLOCK_C=bc, BLOCK_P=bp,

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, run_push,
-                      splits_for)
+from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, is_split,
+                      run_push, splits_for)
 from .channel import weight_grads
 from .reduce import apply, reduce, sum_over_batch
 
@@ -208,8 +208,9 @@ def spatial_small_backward(dot, smaps, weight, bias, maps, gate):
     return gmap, dw[:taps].view(weight.shape).clone(), (dw[taps:].clone() if bias is not None else None)
 
 
-def spatial_pool(x):
+def spatial_pool(x, tie="first"):
     """(smaps [N, 2, H, W] float32 = (max, mean) over C, sargmax [N, H, W] int64)."""
+    is_split(tie)  # checked; the forward is the same under both rules
     N, C, H, W = x.shape
     smaps = torch.empty((N, 2, H, W), dtype=torch.float32, device=x.device)
     sargmax = torch.empty((N, H, W), dtype=torch.int64, device=x.device)
@@ -220,7 +221,8 @@ def spatial_pool(x):
     return smaps, sargmax
 
 
-def spatial_attention_forward(x, weight, bias, maps, gate):
+def spatial_attention_forward(x, weight, bias, maps, gate, tie="first"):
+    is_split(tie)
     with device_guard(x):
         smaps, sargmax = spatial_pool(x)
         y = torch.empty_like(x)
@@ -229,26 +231,45 @@ def spatial_attention_forward(x, weight, bias, maps, gate):
         return y, smaps, sargmax
 
 
-def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, gate):
+def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie="first"):
+    # "split": the pass that reduces dy * x over C also counts the channels equal to each pixel's max;
+    # the dx pass gives each of them dmax / count
+    split = is_split(tie)
     with device_guard(x):
         dx = torch.empty_like(x)
         smaps = smaps.float().contiguous()
-        N = x.shape[0]
-        dot = reduce(x, False, dy=grad_y) if N else smaps.new_empty((0, 0))
+        N, _, H, W = x.shape
+        scnt = None
+        if not N:
+            dot = smaps.new_empty((0, 0))
+        elif split:
+            dot, scnt = reduce(x, False, dy=grad_y, count_max=smaps.view(N, 2, H * W)[:, 0])
+        else:
+            dot = reduce(x, False, dy=grad_y)
         gmap, dw, db = spatial_small_backward(dot, smaps, weight, bias, maps, gate)
         if N:
             t = spatial_gate(smaps, weight, bias, maps, gate)
-            apply(x, dx, dy=grad_y, t=t, sp_grad=(gmap, sargmax.contiguous()), bwd=True)
+            apply(x, dx, dy=grad_y, t=t, sp_grad=(gmap, sargmax.contiguous()), bwd=True,
+                  sp_split=(smaps, scnt) if split else None)
         return (dx, *weight_grads((weight, bias), (dw, db)))
 
 
-def spatial_pool_backward(grad_smaps, x, sargmax):
+def spatial_pool_backward(grad_smaps, x, sargmax, tie="first"):
+    # "split": no max is saved here; the maps are pooled again, and the channels equal to each pixel's
+    # max counted, before the dx pass (two more reads of x than "first")
+    split = is_split(tie)
     with device_guard(x):
         dx = torch.empty_like(x)
         if x.shape[0]:
             N, _, H, W = x.shape
             gmap = grad_smaps.float().contiguous().view(N, 2, H * W)
-            apply(x, dx, sp_grad=(gmap, sargmax.contiguous()), bwd=True)
+            sp_split = None
+            if split:
+                smaps, _ = spatial_pool(x)
+                smaps = smaps.view(N, 2, H * W)
+                _, scnt = reduce(x, False, dy=x, count_max=smaps[:, 0])
+                sp_split = (smaps, scnt)
+            apply(x, dx, sp_grad=(gmap, sargmax.contiguous()), bwd=True, sp_split=sp_split)
         return dx
 
 
