@@ -105,8 +105,9 @@ def _low_layers(calls: list[tuple]) -> dict:
     from attnfused.ops import TIE_OPS
 
     names = [func._schema.name.split("::")[1] for func, _ in calls]
-    # the op's arguments less `backend`, and less `tie` (the rule "first" here) for the compiled kernels
-    args = [a[:-2] if n in TIE_OPS else a[:-1] for n, (_, a) in zip(names, calls)]
+    # the op's arguments less `backend`, and less `tie` where the backend's kernels take no tie rule
+    takes_tie = B.tie_support(BACKEND)[0]
+    args = [a[:-2] if n in TIE_OPS and not takes_tie else a[:-1] for n, (_, a) in zip(names, calls)]
     return {"kernel": _seq([(getattr(torch.ops.attnfused_C, n), a) for n, a in zip(names, args)]),
             "backend": _seq([(B.kernel(BACKEND, n), a) for n, a in zip(names, args)]),
             "op": _seq(calls)}

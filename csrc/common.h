@@ -23,6 +23,9 @@ enum class Act { RELU, SILU };
 enum class Gate { SIGMOID, HARDSIGMOID };
 enum class Padding { ZEROS, CIRCULAR };
 enum class Maps { MAX_MEAN, MEAN_MAX, MIX };
+// The max gradient's tie rule: FIRST, all of it at the saved (first) argmax; SPLIT, shared evenly
+// by every element equal to the max, as torch's amax backward (attnfused/_options.py TIE_RULES).
+enum class Tie { FIRST, SPLIT };
 
 namespace detail {
 template <typename E, size_t N>
@@ -59,6 +62,11 @@ inline Padding parse_padding(c10::string_view s) {
 inline Maps parse_maps(c10::string_view s) {
   static const char* const n[] = {"max_mean", "mean_max", "mix"};
   return detail::parse("maps", s, n, {Maps::MAX_MEAN, Maps::MEAN_MAX, Maps::MIX});
+}
+
+inline Tie parse_tie(c10::string_view s) {
+  static const char* const n[] = {"first", "split"};
+  return detail::parse("tie", s, n, {Tie::FIRST, Tie::SPLIT});
 }
 
 // Channel-attention options, parsed once per call.

@@ -141,14 +141,14 @@ def _assert_max_pools_follow_torch(x):
     """The max maps and argmax of spatial_pool (over channels) and of channel attention's avg+max
     pool (over space) equal torch.max's bit for bit."""
     exact = dict(rtol=0, atol=0, equal_nan=True)
-    smaps, sargmax = C_OPS.spatial_pool(x)
+    smaps, sargmax = C_OPS.spatial_pool(x, "first")
     mx, idx = x.max(1)
     torch.testing.assert_close(smaps[:, 0], mx, **exact)
     assert torch.equal(sargmax, idx)
     C = x.shape[1]
     w1, w2 = torch.randn(4, C), torch.randn(C, 4)
     _, pooled, argmax, _ = C_OPS.channel_attention(x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid",
-                                                   "zeros")
+                                                   "zeros", "first")
     mx, idx = x.flatten(2).max(2)
     torch.testing.assert_close(pooled[:, 1], mx, **exact)
     assert torch.equal(argmax, idx)
@@ -212,7 +212,7 @@ def _same_bits(case, lay, monkeypatch):
 
 
 def _spatial_half_ops(x):
-    smaps, sargmax = C_OPS.spatial_pool(x)
+    smaps, sargmax = C_OPS.spatial_pool(x, "first")
     t = torch.rand(x.shape[0], *x.shape[2:], dtype=torch.float64)
     return smaps, sargmax, t
 
@@ -226,7 +226,7 @@ def test_spatial_pool_and_scale_direct(lay):
     # norm-wise: a mean of 13 near-cancelling values is ill-conditioned elementwise in any order
     assert rel_err(smaps[:, 1], x.mean(1)) <= TOLERANCE[torch.float64]
     gs = rand(*smaps.shape)
-    dx = C_OPS.spatial_pool_backward(gs, x, sargmax)
+    dx = C_OPS.spatial_pool_backward(gs, x, sargmax, "first")
     xr = x.clone().requires_grad_()
     torch.autograd.backward(torch.stack((xr.max(1).values, xr.mean(1)), 1), gs)
     assert dx.stride() == x.stride() and torch.allclose(dx, xr.grad, rtol=1e-12, atol=1e-14)
@@ -244,11 +244,11 @@ def test_empty_batch_direct():
         w1, w2 = torch.randn(3, 6), torch.randn(6, 3)
         sw = torch.randn(1, 2, 3, 3)
         y, *saved = C_OPS.cbam(x, w1, None, w2, None, sw, None, "mlp", "avg+max", "relu", "sigmoid", "zeros",
-                               "max_mean", "sigmoid")
+                               "max_mean", "sigmoid", "first")
         assert y.shape == x.shape and [t.shape for t in saved] == [(0, 2, 6), (0, 6), (0, 2, 4, 5), (0, 4, 5),
                                                                    (0, 2 * 3)]
         grads = C_OPS.cbam_backward(torch.empty_like(x), x, *saved, w1, None, w2, None, sw, None, "mlp", "avg+max",
-                                    "relu", "sigmoid", "zeros", "max_mean", "sigmoid")
+                                    "relu", "sigmoid", "zeros", "max_mean", "sigmoid", "first")
         assert grads[0].shape == x.shape
         for gw, w in zip(grads[1:], (w1, None, w2, None, sw, None)):
             assert gw.numel() == 0 if w is None else torch.equal(gw, torch.zeros_like(w))
@@ -257,7 +257,7 @@ def test_empty_batch_direct():
 def _channel_args(x=None, **over):
     x = torch.randn(2, 8, 5, 5) if x is None else x
     args = dict(x=x, w1=torch.randn(2, 8), b1=None, w2=torch.randn(8, 2), b2=None, kind="mlp", pool="avg",
-                act="relu", gate="sigmoid", padding="zeros")
+                act="relu", gate="sigmoid", padding="zeros", tie="first")
     args.update(over)
     return list(args.values())
 
@@ -288,28 +288,28 @@ def test_bad_channel_input(over, exc, match):
 def test_bad_spatial_and_saved_input():
     x = torch.randn(2, 4, 5, 5)
     with pytest.raises(ValueError, match=r"weight must have shape \(1, 2, k, k\) with k odd"):
-        C_OPS.spatial_attention(x, torch.randn(1, 2, 4, 4), None, "max_mean", "sigmoid")
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 4, 4), None, "max_mean", "sigmoid", "first")
     with pytest.raises(ValueError, match=r"weight must have shape \(1, 1, k, k\)"):
-        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "mix", "sigmoid")
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "mix", "sigmoid", "first")
     with pytest.raises(ValueError, match="bias must have shape"):
-        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), torch.randn(2), "max_mean", "sigmoid")
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), torch.randn(2), "max_mean", "sigmoid", "first")
     with pytest.raises(ValueError, match="maps must be one of"):
-        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "min_max", "sigmoid")
+        C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "min_max", "sigmoid", "first")
     with pytest.raises(ValueError, match="sgate must be one of"):
         C_OPS.cbam(x, torch.randn(2, 4), None, torch.randn(4, 2), None, torch.randn(1, 2, 3, 3), None, "mlp", "avg",
-                   "relu", "sigmoid", "zeros", "max_mean", "relu")
-    y, smaps, sargmax = C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "max_mean", "sigmoid")
+                   "relu", "sigmoid", "zeros", "max_mean", "relu", "first")
+    y, smaps, sargmax = C_OPS.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "max_mean", "sigmoid", "first")
     w = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="grad_y must have x's shape and strides"):
         C_OPS.spatial_attention_backward(torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last), x,
-                                         smaps, sargmax, w, None, "max_mean", "sigmoid")
+                                         smaps, sargmax, w, None, "max_mean", "sigmoid", "first")
     with pytest.raises(TypeError, match="smaps must have dtype Float"):
         C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps.double(), sargmax, w, None, "max_mean",
-                                         "sigmoid")
+                                         "sigmoid", "first")
     with pytest.raises(IndexError, match=r"sargmax\[0, 0\] = 4 is outside"):
         bad = sargmax.clone()
         bad[0, 0, 0] = 4
-        C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps, bad, w, None, "max_mean", "sigmoid")
+        C_OPS.spatial_attention_backward(torch.randn_like(x), x, smaps, bad, w, None, "max_mean", "sigmoid", "first")
     with pytest.raises(ValueError, match="t must have shape"):
         C_OPS.spatial_scale(x, torch.rand(2, 5, 4))
 
@@ -336,13 +336,15 @@ def test_hidden_saves_the_mlp_state(op, lay, dtype):
             w1, w2 = rand(Cr, C, dtype=dtype), rand(C, Cr, dtype=dtype)
             b1, b2 = (rand(Cr, dtype=dtype), rand(C, dtype=dtype)) if bias else (None, None)
             copts = ("mlp", pool, act, "sigmoid", "zeros")
+            tie = ("first",)
             if op == "channel":
-                out = C_OPS.channel_attention(x, w1, b1, w2, b2, *copts)
-                backward = lambda saved: C_OPS.channel_attention_backward(g, x, *saved, w1, b1, w2, b2, *copts)
+                out = C_OPS.channel_attention(x, w1, b1, w2, b2, *copts, *tie)
+                backward = lambda saved: C_OPS.channel_attention_backward(g, x, *saved, w1, b1, w2, b2, *copts,
+                                                                          *tie)
             else:
-                out = C_OPS.cbam(x, w1, b1, w2, b2, sw, None, *copts, "max_mean", "sigmoid")
+                out = C_OPS.cbam(x, w1, b1, w2, b2, sw, None, *copts, "max_mean", "sigmoid", *tie)
                 backward = lambda saved: C_OPS.cbam_backward(g, x, *saved, w1, b1, w2, b2, sw, None, *copts,
-                                                             "max_mean", "sigmoid")
+                                                             "max_mean", "sigmoid", *tie)
             pooled, hidden = out[1], out[-1]
             P = 2 if pool == "avg+max" else 1
             assert hidden.shape == (N, P * Cr) and hidden.dtype == pooled.dtype

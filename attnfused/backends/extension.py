@@ -370,10 +370,11 @@ def build_info() -> dict:
 def register_ops(backend: str) -> None:
     """Register `torch.ops.attnfused_C.<op>` as `backend`'s kernel for every op (the cpu and cuda
     backends differ only in the dispatch key the extension registered, and in availability). The
-    compiled ops take no tie rule: a "split" backward runs the reference backend's."""
+    compiled tie ops take the tie rule (last); the CPU kernels compute "split" themselves, while a
+    "split" backward on cuda runs the reference backend's."""
     from . import OPS, declare_ties, register
 
-    declare_ties(backend, takes_tie=False, split=False)
+    declare_ties(backend, takes_tie=True, split=(backend == "cpu"))
 
     def kernel(op: str):
         def run(*args):

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace attnfused {
@@ -31,9 +32,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
     c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
-    c10::string_view sgate) {
+    c10::string_view sgate, c10::string_view tie) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate sg = parse_gate(sgate, "sgate");
   const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
@@ -70,10 +72,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     const Tensor& sargmax, const Tensor& hidden, const Tensor& w1, const OptTensor& b1, const OptTensor& w2,
     const OptTensor& b2, const Tensor& sweight, const OptTensor& sbias, c10::string_view kind,
     c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
-    c10::string_view maps, c10::string_view sgate) {
+    c10::string_view maps, c10::string_view sgate, c10::string_view tie) {
   check_input(x);
   check_same_layout(grad_y, x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  const bool split = parse_tie(tie) == Tie::SPLIT;
   const Maps mp = parse_maps(maps);
   const Gate sg = parse_gate(sgate, "sgate");
   const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
@@ -104,9 +107,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
     SpatialBackward<acc_t> sp(d, smaps_c.const_data_ptr<acc_t>(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba),
                               mp, sg, k);
     const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
-    const std::vector<acc_t>& B = sp.B;
+    std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax_s = sp.dmax;
     std::vector<acc_t> dz(d.N * d.C), dpooled(d.N * 2 * d.C), A(d.N * d.C);
+    // The rest of a group's backward under the split rule: as below, each max's one-hot term
+    // replaced by its share dmax / count at every element equal to the max (x1 == smaps' max per
+    // pixel, x == pooled's max per (n, c)); a NaN max puts NaN into B (the pixel) or A (the channel).
+    auto split_rest = [&](int64_t n0, const Dims& d1, int64_t i0, int64_t off) {
+      const TieIndex<scalar_t> ties(d1, px + off, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, sam + i0,
+                                    f.S.data() + n0 * d.C);
+      constexpr acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      const std::vector<acc_t> B0(B.begin() + i0, B.begin() + i0 + d1.N * d.HW);  // unpoisoned
+      for (int64_t i = 0; i < d1.N * d.HW; ++i)
+        if (ties.spoison(i / d.HW, i % d.HW, dmax_s[i0 + i])) B[i0 + i] = nan;
+      dot_space<scalar_t, true, true>(pdy + off, px + off, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
+      at::parallel_for(0, d1.N, 1, [&](int64_t b, int64_t e) {
+        std::vector<double> hot(d.C);  // per channel, over the pixels in increasing order
+        for (int64_t n1 = b; n1 < e; ++n1) {
+          const int64_t n = n0 + n1;
+          std::fill(hot.begin(), hot.end(), 0.0);
+          for (int64_t r = 0; r < d.rows(); ++r)
+            ties.for_row(n1, r, [&](int64_t j) {
+              const int64_t c = d.cl ? j : r, hw = d.cl ? r : j;
+              if (ties.stie(n1, c, hw))
+                hot[c] += static_cast<double>(ties.sshare(n1, hw, dmax_s[n * d.HW + hw]) *
+                                              static_cast<acc_t>(px[d.at(n, c, hw)]));
+            });
+          for (int64_t c = 0; c < d.C; ++c)
+            dz[n * d.C + c] = static_cast<acc_t>(static_cast<double>(dz[n * d.C + c]) + hot[c]);
+        }
+      });
+      f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
+      const std::vector<acc_t> A0(A.begin() + n0 * d.C, A.begin() + (n0 + d1.N) * d.C);  // unpoisoned
+      for (int64_t n1 = 0; n1 < d1.N; ++n1)
+        for (int64_t c = 0; c < d.C; ++c)
+          if (ties.cpoison(n1, c, dpooled[(n0 + n1) * 2 * d.C + d.C + c])) A[(n0 + n1) * d.C + c] = nan;
+      apply<scalar_t, true, true, true, true, true>(pdx + off, pdy + off, d1, t.data() + i0, B.data() + i0,
+                                                    f.S.data() + n0 * d.C, A.data() + n0 * d.C, &ties,
+                                                    [&](int64_t n1, int64_t c, int64_t hw) {
+        const int64_t n = n0 + n1, i = n * d.HW + hw, nc = n * d.C + c;
+        const bool st = ties.stie(n1, c, hw), ct = ties.ctie(n1, c, hw);  // a tied element: the unpoisoned term
+        const acc_t dx1 = static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + (st ? B0[i - i0] : B[i]) +
+                          (st ? ties.sshare(n1, hw, dmax_s[i]) : acc_t(0));
+        return dx1 * f.S[nc] + (ct ? A0[n1 * d.C + c] : A[nc]) +
+               (ct ? ties.cshare(n1, c, dpooled[n * 2 * d.C + d.C + c]) : acc_t(0));
+      });
+    };
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t i0 = n0 * d.HW, off = n0 * d.sample();
       f.restore(pp, ph, n0, d1.N);  // the gates
@@ -114,6 +160,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_backward
       // with dx1 = dy * t + B + one-hot(sargmax) dmax_s (never stored), the one-hot part added per
       // pixel in a fixed order
       sp.samples(pdy, px, f.S.data(), n0, d1);
+      if (split) {
+        split_rest(n0, d1, i0, off);
+        return;
+      }
       dot_space<scalar_t, true, true>(pdy + off, px + off, d1, t.data() + i0, B.data() + i0, dz.data() + n0 * d.C);
       at::parallel_for(n0, n0 + d1.N, 1, [&](int64_t b, int64_t e) {  // inline within a per-sample region
         std::vector<double> hot(d.C);  // a channel may be the max at every pixel: summed in double

@@ -11,6 +11,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 namespace attnfused {
 namespace cpu {
 namespace {
@@ -21,9 +23,10 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     c10::string_view kind, c10::string_view pool, c10::string_view act, c10::string_view gate,
-    c10::string_view padding) {
+    c10::string_view padding, c10::string_view tie) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
@@ -52,10 +55,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_kernel(
     const Tensor& grad_y, const Tensor& x, const Tensor& pooled, const Tensor& argmax, const Tensor& hidden,
     const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2, c10::string_view kind,
-    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding) {
+    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
+    c10::string_view tie) {
   check_input(x);
   check_same_layout(grad_y, x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
+  const bool split = parse_tie(tie) == Tie::SPLIT && o.pool != Pool::AVG;  // "avg": no max
   const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
@@ -80,6 +85,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
       f.restore(pp, ph, n0, d1.N);  // the gates
       dot_space<scalar_t, false, false>(pdy + off, px + off, d1, nullptr, nullptr, dz.data() + n0 * d.C);
       f.backward_inputs(dz.data(), n0, d1.N, d.HW, dpooled.data(), A.data());
+      if (split) {
+        // dx = dy * s + A + [x == max] dmax / count
+        const TieIndex<scalar_t> ties(d1, px + off, am + n0 * d.C, nullptr);
+        const std::vector<acc_t> A0(A.begin() + n0 * d.C, A.begin() + (n0 + d1.N) * d.C);  // unpoisoned
+        for (int64_t n1 = 0; n1 < d1.N; ++n1)
+          for (int64_t c = 0; c < d.C; ++c)
+            if (ties.cpoison(n1, c, dpooled[(n0 + n1) * 2 * d.C + d.C + c]))
+              A[(n0 + n1) * d.C + c] = std::numeric_limits<acc_t>::quiet_NaN();
+        apply<scalar_t, true, false, false, true, true>(pdx + off, pdy + off, d1, nullptr, nullptr,
+                                                        f.S.data() + n0 * d.C, A.data() + n0 * d.C, &ties,
+                                                        [&](int64_t n1, int64_t c, int64_t hw) {
+          const int64_t n = n0 + n1, nc = n * d.C + c;
+          return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * f.S[nc] + A0[n1 * d.C + c] +
+                 ties.cshare(n1, c, dpooled[n * 2 * d.C + d.C + c]);
+        });
+        return;
+      }
       // dx = dy * s + A + one-hot(argmax) dmax
       const HotIndex hot(d1, o.pool == Pool::AVG ? nullptr : am + n0 * d.C, nullptr);
       apply<scalar_t, true, false, false, true, true>(pdx + off, pdy + off, d1, nullptr, nullptr,

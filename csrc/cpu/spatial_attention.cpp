@@ -10,6 +10,8 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 namespace attnfused {
 namespace cpu {
 namespace {
@@ -19,8 +21,9 @@ using OptTensor = std::optional<Tensor>;
 
 std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, const Tensor& weight,
                                                             const OptTensor& bias, c10::string_view maps,
-                                                            c10::string_view gate) {
+                                                            c10::string_view gate, c10::string_view tie) {
   check_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
   const int64_t k = check_spatial_weights(x, weight, bias, mp);
@@ -44,9 +47,11 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
 std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tensor& grad_y, const Tensor& x,
                                                                      const Tensor& smaps, const Tensor& sargmax,
                                                                      const Tensor& weight, const OptTensor& bias,
-                                                                     c10::string_view maps, c10::string_view gate) {
+                                                                     c10::string_view maps, c10::string_view gate,
+                                                                     c10::string_view tie) {
   check_input(x);
   check_same_layout(grad_y, x);
+  const bool split = parse_tie(tie) == Tie::SPLIT;
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
   const int64_t k = check_spatial_weights(x, weight, bias, mp);
@@ -66,14 +71,28 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
     const acc_t* sm = smaps_c.const_data_ptr<acc_t>();
     SpatialBackward<acc_t> sp(d, sm, wa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(ba), mp, g, k);
     const std::vector<acc_t>& t = sp.t;  // the gate, B and dmax of the spatial backward
-    const std::vector<acc_t>& B = sp.B;
+    std::vector<acc_t>& B = sp.B;
     const std::vector<acc_t>& dmax = sp.dmax;
     const int64_t* sam = sargmax_c.const_data_ptr<int64_t>();
     scalar_t* pdx = dx.data_ptr<scalar_t>();
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       sp.samples(pdy, px, nullptr, n0, d1);
-      // dx = dy * t + B + one-hot(sargmax) dmax
       const int64_t off = n0 * d.sample(), i0 = n0 * d.HW;
+      if (split) {
+        // dx = dy * t + B + [x == max] dmax / count
+        const TieIndex<scalar_t> ties(d1, px + off, nullptr, sam + i0);
+        const std::vector<acc_t> B0(B.begin() + i0, B.begin() + i0 + d1.N * d.HW);  // unpoisoned
+        for (int64_t i = 0; i < d1.N * d.HW; ++i)
+          if (ties.spoison(i / d.HW, i % d.HW, dmax[i0 + i])) B[i0 + i] = std::numeric_limits<acc_t>::quiet_NaN();
+        apply<scalar_t, true, true, true, false, false>(pdx + off, pdy + off, d1, t.data() + i0, B.data() + i0,
+                                                        nullptr, nullptr, &ties,
+                                                        [&](int64_t n1, int64_t c, int64_t hw) {
+          const int64_t n = n0 + n1, i = n * d.HW + hw;
+          return static_cast<acc_t>(pdy[d.at(n, c, hw)]) * t[i] + B0[i - i0] + ties.sshare(n1, hw, dmax[i]);
+        });
+        return;
+      }
+      // dx = dy * t + B + one-hot(sargmax) dmax
       const HotIndex hot(d1, nullptr, sam + i0);
       apply<scalar_t, true, true, true, false, false>(pdx + off, pdy + off, d1, t.data() + i0, B.data() + i0, nullptr,
                                                       nullptr, &hot, [&](int64_t n1, int64_t c, int64_t hw) {

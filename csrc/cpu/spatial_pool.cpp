@@ -7,14 +7,17 @@
 
 #include <torch/library.h>
 
+#include <limits>
+
 namespace attnfused {
 namespace cpu {
 namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor> spatial_pool_kernel(const Tensor& x) {
+std::tuple<Tensor, Tensor> spatial_pool_kernel(const Tensor& x, c10::string_view tie) {
   check_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   const Dims d = dims_of(x);
   Tensor smaps = at::empty({d.N, 2, d.H, d.W}, x.options().dtype(acc_dtype(x)));
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
@@ -26,8 +29,10 @@ std::tuple<Tensor, Tensor> spatial_pool_kernel(const Tensor& x) {
   return {smaps, sargmax};
 }
 
-Tensor spatial_pool_backward_kernel(const Tensor& grad_smaps, const Tensor& x, const Tensor& sargmax) {
+Tensor spatial_pool_backward_kernel(const Tensor& grad_smaps, const Tensor& x, const Tensor& sargmax,
+                                    c10::string_view tie) {
   check_input(x);
+  const bool split = parse_tie(tie) == Tie::SPLIT;
   const Dims d = dims_of(x);
   TORCH_CHECK_VALUE(grad_smaps.sizes() == at::IntArrayRef({d.N, 2, d.H, d.W}), "grad_smaps must have shape ",
                     at::IntArrayRef({d.N, 2, d.H, d.W}), ", got ", grad_smaps.sizes());
@@ -43,6 +48,19 @@ Tensor spatial_pool_backward_kernel(const Tensor& grad_smaps, const Tensor& x, c
     for (int64_t n = 0; n < d.N; ++n)
       for (int64_t hw = 0; hw < d.HW; ++hw) B[n * d.HW + hw] = pg[(n * 2 + 1) * d.HW + hw] / acc_t(d.C);
     scalar_t* pdx = dx.data_ptr<scalar_t>();
+    if (split) {
+      // dx = B + [x == max] g_max / count (the max read at sargmax)
+      const TieIndex<scalar_t> ties(d, x.const_data_ptr<scalar_t>(), nullptr, sargmax_c.const_data_ptr<int64_t>());
+      const std::vector<acc_t> B0(B);  // unpoisoned
+      for (int64_t i = 0; i < d.N * d.HW; ++i)
+        if (ties.spoison(i / d.HW, i % d.HW, pg[(i / d.HW) * 2 * d.HW + i % d.HW]))
+          B[i] = std::numeric_limits<acc_t>::quiet_NaN();
+      apply<scalar_t, false, false, true, false, false>(pdx, nullptr, d, nullptr, B.data(), nullptr, nullptr, &ties,
+                                                        [&](int64_t n, int64_t c, int64_t hw) {
+        return B0[n * d.HW + hw] + ties.sshare(n, hw, pg[n * 2 * d.HW + hw]);
+      });
+      return;
+    }
     const HotIndex hot(d, nullptr, sargmax_c.const_data_ptr<int64_t>());
     apply<scalar_t, false, false, true, false, false>(pdx, nullptr, d, nullptr, B.data(), nullptr, nullptr, &hot,
                                                       [&](int64_t n, int64_t c, int64_t hw) {

@@ -5,7 +5,11 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/batch.h"
@@ -51,7 +55,7 @@ class HotIndex {
     }
   }
 
- private:
+  // Range check of a saved argmax [N, len] (null: none) with values in [0, bound).
   static void check(const int64_t* idx, int64_t N, int64_t len, int64_t bound, const char* name,
                     const char* what) {
     if (!idx) return;
@@ -59,9 +63,160 @@ class HotIndex {
       TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < bound, name, "[", i / len, ", ", i % len, "] = ", idx[i],
                         " is outside [0, ", what, " = ", bound, ")");
   }
+ private:
   int64_t rows_;
   const int64_t* along_;
   std::vector<int64_t> start_, pos_;
+};
+
+// The split tie rule's marks (Tie::SPLIT): every element equal to a max, not only the saved argmax.
+// The maxima are read at the saved argmaxes, cmax[n, c] = x[n, c, argmax[n, c]] (the channel max over
+// H*W) and smax[n, hw] = v[n, sargmax[n, hw], hw] (the spatial max over C of v = x, or of x1 = x *
+// S[n, c] for CBAM, recomputed as the forward computed it: the same acc_t product), so the argmax
+// itself always ties (count >= 1) unless the max is NaN. One scan of x (vectorised compares) lists
+// the tied positions of each row, in increasing order, in per-chunk buffers; the counts
+// ccount[n, c] (channel) and scount[n, hw] (spatial) are then taken from the lists, sample by
+// sample (integers: exact, in any order). The lists hold one entry per tied element: a few per row
+// on ordinary data, as many as x's elements only on inputs made of ties. A NaN max (count 0) ties
+// nothing; it, or a NaN max gradient, makes the whole reduction NaN (cpoison / spoison), as torch's
+// amax backward ((g / count) * mask) does.
+template <typename scalar_t>
+class TieIndex {
+ public:
+  using acc_t = acc_type<scalar_t>;
+
+  // d, x, argmax [N, C], sargmax [N, HW] and S [N, C] of the same samples (argmax or sargmax null:
+  // that max is not taken; S null: v = x).
+  TieIndex(const Dims& d, const scalar_t* x, const int64_t* argmax, const int64_t* sargmax,
+           const acc_t* S = nullptr)
+      : d_(d), x_(x), S_(S), R_(d.rows()) {
+    HotIndex::check(argmax, d.N, d.C, d.HW, "argmax", "H*W");
+    HotIndex::check(sargmax, d.N, d.HW, d.C, "sargmax", "C");
+    if (argmax) {
+      cmax_.resize(d.N * d.C);
+      for (int64_t n = 0; n < d.N; ++n)
+        for (int64_t c = 0; c < d.C; ++c) cmax_[n * d.C + c] = xv(n, c, argmax[n * d.C + c]);
+    }
+    if (sargmax) {
+      smax_.resize(d.N * d.HW);
+      for (int64_t n = 0; n < d.N; ++n)
+        for (int64_t hw = 0; hw < d.HW; ++hw) smax_[n * d.HW + hw] = v1(n, sargmax[n * d.HW + hw], hw);
+    }
+    const int64_t rows = d.N * R_, L = d.row_len();
+    chunk_ = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(L, 1));
+    const int64_t chunks = rows ? (rows + chunk_ - 1) / chunk_ : 0;
+    bufs_.resize(chunks);
+    beg_.resize(rows);
+    end_.resize(rows);
+    if (argmax || sargmax)
+      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k)
+          for (int64_t i = k * chunk_; i < std::min(rows, (k + 1) * chunk_); ++i) {
+            beg_[i] = static_cast<int64_t>(bufs_[k].size());
+            scan(i, bufs_[k]);
+            end_[i] = static_cast<int64_t>(bufs_[k].size());
+          }
+      });
+    else
+      std::fill(end_.begin(), end_.end(), int64_t(0)), std::fill(beg_.begin(), beg_.end(), int64_t(0));
+    if (argmax) ccount_.assign(d.N * d.C, 0);
+    if (sargmax) scount_.assign(d.N * d.HW, 0);
+    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n)
+        for (int64_t r = 0; r < R_; ++r)
+          for_row(n, r, [&](int64_t j) {
+            const int64_t c = d_.cl ? j : r, hw = d_.cl ? r : j;
+            if (ctie(n, c, hw)) ++ccount_[n * d_.C + c];
+            if (stie(n, c, hw)) ++scount_[n * d_.HW + hw];
+          });
+    });
+  }
+
+  // Calls f(j) for each tied position j along row r of sample n, in increasing order.
+  template <typename F>
+  void for_row(int64_t n, int64_t r, const F& f) const {
+    const int64_t i = n * R_ + r;
+    const int64_t* p = bufs_[i / chunk_].data();
+    for (int64_t q = beg_[i]; q < end_[i]; ++q) f(p[q]);
+  }
+
+  // Whether x[n, c, hw] ties the channel max (with argmax), v[n, c, hw] the spatial max (sargmax).
+  bool ctie(int64_t n, int64_t c, int64_t hw) const {
+    return !cmax_.empty() && xv(n, c, hw) == cmax_[n * d_.C + c];
+  }
+  bool stie(int64_t n, int64_t c, int64_t hw) const {
+    return !smax_.empty() && v1(n, c, hw) == smax_[n * d_.HW + hw];
+  }
+  // The share g / count of a tied element (called where ctie / stie holds: count >= 1).
+  acc_t cshare(int64_t n, int64_t c, acc_t g) const { return g / static_cast<acc_t>(ccount_[n * d_.C + c]); }
+  acc_t sshare(int64_t n, int64_t hw, acc_t g) const { return g / static_cast<acc_t>(scount_[n * d_.HW + hw]); }
+  // Whether every element of the reduction that does not tie gets NaN, as in torch's (g / count) *
+  // mask where the share g / count is not finite (a NaN max: count 0; a NaN or infinite gradient g)
+  // and some element does not tie: the caller then puts NaN into the term all the reduction's
+  // elements get (A per (n, c), B per pixel), and gives the tied ones the term as it was plus the share.
+  bool cpoison(int64_t n, int64_t c, acc_t g) const {
+    if (cmax_.empty()) return false;
+    const int64_t k = ccount_[n * d_.C + c];
+    return k < d_.HW && !std::isfinite(g / static_cast<acc_t>(k));
+  }
+  bool spoison(int64_t n, int64_t hw, acc_t g) const {
+    if (smax_.empty()) return false;
+    const int64_t k = scount_[n * d_.HW + hw];
+    return k < d_.C && !std::isfinite(g / static_cast<acc_t>(k));
+  }
+
+ private:
+  static constexpr int64_t kChunkElems = int64_t(1) << 14;  // elements of x per chunk of rows
+
+  acc_t xv(int64_t n, int64_t c, int64_t hw) const { return static_cast<acc_t>(x_[d_.at(n, c, hw)]); }
+  acc_t v1(int64_t n, int64_t c, int64_t hw) const {
+    return S_ ? xv(n, c, hw) * S_[n * d_.C + c] : xv(n, c, hw);
+  }
+
+  // Appends the tied positions of row i (of N * R) to out.
+  void scan(int64_t i, std::vector<int64_t>& out) const {
+    using IO = VecIO<scalar_t>;
+    using Vec = typename IO::Vec;
+    constexpr int64_t V = IO::kSize;
+    const int64_t n = i / R_, r = i % R_, L = d_.row_len();
+    const scalar_t* p = x_ + i * L;
+    const bool cl = d_.cl, hasc = !cmax_.empty(), hass = !smax_.empty();
+    const acc_t* cm = hasc ? cmax_.data() + n * d_.C : nullptr;   // along c (channels_last) or cm[r]
+    const acc_t* sm = hass ? smax_.data() + n * d_.HW : nullptr;  // along hw (NCHW) or sm[r]
+    const acc_t* Sn = S_ ? S_ + n * d_.C : nullptr;
+    auto tied = [&](int64_t j) {
+      const int64_t c = cl ? j : r, hw = cl ? r : j;
+      const acc_t v = static_cast<acc_t>(p[j]);
+      if (hasc && v == cm[c]) return true;
+      return hass && (Sn ? v * Sn[c] : v) == sm[hw];
+    };
+    constexpr int none = (1 << V) - 1;  // zero_mask of a vector without a tie
+    int64_t j = 0;
+    for (; j + V <= L; j += V) {
+      const Vec v = IO::load(p + j);
+      Vec hit(acc_t(0));
+      if (cl) {
+        if (hasc) hit = hit | (v == Vec::loadu(cm + j));
+        if (hass) hit = hit | ((Sn ? v * Vec::loadu(Sn + j) : v) == Vec(sm[r]));
+      } else {
+        if (hasc) hit = hit | (v == Vec(cm[r]));
+        if (hass) hit = hit | ((Sn ? v * Vec(Sn[r]) : v) == Vec::loadu(sm + j));
+      }
+      if (hit.zero_mask() != none)
+        for (int64_t l = 0; l < V; ++l)
+          if (tied(j + l)) out.push_back(j + l);
+    }
+    for (; j < L; ++j)
+      if (tied(j)) out.push_back(j);
+  }
+
+  Dims d_;
+  const scalar_t* x_;
+  const acc_t* S_;
+  int64_t R_, chunk_ = 1;
+  std::vector<acc_t> cmax_, smax_;
+  std::vector<int64_t> ccount_, scount_, beg_, end_;
+  std::vector<std::vector<int64_t>> bufs_;
 };
 
 struct NoHot {  // the `value` of an apply without marked elements (never called)
@@ -164,10 +319,13 @@ inline void apply_row(scalar_t* po, const scalar_t* pin, int64_t L, bool cl, con
 // streamed whole. Not with `hot`, whose plain stores into lines just streamed measured 1.5x slower
 // in all; not on rows that end inside a line and go row by row, which leave lines part streamed,
 // part stored (NCHW 14x14 and 7x7 at batch 32 wrote 3x slower than with plain stores).
-template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA, typename F = NoHot>
+// `hot`: a HotIndex, a TieIndex (anything with for_row), or nullptr.
+template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA, typename F = NoHot,
+          typename H = std::nullptr_t>
 void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scalar_t>* T,
            const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
-           const HotIndex* hot = nullptr, const F& value = F(), bool stream = false) {
+           H hot = nullptr, const F& value = F(), bool stream = false) {
+  constexpr bool kHot = !std::is_same_v<H, std::nullptr_t>;
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
@@ -177,8 +335,10 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
   // NCHW rows, each with fixed factors (S, A), that are not whole lines: the rows of a chunk are
   // one contiguous run, taken a vector at a time across the row ends, so that it streams whole
   // (ECA's forward at batch 32 measured 1.2x faster at 14 x 14 and 7 x 7).
-  const bool flat = kIn && !kT && !kB && !d.cl && !hot && !whole_lines && L >= V;
-  stream = stream && !hot && (whole_lines || flat);
+  bool has_hot = false;
+  if constexpr (kHot) has_hot = hot != nullptr;
+  const bool flat = kIn && !kT && !kB && !d.cl && !has_hot && !whole_lines && L >= V;
+  stream = stream && !has_hot && (whole_lines || flat);
   at::parallel_for(0, d.N * R, grain_rows(L), [&](int64_t b, int64_t e) {
     if (flat) {
       apply_run<scalar_t, kS, kA>(out, in, L, S, A, b, e, stream);
@@ -199,8 +359,9 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
         apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, true, fixed(Tn), fixed(Bn), Sn, An, nt);
       else
         apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, false, Tn, Bn, fixed(Sn), fixed(An), nt);
-      if (hot)
-        hot->for_row(n, r, [&](int64_t p) {
+      if constexpr (kHot)
+        if (has_hot)
+          hot->for_row(n, r, [&](int64_t p) {
           po[p] = static_cast<scalar_t>(d.cl ? value(n, p, r) : value(n, r, p));
         });
     }

@@ -22,8 +22,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& sweight,
     const c10::optional<at::Tensor>& sbias, c10::string_view kind, c10::string_view pool, c10::string_view act,
-    c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate) {
+    c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate,
+    c10::string_view tie) {
   check_cuda_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   const SpatialWeights sw(x, sweight, sbias, maps, sgate, "sweight", "sbias", "sgate");
@@ -60,9 +62,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const c10::optional<at::Tensor>& w2,
     const c10::optional<at::Tensor>& b2, const at::Tensor& sweight, const c10::optional<at::Tensor>& sbias,
     c10::string_view kind, c10::string_view pool, c10::string_view act,
-    c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate) {
+    c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate,
+    c10::string_view tie) {
   check_cuda_input(x);
   check_grad(grad_y, x);
+  TORCH_CHECK_VALUE(parse_tie(tie) == Tie::FIRST,
+                    "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   const SpatialWeights sw(x, sweight, sbias, maps, sgate, "sweight", "sbias", "sgate");

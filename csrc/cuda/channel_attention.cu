@@ -16,8 +16,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
     const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind,
-    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding) {
+    c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
+    c10::string_view tie) {
   check_cuda_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   auto y = at::empty_like(x);
@@ -45,9 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& pooled_, const at::Tensor& argmax_,
     const at::Tensor& /*hidden: recomputed*/, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind, c10::string_view pool, c10::string_view act,
-    c10::string_view gate, c10::string_view padding) {
+    c10::string_view gate, c10::string_view padding, c10::string_view tie) {
   check_cuda_input(x);
   check_grad(grad_y, x);
+  TORCH_CHECK_VALUE(parse_tie(tie) == Tie::FIRST,
+                    "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   auto pooled = saved_pooled(pooled_, x);

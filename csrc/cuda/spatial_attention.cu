@@ -11,8 +11,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                       const c10::optional<at::Tensor>& bias,
-                                                                      c10::string_view maps, c10::string_view gate) {
+                                                                      c10::string_view maps, c10::string_view gate,
+                                                                      c10::string_view tie) {
   check_cuda_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const SpatialWeights sw(x, weight, bias, maps, gate);
   auto y = at::empty_like(x);
@@ -34,9 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& smaps_, const at::Tensor& sargmax_,
-    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view maps, c10::string_view gate) {
+    const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view maps, c10::string_view gate,
+    c10::string_view tie) {
   check_cuda_input(x);
   check_grad(grad_y, x);
+  TORCH_CHECK_VALUE(parse_tie(tie) == Tie::FIRST,
+                    "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const SpatialWeights sw(x, weight, bias, maps, gate);
   auto smaps = saved_smaps(smaps_, x);

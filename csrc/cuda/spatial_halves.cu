@@ -11,8 +11,9 @@ namespace attnfused {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tensor& x, c10::string_view tie) {
   check_cuda_input(x);
+  (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
@@ -30,8 +31,11 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tensor& x) {
   return {smaps, sargmax};
 }
 
-at::Tensor spatial_pool_backward_cuda(const at::Tensor& grad_smaps, const at::Tensor& x, const at::Tensor& sargmax_) {
+at::Tensor spatial_pool_backward_cuda(const at::Tensor& grad_smaps, const at::Tensor& x, const at::Tensor& sargmax_,
+                                       c10::string_view tie) {
   check_cuda_input(x);
+  TORCH_CHECK_VALUE(parse_tie(tie) == Tie::FIRST,
+                    "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_dtype(x);
   TORCH_CHECK_TYPE(at::isFloatingType(grad_smaps.scalar_type()), "grad_smaps must have a floating dtype, got ",
