@@ -17,6 +17,7 @@ from attnfused import reference as ref
 from attnfused.variants import _FusedVariant
 from tests._util import cpu_backends, rel_err
 from tests.test_convert import exact_hardsigmoids_
+from tests.test_drop_in import randomize_
 
 timm = pytest.importorskip("timm")
 from timm.layers import cbam as tcbam  # noqa: E402
@@ -58,18 +59,6 @@ def tied_input(kind: str) -> torch.Tensor:
     if kind == "bfloat16":  # activations rounded to bfloat16 (8 bits): near ties become ties
         return (torch.randn(SHAPE) * 0.3).bfloat16().double()
     raise ValueError(kind)
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """BatchNorm statistics and affine parameters away from their initial values."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-    return model
 
 
 def _grads(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -117,7 +106,7 @@ def test_timm_blocks_split_like_amax(request, backend, block, mode, inputs):
         request.node.add_marker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
             "EffectiveSE's one layer runs as relu(v) - relu(-v), whose gradient at a pooled value of exactly 0 "
             "(an all-zero channel) is 0, not 1 (docs/contract.md §8)")))
-    original = _randomize(_timm_blocks()[block]()).double().train(mode == "train")
+    original = randomize_(_timm_blocks()[block]()).double().train(mode == "train")
     converted, entries = attnfused.convert(original, backend=backend, report=True)
     assert entries[0].converted and entries[0].tie == "split", str(entries[0])
     assert "split among ties" in str(entries[0])
@@ -138,7 +127,7 @@ def test_article_blocks_keep_one_element(backend, block, inputs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_other_rule_is_wrong_there(backend, block):
     """The check above can fail: with the rule swapped, the gradients leave the original's."""
-    original = _randomize(_timm_blocks()[block]()).double().eval()
+    original = randomize_(_timm_blocks()[block]()).double().eval()
     converted = _with_tie(attnfused.convert(original, backend=backend), "first")
     with pytest.raises(AssertionError, match="gradient"):
         _check_same(original, converted, tied_input("rounded"))
