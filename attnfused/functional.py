@@ -79,6 +79,8 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
     the max pool goes among equal elements, "first" (one, as `AdaptiveMaxPool2d`) or "split"
     (evenly, as `amax`)."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
+    if pool == "avg":  # no max: one rule, the one every backend computes itself
+        tie = "first"
     if torch.onnx.is_in_onnx_export():  # the exported graph is the reference math: standard operators
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
                                    padding=padding, tie=tie)
