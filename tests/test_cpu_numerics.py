@@ -3,6 +3,8 @@ killed the process, so each op runs in a child process), and float32 sums over v
 (pooling over H*W, the maps over C, the backward's dot products), against float64."""
 from __future__ import annotations
 
+import itertools
+
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import attnfused
+from attnfused._options import TIE_RULES
 from attnfused.accuracy import rel_err
 from attnfused.backends import extension
 
@@ -66,14 +69,15 @@ def _run_empty_case(op, shape, layout, dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     channel, spatial = _weights(op, C, dtype)
     if op in ("channel_attention", "cbam"):
-        for kind, cw in channel.items():
+        for (kind, cw), tie in itertools.product(channel.items(), TIE_RULES):
             opts = (kind, "avg+max", "relu", "sigmoid", "zeros")
             cargs = (cw["w1"], cw.get("b1"), cw.get("w2"), cw.get("b2"))
             if op == "channel_attention":
-                out = OPS.channel_attention(x, *cargs, *opts, "cpu")
+                out = OPS.channel_attention(x, *cargs, *opts, tie, "cpu")
                 leaves = {k: v for k, v in cw.items()}
             else:
-                out = OPS.cbam(x, *cargs, spatial["sweight"], spatial["sbias"], *opts, "max_mean", "sigmoid", "cpu")
+                out = OPS.cbam(x, *cargs, spatial["sweight"], spatial["sbias"], *opts, "max_mean", "sigmoid", tie,
+                               "cpu")
                 leaves = {**cw, **spatial}
                 _check_small("smaps", out[3], (N, 2, H, W), acc)
                 _check_small("sargmax", out[4], (N, H, W), torch.int64)
@@ -85,7 +89,7 @@ def _run_empty_case(op, shape, layout, dtype):
             _check_like_x("grad of x", grads[0], x0)
             _check_weight_grads(grads[1:], leaves)
     elif op == "spatial_attention":
-        out = OPS.spatial_attention(x, spatial["sweight"], spatial["sbias"], "max_mean", "sigmoid", "cpu")
+        out = OPS.spatial_attention(x, spatial["sweight"], spatial["sbias"], "max_mean", "sigmoid", "split", "cpu")
         _check_like_x("y", out[0], x0)
         _check_small("smaps", out[1], (N, 2, H, W), acc)
         _check_small("sargmax", out[2], (N, H, W), torch.int64)
@@ -93,7 +97,7 @@ def _run_empty_case(op, shape, layout, dtype):
         _check_like_x("grad of x", grads[0], x0)
         _check_weight_grads(grads[1:], spatial)
     elif op == "spatial_halves":
-        smaps, sargmax = OPS.spatial_pool(x, "cpu")
+        smaps, sargmax = OPS.spatial_pool(x, "split", "cpu")
         _check_small("smaps", smaps, (N, 2, H, W), acc)
         _check_small("sargmax", sargmax, (N, H, W), torch.int64)
         (gx,) = torch.autograd.grad(smaps, [x], torch.ones_like(smaps))
@@ -196,7 +200,7 @@ def test_pooled_over_space_large(layout):
     C = x.shape[1]
     w1 = torch.randn(4, C) / 4
     w2 = torch.randn(C, 4) / 2
-    args = (x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "cpu")
+    args = (x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "first", "cpu")
     y, pooled, argmax, _ = OPS.channel_attention(*args)
     del y
     mean64 = _per_channel(lambda t: t.mean((1, 2)), x)  # the terms are positive: sum |x| = sum x
@@ -212,7 +216,7 @@ def test_pooled_over_space_large(layout):
 def test_pooled_over_channels_large(layout):
     """The channel maps' mean (and max) over C = 2^16 channels (1 x 65536 x 32 x 32, 2^26 elements)."""
     x = _uniform((1, 1 << 16, 32, 32), layout, seed=2)
-    smaps, sargmax = OPS.spatial_pool(x, "cpu")
+    smaps, sargmax = OPS.spatial_pool(x, "first", "cpu")
     mean64 = torch.zeros(1, 32, 32, dtype=torch.float64)
     for c0 in range(0, x.shape[1], 4096):  # float64 in slices of channels
         mean64 += x[:, c0:c0 + 4096].double().sum(1)
@@ -220,7 +224,7 @@ def test_pooled_over_channels_large(layout):
     err = ((smaps[:, 1].double() - mean64).abs() / mean64).max().item()
     assert err <= SUM_TOL, f"channel mean over 2^16 channels ({layout}): relative error {err:.2e} > {SUM_TOL}"
     assert torch.equal(smaps[:, 0], x.amax(1)), "channel max differs from x.amax"
-    smaps2, sargmax2 = OPS.spatial_pool(x, "cpu")
+    smaps2, sargmax2 = OPS.spatial_pool(x, "first", "cpu")
     assert torch.equal(smaps, smaps2) and torch.equal(sargmax, sargmax2), "two runs gave different bits"
 
 
@@ -294,7 +298,7 @@ def test_cbam_large(layout):
     ch = block.channel_attention_block
     out = OPS.cbam(x.detach(), ch.fc_layers[0].weight, None, ch.fc_layers[2].weight, None,
                    block.spatial_attention_block.conv.weight, None, "mlp", "avg+max", "relu", "sigmoid", "zeros",
-                   "max_mean", "sigmoid", "cpu")
+                   "max_mean", "sigmoid", "first", "cpu")
     mean64 = x64.detach().mean((2, 3))
     err = ((out[1][:, 0].double() - mean64).abs() / mean64).max().item()
     assert err <= SUM_TOL, f"CBAM's pooled mean over 1024 x 1024 ({layout}): relative error {err:.2e}"
