@@ -24,8 +24,8 @@ in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 - `tie` (`attnfused._options.TIE_RULES`) is where a max's gradient goes among equal elements:
   "first" at the saved index, "split" evenly among all of them (the backward finds them in x, or
   in CBAM's x * s). The forward is the same under both; argmax and sargmax are the first index.
-  A backend declares whether its kernels take `tie` and compute "split" (`backends.declare_ties`);
-  a "split" backward where they do not runs the reference backend's (plain PyTorch ops, from x).
+  A backend declares whether its kernels compute "split" (`backends.declare_ties`); a "split"
+  backward where they do not runs the reference backend's (plain PyTorch ops, from x).
 
 Outputs the size of x have x's dtype and strides; only x and the small saved tensors are
 kept for backward, never a second tensor of x's size.
@@ -86,15 +86,13 @@ TIE_OPS = frozenset(f"{op}{end}" for op in ("channel_attention", "spatial_attent
 
 
 def run_kernel(backend: str, name: str, args) -> object:
-    """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`), `tie` passed on
-    where the backend's kernels take it (`backends.declare_ties`). A "split" backward on a backend
-    that has no kernel for it is the reference backend's: plain PyTorch ops from x."""
-    if name not in TIE_OPS:
-        return backends.kernel(backend, name)(*args)
-    takes_tie, split = backends.tie_support(backend)
-    if not split and args[-1] == "split" and name.endswith("_backward"):
+    """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`). A "split" backward
+    on a backend that has no kernel for it (`backends.declare_ties`) is the reference backend's:
+    plain PyTorch ops from x."""
+    if (name in TIE_OPS and args[-1] == "split" and name.endswith("_backward")
+            and not backends.computes_split(backend)):
         return backends.kernel("reference", name)(*args)
-    return backends.kernel(backend, name)(*(args if takes_tie else args[:-1]))
+    return backends.kernel(backend, name)(*args)
 
 
 # ----------------------------------------------------------------------------- calling the ops

@@ -102,12 +102,9 @@ def _seq(pairs):
 def _low_layers(calls: list[tuple]) -> dict:
     """The three lowest layers of a recorded sequence of op calls: kernel, backend, op (no grad)."""
     import attnfused.backends as B
-    from attnfused.ops import TIE_OPS
 
     names = [func._schema.name.split("::")[1] for func, _ in calls]
-    # the op's arguments less `backend`, and less `tie` where the backend's kernels take no tie rule
-    takes_tie = B.tie_support(BACKEND)[0]
-    args = [a[:-2] if n in TIE_OPS and not takes_tie else a[:-1] for n, (_, a) in zip(names, calls)]
+    args = [a[:-1] for _, a in calls]  # the op's arguments less `backend`
     return {"kernel": _seq([(getattr(torch.ops.attnfused_C, n), a) for n, a in zip(names, args)]),
             "backend": _seq([(B.kernel(BACKEND, n), a) for n, a in zip(names, args)]),
             "op": _seq(calls)}

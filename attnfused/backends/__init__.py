@@ -51,24 +51,23 @@ def _module(backend: str):
     return importlib.import_module(_MODULES[backend])
 
 
-# Per backend, for the ops that take a tie rule (attnfused.ops.TIE_OPS): whether its kernels take the
-# `tie` argument (last), and whether its backward kernels compute the "split" rule themselves.
-_TIES: dict[str, tuple[bool, bool]] = {}
+# Per backend: whether its backward kernels of the ops that take a tie rule (attnfused.ops.TIE_OPS)
+# compute the "split" rule themselves. Every backend's kernels take the `tie` argument (last).
+_SPLITS: dict[str, bool] = {}
 
 
-def declare_ties(backend: str, *, takes_tie: bool, split: bool) -> None:
-    """Called by a backend module as it registers its kernels (split implies takes_tie)."""
-    if split and not takes_tie:
-        raise ValueError("a backend that computes the split rule takes the tie argument")
-    _TIES[backend] = (takes_tie, split)
+def declare_ties(backend: str, *, split: bool) -> None:
+    """Called by a backend module as it registers its kernels."""
+    _SPLITS[backend] = split
 
 
-def tie_support(backend: str) -> tuple[bool, bool]:
-    """(takes_tie, split) of `backend` (see declare_ties); the backend is imported on first use."""
-    found = _TIES.get(backend)
+def computes_split(backend: str) -> bool:
+    """Whether `backend`'s backward kernels compute the "split" rule (see declare_ties); the backend is
+    imported on first use."""
+    found = _SPLITS.get(backend)
     if found is None:
         _module(backend)
-        found = _TIES.setdefault(backend, (False, False))
+        found = _SPLITS.setdefault(backend, False)
     return found
 
 

@@ -374,7 +374,7 @@ def register_ops(backend: str) -> None:
     "split" backward on cuda runs the reference backend's."""
     from . import OPS, declare_ties, register
 
-    declare_ties(backend, takes_tie=True, split=(backend == "cpu"))
+    declare_ties(backend, split=(backend == "cpu"))
 
     def kernel(op: str):
         def run(*args):

@@ -34,7 +34,7 @@ def register(name: str, op: str):
 
 
 NAME = "reference"
-declare_ties(NAME, takes_tie=True, split=True)
+declare_ties(NAME, split=True)
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

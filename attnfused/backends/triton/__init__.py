@@ -60,7 +60,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None) -> str |
 if _IMPORT_ERROR is None:
     from . import cbam as _cbam, channel as _channel, spatial as _spatial
 
-    declare_ties(NAME, takes_tie=True, split=True)  # "split" backwards count the maxima's ties in a pass over x
+    declare_ties(NAME, split=True)  # "split" backwards count the maxima's ties in a pass over x
 
     for _op, _fn in {
         "channel_attention": _channel.channel_attention_forward,
