@@ -24,6 +24,8 @@ Flags: spill (local memory in the hot loop or its row), narrow (element-wide loa
 tensors, or more narrow side loads than one per element and one), blocks (< 4 per SM), inflight
 (< 22 KB per SM), issue (> 90 instructions per 512 B), vec1 (VEC = 1 where a sample, being
 contiguous, could be read as flat 16-byte vectors), fin (per-sample math in a streaming pass).
+A new-path kernel with no loop over a streamed tensor is small math (bound "small": the gate,
+MLP or conv kernels), not timed by the model and flagged only for spills.
 Today's kernels are "old": their flags are printed and the exit status is 0. Kernels whose
 demangled name matches --new (default: the namespace attnfused::cuda::next) are the new path:
 a flag on one of them exits 1.
@@ -73,6 +75,12 @@ SOURCE_FACTS = {
     ],
     "csrc/cuda/onchip.cuh": [r"4 \* x.size\(0\) >= 3 \* per_sm \* prop->multiProcessorCount",
                              r"sharedMemPerMultiprocessor\) / \(bytes \+ 1024\)"],
+    "csrc/cuda/next_plan.h": [
+        r"constexpr int kLoads = 4;",
+        r"while \(N \* ncy \* chunks < int64_t\(sms\) \* 16 && cdiv\(hvecs, TX \* chunks \* 2\) >= 4 \* kLoads\) chunks \*= 2;",
+        r"while \(R < 16 \* kLoads && N \* nbc \* cdiv\(HW, int64_t\(TY\) \* R \* 2\) >= int64_t\(sms\) \* 16\) R \*= 2;",
+    ],
+    "csrc/cuda/next.cuh": [r"return MAXED \? 2 : kLoads;"],
 }
 
 
@@ -120,6 +128,38 @@ def plan_reduce(N: int, A: int, B: int, direction: str, vec: int, sms: int = SMS
     return dict(TX=TX, TY=TY, KA=KA, KB=KB, nbx=nbx, nay=nay, grid=N * nbx * nay)
 
 
+KLOADS = 4  # kLoads in next_plan.h
+
+
+def pow2_lanes(vecs: int) -> int:
+    TX = 1
+    while TX < 32 and TX < vecs:
+        TX *= 2
+    return TX
+
+
+def plan_next_rows(N: int, C: int, HW: int, vec: int, sms: int = SMS) -> dict:
+    """RowPlan (next_plan.h): TX lanes along a row's vectors, rows split in `chunks` pieces."""
+    hv = HW // vec
+    TX = pow2_lanes(hv)
+    ncy, chunks = cdiv(C, THREADS // TX), 1
+    while N * ncy * chunks < sms * 16 and cdiv(hv, TX * chunks * 2) >= 4 * KLOADS:
+        chunks *= 2
+    per = cdiv(hv, chunks)
+    chunks = cdiv(hv, per)
+    return dict(TX=TX, KB=cdiv(per, TX), grid=N * ncy * chunks)
+
+
+def plan_next_columns(N: int, C: int, HW: int, vec: int, sms: int = SMS) -> dict:
+    """ColumnPlan (next_plan.h): a thread sums R rows of its vector of channels (no shuffles)."""
+    cv = cdiv(C, vec)
+    TX = pow2_lanes(cv)
+    TY, nbc, R = THREADS // TX, cdiv(cv, TX), KLOADS
+    while R < 16 * KLOADS and N * nbc * cdiv(HW, TY * R * 2) >= sms * 16:
+        R *= 2
+    return dict(TX=1, KB=R, grid=N * nbc * cdiv(HW, TY * R))
+
+
 def plan_apply(numel: int, vec: int, sms: int = SMS) -> dict:
     return dict(grid=max(1, min(cdiv(numel // vec, THREADS), sms * 32)), KB=1, TX=32)
 
@@ -137,7 +177,7 @@ def onchip_used(C: int, H: int, W: int, N: int, elem: int, sms: int = SMS, optin
 class PassUse:
     label: str
     kernel: str  # demangled-name prefix
-    kind: str  # reduce, apply, onchip
+    kind: str  # reduce, apply, onchip, rows, columns (the new path's pools)
     direction: str = ""
     reads: int = 1  # tensors of x's size read
     writes: int = 0
@@ -183,6 +223,21 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
         out.append(PassUse("bwd DOT SE", f"{red}1, {d(s)}, {ns}ChannelBackwardFin<float>", "reduce", s, reads=2))
         out.append(app("bwd dx SE", "true, false, true"))
     return out
+
+
+def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
+    """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
+    attention forward (se: pool avg only), where 16-byte vectors cover it (next_channel.cu)."""
+    v = 16 // elem
+    if op != "se" or ((C if cl else H * W) * elem) % 16:
+        return []
+    ns = "attnfused::cuda::next::"
+    small = N * C * H * W + SMS * 32 * THREADS * v < 2 ** 32
+    idx = "unsigned int" if small else "long"
+    pool = "columns" if cl else "rows"
+    return [PassUse("next fwd pool", f"void {ns}_pool_{pool}<{T}, {v}, false>", pool),
+            PassUse("next fwd scale", f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}>", "apply",
+                    reads=1, writes=1)]
 
 
 # ---------------------------------------------------------------------------- measured times
@@ -333,6 +388,10 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
     blocks, inflight = k.blocks, k.inflight
     if use.kind == "reduce":
         plan = plan_reduce(BATCH, A, B, "COL" if use.direction == "BOTH" else use.direction, vec)
+    elif use.kind == "rows":
+        plan = plan_next_rows(BATCH, C, H * W, vec)
+    elif use.kind == "columns":
+        plan = plan_next_columns(BATCH, C, H * W, vec)
     elif use.kind == "apply":
         plan = plan_apply(numel, vec)
     else:  # on chip: one block per sample, the sample in dynamic shared memory
@@ -343,7 +402,7 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
     if hot.loop:
         # bytes a thread reads per hot-loop trip and per row; a row's own work spread over its trips
         per_trip = max(1, hot.stream_loads * hot.stream_width)
-        row_bytes = plan["KB"] * vec * elem * use.reads if use.kind == "reduce" else per_trip
+        row_bytes = plan["KB"] * vec * elem * use.reads if use.kind in ("reduce", "rows", "columns") else per_trip
         trips = max(1.0, row_bytes / per_trip)
         shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0
         h2 = analyze(k.flow.ins, hot.stream_width, row_trips=trips, shfl_trips=shfl, flow=k.flow)
@@ -421,7 +480,7 @@ def main(argv=None) -> int:
     for shape in SHAPES:
         for cl in (True, False):
             for op in a.ops.split(","):
-                for u in passes(op, *shape, cl, T, elem):
+                for u in passes(op, *shape, cl, T, elem) + next_passes(op, *shape, cl, T, elem):
                     uses.setdefault((u.label, shape, cl), u)
     prefixes = {u.kernel for u in uses.values()}
     res, sass, names = read_library(lib, cuobjdump,
@@ -446,9 +505,13 @@ def main(argv=None) -> int:
             rows.append(shape_row(k, u, shape, cl, elem, measured_for(meas, k.name, f"{BATCH}x" + "x".join(map(str, shape)), lay)))
     for d, k in sorted(kernels.items()):  # new-path kernels the plan mirror does not know: kernel flags only
         if k.new and not d.startswith(tuple(prefixes)):
+            # no loop over a streamed tensor: a small-math kernel (per-sample MLP, conv, gate), not
+            # timed by this model; only spills flag it
+            streams = bool(k.hot.loop)
+            flags = kernel_flags(k) if streams else (["spill"] if k.hot.local or k.res.local else [])
             rows.append(dict(label=short_name(d)[:13], shape="-", lay="-", vec=k.vec, blocks=k.blocks, grid=0,
-                             waves=0.0, ipb=None, budget=0, copy=0.0, pred=0.0, bound="-", meas=None,
-                             flags=kernel_flags(k), new=True))
+                             waves=0.0, ipb=None, budget=0, copy=0.0, pred=0.0, bound="-" if streams else "small",
+                             meas=None, flags=flags, new=True))
     report(kernels, rows)
     flagged_new = [r for r in rows if r["new"] and r["flags"]]
     old = [r for r in rows if not r["new"]]

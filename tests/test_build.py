@@ -34,6 +34,13 @@ def test_build_info_contents():
         assert {"sm_80", "sm_90"} <= set(info["cuda_archs"])
 
 
+def test_build_info_names_the_cuda_kernels(monkeypatch):
+    monkeypatch.delenv("ATTNFUSED_CUDA_KERNELS", raising=False)
+    assert attnfused.build_info()["cuda_kernels"] == "validated"
+    monkeypatch.setenv("ATTNFUSED_CUDA_KERNELS", "next")
+    assert attnfused.build_info()["cuda_kernels"] == "next"
+
+
 def test_arch_names():
     assert extension.arch_names("8.0;9.0+PTX") == ["sm_80", "sm_90"]
     assert extension.arch_names("8.0 8.6 9.0a") == ["sm_80", "sm_86", "sm_90a"]

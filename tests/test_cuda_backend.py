@@ -1,6 +1,6 @@
 """The `cuda` backend on a GPU: parity with the float64 oracle for every op, option, dtype and
 layout (forward, input and weight gradients), through the multi-pass and the on-chip forward
-($ATTNFUSED_CUDA_ONCHIP=0 / =1), shapes that exercise every tiling path, opcheck,
+($ATTNFUSED_CUDA_ONCHIP=0 / =1) and the new kernels ($ATTNFUSED_CUDA_KERNELS=next), shapes that exercise every tiling path, opcheck,
 bit-identical reruns, torch.compile(fullgraph=True), CUDA graph capture, a non-default stream,
 and one input past 2**31 elements: every such test is marked `cuda` (skipped without a GPU).
 A few checks of the backend's registration run everywhere.
@@ -30,13 +30,17 @@ TILING_SHAPES = [(2, 256, 28, 28), (1, 64, 56, 56), (64, 512, 7, 7), (5, 33, 17,
                  (16, 96, 14, 14)]
 
 
-# forward paths: multi-pass only, or one block per sample in shared memory whenever a sample fits
-PATHS = {"multipass": "0", "onchip": "1"}
+# forward paths: multi-pass only, one block per sample in shared memory whenever a sample fits, or
+# the new kernels ($ATTNFUSED_CUDA_KERNELS=next; ops and shapes they do not cover yet run multi-pass)
+PATHS = {"multipass": {"ATTNFUSED_CUDA_ONCHIP": "0"}, "onchip": {"ATTNFUSED_CUDA_ONCHIP": "1"},
+         "next": {"ATTNFUSED_CUDA_ONCHIP": "0", "ATTNFUSED_CUDA_KERNELS": "next"}}
 
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    monkeypatch.setenv("ATTNFUSED_CUDA_ONCHIP", PATHS[request.param])
+    monkeypatch.delenv("ATTNFUSED_CUDA_KERNELS", raising=False)
+    for k, v in PATHS[request.param].items():
+        monkeypatch.setenv(k, v)
     return request.param
 
 

@@ -350,11 +350,15 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def build_info() -> dict:
-    """What was built and loaded: {cpu, cuda, cuda_archs, cpu_arch, torch, cuda_version, build, path, error}.
+    """What was built and loaded: {cpu, cuda, cuda_archs, cpu_arch, torch, cuda_version, build, path, error,
+    cuda_kernels}; cuda_kernels is "next" when $ATTNFUSED_CUDA_KERNELS=next selects the new CUDA
+    kernels (not yet validated on a GPU; $ATTNFUSED_CUDA_DEBUG=1 prints each call's tiling plan),
+    else "validated".
 
     May trigger the just-in-time build."""
     out = {"cpu": False, "cuda": False, "cuda_archs": [], "cpu_arch": None, "torch": torch.__version__,
-           "cuda_version": torch.version.cuda, "build": None, "path": None, "error": None}
+           "cuda_version": torch.version.cuda, "build": None, "path": None, "error": None,
+           "cuda_kernels": "next" if os.environ.get("ATTNFUSED_CUDA_KERNELS", "") == "next" else "validated"}
     try:
         ensure_loaded()
     except ExtensionUnavailable as e:

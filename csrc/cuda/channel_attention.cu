@@ -7,6 +7,7 @@
 //             the GPU): one block per sample loads it once, pools, runs f and the gate, writes y. (1R + 1W)
 // Weight gradients: per-sample pieces, summed over samples in order by small kernels.
 #include "args.cuh"
+#include "next.cuh"
 #include "onchip.cuh"
 
 namespace attnfused {
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cud
   auto argmax = new_argmax(x);
   auto hidden = new_hidden(x);
   if (x.size(0) == 0) return {y, pooled, argmax, hidden};
+  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax)) return {y, pooled, argmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);

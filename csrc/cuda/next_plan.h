@@ -1,0 +1,98 @@
+// Tiling geometry of the new CUDA passes (namespace attnfused::cuda::next) and their max rule:
+// plain C++, shared by the host (which sizes grids and partial buffers), the kernels, and a test
+// that runs the passes' decomposition on the CPU (tests/test_next_plan.py compiles this header
+// with the C++ compiler alone, without CUDA or ATen). Everything here depends only on the shape, the dtype's vector width
+// and the device's SM count, so the tiling, and with it the summation order, is fixed for a given
+// (shape, dtype, layout, device).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define AF_HD __host__ __device__ __forceinline__
+#else
+#define AF_HD inline
+#endif
+
+namespace attnfused {
+namespace cuda {
+namespace next {
+
+constexpr int kThreads = 256;            // threads per block of every new kernel
+constexpr int kWarps = kThreads / 32;
+constexpr int kLoads = 4;                // independent 16-byte loads a thread issues before using one
+
+AF_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------- max with torch's rules
+// Branch-free: two compares and two selects per element.
+
+// Visits in increasing index: the first NaN, else the first of equal maxima.
+template <typename acc_t>
+AF_HD void take_max_in_order(acc_t& m, int& mi, acc_t v, int vi) {
+  // !(v <= m) is v > m or either is NaN; m == m then keeps a NaN max
+  const bool t = !(v <= m) & (m == m);
+  m = t ? v : m;
+  mi = t ? vi : mi;
+}
+
+// Two (max, index) pairs of any order: NaN wins, ties (or two NaNs) go to the smaller index.
+template <typename acc_t>
+AF_HD void merge_max(acc_t& m, int& mi, acc_t v, int vi) {
+  const bool vn = v != v, mn = m != m, first = vi < mi;
+  const bool t = vn ? ((!mn) | first) : ((!mn) & ((v > m) | ((v == m) & first)));
+  m = t ? v : m;
+  mi = t ? vi : mi;
+}
+
+// ---------------------------------------------------------------------------- pooling over space, NCHW
+// A sample [C, HW] with HW % vec == 0: TX lanes along a row's vectors, TY = kThreads / TX rows
+// (channels) per block; a row is split into `chunks` pieces when samples are too few to fill the
+// GPU. A thread visits vectors tx, tx + TX, ... of its piece, kLoads at a time. Partials
+// [N, C, chunks]; chunks ascend in hw.
+struct RowPlan {
+  int64_t N = 0, C = 0, HW = 0;
+  int vec = 1, TX = 1, TY = 1;
+  int64_t hvecs = 0, ncy = 0, chunks = 1, per_chunk = 0, grid = 0;
+
+  RowPlan() = default;
+  AF_HD RowPlan(int64_t N_, int64_t C_, int64_t HW_, int vec_, int sms) : N(N_), C(C_), HW(HW_), vec(vec_) {
+    hvecs = HW / vec;
+    while (TX < 32 && TX < hvecs) TX *= 2;
+    TY = kThreads / TX;
+    ncy = cdiv(C, TY);
+    // split rows while the grid is under two waves of 8 blocks per SM and pieces keep 4 x kLoads trips
+    while (N * ncy * chunks < int64_t(sms) * 16 && cdiv(hvecs, TX * chunks * 2) >= 4 * kLoads) chunks *= 2;
+    per_chunk = cdiv(hvecs, chunks);  // vectors per piece
+    chunks = cdiv(hvecs, per_chunk);
+    grid = N * ncy * chunks;
+  }
+};
+
+// ---------------------------------------------------------------------------- pooling over space, channels_last
+// A sample [HW, C]: TX lanes x vec channels per row, TY = kThreads / TX row groups; a block covers
+// a chunk of TY x R rows of TX x vec channels, each row group R consecutive rows (kLoads at a
+// time), so each thread visits its rows in order. Partials [N, chunks, C]; chunks ascend in hw.
+struct ColumnPlan {
+  int64_t N = 0, C = 0, HW = 0;
+  int vec = 1, TX = 1, TY = 1, R = 1;
+  int64_t cvecs = 0, nbc = 0, chunk = 0, chunks = 1, grid = 0;
+
+  ColumnPlan() = default;
+  AF_HD ColumnPlan(int64_t N_, int64_t C_, int64_t HW_, int vec_, int sms) : N(N_), C(C_), HW(HW_), vec(vec_) {
+    cvecs = cdiv(C, vec);
+    while (TX < 32 && TX < cvecs) TX *= 2;
+    TY = kThreads / TX;
+    nbc = cdiv(cvecs, TX);
+    // rows per thread: the most (<= 16 x kLoads) that still gives two waves of 8 blocks per SM
+    R = kLoads;
+    while (R < 16 * kLoads && N * nbc * cdiv(HW, int64_t(TY) * R * 2) >= int64_t(sms) * 16) R *= 2;
+    chunk = int64_t(TY) * R;
+    chunks = cdiv(HW, chunk);
+    grid = N * nbc * chunks;
+  }
+};
+
+}  // namespace next
+}  // namespace cuda
+}  // namespace attnfused
