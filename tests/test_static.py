@@ -279,3 +279,26 @@ def test_gpu_check_sanitizer_slices_are_small_and_cover_the_parity_tests():
         assert 1 <= len(hit) <= 20, (expr, len(hit))
         covered |= hit
     assert covered == set(ids)
+
+
+@pytest.mark.parametrize("local", [0, 16])
+def test_new_small_math_kernel_is_flagged_only_for_spills(monkeypatch, capsys, local):
+    """A new-path kernel with no loop over a streamed tensor (the gate, MLP or conv kernels): one
+    block per SM at 255 registers does not flag it, a spill does."""
+    name = "void attnfused::cuda::next::_channel_gate<float, false>(x)"
+    body = canned("_Zgate", """
+        S2R R0, SR_TID.X
+        LDG.E R4, desc[UR4][R2.64]
+        FADD R5, R4, R4
+        STG.E desc[UR4][R2.64], R5
+        EXIT
+    """)
+    funcs = {"_Zgate": (name, body, sass.Res(255, 0, 0, local))}
+    monkeypatch.setattr(static, "read_library", lambda lib, tool, want: (
+        {m: r for m, (_, _, r) in funcs.items()}, {m: sass.parse_sass(t)[m] for m, (_, t, _) in funcs.items()},
+        {m: d for m, (d, _, _) in funcs.items()}))
+    monkeypatch.setattr(static, "find_tool", lambda name: "/bin/true")
+    rc = static.main(["--lib", "fake.so", "--ops", "se"])
+    out = capsys.readouterr().out
+    assert "small" in out and "(new path)" in out
+    assert rc == (1 if local else 0), out
