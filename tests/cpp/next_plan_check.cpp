@@ -43,6 +43,18 @@ struct Lane {
   int i;
 };
 
+// _channel_gate: a channel's partials summed and merged in order
+static Pooled gate(const std::vector<Lane>& parts) {
+  Pooled p{0, parts[0].m, parts[0].i};
+  float s = parts[0].s;
+  for (size_t k = 1; k < parts.size(); ++k) {
+    s += parts[k].s;
+    take_max_in_order(p.max, p.idx, parts[k].m, parts[k].i);
+  }
+  p.sum = s;
+  return p;
+}
+
 // per-channel pooling of x [N, C, HW] (NCHW) as _pool_rows + _channel_gate compute it
 static void rows(std::mt19937& rng, long N, long C, long HW, int vec, int sms, const std::vector<float>& x) {
   const RowPlan pl(N, C, HW, vec, sms);
@@ -80,13 +92,7 @@ static void rows(std::mt19937& rng, long N, long C, long HW, int vec, int sms, c
         }
         parts.push_back(lane[0]);
       }
-      Pooled p{parts[0].s, parts[0].m, parts[0].i};
-      float s = parts[0].s;
-      for (size_t k = 1; k < parts.size(); ++k) {
-        s += parts[k].s;
-        take_max_in_order(p.max, p.idx, parts[k].m, parts[k].i);
-      }
-      p.sum = s;
+      const Pooled p = gate(parts);
       check("rows", p, std::vector<float>(row, row + HW), n, c);
     }
   (void)rng;
@@ -120,13 +126,7 @@ static void columns(long N, long C, long HW, int vec, int sms, const std::vector
         }
         parts.push_back(p);
       }
-      Pooled p{parts[0].s, parts[0].m, parts[0].i};
-      float s = parts[0].s;
-      for (size_t k = 1; k < parts.size(); ++k) {
-        s += parts[k].s;
-        take_max_in_order(p.max, p.idx, parts[k].m, parts[k].i);
-      }
-      p.sum = s;
+      const Pooled p = gate(parts);
       std::vector<float> vals(HW);
       for (long r = 0; r < HW; ++r) vals[r] = x[(n * HW + r) * C + c];
       check("columns", p, vals, n, c);
