@@ -53,10 +53,13 @@ SKIP_NO_GPU = "skipped: no GPU"
 
 TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_drop_in.py"]
 # every op and option in fp32/fp16/bf16 and both layouts through the multi-pass path, in fp16 through
-# the on-chip path (the ops that have one), the tiling shapes through the multi-pass path, and everything else
-# marked cuda (bit-identity, opcheck, compile, graph capture, streams, empty batch, drop-in models)
-TEST_K = ("not float64 and (not parity_tiling or multipass) "
-          "and (not parity_all_options or multipass or (float16 and not bfloat16 and not spatial))")
+# the on-chip path (the ops that have one), the channel op through the new kernels (all options,
+# dtypes, layouts and tiling shapes: the ops they cover), the tiling shapes through the multi-pass
+# path, and everything else marked cuda (bit-identity, opcheck, compile, graph capture, streams,
+# empty batch, drop-in models)
+TEST_K = ("not float64 and (not parity_tiling or multipass or (next and channel)) "
+          "and (not parity_all_options or multipass or (next and channel) "
+          "or (float16 and not bfloat16 and not spatial))")
 TEST_M = "cuda and not slow"
 
 # sanitizer slices: op x option class x dtype (-k terms of the parity tests' ids)

@@ -180,24 +180,33 @@ class Hot:
 
 
 def analyze(ins: list[Ins], stream_width: int, row_trips: float = 1.0, shfl_trips: float = 5.0,
-            flow: Flow | None = None) -> Hot:
+            flow: Flow | None = None, inner_trips: float = 1.0) -> Hot:
+    """The hot loop: the innermost loop with the most stream loads; where no innermost loop has
+    any, a tile loop (stream loads of its own, inner loops over a tile in shared memory, each
+    counted inner_trips times; SHFL loops shfl_trips times)."""
     flow = flow or Flow(ins)
     ticket = next((k for k, x in enumerate(ins) if x.base in ("ATOMG", "ATOM", "RED", "REDG")), None)
     h = Hot(None, None, stream_width=stream_width, size=len(ins), tail=len(ins) - ticket if ticket is not None else 0)
-    cands = []
-    for lp in flow.innermost():
-        n = sum(1 for x in ins[lp[0]:lp[1] + 1] if is_stream_load(x, stream_width))
-        if n:
-            cands.append((n, -lp[0], lp))
+
+    def own_loads(lp):
+        inner = {k for c in flow.children[lp] for k in range(c[0], c[1] + 1)}
+        return sum(1 for k in range(lp[0], lp[1] + 1) if k not in inner and is_stream_load(ins[k], stream_width))
+
+    cands = [(n, -lp[0], lp) for lp in flow.innermost() if (n := own_loads(lp))]
+    if not cands:
+        cands = [(n, -lp[0], lp) for lp in flow.loops if (n := own_loads(lp))]
     if not cands:
         return h
     lp = h.loop = max(cands)[2]
     par = h.parent = flow.parent[lp]
-    shfl = {c for c in flow.loops if par and c != lp and par[0] <= c[0] and c[1] <= par[1]
+    scope = par or lp
+    shfl = {c for c in flow.loops if c != lp and scope[0] <= c[0] and c[1] <= scope[1]
             and any(x.base == "SHFL" for x in ins[c[0]:c[1] + 1])}
 
     def trips(c):
-        return row_trips if c == lp else (shfl_trips if c in shfl else 1.0)
+        if c == lp:
+            return row_trips
+        return shfl_trips if c in shfl else (inner_trips if flow.parent[c] == lp else 1.0)
 
     h.instr, path = flow.longest(lp, trips)
     seen = set()  # a load of an address already loaded on the path (an L1 hit) counts once

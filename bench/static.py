@@ -24,8 +24,10 @@ Flags: spill (local memory in the hot loop or its row), narrow (element-wide loa
 tensors, or more narrow side loads than one per element and one), blocks (< 4 per SM), inflight
 (< 22 KB per SM), issue (> 90 instructions per 512 B), vec1 (VEC = 1 where a sample, being
 contiguous, could be read as flat 16-byte vectors), fin (per-sample math in a streaming pass).
-A new-path kernel with no loop over a streamed tensor is small math (bound "small": the gate,
-MLP or conv kernels), not timed by the model and flagged only for spills.
+A new-path kernel with no vector width among its template arguments is small math (bound "small":
+the gate, MLP or conv kernels), not timed by the model and flagged only for spills. A tile loop
+(stream loads of its own, inner loops over the tile in shared memory) is the hot loop where no
+innermost loop streams.
 Today's kernels are "old": their flags are printed and the exit status is 0. Kernels whose
 demangled name matches --new (default: the namespace attnfused::cuda::next) are the new path:
 a flag on one of them exits 1.
@@ -79,6 +81,11 @@ SOURCE_FACTS = {
         r"constexpr int kLoads = 4;",
         r"while \(N \* ncy \* chunks < int64_t\(sms\) \* 16 && cdiv\(hvecs, TX \* chunks \* 2\) >= 4 \* kLoads\) chunks \*= 2;",
         r"while \(R < 16 \* kLoads && N \* nbc \* cdiv\(HW, int64_t\(TY\) \* R \* 2\) >= int64_t\(sms\) \* 16\) R \*= 2;",
+        r"constexpr int kPoolBlocks = 4;",
+        r"while \(\(g \* HW\) % vec != 0\) g \*= 2;",
+        r"R = static_cast<int>\(cdiv\(cdiv\(rows, rounds \* slots\), g\) \* g\);",
+        r"while \(P < 32 && int64_t\(R\) \* P \* 2 <= kThreads && P < HW\) P \*= 2;",
+        r"grid = tiles < slots \? tiles : slots;",
     ],
     "csrc/cuda/next.cuh": [r"return MAXED \? 2 : kLoads;"],
 }
@@ -160,6 +167,29 @@ def plan_next_columns(N: int, C: int, HW: int, vec: int, sms: int = SMS) -> dict
     return dict(TX=1, KB=R, grid=N * nbc * cdiv(HW, TY * R))
 
 
+KPOOL_BLOCKS = 4  # kPoolBlocks in next_plan.h
+
+
+def plan_next_tiles(N: int, C: int, HW: int, vec: int, sms: int = SMS) -> dict | None:
+    """TilePlan (next_plan.h): tiles of R whole NCHW rows through shared memory, P threads per row
+    summing L elements each; tiles round-robin over sms x kPoolBlocks blocks. None: not covered."""
+    g = 1
+    while (g * HW) % vec:
+        g *= 2
+    cap = THREADS * KLOADS * vec
+    if g * HW > cap:
+        return None
+    rows, slots = N * C, sms * KPOOL_BLOCKS
+    most = min(cap // HW // g * g, THREADS)
+    rounds = cdiv(cdiv(rows, most), slots)
+    R = cdiv(cdiv(rows, rounds * slots), g) * g
+    P = 1
+    while P < 32 and R * P * 2 <= THREADS and P < HW:
+        P *= 2
+    tiles = cdiv(rows, R)
+    return dict(R=R, P=P, L=cdiv(HW, P), tiles=tiles, grid=min(tiles, slots), TX=P, KB=1)
+
+
 def plan_apply(numel: int, vec: int, sms: int = SMS) -> dict:
     return dict(grid=max(1, min(cdiv(numel // vec, THREADS), sms * 32)), KB=1, TX=32)
 
@@ -177,7 +207,7 @@ def onchip_used(C: int, H: int, W: int, N: int, elem: int, sms: int = SMS, optin
 class PassUse:
     label: str
     kernel: str  # demangled-name prefix
-    kind: str  # reduce, apply, onchip, rows, columns (the new path's pools)
+    kind: str  # reduce, apply, onchip, rows, columns, tiles (the new path's pools)
     direction: str = ""
     reads: int = 1  # tensors of x's size read
     writes: int = 0
@@ -227,14 +257,19 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
-    attention forward (se: pool avg only), where 16-byte vectors cover it (next_channel.cu)."""
-    v = 16 // elem
-    if op != "se" or ((C if cl else H * W) * elem) % 16:
+    attention forward (se: pool avg only), where next_channel.cu covers it."""
+    v, HW = 16 // elem, H * W
+    if op != "se":
+        return []
+    if cl:
+        pool = "columns" if C % v == 0 else None
+    else:
+        pool = "rows" if HW % v == 0 else ("tiles" if HW >= v and plan_next_tiles(N, C, HW, v) else None)
+    if pool is None:
         return []
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v < 2 ** 32
     idx = "unsigned int" if small else "long"
-    pool = "columns" if cl else "rows"
     return [PassUse("next fwd pool", f"void {ns}_pool_{pool}<{T}, {v}, false>", pool),
             PassUse("next fwd scale", f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}>", "apply",
                     reads=1, writes=1)]
@@ -368,11 +403,16 @@ def kernel_flags(k: Kernel, blocks: int | None = None, inflight: float | None = 
     return f
 
 
-def make_kernel(name: str, res: Res, ins: list[Ins], elem: int, vec: int, new_re: str) -> Kernel:
+def make_kernel(name: str, res: Res, ins: list[Ins], elem: int, vec: int | None, new_re: str) -> Kernel:
     flow = Flow(ins)
-    hot = analyze(ins, 16 if vec > 1 else elem, flow=flow)
+    new = bool(re.search(new_re, name))
+    # a new-path kernel without a vector width among its template arguments is small math: its
+    # loops read the pooled vectors and weights (acc_t), never a streamed tensor, in any dtype
+    small = new and vec is None
+    vec = vec or 1
+    hot = analyze(ins, 16 if vec > 1 or small else elem, flow=flow)
     b = blocks_per_sm(res.regs, res.shared)
-    return Kernel(name, res, hot, flow, b, inflight_bytes(b, hot), bool(re.search(new_re, name)), vec)
+    return Kernel(name, res, hot, flow, b, inflight_bytes(b, hot), new, vec)
 
 
 def inflight_bytes(blocks: int, hot: Hot) -> int:
@@ -392,6 +432,10 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         plan = plan_next_rows(BATCH, C, H * W, vec)
     elif use.kind == "columns":
         plan = plan_next_columns(BATCH, C, H * W, vec)
+    elif use.kind == "tiles":
+        plan = plan_next_tiles(BATCH, C, H * W, vec)
+        blocks = min(blocks, KPOOL_BLOCKS)  # the grid holds kPoolBlocks blocks per SM
+        inflight = inflight_bytes(blocks, hot)
     elif use.kind == "apply":
         plan = plan_apply(numel, vec)
     else:  # on chip: one block per sample, the sample in dynamic shared memory
@@ -407,10 +451,20 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0
         h2 = analyze(k.flow.ins, hot.stream_width, row_trips=trips, shfl_trips=shfl, flow=k.flow)
         ipb = (h2.instr * trips + h2.row_instr) * 16 / (trips * per_trip)
+        if use.kind == "tiles":
+            # per tile, every warp loads and stores; the warps holding rows also sum them (the
+            # inner loop, 4 elements a trip): warp-instructions over the tile's R x HW elements
+            def path(inner):
+                return analyze(k.flow.ins, hot.stream_width, shfl_trips=shfl, flow=k.flow, inner_trips=inner).instr
+            base = path(0.0)
+            summing = path(plan["L"] // 4) - base
+            busy = cdiv(plan["R"] * plan["P"], 32)
+            ipb = (THREADS // 32 * base + busy * summing) * 512 / (plan["R"] * H * W * elem)
     read_b, write_b = numel * elem * use.reads, numel * elem * use.writes
     # issue keeps pace with the copy rate up to ISSUE_BUDGET instructions per 512 B moved
     budget = ISSUE_BUDGET * (read_b + write_b) / read_b
-    waves = plan["grid"] / max(1, blocks * SMS)
+    # the last wave's shortfall (tiles: rounds of tiles over the grid's blocks)
+    waves = plan["tiles"] / plan["grid"] if use.kind == "tiles" else plan["grid"] / max(1, blocks * SMS)
     t_bw = (read_b + write_b) / BW
     t_flight = read_b / (SMS * inflight / LATENCY) if inflight else 0.0
     t_issue = t_bw * (ipb or 0) / budget
@@ -495,7 +549,7 @@ def main(argv=None) -> int:
     for mangled, ins in sass.items():
         d = names.get(mangled, mangled)
         m = re.search(r"<[^,<>]+, (\d+)", d)
-        kernels[d] = make_kernel(d, res[mangled], ins, elem, int(m.group(1)) if m else 1, a.new)
+        kernels[d] = make_kernel(d, res[mangled], ins, elem, int(m.group(1)) if m else None, a.new)
     meas = read_measured(a.measured)
     rows = []
     for (label, shape, cl), u in uses.items():

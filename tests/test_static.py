@@ -72,6 +72,29 @@ SPILL_NARROW = canned("_Zspill", """
     EXIT
 """)
 
+# a tile loop: two 16-byte loads and their stores to shared memory, then an inner loop over the
+# tile (no global loads) and a butterfly (SHFL) loop
+TILE_LOOP = canned("_Ztile", """
+    MOV R0, RZ
+    LDG.E.128.CONSTANT R4, desc[UR4][R2.64]
+    LDG.E.128.CONSTANT R12, desc[UR4][R2.64+0x1000]
+    STS.128 [R9], R4
+    STS.128 [R9+0x1000], R12
+    BAR.SYNC.DEFER_BLOCKING 0x0
+    LDS.U16 R20, [R10]
+    HADD2.F32 R20, -RZ, R20.H0_H0
+    FADD R21, R21, R20
+    ISETP.GE.AND P1, PT, R10, R11, PT
+    @!P1 BRA 0x60
+    SHFL.BFLY PT, R22, R21, R23, R24
+    FADD R21, R21, R22
+    @!P2 BRA 0xb0
+    IADD3 R0, R0, 0x1, RZ
+    ISETP.GE.AND P0, PT, R0, R7, PT
+    @!P0 BRA 0x10
+    EXIT
+""")
+
 # nvdisasm layout: labels instead of absolute targets
 NVDISASM = """
         .text._Zlab:
@@ -126,6 +149,31 @@ def test_spill_narrow_row_and_tail():
     assert h.tail == 2
     k = static.Kernel("k", sass.Res(40, 0, 1024, 0), h, sass.Flow(ins), 6, static.inflight_bytes(6, h), True, 1)
     assert set(static.kernel_flags(k)) == {"spill", "narrow", "inflight"}
+
+
+def test_tile_loop_is_hot_where_no_innermost_loop_streams():
+    ins = sass.parse_sass(TILE_LOOP)["_Ztile"]
+    flow = sass.Flow(ins)
+    assert flow.loops == [(1, 16), (6, 10), (11, 13)]
+    h = sass.analyze(ins, 16, flow=flow, inner_trips=10, shfl_trips=3)
+    assert h.loop == (1, 16) and h.parent is None
+    assert (h.stream_loads, h.first_use) == (2, 2)
+    # 5 of its own (loads, stores, barrier) + the inner loop 10 x 5 + the butterfly 3 x 3 + the 3 closing it
+    assert h.instr == 5 + 10 * 5 + 3 * 3 + 3
+    assert sass.analyze(ins, 16, flow=flow, inner_trips=0, shfl_trips=3).instr == 5 + 3 * 3 + 3
+
+
+def test_next_path_tiles_plan():
+    # 7x7 and 14x14 in half precision: rows of no whole vector go through tiles of whole rows
+    p = static.plan_next_tiles(128, 2048, 49, 8)
+    assert (p["R"], p["P"], p["L"], p["tiles"], p["grid"]) == (128, 2, 25, 2048, 528)
+    p = static.plan_next_tiles(128, 1024, 196, 8)
+    assert p["R"] % 2 == 0 and p["R"] * 196 <= 256 * 4 * 8 and p["R"] * p["P"] <= 256
+    assert static.plan_next_tiles(1, 8, 4097, 8) is None, "8 rows of 4097 do not fit a tile"
+    kinds = [u.kind for u in static.next_passes("se", 2048, 7, 7, False, "c10::Half", 2)]
+    assert kinds == ["tiles", "apply"]
+    assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == ["columns", "apply"]
+    assert static.next_passes("se", 2, 2, 2, False, "c10::Half", 2) == [], "H*W < 8: a vector meets > 2 rows"
 
 
 def test_occupancy():
@@ -199,11 +247,17 @@ def test_end_to_end_on_the_built_library():
     if "skipped" in out.splitlines()[0]:
         pytest.skip(out.splitlines()[0])
     assert rc == 0, out
-    # calibration: at ResNet-50 stage 1 (fp16), today's slow passes are flagged and the forward apply is not
     stage1 = [ln.rstrip() for ln in out.splitlines() if " 256x56x56 " in ln]
-    assert len(stage1) == 16, out
-    for ln in stage1:
+    today = [ln for ln in stage1 if not ln.endswith("(new path)")]
+    new = [ln for ln in stage1 if ln.endswith("(new path)")]
+    # calibration: at ResNet-50 stage 1 (fp16), today's slow passes are flagged and the forward apply is not
+    assert len(today) == 16, out
+    for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
+    # the new path's channel forward passes at stage 1, in both layouts, and none is flagged
+    assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
+        f"next fwd {p} {lay}" for p in ("pool", "scale") for lay in ("cl", "nchw")), out
+    assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 
 # ---------------------------------------------------------------------------- bench.gpu_check

@@ -4,8 +4,10 @@
 //   - several independent 16-byte loads per thread in flight (load_vecs), compile-time vector widths;
 //   - max and argmax by branch-free selects, with torch's rules (NaN wins, then the first index);
 //   - pooling computes only what the op uses (avg only: no max, no argmax);
-//   - NCHW rows read as 16-byte vectors (H*W % (16 / element size) == 0; other NCHW shapes still
-//     run the validated kernels);
+//   - NCHW read as flat 16-byte vectors: rows of whole vectors directly, other rows (14x14, 7x7 in
+//     half precision) a tile of whole rows at a time through shared memory; rows too long for a
+//     tile with H*W not a whole number of vectors (and H*W < 16 / element size) still run the
+//     validated kernels;
 //   - no per-sample math, no tickets: each pass writes partials in fixed slots and a small kernel
 //     sums them in a fixed order, so results are bit-identical run to run.
 // Geometry (which thread reads what, which slot a partial goes to) is in next_plan.h.
@@ -41,7 +43,6 @@ struct PoolPartials {
 // registers). With a max, a thread's VEC sums, maxima and indices leave room for two 16-byte
 // vectors, not four. The minimum of blocks also steers the compiler's schedule: without one it
 // sank the loads behind their uses (one in flight); with one it issues them first.
-constexpr int kPoolBlocks = 4;
 template <bool MAXED>
 constexpr int pool_loads() {
   return MAXED ? 2 : kLoads;
@@ -54,10 +55,9 @@ __device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
 
 // L 16-byte vectors of x, issued together in one inline-PTX block: as separate loads the compiler
 // moved each vector's arithmetic up behind its load and kept one load in flight per thread.
-template <int L, typename T, int VEC>
-__device__ __forceinline__ void load_vecs(Vec<T, VEC> (&out)[L], const T* const (&p)[L]) {
-  static_assert(sizeof(Vec<T, VEC>) == 16 && (L == 2 || L == 4), "two or four 16-byte vectors");
-  uint4 r[L];
+template <int L, typename T>
+__device__ __forceinline__ void load_raw(uint4 (&r)[L], const T* const (&p)[L]) {
+  static_assert(L == 2 || L == 4, "two or four 16-byte vectors");
   if constexpr (L == 2) {
     asm volatile(
         "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%8];\n\t"
@@ -76,9 +76,55 @@ __device__ __forceinline__ void load_vecs(Vec<T, VEC> (&out)[L], const T* const 
           "=r"(r[3].z), "=r"(r[3].w)
         : "l"(p[0]), "l"(p[1]), "l"(p[2]), "l"(p[3]));
   }
+}
+
+template <int L, typename T, int VEC>
+__device__ __forceinline__ void load_vecs(Vec<T, VEC> (&out)[L], const T* const (&p)[L]) {
+  static_assert(sizeof(Vec<T, VEC>) == 16, "16-byte vectors");
+  uint4 r[L];
+  load_raw<L>(r, p);
 #pragma unroll
   for (int u = 0; u < L; ++u) memcpy(&out[u], &r[u], 16);
 }
+
+// A row's sum (and max, argmax) over its `width` consecutive lanes (a power of two <= 32) by a fixed
+// butterfly: every lane of the warp takes part and ends with the row's result.
+template <bool MAXED, typename acc_t>
+__device__ __forceinline__ void lanes_merge(acc_t& s, acc_t& m, int& mi, int width) {
+  for (int o = 1; o < width; o *= 2) {
+    s += __shfl_xor_sync(0xffffffffu, s, o, width);
+    if (MAXED) {
+      const acc_t om = __shfl_xor_sync(0xffffffffu, m, o, width);
+      const int oi = __shfl_xor_sync(0xffffffffu, mi, o, width);
+      merge_max(m, mi, om, oi);
+    }
+  }
+}
+
+// One thread's running sums (and maxima, with the index each came from) of VEC slots: slot v
+// takes element v of every vector the thread reads, in the order it reads them.
+template <typename T, int VEC, bool MAXED>
+struct Slots {
+  using acc_t = at::acc_type<T, true>;
+  acc_t sum[VEC], mx[VEC];
+  int mi[VEC];
+  __device__ __forceinline__ explicit Slots(int first) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      sum[v] = acc_t(0);
+      mx[v] = -std::numeric_limits<acc_t>::infinity();
+      mi[v] = first;  // kept by an all -inf slot: the first index the thread visits
+    }
+  }
+  __device__ __forceinline__ void take(const Vec<T, VEC>& xv, int index) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]);
+      sum[v] += e;
+      if (MAXED) take_max_in_order(mx[v], mi[v], e, index);
+    }
+  }
+};
 
 // channels_last: per-channel sum (and max, argmax) over the rows hw of a chunk (ColumnPlan). A
 // thread sums VEC channels down its R rows in order, kLoads rows at a time; the block then adds
@@ -96,22 +142,7 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
   const int r1 = static_cast<int>(::min(int64_t(r0) + pl.R, pl.HW));
 
-  acc_t sum[VEC], mx[VEC];
-  int mi[VEC];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    sum[v] = acc_t(0);
-    mx[v] = -std::numeric_limits<acc_t>::infinity();
-    mi[v] = r0;  // the first row visited: an all -inf column keeps it; an empty group has r0 >= HW
-  }
-  auto take = [&](const Vec<T, VEC>& xv, int r) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const acc_t e = static_cast<acc_t>(xv.v[v]);
-      sum[v] += e;
-      if (MAXED) take_max_in_order(mx[v], mi[v], e, r);
-    }
-  };
+  Slots<T, VEC, MAXED> sl(r0);  // an all -inf column keeps r0; an empty row group has r0 >= HW
   if (cv < pl.cvecs) {
     const T* p = x + (n * pl.HW + r0) * pl.C + cv * VEC;
     int r = r0;
@@ -123,9 +154,9 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = p + u * pl.C;
       load_vecs<L>(xv, at);
 #pragma unroll
-      for (int u = 0; u < L; ++u) take(xv[u], r + u);
+      for (int u = 0; u < L; ++u) sl.take(xv[u], r + u);
     }
-    for (; r < r1; ++r, p += pl.C) take(load_vec<T, VEC>(p), r);
+    for (; r < r1; ++r, p += pl.C) sl.take(load_vec<T, VEC>(p), r);
   }
 
   __shared__ acc_t s_sum[kThreads * VEC];
@@ -134,10 +165,10 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const int TXV = pl.TX * VEC;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    s_sum[ty * TXV + tx * VEC + v] = sum[v];
+    s_sum[ty * TXV + tx * VEC + v] = sl.sum[v];
     if (MAXED) {
-      s_max[ty * TXV + tx * VEC + v] = mx[v];
-      s_idx[ty * TXV + tx * VEC + v] = mi[v];
+      s_max[ty * TXV + tx * VEC + v] = sl.mx[v];
+      s_idx[ty * TXV + tx * VEC + v] = sl.mi[v];
     }
   }
   __syncthreads();
@@ -175,22 +206,9 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const int v0 = static_cast<int>(chunk * pl.per_chunk);  // the piece's vectors [v0, v1)
   const int v1 = static_cast<int>(::min(int64_t(v0) + pl.per_chunk, pl.hvecs));
 
-  acc_t sum[VEC], mx[VEC];
-  int mi[VEC];  // the start (hw) of the vector each slot's max came from
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    sum[v] = acc_t(0);
-    mx[v] = -std::numeric_limits<acc_t>::infinity();
-    mi[v] = (v0 + tx) * VEC;  // the first vector visited (past the piece when the lane has none)
-  }
-  auto take = [&](const Vec<T, VEC>& xv, int hw) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const acc_t e = static_cast<acc_t>(xv.v[v]);
-      sum[v] += e;
-      if (MAXED) take_max_in_order(mx[v], mi[v], e, hw);
-    }
-  };
+  // indices: the start (hw) of the vector a slot's max came from; first, the first vector visited
+  // (past the piece when the lane has none)
+  Slots<T, VEC, MAXED> sl((v0 + tx) * VEC);
   if (c < pl.C) {
     const T* row = x + (n * pl.C + c) * pl.HW;
     int i = v0 + tx;
@@ -202,25 +220,18 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = row + (i + u * pl.TX) * VEC;
       load_vecs<L>(xv, at);
 #pragma unroll
-      for (int u = 0; u < L; ++u) take(xv[u], (i + u * pl.TX) * VEC);
+      for (int u = 0; u < L; ++u) sl.take(xv[u], (i + u * pl.TX) * VEC);
     }
-    for (; i < v1; i += pl.TX) take(load_vec<T, VEC>(row + i * VEC), i * VEC);
+    for (; i < v1; i += pl.TX) sl.take(load_vec<T, VEC>(row + i * VEC), i * VEC);
   }
-  acc_t s = sum[0], m = mx[0];
-  int mmi = mi[0];
+  acc_t s = sl.sum[0], m = sl.mx[0];
+  int mmi = sl.mi[0];
 #pragma unroll
   for (int v = 1; v < VEC; ++v) {
-    s += sum[v];
-    if (MAXED) merge_max(m, mmi, mx[v], mi[v] + v);
+    s += sl.sum[v];
+    if (MAXED) merge_max(m, mmi, sl.mx[v], sl.mi[v] + v);
   }
-  for (int o = 1; o < pl.TX; o *= 2) {  // fixed butterfly over the row's lanes (all lanes take part)
-    s += __shfl_xor_sync(0xffffffffu, s, o, pl.TX);
-    if (MAXED) {
-      const acc_t om = __shfl_xor_sync(0xffffffffu, m, o, pl.TX);
-      const int oi = __shfl_xor_sync(0xffffffffu, mmi, o, pl.TX);
-      merge_max(m, mmi, om, oi);
-    }
-  }
+  lanes_merge<MAXED>(s, m, mmi, pl.TX);
   if (tx == 0 && c < pl.C) {
     const int64_t o = out.slot(n, c, chunk);
     out.sum[o] = s;
@@ -231,30 +242,196 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   }
 }
 
-// ---------------------------------------------------------------------------- the channel gate
+// NCHW rows of any H*W (TilePlan): a block streams tiles of R whole rows through shared memory as
+// raw 16-byte vectors, the next tile's loads in flight while it sums the current one; P threads
+// per row sum pieces of L elements in order, four at a time, then a butterfly over the P lanes.
+// Partials: one slot per row n * C + c (slot(0, row, 0) with c_stride 1). Which vectors a thread
+// loads and which elements it sums are the same in every full tile: set once. The last tile, of
+// rows % R rows, is read element by element after the loop.
+template <typename T, int VEC, bool MAXED>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_tiles(const T* __restrict__ x, TilePlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  using acc_t = at::acc_type<T, true>;
+  __shared__ uint4 tile[kThreads * kLoads];
+  T* elems = reinterpret_cast<T*>(tile);
+  const int r = threadIdx.x / pl.P, p = threadIdx.x % pl.P;
+  const int64_t tile_elems = int64_t(pl.R) * pl.HW;   // a whole number of vectors
+  const int whole = static_cast<int>(tile_elems / VEC);  // <= kThreads x kLoads
+  int off[kLoads];  // element offsets of the thread's vectors in a tile (past its end: the last, not stored)
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) off[u] = ::min(static_cast<int>(threadIdx.x) + u * kThreads, whole - 1) * VEC;
+  const int h0 = p * pl.L;
+  const int h1 = r < pl.R ? ::min(h0 + pl.L, static_cast<int>(pl.HW)) : h0;
+  const T* mine = elems + (r < pl.R ? r * pl.HW : 0);
 
-// One block per sample: the pooled vectors from the partials (parts in order), then f and the
-// gate (per_sample.cuh's channel_gate). The op's contract for pool "avg": max half and argmax zero.
+  auto sum_rows = [&](int64_t t, int h_end) {  // the thread's piece [h0, h_end) of its row of tile t
+    acc_t s = acc_t(0), m = -std::numeric_limits<acc_t>::infinity();
+    int mi = h0;  // an empty piece keeps -inf and h0, past the pieces before it: merges never pick it
+    auto take = [&](int h) {
+      const acc_t e = static_cast<acc_t>(mine[h]);
+      s += e;
+      if (MAXED) take_max_in_order(m, mi, e, h);
+    };
+    int h = h0;
+#pragma unroll 1
+    for (; h + 3 < h_end; h += 4) take(h), take(h + 1), take(h + 2), take(h + 3);
+    if (h < h_end) take(h);
+    if (h + 1 < h_end) take(h + 1);
+    if (h + 2 < h_end) take(h + 2);
+    lanes_merge<MAXED>(s, m, mi, pl.P);
+    if (p == 0 && h_end > h0) {
+      const int64_t o = out.slot(0, t * pl.R + r, 0);
+      out.sum[o] = s;
+      if (MAXED) {
+        out.max[o] = m;
+        out.idx[o] = mi;
+      }
+    }
+  };
+
+  const int64_t full = pl.rows / pl.R, step = int64_t(gridDim.x) * tile_elems;
+  int64_t t = blockIdx.x;
+  const T* xt = x + t * tile_elems;
+  uint4 raw[kLoads];
+  auto issue = [&](const T* base) {
+    const T* at[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) at[u] = base + off[u];
+    load_raw<kLoads>(raw, at);
+  };
+  if (t < full) issue(xt);
+  for (; t < full; t += gridDim.x, xt += step) {  // marker: hot loop (pool_tiles)
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u)
+      if (threadIdx.x + u * kThreads < whole) tile[threadIdx.x + u * kThreads] = raw[u];
+    __syncthreads();
+    if (t + gridDim.x < full) issue(xt + step);
+    sum_rows(t, h1);
+    __syncthreads();  // the tile is read before the next one is stored
+  }
+  const int64_t left = pl.rows - full * pl.R;
+  if (t == full && left > 0) {
+    const int64_t n = left * pl.HW;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) elems[i] = x[full * tile_elems + i];
+    __syncthreads();
+    sum_rows(t, r < left ? h1 : h0);
+  }
+}
+
+// ---------------------------------------------------------------------------- the channel gate
+// Small math over the whole batch, in kernels of their own: the pooled vectors from the partials,
+// then (MLP) two products over all samples that read each weight once per tile of kRowsPerWarp
+// samples (the hidden layer's activation between them), then the logits and the gate. Every sum has a fixed order, so reruns are bit-identical.
+
+// One thread per (n, c): sum the partials in order -> pooled (avg, max), argmax and f's inputs vin.
+// The op's contract for pool "avg": max half and argmax zero.
 template <typename acc_t, bool MAXED>
 __global__ void __launch_bounds__(kThreads)
-    _channel_gate(PoolPartials<acc_t> pp, int64_t HW, ChannelArgs<acc_t> g) {
-  const int64_t n = blockIdx.x;
-  const int C = g.C;
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    int64_t o = pp.slot(n, c, 0);
-    acc_t s = pp.sum[o], m = MAXED ? pp.max[o] : acc_t(0);
-    int i = MAXED ? pp.idx[o] : 0;
-    for (int64_t k = 1; k < pp.chunks; ++k) {
-      o += pp.k_stride;
-      s += pp.sum[o];
-      if (MAXED) take_max_in_order(m, i, pp.max[o], pp.idx[o]);
-    }
-    g.pooled[(n * 2) * C + c] = s / acc_t(HW);
-    g.pooled[(n * 2 + 1) * C + c] = m;
-    g.argmax[n * C + c] = i;
+    _channel_pooled(PoolPartials<acc_t> pp, int64_t N, int64_t HW, ChannelArgs<acc_t> g) {
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int C = g.C, nv = pool_inputs(g.pool);
+  if (t >= N * C) return;
+  const int64_t n = t / C, c = t - n * C;
+  int64_t o = pp.slot(n, c, 0);
+  acc_t s = pp.sum[o], m = MAXED ? pp.max[o] : acc_t(0);
+  int i = MAXED ? pp.idx[o] : 0;
+  for (int64_t k = 1; k < pp.chunks; ++k) {
+    o += pp.k_stride;
+    s += pp.sum[o];
+    if (MAXED) take_max_in_order(m, i, pp.max[o], pp.idx[o]);
   }
-  __syncthreads();
-  channel_gate<WideMlp>(g, n);
+  const acc_t avg = s / acc_t(HW);
+  g.pooled[(n * 2) * C + c] = avg;
+  g.pooled[(n * 2 + 1) * C + c] = m;
+  g.argmax[n * C + c] = i;
+  for (int vi = 0; vi < nv; ++vi) g.vin[(n * nv + vi) * C + c] = small::pool_input(avg, m, g.pool, vi);
+}
+
+constexpr int kRowsPerWarp = 8;  // rows of a (samples) and of b (weights) one warp multiplies at once
+constexpr int kSplitK = 256;     // k per split of a product: 8 trips of the lanes, few loads in a row
+
+// part[s, m, j] = sum over split s of k of a[m, k] b[j, k], for a [M, K], b [J, K] (K contiguous):
+// each warp takes kRowsPerWarp rows of a and of b and one split of k (kSplitK), its lanes stride
+// over k, then a butterfly: a fixed order; the consumer adds the splits in order. Every row of b
+// is read once per kRowsPerWarp rows of a (the weights once per 8 samples).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _rows_dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, acc_t* __restrict__ part, int64_t M,
+              int64_t J, int64_t K) {
+  constexpr int R = kRowsPerWarp;
+  const int lane = threadIdx.x % 32;
+  const int64_t w = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t tiles_j = cdiv(J, R), tiles = cdiv(M, R) * tiles_j;
+  if (w >= tiles * cdiv(K, kSplitK)) return;  // whole warps leave together
+  const int64_t split = w / tiles, tile = w - split * tiles;
+  const int64_t m0 = (tile / tiles_j) * R, j0 = (tile % tiles_j) * R;
+  const int64_t k1 = ::min(K, (split + 1) * kSplitK);
+  const acc_t* ar[R];
+  const acc_t* br[R];
+#pragma unroll
+  for (int u = 0; u < R; ++u) {
+    ar[u] = a + ::min(m0 + u, M - 1) * K;  // rows past the end repeat the last (not written)
+    br[u] = b + ::min(j0 + u, J - 1) * K;
+  }
+  acc_t acc[R][R];
+#pragma unroll
+  for (int u = 0; u < R; ++u)
+#pragma unroll
+    for (int v = 0; v < R; ++v) acc[u][v] = acc_t(0);
+  for (int64_t k = split * kSplitK + lane; k < k1; k += 32) {
+    acc_t av[R], bv[R];
+#pragma unroll
+    for (int u = 0; u < R; ++u) av[u] = ar[u][k], bv[u] = br[u][k];
+#pragma unroll
+    for (int u = 0; u < R; ++u)
+#pragma unroll
+      for (int v = 0; v < R; ++v) acc[u][v] += av[u] * bv[v];
+  }
+  acc_t* out = part + split * M * J;
+#pragma unroll
+  for (int u = 0; u < R; ++u)
+#pragma unroll
+    for (int v = 0; v < R; ++v) {
+      const acc_t r = warp_sum(acc[u][v]);
+      if (lane == (u * R + v) % 32 && m0 + u < M && j0 + v < J) out[(m0 + u) * J + j0 + v] = r;  // writes spread
+    }
+}
+
+// sum over the splits of part [S, M, J] at (m, j), in order
+template <typename acc_t>
+__device__ __forceinline__ acc_t sum_splits(const acc_t* part, int64_t S, int64_t M, int64_t J, int64_t m, int64_t j) {
+  acc_t s = part[m * J + j];
+  for (int64_t k = 1; k < S; ++k) s += part[(k * M + m) * J + j];
+  return s;
+}
+
+// The MLP's hidden layer, one thread per (r, j): hact[r, j] = act(b1[j] + sum_c vin[r, c] w1[j, c]).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _hidden_act(const acc_t* __restrict__ part, int64_t S, int64_t rows, ChannelArgs<acc_t> g) {
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= rows * g.Cr) return;
+  const int64_t r = t / g.Cr, j = t - r * g.Cr;
+  g.hact[t] = act_fwd(sum_splits(part, S, rows, int64_t(g.Cr), r, j) + (g.b1 ? g.b1[j] : acc_t(0)), g.act);
+}
+
+// One thread per (n, c): the logits z = sum over f's inputs of f(v) (MLP: the output layer's
+// product + b2; conv: the 1D conv of vin) and the gate s.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _channel_logits(const acc_t* __restrict__ part, int64_t S, int64_t N, ChannelArgs<acc_t> g) {
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int C = g.C, nv = pool_inputs(g.pool);
+  if (t >= N * C) return;
+  const int64_t n = t / C, c = t - n * C;
+  acc_t z = acc_t(0);
+  for (int vi = 0; vi < nv; ++vi) {
+    const int64_t r = n * nv + vi;
+    z += g.kind == Kind::MLP ? sum_splits(part, S, N * nv, int64_t(C), r, c) + (g.b2 ? g.b2[c] : acc_t(0))
+                             : small::conv1d_at(g.vin + r * C, g.w1, g.k, C, g.padding, c);
+  }
+  g.z[n * C + c] = z;
+  g.s[n * C + c] = gate_fwd(z, g.gate);
 }
 
 // ---------------------------------------------------------------------------- scale: y = x * s[n, c]
@@ -262,13 +439,14 @@ __global__ void __launch_bounds__(kThreads)
 // How a flat vector of x finds its channels' scales.
 enum class ScaleRows {
   CL,   // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of s
-  WIDE  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0
+  WIDE  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0; the elements
+        // past the last whole vector (tail < VEC) by block 0
 };
 
 template <typename T, int VEC, typename index_t, ScaleRows MODE>
 __global__ void __launch_bounds__(kThreads)
     _scale(const T* __restrict__ x, T* __restrict__ y, const at::acc_type<T, true>* __restrict__ s, index_t nvec,
-           index_t rows, index_t inner, Divider<index_t> div_row, Divider<index_t> div_sample) {
+           index_t rows, index_t inner, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
@@ -295,6 +473,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < VEC; ++k) yv.v[k] = static_cast<T>(static_cast<acc_t>(xv.v[k]) * sv[k]);
     *reinterpret_cast<Vec<T, VEC>*>(y + e) = yv;
   }
+  if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
+    const index_t e = nvec * VEC + threadIdx.x;
+    index_t row, r0;
+    div_row.divmod(e, row, r0);
+    y[e] = static_cast<T>(static_cast<acc_t>(x[e]) * s[row]);
+  }
 }
 
 }  // namespace next
@@ -312,8 +496,9 @@ bool enabled();
 
 // Channel attention forward (SE, ECA, CBAM's channel half): pool over space -> gate -> scale.
 // Fills y, pooled and argmax (shapes and dtypes as the op returns them) and returns true, or
-// returns false where the new kernels do not cover x yet (16-byte vectors impossible: the channels
-// of channels_last or the H*W of NCHW not a multiple of 16 bytes, or x misaligned).
+// returns false where the new kernels do not cover x yet: channels_last with C not a whole number
+// of 16-byte vectors; NCHW with H*W not one and (H*W < 16 / element size or rows too long for a
+// TilePlan); x or y not 16-byte aligned.
 bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                      at::Tensor& argmax);
 

@@ -1,6 +1,6 @@
 // The new path's channel attention forward (next.cuh): pool over space (rows of NCHW, columns of
-// channels_last) -> one gate block per sample -> scale. 2R + 1W, and no per-sample math inside a
-// streaming pass. Run when $ATTNFUSED_CUDA_KERNELS=next; $ATTNFUSED_CUDA_DEBUG=1 prints the plan.
+// channels_last) -> pooled vectors -> f over all samples (MLP: two batched products; conv) and the
+// gate -> scale. 2R + 1W, and no per-sample math inside a streaming pass. Run when $ATTNFUSED_CUDA_KERNELS=next; $ATTNFUSED_CUDA_DEBUG=1 prints the plan.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -57,6 +57,15 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s) {
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched("pool_columns", pl, pl.grid);
     _pool_columns<T, V, MAXED><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), pl, pp);
+  } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
+    const TilePlan pl(N * C, HW, V, sms);
+    alloc(N * C);
+    pp.chunks = 1;
+    pp.n_stride = C, pp.c_stride = 1, pp.k_stride = 1;  // slot(0, n * C + c, 0) is slot(n, c, 0)
+    TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
+    out.plan = "pool_tiles VEC=" + std::to_string(V) + " R=" + std::to_string(pl.R) + " P=" + std::to_string(pl.P) +
+               " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
+    _pool_tiles<T, V, MAXED><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
     alloc(N * C * pl.chunks);
@@ -74,7 +83,7 @@ template <typename T, int V>
 std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true>* s) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
   const bool cl = is_channels_last(x);
-  const int64_t nvec = numel / V;
+  const int64_t nvec = numel / V;  // and numel % V elements after them (NCHW rows of any H*W)
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(cdiv(nvec, kThreads), int64_t(num_sms()) * 32));
   auto stream = at::cuda::getCurrentCUDAStream();
   auto go = [&](auto mode_c, auto index_c) {
@@ -83,7 +92,8 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true
     const index_t inner = static_cast<index_t>(cl ? C : HW);
     _scale<T, V, index_t, M><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         x.data_ptr<T>(), y.data_ptr<T>(), s, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
-        Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)));
+        Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)),
+        static_cast<int>(numel - nvec * V));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32-bit indices (fast division) while every element index and the grid stride fit
@@ -99,22 +109,50 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true
   return std::string(" | scale VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
+// part [S, M, J]: sum_k a[m, k] b[j, k] over all samples, k in S splits (_rows_dot); returns S
+template <typename acc_t>
+int64_t rows_dot(const acc_t* a, const acc_t* b, acc_t* part, int64_t M, int64_t J, int64_t K) {
+  const int64_t S = cdiv(K, kSplitK);
+  const int64_t blocks = cdiv(cdiv(M, kRowsPerWarp) * cdiv(J, kRowsPerWarp) * S, kWarps);
+  TORCH_CHECK(blocks < INT32_MAX, "attnfused: too many blocks for one launch (", blocks, ")");
+  _rows_dot<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, b, part, M, J, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return S;
+}
+
 template <typename T, int V>
 void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                          at::Tensor& argmax) {
   using acc_t = at::acc_type<T, true>;
   Scratch s(x);
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false);
-  const bool maxed = cw.o.pool != Pool::AVG;
+  const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
+  const int64_t eblocks = cdiv(N * C, kThreads);  // one thread per (n, c)
+  TORCH_CHECK(eblocks < INT32_MAX, "attnfused: too many blocks for one launch (", eblocks, ")");
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto run = [&](auto maxed_c) {
+  // pass 1 (streams x), then the pooled vectors
+  auto pool = [&](auto maxed_c) {
     constexpr bool M = decltype(maxed_c)::value;
     auto pooling = pool_space<T, V, M>(x, s);
-    _channel_gate<acc_t, M><<<static_cast<unsigned>(x.size(0)), kThreads, 0, stream>>>(pooling.pp, cw.HW, g);
+    _channel_pooled<acc_t, M><<<static_cast<unsigned>(eblocks), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return pooling.plan;
   };
-  std::string plan = maxed ? run(std::true_type{}) : run(std::false_type{});
+  std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
+  // f over all samples: the MLP as two products (weights read once per 8 samples), then the gate
+  acc_t* out = nullptr;
+  int64_t S = 0;
+  if (cw.o.kind == Kind::MLP) {
+    acc_t* hidden = s.f<acc_t>(cdiv(C, kSplitK) * rows * cw.Cr);
+    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.vin), g.w1, hidden, rows, cw.Cr, C);
+    _hidden_act<acc_t><<<static_cast<unsigned>(cdiv(rows * cw.Cr, kThreads)), kThreads, 0, stream>>>(hidden, S1, rows, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    out = s.f<acc_t>(cdiv(cw.Cr, kSplitK) * rows * C);
+    S = rows_dot(static_cast<const acc_t*>(g.hact), cw.w2.data_ptr<acc_t>(), out, rows, C, cw.Cr);
+  }
+  _channel_logits<acc_t><<<static_cast<unsigned>(eblocks), kThreads, 0, stream>>>(out, S, N, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // pass 2 (streams x, writes y)
   plan += scale<T, V>(x, y, g.s);
   if (debug()) std::fprintf(stderr, "attnfused next channel_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
@@ -126,9 +164,11 @@ bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& 
   TORCH_CHECK(x.size(0) > 0, "attnfused: next::channel_forward needs a non-empty batch");
   const bool cl = is_channels_last(x);
   const int64_t elem = x.element_size();
-  // every 16-byte vector within one run: a position's C channels (channels_last) or a row's H*W
-  const int64_t run = cl ? x.size(1) : x.size(2) * x.size(3);
-  if ((run * elem) % 16 != 0 || !aligned16(x.data_ptr()) || !aligned16(y.data_ptr())) return false;
+  const int64_t V = 16 / elem, C = x.size(1), HW = x.size(2) * x.size(3);
+  // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
+  // vectors, or short rows in tiles, with no vector meeting more than two rows (the scale)
+  const bool covered = cl ? C % V == 0 : HW % V == 0 || (HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
+  if (!covered || x.numel() < V || !aligned16(x.data_ptr()) || !aligned16(y.data_ptr())) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::channel_forward", [&] {
     channel_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, y, pooled, argmax);
   });

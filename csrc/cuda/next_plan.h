@@ -21,6 +21,7 @@ namespace next {
 constexpr int kThreads = 256;            // threads per block of every new kernel
 constexpr int kWarps = kThreads / 32;
 constexpr int kLoads = 4;                // independent 16-byte loads a thread issues before using one
+constexpr int kPoolBlocks = 4;           // resident blocks per SM a pooling pass is compiled for
 
 AF_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -66,6 +67,45 @@ struct RowPlan {
     per_chunk = cdiv(hvecs, chunks);  // vectors per piece
     chunks = cdiv(hvecs, per_chunk);
     grid = N * ncy * chunks;
+  }
+};
+
+// ---------------------------------------------------------------------------- pooling over space, NCHW short rows
+// Rows whose H*W is not a whole number of 16-byte vectors (14x14 and 7x7 in half precision): a
+// block streams tiles of R whole rows (R x HW consecutive elements) as flat 16-byte vectors into
+// shared memory, kLoads per thread; then P threads per row each sum a piece of L elements in
+// order and merge by a butterfly. R is a multiple of g = vec / gcd(HW, vec), so every tile starts
+// on a 16-byte boundary. Tiles go to blocks round-robin (block b: tiles b, b + grid, ...), R sized
+// so that the rounds come out nearly even. Partials [N, C, 1]. Rows that do not fit g to a tile
+// (g x HW > kThreads x kLoads x vec) are not covered.
+struct TilePlan {
+  int64_t rows = 0, HW = 0;  // rows = N x C
+  int vec = 1, R = 0, P = 1, L = 0;
+  int64_t tiles = 0, grid = 0;
+
+  AF_HD static int64_t capacity(int vec) { return int64_t(kThreads) * kLoads * vec; }  // elements per tile
+  AF_HD static int64_t rows_aligned(int64_t HW, int vec) {  // g: rows that span whole vectors
+    int64_t g = 1;
+    while ((g * HW) % vec != 0) g *= 2;  // vec is a power of two: g <= vec
+    return g;
+  }
+  AF_HD static bool covers(int64_t HW, int vec) { return HW > 0 && rows_aligned(HW, vec) * HW <= capacity(vec); }
+
+  TilePlan() = default;
+  AF_HD TilePlan(int64_t rows_, int64_t HW_, int vec_, int sms) : rows(rows_), HW(HW_), vec(vec_) {
+    if (rows <= 0 || !covers(HW, vec)) return;  // nothing to launch (grid 0)
+    const int64_t g = rows_aligned(HW, vec);
+    int64_t most = capacity(vec) / HW / g * g;  // the most rows a tile holds
+    most = most < kThreads ? most : kThreads;
+    // as many rounds of sms x kPoolBlocks tiles as the largest tiles need, then the tiles as
+    // small as those rounds allow, so the last round is nearly full
+    const int64_t slots = int64_t(sms) * kPoolBlocks;
+    const int64_t rounds = cdiv(cdiv(rows, most), slots);
+    R = static_cast<int>(cdiv(cdiv(rows, rounds * slots), g) * g);
+    while (P < 32 && int64_t(R) * P * 2 <= kThreads && P < HW) P *= 2;
+    L = static_cast<int>(cdiv(HW, P));
+    tiles = cdiv(rows, R);
+    grid = tiles < slots ? tiles : slots;
   }
 };
 

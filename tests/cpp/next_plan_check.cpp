@@ -43,7 +43,20 @@ struct Lane {
   int i;
 };
 
-// _channel_gate: a channel's partials summed and merged in order
+// lanes_merge: the xor butterfly over a row's lanes, every lane adding its partner's; lane 0's result
+static Lane lanes_merge(std::vector<Lane> lane) {
+  for (size_t o = 1; o < lane.size(); o *= 2) {
+    std::vector<Lane> next = lane;
+    for (size_t t = 0; t < lane.size(); ++t) {
+      next[t].s = lane[t].s + lane[t ^ o].s;
+      merge_max(next[t].m, next[t].i, lane[t ^ o].m, lane[t ^ o].i);
+    }
+    lane = next;
+  }
+  return lane[0];
+}
+
+// _channel_pooled: a channel's partials summed and merged in order
 static Pooled gate(const std::vector<Lane>& parts) {
   Pooled p{0, parts[0].m, parts[0].i};
   float s = parts[0].s;
@@ -55,7 +68,7 @@ static Pooled gate(const std::vector<Lane>& parts) {
   return p;
 }
 
-// per-channel pooling of x [N, C, HW] (NCHW) as _pool_rows + _channel_gate compute it
+// per-channel pooling of x [N, C, HW] (NCHW) as _pool_rows + _channel_pooled compute it
 static void rows(std::mt19937& rng, long N, long C, long HW, int vec, int sms, const std::vector<float>& x) {
   const RowPlan pl(N, C, HW, vec, sms);
   for (long n = 0; n < N; ++n)
@@ -82,15 +95,7 @@ static void rows(std::mt19937& rng, long N, long C, long HW, int vec, int sms, c
           }
           lane[tx] = l;
         }
-        for (int o = 1; o < pl.TX; o *= 2) {  // xor butterfly: every lane adds its partner's
-          std::vector<Lane> next = lane;
-          for (int t = 0; t < pl.TX; ++t) {
-            next[t].s = lane[t].s + lane[t ^ o].s;
-            merge_max(next[t].m, next[t].i, lane[t ^ o].m, lane[t ^ o].i);
-          }
-          lane = next;
-        }
-        parts.push_back(lane[0]);
+        parts.push_back(lanes_merge(lane));
       }
       const Pooled p = gate(parts);
       check("rows", p, std::vector<float>(row, row + HW), n, c);
@@ -98,7 +103,7 @@ static void rows(std::mt19937& rng, long N, long C, long HW, int vec, int sms, c
   (void)rng;
 }
 
-// per-channel pooling of x [N, HW, C] (channels_last) as _pool_columns + _channel_gate compute it
+// per-channel pooling of x [N, HW, C] (channels_last) as _pool_columns + _channel_pooled compute it
 static void columns(long N, long C, long HW, int vec, int sms, const std::vector<float>& x) {
   const ColumnPlan pl(N, C, HW, vec, sms);
   for (long n = 0; n < N; ++n)
@@ -134,25 +139,89 @@ static void columns(long N, long C, long HW, int vec, int sms, const std::vector
     }
 }
 
+// per-channel pooling of x [N, C, HW] (NCHW, any HW) as _pool_tiles computes it: each tile's
+// vectors land in a shared-memory copy through the threads' load offsets (a slot no thread
+// fills keeps a sentinel that breaks the sum), then P lanes per row sum their pieces and merge
+static void tiles(long N, long C, long HW, int vec, int sms, const std::vector<float>& x) {
+  const TilePlan pl(N * C, HW, vec, sms);
+  if (pl.R % TilePlan::rows_aligned(HW, vec) != 0 || int64_t(pl.R) * HW > TilePlan::capacity(vec) || pl.R * pl.P > kThreads ||
+      pl.grid > int64_t(sms) * kPoolBlocks || pl.tiles != cdiv(N * C, pl.R)) {
+    if (failures++ < 10) std::printf("tiles plan HW=%ld vec=%d: R=%d tiles=%ld grid=%ld\n", HW, vec, pl.R, (long)pl.tiles, (long)pl.grid);
+    return;
+  }
+  const long tile_elems = long(pl.R) * HW, whole = tile_elems / vec, full = N * C / pl.R;
+  const float sentinel = 1e30f;
+  for (long t = 0; t < pl.tiles; ++t) {
+    std::vector<float> smem(TilePlan::capacity(vec), sentinel);
+    long rows_here = pl.R;
+    if (t < full) {
+      for (int tid = 0; tid < kThreads; ++tid)
+        for (int u = 0; u < kLoads; ++u) {
+          const long i = tid + u * kThreads, off = std::min(i, whole - 1) * vec;
+          if (i < whole)
+            for (int v = 0; v < vec; ++v) smem[i * vec + v] = x[t * tile_elems + off + v];
+        }
+    } else {
+      rows_here = N * C - full * pl.R;
+      for (long i = 0; i < rows_here * HW; ++i) smem[i] = x[full * tile_elems + i];
+    }
+    for (int r = 0; r < pl.R; ++r) {
+      std::vector<Lane> lane(pl.P);
+      for (int p = 0; p < pl.P; ++p) {
+        const int h0 = p * pl.L, h1 = r < rows_here ? static_cast<int>(std::min<long>(h0 + pl.L, HW)) : h0;
+        Lane l{0.f, -std::numeric_limits<float>::infinity(), h0};
+        for (int h = h0; h < h1; ++h) {
+          const float e = smem[r * HW + h];
+          l.s += e;
+          take_max_in_order(l.m, l.i, e, h);
+        }
+        lane[p] = l;
+      }
+      const Lane merged = lanes_merge(lane);
+      if (r >= rows_here) continue;
+      const long row = t * pl.R + r;
+      const Pooled got{merged.s, merged.m, merged.i};
+      check("tiles", got, std::vector<float>(x.begin() + row * HW, x.begin() + (row + 1) * HW), row / C, row % C);
+    }
+  }
+}
+
+// integers in a small range (exact sums, many ties); by trial: a first run of HW all -inf, and
+// NaNs (one or two) at random places
+static std::vector<float> input(std::mt19937& rng, int trial, long size, long HW) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const int range = 1 + rng() % 6;
+  std::vector<float> x(size);
+  for (auto& e : x) e = static_cast<float>(static_cast<int>(rng() % (2 * range + 1)) - range);
+  if (trial % 5 == 0)
+    for (long i = 0; i < HW; ++i) x[i] = -inf;
+  if (trial % 3 == 1) x[rng() % x.size()] = nan;
+  if (trial % 7 == 2) x[rng() % x.size()] = nan, x[rng() % x.size()] = nan;
+  return x;
+}
+
 int main() {
   std::mt19937 rng(1234);
-  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   int cases = 0;
   for (int trial = 0; trial < 60; ++trial) {
     const int vec = trial % 3 == 0 ? 4 : 8;
     const long N = 1 + rng() % 3, C = vec * (1 + rng() % 40), HW = vec * (1 + rng() % (trial % 2 ? 40 : 700));
     const int sms = (trial % 4 == 0) ? 1 : (trial % 4 == 1 ? 8 : 132);
-    const int range = 1 + rng() % 6;  // few distinct values: many ties
-    std::vector<float> x(N * C * HW);
-    for (auto& e : x) e = static_cast<float>(static_cast<int>(rng() % (2 * range + 1)) - range);
-    // special runs: all -inf, and NaNs (one or two) at random places, in both layouts' rows
-    if (trial % 5 == 0)
-      for (long i = 0; i < HW; ++i) x[i] = -inf;
-    if (trial % 3 == 1) x[rng() % x.size()] = nan;
-    if (trial % 7 == 2) x[rng() % x.size()] = nan, x[rng() % x.size()] = nan;
+    const std::vector<float> x = input(rng, trial, N * C * HW, HW);
     rows(rng, N, C, HW, vec, sms, x);      // x read as [N, C, HW]
     columns(N, C, HW, vec, sms, x);        // the same memory read as [N, HW, C]
     cases += 2;
+  }
+  // NCHW rows of any length through tiles (HW not a whole number of vectors, or short)
+  for (int trial = 0; trial < 80; ++trial) {
+    const int vec = trial % 3 == 0 ? 4 : (trial % 3 == 1 ? 8 : 2);
+    const long HW = trial < 8 ? 1 + trial : 1 + rng() % (trial % 2 ? 60 : 900);
+    if (!TilePlan::covers(HW, vec)) continue;
+    const long N = 1 + rng() % 3, C = 1 + rng() % 70;
+    const int sms = (trial % 4 == 0) ? 1 : (trial % 4 == 1 ? 3 : 132);
+    const std::vector<float> x = input(rng, trial, N * C * HW, HW);
+    tiles(N, C, HW, vec, sms, x);
+    ++cases;
   }
   std::printf("%d cases, %d failures\n", cases, failures);
   return failures ? 1 : 0;
