@@ -9,9 +9,9 @@ in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
   -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max,
   hidden)`. For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
-  `hidden` is what a backend keeps of the MLP for its backward: on "cpu" (kind "mlp") [N, P*Cr]
-  acc = each sample's first-layer pre-activations (P = 2 rows for pool "avg+max", else 1);
-  elsewhere an empty tensor, and the backward recomputes them from `pooled` (`hidden_shape`).
+  `hidden`: kind "mlp": [N, P*Cr] acc = each sample's first-layer pre-activations, P rows of Cr
+  (P = 2 for pool "avg+max", else 1); kind "conv": an empty tensor (`hidden_shape`). Every backend
+  returns it; a backward may read it or recompute it from `pooled`.
 - `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
 - `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate, tie)`
@@ -44,12 +44,13 @@ from torch.autograd import forward_ad as _fwAD
 
 from . import backends
 from ._options import pool_inputs
+from .reference.functional import acc_dtype  # the one accumulation-dtype rule
 
 _LIB = "attnfused"
 
 
 def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return acc_dtype(x.dtype)
 
 
 def _grad_like(w: Optional[Tensor], ref: Tensor) -> Tensor:
@@ -67,13 +68,9 @@ def _none_if_empty(w: Optional[Tensor], g: Tensor) -> Optional[Tensor]:
     return None if w is None else g
 
 
-# the backends whose forward keeps the MLP's pre-activations for the backward
-_SAVE_HIDDEN = frozenset({"cpu"})
-
-
-def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str, backend: str) -> tuple[int, ...]:
-    """The shape of the forward's `hidden` output (see the contracts above)."""
-    if backend not in _SAVE_HIDDEN or kind != "mlp":
+def hidden_shape(x: Tensor, w1: Tensor, kind: str, pool: str) -> tuple[int, ...]:
+    """The shape of the forward's `hidden` output (see the contracts above), whatever the backend."""
+    if kind != "mlp":
         return (0,)
     return (x.shape[0], pool_inputs(pool) * w1.shape[0])
 
@@ -200,15 +197,15 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[
                                  tie))
 
 
-def _channel_saved_fake(x, w1, kind, pool, backend):
+def _channel_saved_fake(x, w1, kind, pool):
     N, C = x.shape[:2]
     return (x.new_empty((N, 2, C), dtype=_acc(x)), x.new_empty((N, C), dtype=torch.int64),
-            x.new_empty(hidden_shape(x, w1, kind, pool, backend), dtype=_acc(x)))
+            x.new_empty(hidden_shape(x, w1, kind, pool), dtype=_acc(x)))
 
 
 @channel_attention.register_fake
 def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, backend):
-    return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool, backend))
+    return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool))
 
 
 @torch.library.custom_op(f"{_LIB}::channel_attention_backward", mutates_args=())
@@ -302,7 +299,7 @@ def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: 
 
 @cbam.register_fake
 def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, backend):
-    pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool, backend)
+    pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool)
     return (torch.empty_like(x), pooled, argmax, *_spatial_saved_fake(x), hidden)
 
 

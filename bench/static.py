@@ -87,7 +87,7 @@ SOURCE_FACTS = {
         r"while \(P < 32 && int64_t\(R\) \* P \* 2 <= kThreads && P < HW\) P \*= 2;",
         r"grid = tiles < slots \? tiles : slots;",
     ],
-    "csrc/cuda/next.cuh": [r"return MAXED \? 2 : kLoads;"],
+    "csrc/cuda/next.cuh": [r"return MAXED \|\| DOT \? 2 : kLoads;"],
 }
 
 
@@ -257,7 +257,7 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
-    attention forward (se: pool avg only), where next_channel.cu covers it."""
+    attention forward (se: pool avg only) and backward, where next_channel.cu covers it."""
     v, HW = 16 // elem, H * W
     if op != "se":
         return []
@@ -270,9 +270,11 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v < 2 ** 32
     idx = "unsigned int" if small else "long"
-    return [PassUse("next fwd pool", f"void {ns}_pool_{pool}<{T}, {v}, false>", pool),
-            PassUse("next fwd scale", f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}>", "apply",
-                    reads=1, writes=1)]
+    last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}"
+    return [PassUse("next fwd pool", f"void {ns}_pool_{pool}<{T}, {v}, false, false>", pool),
+            PassUse("next fwd scale", f"{last}, false>", "apply", reads=1, writes=1),
+            PassUse("next bwd dot", f"void {ns}_pool_{pool}<{T}, {v}, false, true>", pool, reads=2),
+            PassUse("next bwd dx", f"{last}, true>", "apply", reads=1, writes=1)]
 
 
 # ---------------------------------------------------------------------------- measured times
@@ -444,8 +446,10 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         inflight = inflight_bytes(blocks, hot)
     ipb = None
     if hot.loop:
-        # bytes a thread reads per hot-loop trip and per row; a row's own work spread over its trips
-        per_trip = max(1, hot.stream_loads * hot.stream_width)
+        # bytes a thread reads per hot-loop trip and per row; a row's own work spread over its trips.
+        # An apply trip reads one vector of each streamed tensor (its other loads are per-channel
+        # values); elsewhere every load of the stream width is the streamed tensors'.
+        per_trip = max(1, vec * elem * use.reads if use.kind == "apply" else hot.stream_loads * hot.stream_width)
         row_bytes = plan["KB"] * vec * elem * use.reads if use.kind in ("reduce", "rows", "columns") else per_trip
         trips = max(1.0, row_bytes / per_trip)
         shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0
@@ -459,7 +463,7 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
             base = path(0.0)
             summing = path(plan["L"] // 4) - base
             busy = cdiv(plan["R"] * plan["P"], 32)
-            ipb = (THREADS // 32 * base + busy * summing) * 512 / (plan["R"] * H * W * elem)
+            ipb = (THREADS // 32 * base + busy * summing) * 512 / (plan["R"] * H * W * elem * use.reads)
     read_b, write_b = numel * elem * use.reads, numel * elem * use.writes
     # issue keeps pace with the copy rate up to ISSUE_BUDGET instructions per 512 B moved
     budget = ISSUE_BUDGET * (read_b + write_b) / read_b

@@ -171,6 +171,64 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The small tensors a forward saves for its backward (attnfused/ops.py's contracts): pooled
+// [N, 2, C] and smaps [N, 2, H, W] in the accumulation dtype, argmax [N, C] and sargmax [N, H, W] int64.
+inline void check_saved_pooling(const at::Tensor& pooled, const at::Tensor& argmax, const at::Tensor& x) {
+  check_saved(pooled, x, "pooled", {x.size(0), 2, x.size(1)}, acc_dtype(x));
+  check_saved(argmax, x, "argmax", {x.size(0), x.size(1)}, at::kLong);
+}
+inline void check_saved_maps(const at::Tensor& smaps, const at::Tensor& sargmax, const at::Tensor& x) {
+  check_saved(smaps, x, "smaps", {x.size(0), 2, x.size(2), x.size(3)}, acc_dtype(x));
+  check_saved(sargmax, x, "sargmax", {x.size(0), x.size(2), x.size(3)}, at::kLong);
+}
+
+// spatial_pool_backward's inputs: grad_smaps [N, 2, H, W] floating on x's device, sargmax as saved.
+inline void check_spatial_pool_grad(const at::Tensor& grad_smaps, const at::Tensor& sargmax, const at::Tensor& x) {
+  check_weight(grad_smaps, x, "grad_smaps", {x.size(0), 2, x.size(2), x.size(3)});
+  check_saved(sargmax, x, "sargmax", {x.size(0), x.size(2), x.size(3)}, at::kLong);
+}
+
+// A small tensor (a weight, t, grad_smaps) in the accumulation dtype, contiguous; undefined if absent.
+inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+inline at::Tensor to_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? to_acc(*t, acc) : at::Tensor();
+}
+
+template <typename T>
+inline T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Channel-attention weights, checked for x (check_channel_weights) and held in the accumulation
+// dtype, contiguous; absent ones undefined. The CPU ops use it as is, the CUDA ops extend it.
+struct ChannelWeights {
+  at::Tensor w1, b1, w2, b2;
+  int64_t C = 0, Cr = 0, k = 0;  // Cr for kind mlp, k for kind conv
+
+  ChannelWeights(const at::Tensor& x, const at::Tensor& w1_, const std::optional<at::Tensor>& b1_,
+                 const std::optional<at::Tensor>& w2_, const std::optional<at::Tensor>& b2_, Kind kind)
+      : C(x.size(1)) {
+    (kind == Kind::MLP ? Cr : k) = check_channel_weights(x, w1_, b1_, w2_, b2_, kind);
+    const auto acc = acc_dtype(x);
+    w1 = to_acc(w1_, acc), b1 = to_acc(b1_, acc), w2 = to_acc(w2_, acc), b2 = to_acc(b2_, acc);
+  }
+};
+
+// The spatial conv's weight [1, M, k, k] and bias [1]?, checked for x (check_spatial_weights) and
+// held in the accumulation dtype, contiguous; the bias undefined when absent.
+struct SpatialConvWeights {
+  at::Tensor w, b;
+  int64_t M = 0, k = 0;
+
+  SpatialConvWeights(const at::Tensor& x, const at::Tensor& w_, const std::optional<at::Tensor>& b_, Maps maps,
+                     const char* wname = "weight", const char* bname = "bias")
+      : M(maps == Maps::MIX ? 1 : 2) {
+    k = check_spatial_weights(x, w_, b_, maps, wname, bname);
+    const auto acc = acc_dtype(x);
+    w = to_acc(w_, acc), b = to_acc(b_, acc);
+  }
+};
+
 // ---------------------------------------------------------------------------- scalar math (float or double)
 
 template <typename T>

@@ -274,26 +274,39 @@ def check_nonfinite(case, backend, special, device="cpu"):
     assert rel_err(out[finite], ref[finite]) <= TOLERANCE[torch.float32]
 
 
+def mlp_pre_activations(pooled, w1, b1, pool):
+    """The MLP's first-layer pre-activations [N, P * Cr] in float64, from the saved pooled vectors."""
+    avg, mx = pooled.double().unbind(1)
+    v = {"avg": [avg], "max": [mx], "avg+max": [avg, mx], "mix": [0.5 * avg + 0.5 * mx]}[pool]
+    return torch.cat([u @ w1.double().T + (0 if b1 is None else b1.double()) for u in v], 1)
+
+
 def check_pooled_contract(backend, lay="nchw", device="cpu"):
-    """The channel pooling the ops save, for every pool: mean and (max, first argmax) over space as
-    torch computes them; for pool "avg" nothing reads the max, and it and argmax are zeros."""
+    """What the channel ops save, whatever the backend, for every pool: mean and (max, first
+    argmax) over space as torch computes them (for pool "avg" nothing reads the max, and it and
+    argmax are zeros), and `hidden`, the MLP's pre-activations of those vectors (empty for the conv)."""
     ops = torch.ops.attnfused
     x = layout(rand_distinct(2, 6, 5, 3, dtype=torch.float32).float(), lay)
     mean, (mx, idx) = x.mean((2, 3)), x.flatten(2).max(2)
-    w1, w2, sw = rand(3, 6), rand(6, 3), rand(1, 2, 3, 3)
+    w1, b1, w2, sw = rand(3, 6), rand(3), rand(6, 3), rand(1, 2, 3, 3)
     for pool in CHANNEL_POOLS:
         copts = ("mlp", pool, "relu", "sigmoid", "zeros", "first")
-        wts = tuple(v.to(device) if v is not None else None for v in (w1, None, w2, None))
-        saved = (ops.channel_attention(x.to(device), *wts, *copts, backend)[1:3],
+        wts = tuple(v.to(device) if v is not None else None for v in (w1, b1, w2, None))
+        saved = (ops.channel_attention(x.to(device), *wts, *copts, backend)[1:],
                  ops.cbam(x.to(device), *wts, sw.to(device), None, *copts[:-1], "max_mean", "sigmoid", "first",
-                          backend)[1:3])
-        for pooled, argmax in saved:
-            pooled, argmax = pooled.cpu(), argmax.cpu()
+                          backend)[1:])
+        for pooled, argmax, *_, hidden in saved:
+            pooled, argmax, hidden = pooled.cpu(), argmax.cpu(), hidden.cpu()
             assert rel_err(pooled[:, 0], mean) <= TOLERANCE[torch.float32], pool
             if pool == "avg":
                 assert not pooled[:, 1].any() and not argmax.any(), pool
             else:
                 assert torch.equal(pooled[:, 1], mx) and torch.equal(argmax, idx), pool
+            assert hidden.dtype == pooled.dtype and hidden.shape == (2, 3 * (2 if pool == "avg+max" else 1)), pool
+            assert rel_err(hidden, mlp_pre_activations(pooled, w1, b1, pool)) <= TOLERANCE[torch.float32], pool
+    conv = ops.channel_attention(x.to(device), rand(1, 1, 3).to(device), None, None, None, "conv", "avg+max",
+                                 "relu", "sigmoid", "zeros", "first", backend)
+    assert conv[-1].shape == (0,), "hidden is empty for the conv"
 
 
 OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3])

@@ -9,7 +9,8 @@ import torch
 import attnfused
 from attnfused.backends import extension
 from tests._util import GRAD_TOLERANCE, TOLERANCE, autocast_for, layout, rand, rand_distinct, rel_err
-from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, forward_ok, grad_bounds
+from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, forward_ok, grad_bounds,
+                         mlp_pre_activations)
 
 pytestmark = pytest.mark.skipif(extension.unavailable_reason("cpu") is not None,
                                 reason=f"C++ extension unavailable: {extension.unavailable_reason('cpu')}")
@@ -314,13 +315,6 @@ def test_bad_spatial_and_saved_input():
         C_OPS.spatial_scale(x, torch.rand(2, 5, 4))
 
 
-def _pre_activations_float64(pooled, w1, b1, pool):
-    """The MLP's first-layer pre-activations [N, P, Cr] in float64, from the saved pooled vectors."""
-    avg, mx = pooled.double().unbind(1)
-    v = {"avg": [avg], "max": [mx], "avg+max": [avg, mx], "mix": [0.5 * avg + 0.5 * mx]}[pool]
-    return torch.stack([u @ w1.double().T + (0 if b1 is None else b1.double()) for u in v], 1)
-
-
 @pytest.mark.parametrize("op", ["channel", "cbam"])
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -348,8 +342,7 @@ def test_hidden_saves_the_mlp_state(op, lay, dtype):
             pooled, hidden = out[1], out[-1]
             P = 2 if pool == "avg+max" else 1
             assert hidden.shape == (N, P * Cr) and hidden.dtype == pooled.dtype
-            hp = _pre_activations_float64(pooled, w1, b1, pool)
-            assert rel_err(hidden.reshape(N, P, Cr), hp) <= TOLERANCE[dtype], (pool, act)
+            assert rel_err(hidden, mlp_pre_activations(pooled, w1, b1, pool)) <= TOLERANCE[dtype], (pool, act)
             restored = backward(out[1:])
             recomputed = backward((*out[1:-1], hidden.new_empty(0)))
             for a, b in zip(restored, recomputed):

@@ -136,7 +136,8 @@ def test_bit_identical_twice(case, dtype, lay, path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("lay", ["nchw", "channels_last"])
-def test_saved_pooling(lay):
+def test_saved_pooling(lay, path):
+    # pooled, argmax and hidden as every backend saves them, on each forward path
     check_pooled_contract(BACKEND, lay, "cuda")
 
 

@@ -165,6 +165,15 @@ def channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
     return z, R.gate(z, gate)
 
 
+def hidden_output(pooled, w1, b1, kind, pool):
+    """The forward's `hidden` output (attnfused.ops): the MLP's first-layer pre-activations of each
+    pooled input, [N, P * Cr]; empty for the conv."""
+    if kind != "mlp":
+        return pooled.new_empty(0)
+    w1a, b1a = w1.to(pooled.dtype), None if b1 is None else b1.to(pooled.dtype)
+    return torch.cat([F.linear(v, w1a, b1a) for v, _, _ in pooled_inputs(pooled[:, 0], pooled[:, 1], pool)], 1)
+
+
 def spatial_gate_values(smaps, weight, bias, maps, gate):
     """(conv input, logits, t) of spatial attention from the saved [max, mean] maps."""
     m_in = R.spatial_maps(smaps[:, 1], smaps[:, 0], maps)
@@ -247,7 +256,7 @@ def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie):
     xa = acc(x)
     pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
-    return like(x, xa * s[:, :, None, None]), pooled, argmax, pooled.new_empty(0)  # hidden: recomputed
+    return like(x, xa * s[:, :, None, None]), pooled, argmax, hidden_output(pooled, w1, b1, kind, pool)
 
 
 @register(NAME, "channel_attention_backward")
@@ -286,7 +295,7 @@ def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels
     smaps, sargmax = spatial_pool_core(x1, tie)
     _, _, t = spatial_gate_values(smaps, sweight, sbias, maps, sgate)
-    return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax, pooled.new_empty(0)  # hidden: recomputed
+    return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax, hidden_output(pooled, w1, b1, kind, pool)
 
 
 @register(NAME, "cbam_backward")

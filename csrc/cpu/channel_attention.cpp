@@ -27,7 +27,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   (void)parse_tie(tie);  // the forward is the same under both rules
-  const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
+  const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
   Tensor y = at::empty_like(x);
@@ -61,11 +61,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> channel_attention_backward_ke
   check_same_layout(grad_y, x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   const bool split = parse_tie(tie) == Tie::SPLIT && o.pool != Pool::AVG;  // "avg": no max
-  const ChannelWeights w = channel_weights(x, w1, b1, w2, b2, o);
+  const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
   const Dims d = dims_of(x);
-  const auto acc = acc_dtype(x);
-  check_saved(pooled, x, "pooled", {d.N, 2, d.C}, acc);
-  check_saved(argmax, x, "argmax", {d.N, d.C}, at::kLong);
+  check_saved_pooling(pooled, argmax, x);
   const Tensor pooled_c = pooled.contiguous(), argmax_c = argmax.contiguous();
   const Tensor hidden_c = saved_hidden(hidden, x, w, o);
   Tensor dx = at::empty_like(x);

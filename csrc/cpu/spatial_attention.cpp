@@ -26,10 +26,11 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
-  const int64_t k = check_spatial_weights(x, weight, bias, mp);
+  const SpatialConvWeights sw(x, weight, bias, mp);
+  const int64_t k = sw.k;
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
-  const Tensor wa = to_acc(weight, acc), ba = to_acc(bias, acc);
+  const Tensor &wa = sw.w, &ba = sw.b;
   Tensor y = at::empty_like(x);
   Tensor smaps = at::empty({d.N, 2, d.H, d.W}, x.options().dtype(acc));
   Tensor sargmax = at::empty({d.N, d.H, d.W}, x.options().dtype(at::kLong));
@@ -54,13 +55,12 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_backward_kernel(const Tenso
   const bool split = parse_tie(tie) == Tie::SPLIT;
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
-  const int64_t k = check_spatial_weights(x, weight, bias, mp);
+  const SpatialConvWeights sw(x, weight, bias, mp);
+  const int64_t k = sw.k;
   const Dims d = dims_of(x);
-  const auto acc = acc_dtype(x);
-  check_saved(smaps, x, "smaps", {d.N, 2, d.H, d.W}, acc);
-  check_saved(sargmax, x, "sargmax", {d.N, d.H, d.W}, at::kLong);
+  check_saved_maps(smaps, sargmax, x);
   const Tensor smaps_c = smaps.contiguous(), sargmax_c = sargmax.contiguous();
-  const Tensor wa = to_acc(weight, acc), ba = to_acc(bias, acc);
+  const Tensor &wa = sw.w, &ba = sw.b;
   Tensor dx = at::empty_like(x);
   Tensor dw = at::empty(wa.sizes(), wa.options());
   Tensor db = at::empty({1}, wa.options());

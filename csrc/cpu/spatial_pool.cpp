@@ -34,11 +34,7 @@ Tensor spatial_pool_backward_kernel(const Tensor& grad_smaps, const Tensor& x, c
   check_input(x);
   const bool split = parse_tie(tie) == Tie::SPLIT;
   const Dims d = dims_of(x);
-  TORCH_CHECK_VALUE(grad_smaps.sizes() == at::IntArrayRef({d.N, 2, d.H, d.W}), "grad_smaps must have shape ",
-                    at::IntArrayRef({d.N, 2, d.H, d.W}), ", got ", grad_smaps.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_smaps.scalar_type()), "grad_smaps must have a floating dtype, got ",
-                   grad_smaps.scalar_type());
-  check_saved(sargmax, x, "sargmax", {d.N, d.H, d.W}, at::kLong);
+  check_spatial_pool_grad(grad_smaps, sargmax, x);
   const Tensor g = to_acc(grad_smaps, acc_dtype(x)), sargmax_c = sargmax.contiguous();
   Tensor dx = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_pool_backward_cpu", [&] {

@@ -7,42 +7,29 @@
 namespace attnfused {
 namespace cuda {
 
-struct ChannelWeights {
+// common.h's ChannelWeights (checked, in the accumulation dtype) with the options, the sizes of x
+// and w2 transposed, and the kernels' argument block.
+struct ChannelWeights : attnfused::ChannelWeights {
   ChannelOptions o;
-  int64_t N, C, HW, Cr = 0, k = 0;
-  at::Tensor w1, b1, w2, w2t, b2;  // accumulation dtype, contiguous; w2t = w2 transposed
+  int64_t N, HW;
+  at::Tensor w2t;  // w2 transposed, contiguous (kind mlp)
 
   ChannelWeights(const at::Tensor& x, const at::Tensor& w1_, const c10::optional<at::Tensor>& b1_,
                  const c10::optional<at::Tensor>& w2_, const c10::optional<at::Tensor>& b2_, c10::string_view kind,
                  c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding)
-      : o(parse_channel_options(kind, pool, act, gate, padding)),
+      : attnfused::ChannelWeights(x, w1_, b1_, w2_, b2_, parse_kind(kind)),
+        o(parse_channel_options(kind, pool, act, gate, padding)),
         N(x.size(0)),
-        C(x.size(1)),
         HW(x.size(2) * x.size(3)) {
-    if (o.kind == Kind::MLP) {
-      TORCH_CHECK_VALUE(w1_.dim() == 2 && w1_.size(1) == C && w1_.size(0) >= 1,
-                        "w1 must have shape (hidden, ", C, ") with hidden >= 1, got ", w1_.sizes());
-      TORCH_CHECK_VALUE(w2_.has_value(), "w2 must be given for kind='mlp'");
-      Cr = w1_.size(0);
-      w1 = acc_weight(w1_, x, "w1", {Cr, C});
-      w2 = acc_weight(w2_, x, "w2", {C, Cr});
-      w2t = w2.t().contiguous();
-      b1 = acc_weight(b1_, x, "b1", {Cr});
-      b2 = acc_weight(b2_, x, "b2", {C});
-    } else {
-      TORCH_CHECK_VALUE(w1_.dim() == 3 && w1_.size(0) == 1 && w1_.size(1) == 1 && w1_.size(2) % 2 == 1,
-                        "w1 (the 1D conv weight) must have shape (1, 1, k) with k odd, got ", w1_.sizes());
-      TORCH_CHECK_VALUE(!b1_.has_value() && !w2_.has_value() && !b2_.has_value(),
-                        "b1, w2 and b2 must be None for kind='conv'");
-      k = w1_.size(2);
-      w1 = acc_weight(w1_, x, "w1", {1, 1, k}).view({k});
-    }
+    if (o.kind == Kind::MLP) w2t = w2.t().contiguous();
   }
 
   int nv() const { return pool_inputs(o.pool); }
 
   template <typename acc_t>
-  ChannelArgs<acc_t> args(Scratch& s, const at::Tensor& pooled, const at::Tensor& argmax, bool backward) const {
+  // hidden: the forward's `hidden` output (new_hidden), where the MLP's pre-activations go; else scratch
+  ChannelArgs<acc_t> args(Scratch& s, const at::Tensor& pooled, const at::Tensor& argmax, bool backward,
+                          const at::Tensor& hidden = at::Tensor()) const {
     ChannelArgs<acc_t> g{};
     g.kind = o.kind, g.pool = o.pool, g.act = o.act, g.gate = o.gate, g.padding = o.padding;
     g.C = C, g.Cr = Cr, g.k = k, g.HW = HW;
@@ -53,7 +40,7 @@ struct ChannelWeights {
     g.pooled = pooled.data_ptr<acc_t>();
     g.argmax = argmax.data_ptr<int64_t>();
     g.vin = s.f<acc_t>(N * nv() * C);
-    g.hid = s.f<acc_t>(N * nv() * Cr);
+    g.hid = hidden.defined() && hidden.numel() ? hidden.data_ptr<acc_t>() : s.f<acc_t>(N * nv() * Cr);
     g.hact = s.f<acc_t>(N * nv() * Cr);
     g.z = s.f<acc_t>(N * C);
     g.s = s.f<acc_t>(N * C);
@@ -100,29 +87,23 @@ struct ChannelWeights {
   }
 };
 
-struct SpatialWeights {
+// common.h's SpatialConvWeights with the options, the sizes of x and the kernels' argument block;
+// w flat [M * k * k].
+struct SpatialWeights : SpatialConvWeights {
   Maps maps;
   Gate gate;
-  int64_t N, C, H, W, k, M;
-  at::Tensor w, b;  // accumulation dtype: w [M * k * k], b [1]
+  int64_t N, C, H, W;
 
   SpatialWeights(const at::Tensor& x, const at::Tensor& w_, const c10::optional<at::Tensor>& b_,
                  c10::string_view maps_, c10::string_view gate_, const char* wname = "weight",
                  const char* bname = "bias", const char* gname = "gate")
-      : maps(parse_maps(maps_)),
+      : SpatialConvWeights(x, w_, b_, parse_maps(maps_), wname, bname),
+        maps(parse_maps(maps_)),
         gate(parse_gate(gate_, gname)),
         N(x.size(0)),
         C(x.size(1)),
         H(x.size(2)),
-        W(x.size(3)) {
-    M = maps == Maps::MIX ? 1 : 2;
-    TORCH_CHECK_VALUE(w_.dim() == 4 && w_.size(0) == 1 && w_.size(1) == M && w_.size(2) == w_.size(3) &&
-                          w_.size(2) % 2 == 1,
-                      wname, " must have shape (1, ", M, ", k, k) with k odd, got ", w_.sizes());
-    k = w_.size(2);
-    w = acc_weight(w_, x, wname, {1, M, k, k}).view({M * k * k});
-    b = acc_weight(b_, x, bname, {1});
-  }
+        W(x.size(3)) {}
 
   template <typename acc_t>
   SpatialArgs<acc_t> args(Scratch& s, const at::Tensor& smaps, const at::Tensor& sargmax, bool backward) const {
@@ -159,20 +140,6 @@ struct SpatialWeights {
   }
 };
 
-// The saved small tensors of the two halves, checked.
-inline at::Tensor saved_pooled(const at::Tensor& t, const at::Tensor& x) {
-  return saved(t, x, "pooled", {x.size(0), 2, x.size(1)}, acc_dtype(x));
-}
-inline at::Tensor saved_argmax(const at::Tensor& t, const at::Tensor& x) {
-  return saved(t, x, "argmax", {x.size(0), x.size(1)}, at::kLong);
-}
-inline at::Tensor saved_smaps(const at::Tensor& t, const at::Tensor& x) {
-  return saved(t, x, "smaps", {x.size(0), 2, x.size(2), x.size(3)}, acc_dtype(x));
-}
-inline at::Tensor saved_sargmax(const at::Tensor& t, const at::Tensor& x) {
-  return saved(t, x, "sargmax", {x.size(0), x.size(2), x.size(3)}, at::kLong);
-}
-
 // Outputs the forward passes fill.
 inline at::Tensor new_pooled(const at::Tensor& x) {
   return at::empty({x.size(0), 2, x.size(1)}, x.options().dtype(acc_dtype(x)));
@@ -180,7 +147,12 @@ inline at::Tensor new_pooled(const at::Tensor& x) {
 inline at::Tensor new_argmax(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kLong)); }
 // The forward's `hidden` output: empty, as the backward recomputes the MLP from `pooled` in the
 // kernel that needs it (the CPU backend saves it there; ops.py states the contract).
-inline at::Tensor new_hidden(const at::Tensor& x) { return at::empty({0}, x.options().dtype(acc_dtype(x))); }
+// The ops' `hidden` output: the MLP's pre-activations [N, P * Cr] (the per-sample gate and the new
+// path's hidden layer write them); empty for the conv.
+inline at::Tensor new_hidden(const at::Tensor& x, const ChannelWeights& cw) {
+  const auto opts = x.options().dtype(acc_dtype(x));
+  return cw.o.kind == Kind::MLP ? at::empty({x.size(0), cw.nv() * cw.Cr}, opts) : at::empty({0}, opts);
+}
 // The ops' contract: for pool "avg" nothing reads the max half of pooled or argmax, and both are
 // zeros (the kernels still compute them; on the GPU the max rides along with the sum for free).
 inline void zero_unused_max(const ChannelWeights& cw, at::Tensor& pooled, at::Tensor& argmax) {

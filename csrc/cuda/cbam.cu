@@ -34,12 +34,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto argmax = new_argmax(x);
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
-  auto hidden = new_hidden(x);
+  auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
-    const auto ch = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false);
+    const auto ch = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
     const auto sp = sw.args<acc_t>(s, smaps, sargmax, /*backward=*/false);
     const auto onchip = onchip_plan<scalar_t>(x);
     if (onchip.use) return launch_onchip<scalar_t, true>(x, y, onchip, s, ch, sp);
@@ -71,10 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   const SpatialWeights sw(x, sweight, sbias, maps, sgate, "sweight", "sbias", "sgate");
-  auto pooled = saved_pooled(pooled_, x);
-  auto argmax = saved_argmax(argmax_, x);
-  auto smaps = saved_smaps(smaps_, x);
-  auto sargmax = saved_sargmax(sargmax_, x);
+  check_saved_pooling(pooled_, argmax_, x);
+  check_saved_maps(smaps_, sargmax_, x);
+  auto pooled = pooled_.contiguous(), argmax = argmax_.contiguous();
+  auto smaps = smaps_.contiguous(), sargmax = sargmax_.contiguous();
   auto gx = at::empty_like(x);
   std::vector<at::Tensor> gc, gs;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_backward_cuda", [&] {

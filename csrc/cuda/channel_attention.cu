@@ -3,6 +3,8 @@
 //             the MLP or 1D conv and the gate -> s[n, c]. Pass 2 reads x, writes y = x * s. (2R + 1W)
 //   backward: pass 1 reads dy, x: sum_hw dy * x; the last block runs the gate's and f's backward.
 //             Pass 2 reads dy, writes dx = dy * s + davg / HW + [hw == argmax] dmax.      (3R + 1W)
+//   new path (next.cuh, $ATTNFUSED_CUDA_KERNELS=next): the same passes, the small math over the
+//             whole batch in kernels of its own; the validated kernels where it does not cover x.
 //   forward, on chip (onchip.cuh, when a sample fits one block's shared memory and the batch fills
 //             the GPU): one block per sample loads it once, pools, runs f and the gate, writes y. (1R + 1W)
 // Weight gradients: per-sample pieces, summed over samples in order by small kernels.
@@ -26,13 +28,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cud
   auto y = at::empty_like(x);
   auto pooled = new_pooled(x);
   auto argmax = new_argmax(x);
-  auto hidden = new_hidden(x);
+  auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, hidden};
-  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax)) return {y, pooled, argmax, hidden};
+  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax, hidden)) return {y, pooled, argmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
-    const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false);
+    const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
     const auto onchip = onchip_plan<scalar_t>(x);
     if (onchip.use) return launch_onchip<scalar_t, false>(x, y, onchip, s, g, SpatialArgs<acc_t>{});
     ReducePass<scalar_t> pass(x, at::Tensor(), Over::SPACE, /*pooling=*/true, s);
@@ -56,9 +58,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
                     "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
-  auto pooled = saved_pooled(pooled_, x);
-  auto argmax = saved_argmax(argmax_, x);
+  check_saved_pooling(pooled_, argmax_, x);
+  auto pooled = pooled_.contiguous(), argmax = argmax_.contiguous();
   auto gx = at::empty_like(x);
+  if (next::enabled() && x.size(0) > 0) {
+    next::WeightGrads ng{w1, b1, w2, b2, {}};
+    if (next::channel_backward(grad_y, x, cw, pooled, argmax, gx, ng)) return {gx, ng.g[0], ng.g[1], ng.g[2], ng.g[3]};
+  }
   std::vector<at::Tensor> gw;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;

@@ -13,11 +13,6 @@ namespace cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// dtype of reductions, small math and saved vectors: float32, float64 for float64 x
-inline at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // x: checked by common.h's check_input, on a CUDA device, non-empty C, H, W (N may be 0)
@@ -28,28 +23,6 @@ inline void check_cuda_input(const at::Tensor& x) {
                     x.sizes());
   TORCH_CHECK_VALUE(x.size(1) < INT32_MAX && x.size(2) * x.size(3) < INT32_MAX,
                     "x's C and H*W must each be below 2**31, got shape ", x.sizes());
-}
-
-// A small saved tensor of the forward (pooled, smaps, ...): shape, dtype and device checked, made contiguous.
-inline at::Tensor saved(const at::Tensor& t, const at::Tensor& x, const char* name, at::IntArrayRef shape,
-                        at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  return t.contiguous();
-}
-
-// A weight in the accumulation dtype, contiguous (tiny; autocast may hand float32 weights with half x).
-inline at::Tensor acc_weight(const c10::optional<at::Tensor>& w, const at::Tensor& x, const char* name,
-                             at::IntArrayRef shape) {
-  if (!w.has_value()) return at::Tensor();
-  check_weight(*w, x, name, shape);
-  return w->to(acc_dtype(x)).contiguous();
-}
-
-template <typename T>
-inline T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // Scratch vectors of one call; the caching allocator keeps them stream-ordered.

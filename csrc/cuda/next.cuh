@@ -39,13 +39,14 @@ struct PoolPartials {
   }
 };
 
-// Loads in flight per thread of a pooling pass, compiled for 4 resident blocks per SM (<= 64
-// registers). With a max, a thread's VEC sums, maxima and indices leave room for two 16-byte
-// vectors, not four. The minimum of blocks also steers the compiler's schedule: without one it
-// sank the loads behind their uses (one in flight); with one it issues them first.
-template <bool MAXED>
+// Loads in flight per thread and tensor of a reduction pass, compiled for 4 resident blocks per SM
+// (<= 64 registers). With a max, a thread's VEC sums, maxima and indices leave room for two 16-byte
+// vectors, not four; a dot (dy . x, the backward) reads two tensors, two vectors of each. The
+// minimum of blocks also steers the compiler's schedule: without one it sank the loads behind
+// their uses (one in flight); with one it issues them first.
+template <bool MAXED, bool DOT>
 constexpr int pool_loads() {
-  return MAXED ? 2 : kLoads;
+  return MAXED || DOT ? 2 : kLoads;
 }
 
 template <typename T, int VEC>
@@ -124,14 +125,35 @@ struct Slots {
       if (MAXED) take_max_in_order(mx[v], mi[v], e, index);
     }
   }
+  __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sum[v] += static_cast<acc_t>(dv.v[v]) * static_cast<acc_t>(xv.v[v]);
+  }
 };
 
-// channels_last: per-channel sum (and max, argmax) over the rows hw of a chunk (ColumnPlan). A
-// thread sums VEC channels down its R rows in order, kLoads rows at a time; the block then adds
-// its TY row groups in order through shared memory and writes one partial per channel.
-template <typename T, int VEC, bool MAXED>
+// L vectors of x at `at` into xv and, for a dot, of dy at the same offsets into dv: the loads of
+// both tensors issued before any use.
+template <int L, bool DOT, typename T, int VEC>
+__device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv)[L], const T* const (&at)[L],
+                                          const T* x, const T* dy) {
+  load_vecs<L>(xv, at);
+  if constexpr (DOT) {
+    const T* atd[L];
+#pragma unroll
+    for (int u = 0; u < L; ++u) atd[u] = dy + (at[u] - x);
+    load_vecs<L>(dv, atd);
+  }
+}
+
+// channels_last: per-channel sum (and max, argmax; or, DOT, the sum of dy * x) over the rows hw of
+// a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order, kLoads rows at a time;
+// the block then adds its TY row groups in order through shared memory and writes one partial per
+// channel.
+template <typename T, int VEC, bool MAXED, bool DOT>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_columns(const T* __restrict__ x, ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+    _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, ColumnPlan pl,
+                  PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!(MAXED && DOT), "a dot takes no max");
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
   int64_t b = blockIdx.x;
@@ -146,17 +168,22 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   if (cv < pl.cvecs) {
     const T* p = x + (n * pl.HW + r0) * pl.C + cv * VEC;
     int r = r0;
-    constexpr int L = pool_loads<MAXED>();
+    constexpr int L = pool_loads<MAXED, DOT>();
     for (; r + L <= r1; r += L, p += L * pl.C) {  // marker: hot loop (pool_columns)
-      Vec<T, VEC> xv[L];
+      Vec<T, VEC> xv[L], dv[L];
       const T* at[L];
 #pragma unroll
       for (int u = 0; u < L; ++u) at[u] = p + u * pl.C;
-      load_vecs<L>(xv, at);
+      load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) sl.take(xv[u], r + u);
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u]) : sl.take(xv[u], r + u);
     }
-    for (; r < r1; ++r, p += pl.C) sl.take(load_vec<T, VEC>(p), r);
+    for (; r < r1; ++r, p += pl.C) {
+      if constexpr (DOT)
+        sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)));
+      else
+        sl.take(load_vec<T, VEC>(p), r);
+    }
   }
 
   __shared__ acc_t s_sum[kThreads * VEC];
@@ -190,12 +217,14 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   }
 }
 
-// NCHW (HW % VEC == 0): per-channel sum (and max, argmax) over a piece of each row (RowPlan). A
+// NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or, DOT, the sum of dy * x) over a piece
+// of each row (RowPlan). A
 // thread keeps one sum and max per vector slot v (hw = 16-byte vector start + v), visiting its
 // vectors in order, kLoads at a time; slots are merged, then the row's TX lanes by a butterfly.
-template <typename T, int VEC, bool MAXED>
+template <typename T, int VEC, bool MAXED, bool DOT>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_rows(const T* __restrict__ x, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+    _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!(MAXED && DOT), "a dot takes no max");
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
   int64_t b = blockIdx.x;
@@ -212,17 +241,23 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   if (c < pl.C) {
     const T* row = x + (n * pl.C + c) * pl.HW;
     int i = v0 + tx;
-    constexpr int L = pool_loads<MAXED>();
+    constexpr int L = pool_loads<MAXED, DOT>();
     for (; i + (L - 1) * pl.TX < v1; i += L * pl.TX) {  // marker: hot loop (pool_rows)
-      Vec<T, VEC> xv[L];
+      Vec<T, VEC> xv[L], dv[L];
       const T* at[L];
 #pragma unroll
       for (int u = 0; u < L; ++u) at[u] = row + (i + u * pl.TX) * VEC;
-      load_vecs<L>(xv, at);
+      load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) sl.take(xv[u], (i + u * pl.TX) * VEC);
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u]) : sl.take(xv[u], (i + u * pl.TX) * VEC);
     }
-    for (; i < v1; i += pl.TX) sl.take(load_vec<T, VEC>(row + i * VEC), i * VEC);
+    for (; i < v1; i += pl.TX) {
+      const T* at = row + i * VEC;
+      if constexpr (DOT)
+        sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)));
+      else
+        sl.take(load_vec<T, VEC>(at), i * VEC);
+    }
   }
   acc_t s = sl.sum[0], m = sl.mx[0];
   int mmi = sl.mi[0];
@@ -247,13 +282,17 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 // per row sum pieces of L elements in order, four at a time, then a butterfly over the P lanes.
 // Partials: one slot per row n * C + c (slot(0, row, 0) with c_stride 1). Which vectors a thread
 // loads and which elements it sums are the same in every full tile: set once. The last tile, of
-// rows % R rows, is read element by element after the loop.
-template <typename T, int VEC, bool MAXED>
+// rows % R rows, is read element by element after the loop. DOT: tiles of x and dy, the sum of dy * x.
+template <typename T, int VEC, bool MAXED, bool DOT>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_tiles(const T* __restrict__ x, TilePlan pl, PoolPartials<at::acc_type<T, true>> out) {
+    _pool_tiles(const T* __restrict__ x, const T* __restrict__ dy, TilePlan pl,
+                PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!(MAXED && DOT), "a dot takes no max");
   using acc_t = at::acc_type<T, true>;
-  __shared__ uint4 tile[kThreads * kLoads];
-  T* elems = reinterpret_cast<T*>(tile);
+  constexpr int kTiles = DOT ? 2 : 1;  // x's tile, then dy's
+  __shared__ uint4 tile[kTiles][kThreads * kLoads];
+  T* elems = reinterpret_cast<T*>(tile[0]);
+  T* delems = reinterpret_cast<T*>(tile[kTiles - 1]);
   const int r = threadIdx.x / pl.P, p = threadIdx.x % pl.P;
   const int64_t tile_elems = int64_t(pl.R) * pl.HW;   // a whole number of vectors
   const int whole = static_cast<int>(tile_elems / VEC);  // <= kThreads x kLoads
@@ -263,14 +302,19 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const int h0 = p * pl.L;
   const int h1 = r < pl.R ? ::min(h0 + pl.L, static_cast<int>(pl.HW)) : h0;
   const T* mine = elems + (r < pl.R ? r * pl.HW : 0);
+  const T* dmine = delems + (r < pl.R ? r * pl.HW : 0);
 
   auto sum_rows = [&](int64_t t, int h_end) {  // the thread's piece [h0, h_end) of its row of tile t
     acc_t s = acc_t(0), m = -std::numeric_limits<acc_t>::infinity();
     int mi = h0;  // an empty piece keeps -inf and h0, past the pieces before it: merges never pick it
     auto take = [&](int h) {
       const acc_t e = static_cast<acc_t>(mine[h]);
-      s += e;
-      if (MAXED) take_max_in_order(m, mi, e, h);
+      if constexpr (DOT) {
+        s += static_cast<acc_t>(dmine[h]) * e;
+      } else {
+        s += e;
+        if (MAXED) take_max_in_order(m, mi, e, h);
+      }
     };
     int h = h0;
 #pragma unroll 1
@@ -291,28 +335,38 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 
   const int64_t full = pl.rows / pl.R, step = int64_t(gridDim.x) * tile_elems;
   int64_t t = blockIdx.x;
-  const T* xt = x + t * tile_elems;
-  uint4 raw[kLoads];
-  auto issue = [&](const T* base) {
+  int64_t at0 = t * tile_elems;  // tile t's first element
+  uint4 raw[kTiles][kLoads];
+  auto issue = [&](int64_t e0) {
     const T* at[kLoads];
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) at[u] = base + off[u];
-    load_raw<kLoads>(raw, at);
-  };
-  if (t < full) issue(xt);
-  for (; t < full; t += gridDim.x, xt += step) {  // marker: hot loop (pool_tiles)
+    for (int u = 0; u < kLoads; ++u) at[u] = x + e0 + off[u];
+    load_raw<kLoads>(raw[0], at);
+    if constexpr (DOT) {
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u)
-      if (threadIdx.x + u * kThreads < whole) tile[threadIdx.x + u * kThreads] = raw[u];
+      for (int u = 0; u < kLoads; ++u) at[u] = dy + e0 + off[u];
+      load_raw<kLoads>(raw[1], at);
+    }
+  };
+  if (t < full) issue(at0);
+  for (; t < full; t += gridDim.x, at0 += step) {  // marker: hot loop (pool_tiles)
+#pragma unroll
+    for (int k = 0; k < kTiles; ++k)
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+        if (threadIdx.x + u * kThreads < whole) tile[k][threadIdx.x + u * kThreads] = raw[k][u];
     __syncthreads();
-    if (t + gridDim.x < full) issue(xt + step);
+    if (t + gridDim.x < full) issue(at0 + step);
     sum_rows(t, h1);
     __syncthreads();  // the tile is read before the next one is stored
   }
   const int64_t left = pl.rows - full * pl.R;
   if (t == full && left > 0) {
-    const int64_t n = left * pl.HW;
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) elems[i] = x[full * tile_elems + i];
+    const int64_t n = left * pl.HW, e0 = full * tile_elems;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      elems[i] = x[e0 + i];
+      if constexpr (DOT) delems[i] = dy[e0 + i];
+    }
     __syncthreads();
     sum_rows(t, r < left ? h1 : h0);
   }
@@ -323,15 +377,22 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 // then (MLP) two products over all samples that read each weight once per tile of kRowsPerWarp
 // samples (the hidden layer's activation between them), then the logits and the gate. Every sum has a fixed order, so reruns are bit-identical.
 
+// The item t = (r, c) of a kernel with one thread per item of [rows, cols]; false past the end.
+__device__ __forceinline__ bool item_of(int64_t rows, int64_t cols, int64_t& t, int64_t& r, int64_t& c) {
+  t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= rows * cols) return false;
+  r = t / cols, c = t - r * cols;
+  return true;
+}
+
 // One thread per (n, c): sum the partials in order -> pooled (avg, max), argmax and f's inputs vin.
 // The op's contract for pool "avg": max half and argmax zero.
 template <typename acc_t, bool MAXED>
 __global__ void __launch_bounds__(kThreads)
     _channel_pooled(PoolPartials<acc_t> pp, int64_t N, int64_t HW, ChannelArgs<acc_t> g) {
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int C = g.C, nv = pool_inputs(g.pool);
-  if (t >= N * C) return;
-  const int64_t n = t / C, c = t - n * C;
+  int64_t t, n, c;
+  if (!item_of(N, C, t, n, c)) return;
   int64_t o = pp.slot(n, c, 0);
   acc_t s = pp.sum[o], m = MAXED ? pp.max[o] : acc_t(0);
   int i = MAXED ? pp.idx[o] : 0;
@@ -405,14 +466,16 @@ __device__ __forceinline__ acc_t sum_splits(const acc_t* part, int64_t S, int64_
   return s;
 }
 
-// The MLP's hidden layer, one thread per (r, j): hact[r, j] = act(b1[j] + sum_c vin[r, c] w1[j, c]).
+// The MLP's hidden layer, one thread per (r, j): hid[r, j] = b1[j] + sum_c vin[r, c] w1[j, c] (the
+// op's `hidden` output) and hact = act(hid).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     _hidden_act(const acc_t* __restrict__ part, int64_t S, int64_t rows, ChannelArgs<acc_t> g) {
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (t >= rows * g.Cr) return;
-  const int64_t r = t / g.Cr, j = t - r * g.Cr;
-  g.hact[t] = act_fwd(sum_splits(part, S, rows, int64_t(g.Cr), r, j) + (g.b1 ? g.b1[j] : acc_t(0)), g.act);
+  int64_t t, r, j;
+  if (!item_of(rows, g.Cr, t, r, j)) return;
+  const acc_t h = sum_splits(part, S, rows, int64_t(g.Cr), r, j) + (g.b1 ? g.b1[j] : acc_t(0));
+  g.hid[t] = h;
+  g.hact[t] = act_fwd(h, g.act);
 }
 
 // One thread per (n, c): the logits z = sum over f's inputs of f(v) (MLP: the output layer's
@@ -420,10 +483,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     _channel_logits(const acc_t* __restrict__ part, int64_t S, int64_t N, ChannelArgs<acc_t> g) {
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int C = g.C, nv = pool_inputs(g.pool);
-  if (t >= N * C) return;
-  const int64_t n = t / C, c = t - n * C;
+  int64_t t, n, c;
+  if (!item_of(N, C, t, n, c)) return;
   acc_t z = acc_t(0);
   for (int vi = 0; vi < nv; ++vi) {
     const int64_t r = n * nv + vi;
@@ -434,50 +496,186 @@ __global__ void __launch_bounds__(kThreads)
   g.s[n * C + c] = gate_fwd(z, g.gate);
 }
 
-// ---------------------------------------------------------------------------- scale: y = x * s[n, c]
+// ---------------------------------------------------------------------------- the channel gate, backward
+// From the dot pass's partials (sum over space of dy * x) to the input gradient's per-channel terms
+// and the per-sample pieces of the weight gradients (ChannelWeights::grads sums them over samples),
+// over the whole batch as the forward's gate: the same products, the same fixed orders.
 
-// How a flat vector of x finds its channels' scales.
+// One thread per (n, c): f's inputs vin from the saved pooled vectors.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _channel_inputs(int64_t N, ChannelArgs<acc_t> g) {
+  const int C = g.C, nv = pool_inputs(g.pool);
+  int64_t t, n, c;
+  if (!item_of(N, C, t, n, c)) return;
+  const acc_t avg = g.pooled[(n * 2) * C + c], m = g.pooled[(n * 2 + 1) * C + c];
+  for (int vi = 0; vi < nv; ++vi) g.vin[(n * nv + vi) * C + c] = small::pool_input(avg, m, g.pool, vi);
+}
+
+// One thread per (n, c): ds = the dot pass's partials summed in order; dlog = ds * gate'(z).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _channel_dlog(PoolPartials<acc_t> pp, int64_t N, ChannelArgs<acc_t> g) {
+  const int C = g.C;
+  int64_t t, n, c;
+  if (!item_of(N, C, t, n, c)) return;
+  int64_t o = pp.slot(n, c, 0);
+  acc_t ds = pp.sum[o];
+  for (int64_t k = 1; k < pp.chunks; ++k) ds += pp.sum[o += pp.k_stride];
+  g.dlog[t] = ds * gate_grad(g.z[t], g.gate);
+}
+
+// MLP, one thread per (n, j): dh = sum over the splits of sum_c dlog[n, c] w2[c, j], in order; per
+// input vi dhp = dh * act'(hid); hsum = sum_vi hact (dw2 = dlog^T hsum).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _hidden_grad(const acc_t* __restrict__ part, int64_t S, int64_t N, ChannelArgs<acc_t> g) {
+  const int Cr = g.Cr, nv = pool_inputs(g.pool);
+  int64_t t, n, j;
+  if (!item_of(N, Cr, t, n, j)) return;
+  const acc_t dh = sum_splits(part, S, N, int64_t(Cr), n, j);
+  acc_t hs = acc_t(0);
+  for (int vi = 0; vi < nv; ++vi) {
+    const int64_t o = (n * nv + vi) * Cr + j;
+    g.dhp[o] = dh * act_grad(g.hid[o], g.act);
+    hs += g.hact[o];
+  }
+  g.hsum[t] = hs;
+}
+
+template <typename acc_t>
+struct Term;
+
+// One thread per (n, c): d loss / d v of each input (MLP: the splits of sum_j dhp[r, j] w1[j, c];
+// conv: the 1D conv's input gradient of dlog, the same for every input), folded by the pooling's
+// weights into the input gradient's terms ph = davg / HW and qh = dmax (also in g), packed with s
+// and the argmax for the dx pass.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _channel_terms(const acc_t* __restrict__ part, int64_t S, int64_t N,
+                                                           ChannelArgs<acc_t> g, Term<acc_t>* __restrict__ terms) {
+  const int C = g.C, nv = pool_inputs(g.pool);
+  int64_t t, n, c;
+  if (!item_of(N, C, t, n, c)) return;
+  acc_t davg = acc_t(0), dmax = acc_t(0);
+  for (int vi = 0; vi < nv; ++vi) {
+    const acc_t dv = g.kind == Kind::MLP ? sum_splits(part, S, N * nv, int64_t(C), n * nv + vi, c)
+                                         : small::conv1d_dinput_at(g.dlog + n * C, g.w1, g.k, C, g.padding, c);
+    small::pool_input_backward(dv, g.pool, vi, davg, dmax);
+  }
+  g.ph[t] = davg / acc_t(g.HW);
+  g.qh[t] = dmax;
+  terms[t] = Term<acc_t>{g.s[t], g.ph[t], dmax, static_cast<int>(g.argmax[t])};
+}
+
+// conv, one warp per (n, j): the per-sample weight gradient dwk[n, j] = sum_vi sum_c dlog[n, c]
+// v_vi[c + j - p] (lanes stride over c, then a fixed butterfly).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _conv_dweight(int64_t N, ChannelArgs<acc_t> g) {
+  const int64_t w = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, C = g.C, k = g.k, nv = pool_inputs(g.pool), p = (k - 1) / 2;
+  if (w >= N * k) return;  // whole warps leave together
+  const int64_t n = w / k;
+  const int j = static_cast<int>(w - n * k);
+  const acc_t* dlog = g.dlog + n * C;
+  const acc_t* vin = g.vin + n * nv * C;
+  acc_t a = acc_t(0);
+  for (int c = lane; c < C; c += 32) {
+    const int64_t i = small::conv1d_index(c + j - p, C, g.padding);
+    if (i < 0) continue;
+    for (int vi = 0; vi < nv; ++vi) a += dlog[c] * vin[vi * C + i];
+  }
+  a = warp_sum(a);
+  if (lane == 0) g.dwk[w] = a;
+}
+
+// ---------------------------------------------------------------------------- the last pass
+// Forward: y = x * s[n, c]. Backward (BWD, reading dy in x's place): dx = dy * s + ph + [hw == ai] qh.
+
+// How a flat vector of x finds its channels' values.
 enum class ScaleRows {
-  CL,   // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of s
+  CL,   // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of each
   WIDE  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0; the elements
         // past the last whole vector (tail < VEC) by block 0
 };
 
-template <typename T, int VEC, typename index_t, ScaleRows MODE>
+// The backward's per-channel values, one 16-byte load each (float; two for double): the gate s,
+// the input gradient's terms ph = davg / HW and qh = dmax, and the argmax (hw).
+template <typename acc_t>
+struct alignas(16) Term {
+  acc_t s, ph, qh;
+  int ai;
+};
+
+// The per-channel values of the last pass, [N, C]: the gate (forward), or the terms (BWD).
+template <typename acc_t>
+struct ChannelTerms {
+  const acc_t* s;
+  const Term<acc_t>* t;
+};
+
+template <typename T, int VEC, typename index_t, ScaleRows MODE, bool BWD>
 __global__ void __launch_bounds__(kThreads)
-    _scale(const T* __restrict__ x, T* __restrict__ y, const at::acc_type<T, true>* __restrict__ s, index_t nvec,
-           index_t rows, index_t inner, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
+    _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>> ct, index_t nvec,
+           index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
     const index_t e = i * VEC;
     const Vec<T, VEC> xv = load_vec<T, VEC>(x + e);
-    acc_t sv[VEC];
+    acc_t sv[VEC], add[VEC];
     if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
       index_t q, c0, n, r;
       div_row.divmod(e, q, c0);
       div_sample.divmod(e, n, r);
-      const Vec<acc_t, VEC> v = *reinterpret_cast<const Vec<acc_t, VEC>*>(s + n * inner + c0);
+      const index_t at = n * inner + c0;
+      if constexpr (BWD) {
+        const index_t hw = q - n * HW;  // q = n * HW + hw
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sv[k] = v.v[k];
+        for (int k = 0; k < VEC; ++k) {
+          const Term<acc_t> t = ct.t[at + k];
+          sv[k] = t.s;
+          add[k] = t.ph + (static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0));
+        }
+      } else {
+        const Vec<acc_t, VEC> v = *reinterpret_cast<const Vec<acc_t, VEC>*>(ct.s + at);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = v.v[k], add[k] = acc_t(0);
+      }
     } else {  // WIDE; inner, div_row: HW
       index_t row, r0;
       div_row.divmod(e, row, r0);
-      const acc_t a = s[row], b = s[row + 1 < rows ? row + 1 : row];
+      const index_t nxt = row + 1 < rows ? row + 1 : row;
       const index_t split = inner - r0;  // elements left in the first row
+      if constexpr (BWD) {
+        const Term<acc_t> a = ct.t[row], b = ct.t[nxt];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sv[k] = static_cast<index_t>(k) < split ? a : b;
+        for (int k = 0; k < VEC; ++k) {
+          const bool first = static_cast<index_t>(k) < split;
+          const index_t hw = first ? r0 + k : k - split;
+          sv[k] = first ? a.s : b.s;
+          add[k] = (first ? a.ph : b.ph) + (static_cast<index_t>(first ? a.ai : b.ai) == hw ? (first ? a.qh : b.qh) : acc_t(0));
+        }
+      } else {
+        const acc_t sa = ct.s[row], sb = ct.s[nxt];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = static_cast<index_t>(k) < split ? sa : sb, add[k] = acc_t(0);
+      }
     }
     Vec<T, VEC> yv;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) yv.v[k] = static_cast<T>(static_cast<acc_t>(xv.v[k]) * sv[k]);
+    for (int k = 0; k < VEC; ++k) yv.v[k] = static_cast<T>(static_cast<acc_t>(xv.v[k]) * sv[k] + add[k]);
     *reinterpret_cast<Vec<T, VEC>*>(y + e) = yv;
   }
   if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
     const index_t e = nvec * VEC + threadIdx.x;
-    index_t row, r0;
-    div_row.divmod(e, row, r0);
-    y[e] = static_cast<T>(static_cast<acc_t>(x[e]) * s[row]);
+    index_t row, hw;
+    div_row.divmod(e, row, hw);
+    acc_t out;
+    if constexpr (BWD) {
+      const Term<acc_t> t = ct.t[row];
+      out = static_cast<acc_t>(x[e]) * t.s + t.ph + (static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0));
+    } else {
+      out = static_cast<acc_t>(x[e]) * ct.s[row];
+    }
+    y[e] = static_cast<T>(out);
   }
 }
 
@@ -495,12 +693,29 @@ namespace next {
 bool enabled();
 
 // Channel attention forward (SE, ECA, CBAM's channel half): pool over space -> gate -> scale.
-// Fills y, pooled and argmax (shapes and dtypes as the op returns them) and returns true, or
+// Fills y, pooled, argmax and hidden (shapes and dtypes as the op returns them) and returns true, or
 // returns false where the new kernels do not cover x yet: channels_last with C not a whole number
 // of 16-byte vectors; NCHW with H*W not one and (H*W < 16 / element size or rows too long for a
 // TilePlan); x or y not 16-byte aligned.
 bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                     at::Tensor& argmax);
+                     at::Tensor& argmax, at::Tensor& hidden);
+
+// The weights a backward's gradients are for (their shapes and dtypes) and, filled by it, the
+// gradients (dw1, db1, dw2, db2; an empty tensor where a weight is absent).
+struct WeightGrads {
+  const at::Tensor& w1;
+  const c10::optional<at::Tensor>& b1;
+  const c10::optional<at::Tensor>& w2;
+  const c10::optional<at::Tensor>& b2;
+  std::vector<at::Tensor> g;
+};
+
+// Channel attention backward, tie rule "first" (the gradient of a max at its saved argmax): a pass
+// summing dy * x over space -> back through the gate and f over all samples -> a pass writing
+// dx = dy * s + davg / HW + [hw == argmax] dmax. Fills dx and gw.g and returns true, or returns
+// false where the new kernels do not cover x (as for the forward; dy and dx 16-byte aligned too).
+bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const at::Tensor& pooled,
+                      const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw);
 
 }  // namespace next
 }  // namespace cuda

@@ -31,13 +31,15 @@ struct Pooling {
   std::string plan;
 };
 
-// Pass 1: per-channel partial sums (and maxima) over space.
-template <typename T, int V, bool MAXED>
-Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s) {
+// Per-channel partial sums over space: of x (and maxima: MAXED), or of dy * x (DOT, dy given).
+template <typename T, int V, bool MAXED, bool DOT = false>
+Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const at::Tensor& dy = at::Tensor()) {
   using acc_t = at::acc_type<T, true>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const int sms = num_sms();
   auto stream = at::cuda::getCurrentCUDAStream();
+  const T* px = x.data_ptr<T>();
+  const T* pdy = DOT ? dy.data_ptr<T>() : nullptr;
   Pooling<acc_t> out;
   auto& pp = out.pp;
   auto alloc = [&](int64_t slots) {
@@ -56,7 +58,7 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s) {
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched("pool_columns", pl, pl.grid);
-    _pool_columns<T, V, MAXED><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), pl, pp);
+    _pool_columns<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
     const TilePlan pl(N * C, HW, V, sms);
     alloc(N * C);
@@ -65,22 +67,24 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s) {
     TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
     out.plan = "pool_tiles VEC=" + std::to_string(V) + " R=" + std::to_string(pl.R) + " P=" + std::to_string(pl.P) +
                " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
-    _pool_tiles<T, V, MAXED><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), pl, pp);
+    _pool_tiles<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
     alloc(N * C * pl.chunks);
     pp.chunks = pl.chunks;
     pp.n_stride = C * pl.chunks, pp.c_stride = pl.chunks, pp.k_stride = 1;
     launched("pool_rows", pl, pl.grid);
-    _pool_rows<T, V, MAXED><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), pl, pp);
+    _pool_rows<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 // Pass 3: y = x * s[n, c], x read as flat 16-byte vectors (V) in either layout.
-template <typename T, int V>
-std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true>* s) {
+// The last pass over flat 16-byte vectors (V) in either layout: y = x * s[n, c], or (BWD, x being
+// dy) dx = dy * s + ph + [hw == argmax] qh from the packed terms.
+template <typename T, int V, bool BWD = false>
+std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
   const bool cl = is_channels_last(x);
   const int64_t nvec = numel / V;  // and numel % V elements after them (NCHW rows of any H*W)
@@ -90,9 +94,9 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
-    _scale<T, V, index_t, M><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        x.data_ptr<T>(), y.data_ptr<T>(), s, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
-        Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)),
+    _scale<T, V, index_t, M, BWD><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
+        static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)),
         static_cast<int>(numel - nvec * V));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -106,7 +110,7 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const at::acc_type<T, true
     small ? go(CL{}, I32{}) : go(CL{}, I64{});
   else
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
-  return std::string(" | scale VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
+  return std::string(BWD ? " | dx VEC=" : " | scale VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
 // part [S, M, J]: sum_k a[m, k] b[j, k] over all samples, k in S splits (_rows_dot); returns S
@@ -120,57 +124,127 @@ int64_t rows_dot(const acc_t* a, const acc_t* b, acc_t* part, int64_t M, int64_t
   return S;
 }
 
-template <typename T, int V>
-void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                         at::Tensor& argmax) {
-  using acc_t = at::acc_type<T, true>;
-  Scratch s(x);
-  const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false);
-  const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
-  const int64_t eblocks = cdiv(N * C, kThreads);  // one thread per (n, c)
-  TORCH_CHECK(eblocks < INT32_MAX, "attnfused: too many blocks for one launch (", eblocks, ")");
+// A grid of one thread per item (n, c), (n, j), ...
+unsigned item_blocks(int64_t items) {
+  const int64_t blocks = std::max<int64_t>(1, cdiv(items, kThreads));
+  TORCH_CHECK(blocks < INT32_MAX, "attnfused: too many blocks for one launch (", blocks, ")");
+  return static_cast<unsigned>(blocks);
+}
+
+// f over all samples from its inputs g.vin, then the logits and the gate: the MLP as two products
+// (weights read once per 8 samples) with the hidden layer between them; the conv in _channel_logits.
+template <typename acc_t>
+void gate_forward(const ChannelWeights& cw, const ChannelArgs<acc_t>& g, Scratch& s, int64_t N) {
+  const int64_t C = cw.C, rows = N * cw.nv();
   auto stream = at::cuda::getCurrentCUDAStream();
-  // pass 1 (streams x), then the pooled vectors
-  auto pool = [&](auto maxed_c) {
-    constexpr bool M = decltype(maxed_c)::value;
-    auto pooling = pool_space<T, V, M>(x, s);
-    _channel_pooled<acc_t, M><<<static_cast<unsigned>(eblocks), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return pooling.plan;
-  };
-  std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
-  // f over all samples: the MLP as two products (weights read once per 8 samples), then the gate
   acc_t* out = nullptr;
   int64_t S = 0;
   if (cw.o.kind == Kind::MLP) {
-    acc_t* hidden = s.f<acc_t>(cdiv(C, kSplitK) * rows * cw.Cr);
-    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.vin), g.w1, hidden, rows, cw.Cr, C);
-    _hidden_act<acc_t><<<static_cast<unsigned>(cdiv(rows * cw.Cr, kThreads)), kThreads, 0, stream>>>(hidden, S1, rows, g);
+    acc_t* hpart = s.f<acc_t>(cdiv(C, kSplitK) * rows * cw.Cr);
+    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.vin), g.w1, hpart, rows, cw.Cr, C);
+    _hidden_act<acc_t><<<item_blocks(rows * cw.Cr), kThreads, 0, stream>>>(hpart, S1, rows, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     out = s.f<acc_t>(cdiv(cw.Cr, kSplitK) * rows * C);
     S = rows_dot(static_cast<const acc_t*>(g.hact), cw.w2.data_ptr<acc_t>(), out, rows, C, cw.Cr);
   }
-  _channel_logits<acc_t><<<static_cast<unsigned>(eblocks), kThreads, 0, stream>>>(out, S, N, g);
+  _channel_logits<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(out, S, N, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int V>
+void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
+                         at::Tensor& argmax, at::Tensor& hidden) {
+  using acc_t = at::acc_type<T, true>;
+  Scratch s(x);
+  const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
+  const int64_t N = x.size(0);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // pass 1 (streams x), then the pooled vectors and f's inputs
+  auto pool = [&](auto maxed_c) {
+    constexpr bool M = decltype(maxed_c)::value;
+    auto pooling = pool_space<T, V, M>(x, s);
+    _channel_pooled<acc_t, M><<<item_blocks(N * cw.C), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return pooling.plan;
+  };
+  std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
+  gate_forward(cw, g, s, N);
   // pass 2 (streams x, writes y)
-  plan += scale<T, V>(x, y, g.s);
+  plan += scale<T, V>(x, y, ChannelTerms<acc_t>{g.s, nullptr});
   if (debug()) std::fprintf(stderr, "attnfused next channel_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
+template <typename T, int V>
+void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw,
+                          const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
+  using acc_t = at::acc_type<T, true>;
+  Scratch s(x);
+  const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
+  const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // pass 1 (streams x and dy): sum over space of dy * x
+  const auto dot = pool_space<T, V, false, true>(x, s, dy);
+  std::string plan = dot.plan;
+  // the gate again, from the saved pooled vectors; then dlog
+  _channel_inputs<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(N, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gate_forward(cw, g, s, N);
+  _channel_dlog<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dot.pp, N, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // back through f: the MLP as two products (dh = dlog w2, dv = dhp w1); the conv's weight pieces
+  acc_t* dvpart = nullptr;
+  int64_t S = 0;
+  at::Tensor w1t;
+  if (cw.o.kind == Kind::MLP) {
+    acc_t* dhpart = s.f<acc_t>(cdiv(C, kSplitK) * N * cw.Cr);
+    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.dlog), g.w2t, dhpart, N, cw.Cr, C);
+    _hidden_grad<acc_t><<<item_blocks(N * cw.Cr), kThreads, 0, stream>>>(dhpart, S1, N, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    w1t = cw.w1.t().contiguous();  // [C, Cr]: rows of the product's second operand
+    dvpart = s.f<acc_t>(cdiv(cw.Cr, kSplitK) * rows * C);
+    S = rows_dot(static_cast<const acc_t*>(g.dhp), w1t.data_ptr<acc_t>(), dvpart, rows, C, cw.Cr);
+  } else {
+    _conv_dweight<acc_t><<<item_blocks(N * cw.k * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, j)
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor terms_t = at::empty({N * C * int64_t(sizeof(Term<acc_t>))}, x.options().dtype(at::kByte));
+  auto* terms = reinterpret_cast<Term<acc_t>*>(terms_t.data_ptr());
+  _channel_terms<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // pass 2 (streams dy, writes dx)
+  plan += scale<T, V, true>(dy, dx, ChannelTerms<acc_t>{nullptr, terms});
+  gw.g = cw.grads<acc_t>(g, gw.w1, gw.b1, gw.w2, gw.b2);
+  if (debug()) std::fprintf(stderr, "attnfused next channel_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+}
+
+// Whether the new kernels cover x (and the tensors streamed with it): see next.cuh.
+bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> streamed) {
+  const bool cl = is_channels_last(x);
+  const int64_t V = 16 / x.element_size(), C = x.size(1), HW = x.size(2) * x.size(3);
+  // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
+  // vectors, or short rows in tiles, with no vector meeting more than two rows (the last pass)
+  const bool fits = cl ? C % V == 0 : HW % V == 0 || (HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
+  if (!fits || x.size(0) == 0 || x.numel() < V) return false;
+  for (const at::Tensor* t : streamed)
+    if (!aligned16(t->data_ptr())) return false;
+  return true;
+}
 }  // namespace
 
 bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                     at::Tensor& argmax) {
-  TORCH_CHECK(x.size(0) > 0, "attnfused: next::channel_forward needs a non-empty batch");
-  const bool cl = is_channels_last(x);
-  const int64_t elem = x.element_size();
-  const int64_t V = 16 / elem, C = x.size(1), HW = x.size(2) * x.size(3);
-  // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
-  // vectors, or short rows in tiles, with no vector meeting more than two rows (the scale)
-  const bool covered = cl ? C % V == 0 : HW % V == 0 || (HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
-  if (!covered || x.numel() < V || !aligned16(x.data_ptr()) || !aligned16(y.data_ptr())) return false;
+                     at::Tensor& argmax, at::Tensor& hidden) {
+  if (!covers(x, {&x, &y})) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::channel_forward", [&] {
-    channel_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, y, pooled, argmax);
+    channel_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, y, pooled, argmax, hidden);
+  });
+  return true;
+}
+
+bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const at::Tensor& pooled,
+                      const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
+  if (!covers(x, {&x, &dy, &dx})) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::channel_backward", [&] {
+    channel_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, cw, pooled, argmax, dx, gw);
   });
   return true;
 }

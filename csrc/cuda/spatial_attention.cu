@@ -44,8 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cuda(
                     "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const SpatialWeights sw(x, weight, bias, maps, gate);
-  auto smaps = saved_smaps(smaps_, x);
-  auto sargmax = saved_sargmax(sargmax_, x);
+  check_saved_maps(smaps_, sargmax_, x);
+  auto smaps = smaps_.contiguous(), sargmax = sargmax_.contiguous();
   auto gx = at::empty_like(x);
   std::vector<at::Tensor> gw;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_attention_backward_cuda", [&] {

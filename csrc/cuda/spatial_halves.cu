@@ -38,14 +38,8 @@ at::Tensor spatial_pool_backward_cuda(const at::Tensor& grad_smaps, const at::Te
                     "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_dtype(x);
-  TORCH_CHECK_TYPE(at::isFloatingType(grad_smaps.scalar_type()), "grad_smaps must have a floating dtype, got ",
-                   grad_smaps.scalar_type());
-  TORCH_CHECK_VALUE(grad_smaps.device() == x.device(), "grad_smaps must be on ", x.device(), ", got ",
-                    grad_smaps.device());
-  TORCH_CHECK_VALUE(grad_smaps.sizes() == at::IntArrayRef({x.size(0), 2, x.size(2), x.size(3)}),
-                    "grad_smaps must have shape (N, 2, H, W) = ", at::IntArrayRef({x.size(0), 2, x.size(2), x.size(3)}),
-                    ", got ", grad_smaps.sizes());
-  auto sargmax = saved_sargmax(sargmax_, x);
+  check_spatial_pool_grad(grad_smaps, sargmax_, x);
+  auto sargmax = sargmax_.contiguous();
   auto g = grad_smaps.to(acc);
   auto pc = (g.select(1, 1) / static_cast<double>(x.size(1))).contiguous();  // small maps: ordinary ops
   auto qc = g.select(1, 0).contiguous();

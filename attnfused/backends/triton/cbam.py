@@ -22,12 +22,12 @@ def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, paddi
         smaps = torch.empty((N, 2, H, W), dtype=torch.float32, device=x.device)
         sargmax = torch.empty((N, H, W), dtype=torch.int64, device=x.device)
         y = torch.empty_like(x)
+        s, hidden = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         if N:
-            s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
             flat = smaps.view(N, 2, H * W)
             reduce(x, False, s=s, pooled_out=(flat[:, 1], flat[:, 0], sargmax.view(N, H * W)))
             apply(x, y, s=s, t=spatial_gate(smaps, sweight, sbias, maps, sgate))
-        return y, pooled, argmax, smaps, sargmax, pooled.new_empty(0)  # hidden: recomputed in backward
+        return y, pooled, argmax, smaps, sargmax, hidden  # the backward recomputes hidden
 
 
 def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, _hidden, w1, b1, w2, b2, sweight, sbias, kind, pool,
@@ -46,7 +46,7 @@ def cbam_backward(grad_y, x, pooled, argmax, smaps, sargmax, _hidden, w1, b1, w2
         flat = smaps.view(N, 2, H * W)
         scnt = ccnt = None
         if N:
-            s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
+            s, _ = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
             t = spatial_gate(smaps, sweight, sbias, maps, sgate)
             # spatial attention's backward at x1 = x * s: needs sum_c(dy * x1)
             if split:

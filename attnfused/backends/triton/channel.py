@@ -381,22 +381,24 @@ def _contig(w):
 
 
 def channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
-    """s = gate(f(pooled)) as (N, C) float32."""
+    """(s = gate(f(pooled)) as (N, C) float32, hidden): hidden is the ops' `hidden` output, the MLP's
+    pre-activations [N, P * Cr] (empty for the conv)."""
     N, _, C = pooled.shape
     s = torch.empty((N, C), dtype=torch.float32, device=pooled.device)
+    hidden = pooled.new_empty((N, pool_inputs(pool) * w1.shape[0]) if kind == "mlp" else 0)
     if N * C == 0:  # launch no empty grid
-        return s
+        return s, hidden
     POOL, GATE = code(POOLS, "pool", pool), code(GATES, "gate", gate)
     w1 = w1.contiguous()
     if kind == "mlp":
-        _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, out=s)
+        hidden = _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, out=s).reshape(N, -1)
     else:
         bc = _cfg_c(C)
         ncb = triton.cdiv(C, bc)
         _channel_conv_fwd_kernel[(N * ncb,)](pooled, w1, s, s, C, w1.shape[-1], ncb, BWD=False, POOL=POOL,
                                              GATE=GATE, CIRCULAR=code(PADDINGS, "padding", padding) == 1,
                                              BLOCK_C=bc)
-    return s
+    return s, hidden
 
 
 def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
@@ -504,10 +506,10 @@ def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding,
     with device_guard(x):
         pooled, argmax = channel_pool(x, pool)
         y = torch.empty_like(x)
+        s, hidden = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         if x.shape[0]:
-            s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
             apply(x, y, s=s)
-        return y, pooled, argmax, pooled.new_empty(0)  # hidden: recomputed in backward
+        return y, pooled, argmax, hidden  # the backward recomputes hidden
 
 
 def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b2, kind, pool, act, gate,
@@ -524,7 +526,7 @@ def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b
                 dot, ccnt = reduce(x, True, dy=grad_y, count_max=pooled[:, 1])
             else:
                 dot = reduce(x, True, dy=grad_y)
-            s = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
+            s, _ = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         else:
             dot = pooled.new_empty((0, x.shape[1]))
         dpooled, grads = channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
