@@ -84,10 +84,16 @@ TIE_OPS = frozenset(f"{op}{end}" for op in ("channel_attention", "spatial_attent
 
 def run_kernel(backend: str, name: str, args) -> object:
     """`backend`'s kernel for op `name` on `args` (the op's inputs less `backend`). A "split" backward
-    on a backend that has no kernel for it (`backends.declare_ties`) is the reference backend's:
+    on a backend that has no kernel for it (`backends.declare_ties`), or whose kernel does not cover
+    these inputs (it raises NotImplementedError naming tie='split'), is the reference backend's:
     plain PyTorch ops from x."""
-    if (name in TIE_OPS and args[-1] == "split" and name.endswith("_backward")
-            and not backends.computes_split(backend)):
+    if name in TIE_OPS and args[-1] == "split" and name.endswith("_backward"):
+        if backends.computes_split(backend, name):
+            try:
+                return backends.kernel(backend, name)(*args)
+            except NotImplementedError as e:
+                if "tie='split'" not in str(e):
+                    raise
         return backends.kernel("reference", name)(*args)
     return backends.kernel(backend, name)(*args)
 

@@ -87,7 +87,7 @@ SOURCE_FACTS = {
         r"while \(P < 32 && int64_t\(R\) \* P \* 2 <= kThreads && P < HW\) P \*= 2;",
         r"grid = tiles < slots \? tiles : slots;",
     ],
-    "csrc/cuda/next.cuh": [r"return MAXED \|\| DOT \? 2 : kLoads;"],
+    "csrc/cuda/next.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
 }
 
 
@@ -257,7 +257,8 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
-    attention forward (se: pool avg only) and backward, where next_channel.cu covers it."""
+    attention forward (se: pool avg only) and backward under both tie rules ("split": a pool with a
+    max), where next_channel.cu covers it."""
     v, HW = 16 // elem, H * W
     if op != "se":
         return []
@@ -270,11 +271,15 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v < 2 ** 32
     idx = "unsigned int" if small else "long"
-    last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}"
-    return [PassUse("next fwd pool", f"void {ns}_pool_{pool}<{T}, {v}, false, false>", pool),
-            PassUse("next fwd scale", f"{last}, false>", "apply", reads=1, writes=1),
-            PassUse("next bwd dot", f"void {ns}_pool_{pool}<{T}, {v}, false, true>", pool, reads=2),
-            PassUse("next bwd dx", f"{last}, true>", "apply", reads=1, writes=1)]
+    last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
+    red = f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)"
+    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3; Last: SCALE 0, DX 1, DX_SPLIT 2 (next.cuh)
+    return [PassUse("next fwd pool", f"{red}0>", pool),
+            PassUse("next fwd scale", f"{last}0>", "apply", reads=1, writes=1),
+            PassUse("next bwd dot", f"{red}2>", pool, reads=2),
+            PassUse("next bwd dx", f"{last}1>", "apply", reads=1, writes=1),
+            PassUse("next bwd dotT", f"{red}3>", pool, reads=2),  # tie rule "split" (a pool with a max)
+            PassUse("next bwd dxT", f"{last}2>", "apply", reads=2, writes=1)]
 
 
 # ---------------------------------------------------------------------------- measured times

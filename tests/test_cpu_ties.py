@@ -114,21 +114,22 @@ def _close(out, ref, tol) -> bool:
     return rel_err(out[ok], ref[ok]) <= tol
 
 
-def cpu_and_oracle(name, tie, kind, dtype, lay):
+def cpu_and_oracle(name, tie, kind, dtype, lay, backend="cpu", device="cpu", shape=SHAPE):
+    """(the backend's output and gradients, the float64 oracle's, their labels) on tied input `kind`."""
     case = _case(name, tie)
     wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    x64 = tied_input(kind).to(dtype).double()
-    w64 = case_weights(case, kind, wdt, name)
+    x64 = tied_input(kind, shape).to(dtype).double()
+    w64 = case_weights(case, kind, wdt, name, shape[1])
     xr = x64.clone().requires_grad_()
     wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
     gen = torch.Generator().manual_seed(2)
-    shape = run_op(name, case, x64, w64).shape
-    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype if name != "pool" else torch.float32).double()
+    out_shape = run_op(name, case, x64, w64).shape
+    g = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype if name != "pool" else torch.float32).double()
     ref, names = _grads(name, case, xr, wr, g, None)
-    x = layout(x64.to(dtype), lay).requires_grad_()
-    w = {k: None if v is None else v.to(wdt).requires_grad_() for k, v in w64.items()}
-    got, _ = _grads(name, case, x, w, g, "cpu", dtype)
-    return got, ref, ["out", "x"] + names
+    x = layout(x64.to(dtype), lay).to(device).requires_grad_()
+    w = {k: None if v is None else v.to(wdt).to(device).requires_grad_() for k, v in w64.items()}
+    got, _ = _grads(name, case, x, w, g.to(device), backend, dtype)
+    return [t.cpu() for t in got], ref, ["out", "x"] + names
 
 
 @pytest.mark.parametrize("lay", LAYOUTS)

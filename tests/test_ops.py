@@ -122,3 +122,34 @@ def test_direct_kernels_match_custom_ops(case, backend, grad):
     assert f"attnfused.{op}" in mode.seen, mode.seen
     for a, b in zip(direct, via_ops, strict=True):
         assert torch.equal(a, b)
+
+
+def test_split_backward_falls_back_where_a_backend_does_not_cover(monkeypatch):
+    # a backend that computes "split" for one op (as cuda's new kernels) but declines some inputs
+    # with NotImplementedError naming tie='split': the reference backend's kernel runs instead;
+    # any other NotImplementedError propagates, and other ops go to the reference at once
+    from attnfused import backends, ops
+
+    calls = []
+
+    def fake(backend, name):
+        def run(*args):
+            calls.append((backend, name))
+            if backend == "fake":
+                raise NotImplementedError(args[0])
+            return "reference result"
+        return run
+
+    monkeypatch.setattr(backends, "kernel", fake)
+    monkeypatch.setitem(backends._SPLITS, "fake", lambda op: op == "channel_attention_backward")
+    out = ops.run_kernel("fake", "channel_attention_backward", ("tie='split' not covered", "split"))
+    assert out == "reference result"
+    assert calls == [("fake", "channel_attention_backward"), ("reference", "channel_attention_backward")]
+    with pytest.raises(NotImplementedError, match="something else"):
+        ops.run_kernel("fake", "channel_attention_backward", ("something else", "split"))
+    calls.clear()
+    assert ops.run_kernel("fake", "cbam_backward", ("x", "split")) == "reference result"
+    assert calls == [("reference", "cbam_backward")]
+    assert backends.computes_split("fake", "channel_attention_backward")
+    assert not backends.computes_split("fake", "spatial_attention_backward")
+

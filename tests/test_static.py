@@ -171,8 +171,9 @@ def test_next_path_tiles_plan():
     assert p["R"] % 2 == 0 and p["R"] * 196 <= 256 * 4 * 8 and p["R"] * p["P"] <= 256
     assert static.plan_next_tiles(1, 8, 4097, 8) is None, "8 rows of 4097 do not fit a tile"
     uses = static.next_passes("se", 2048, 7, 7, False, "c10::Half", 2)
-    assert [(u.kind, u.reads) for u in uses] == [("tiles", 1), ("apply", 1), ("tiles", 2), ("apply", 1)]
-    assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == ["columns", "apply"] * 2
+    assert [(u.kind, u.reads) for u in uses] == [("tiles", 1), ("apply", 1), ("tiles", 2), ("apply", 1),
+                                                 ("tiles", 2), ("apply", 2)]
+    assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == ["columns", "apply"] * 3
     assert static.next_passes("se", 2, 2, 2, False, "c10::Half", 2) == [], "H*W < 8: a vector meets > 2 rows"
 
 
@@ -256,7 +257,8 @@ def test_end_to_end_on_the_built_library():
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
     # the new path's channel forward and backward passes at stage 1, in both layouts, none flagged
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
-        f"next {p} {lay}" for p in ("fwd pool", "fwd scale", "bwd dot", "bwd dx") for lay in ("cl", "nchw")), out
+        f"next {p} {lay}" for p in ("fwd pool", "fwd scale", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
+        for lay in ("cl", "nchw")), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 

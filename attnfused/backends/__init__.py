@@ -52,23 +52,24 @@ def _module(backend: str):
 
 
 # Per backend: whether its backward kernels of the ops that take a tie rule (attnfused.ops.TIE_OPS)
-# compute the "split" rule themselves. Every backend's kernels take the `tie` argument (last).
-_SPLITS: dict[str, bool] = {}
+# compute the "split" rule themselves: for all of them, or as a function of the op's name. Every
+# backend's kernels take the `tie` argument (last).
+_SPLITS: dict[str, bool | Callable[[str], bool]] = {}
 
 
-def declare_ties(backend: str, *, split: bool) -> None:
+def declare_ties(backend: str, *, split: bool | Callable[[str], bool]) -> None:
     """Called by a backend module as it registers its kernels."""
     _SPLITS[backend] = split
 
 
-def computes_split(backend: str) -> bool:
-    """Whether `backend`'s backward kernels compute the "split" rule (see declare_ties); the backend is
-    imported on first use."""
+def computes_split(backend: str, op: str) -> bool:
+    """Whether `backend`'s backward kernel of `op` computes the "split" rule (see declare_ties); the
+    backend is imported on first use."""
     found = _SPLITS.get(backend)
     if found is None:
         _module(backend)
         found = _SPLITS.setdefault(backend, False)
-    return found
+    return found(op) if callable(found) else found
 
 
 @contextlib.contextmanager

@@ -358,7 +358,7 @@ def build_info() -> dict:
     May trigger the just-in-time build."""
     out = {"cpu": False, "cuda": False, "cuda_archs": [], "cpu_arch": None, "torch": torch.__version__,
            "cuda_version": torch.version.cuda, "build": None, "path": None, "error": None,
-           "cuda_kernels": "next" if os.environ.get("ATTNFUSED_CUDA_KERNELS", "") == "next" else "validated"}
+           "cuda_kernels": cuda_kernels()}
     try:
         ensure_loaded()
     except ExtensionUnavailable as e:
@@ -371,14 +371,27 @@ def build_info() -> dict:
     return out
 
 
+def cuda_kernels() -> str:
+    """Which CUDA kernels the ops run: "next" (the new path, where it covers the inputs) when
+    $ATTNFUSED_CUDA_KERNELS=next, else "validated" (the C++ side reads the variable at every call)."""
+    return "next" if os.environ.get("ATTNFUSED_CUDA_KERNELS", "") == "next" else "validated"
+
+
+def _cuda_splits(op: str) -> bool:
+    # the new path's channel attention backward computes "split" (where it does not cover the
+    # inputs it says so, and attnfused.ops runs the reference backend's)
+    return op == "channel_attention_backward" and cuda_kernels() == "next"
+
+
 def register_ops(backend: str) -> None:
     """Register `torch.ops.attnfused_C.<op>` as `backend`'s kernel for every op (the cpu and cuda
     backends differ only in the dispatch key the extension registered, and in availability). The
-    compiled tie ops take the tie rule (last); the CPU kernels compute "split" themselves, while a
-    "split" backward on cuda runs the reference backend's."""
+    compiled tie ops take the tie rule (last); the CPU kernels compute "split" themselves, the CUDA
+    kernels on the new path for channel attention; elsewhere a "split" backward on cuda runs the
+    reference backend's."""
     from . import OPS, declare_ties, register
 
-    declare_ties(backend, split=(backend == "cpu"))
+    declare_ties(backend, split=True if backend == "cpu" else _cuda_splits)
 
     def kernel(op: str):
         def run(*args):

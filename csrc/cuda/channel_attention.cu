@@ -54,17 +54,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_a
     c10::string_view gate, c10::string_view padding, c10::string_view tie) {
   check_cuda_input(x);
   check_grad(grad_y, x);
-  TORCH_CHECK_VALUE(parse_tie(tie) == Tie::FIRST,
-                    "tie='split' has no CUDA kernel yet: the split backward runs the reference backend's ops");
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
+  const bool split = parse_tie(tie) == Tie::SPLIT && cw.o.pool != Pool::AVG;  // "avg": no max to share
   check_saved_pooling(pooled_, argmax_, x);
   auto pooled = pooled_.contiguous(), argmax = argmax_.contiguous();
   auto gx = at::empty_like(x);
-  if (next::enabled() && x.size(0) > 0) {
+  if (next::enabled()) {
     next::WeightGrads ng{w1, b1, w2, b2, {}};
-    if (next::channel_backward(grad_y, x, cw, pooled, argmax, gx, ng)) return {gx, ng.g[0], ng.g[1], ng.g[2], ng.g[3]};
+    if (next::channel_backward(grad_y, x, cw, pooled, argmax, split, gx, ng))
+      return {gx, ng.g[0], ng.g[1], ng.g[2], ng.g[3]};
   }
+  // attnfused.ops runs the reference backend's ops on this error (the split rule where the new kernels
+  // do not run)
+  TORCH_CHECK_NOT_IMPLEMENTED(!split, "attnfused: tie='split' has CUDA kernels on the new path only "
+                                      "($ATTNFUSED_CUDA_KERNELS=next), where it covers x");
   std::vector<at::Tensor> gw;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;

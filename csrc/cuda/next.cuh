@@ -44,9 +44,20 @@ struct PoolPartials {
 // vectors, not four; a dot (dy . x, the backward) reads two tensors, two vectors of each. The
 // minimum of blocks also steers the compiler's schedule: without one it sank the loads behind
 // their uses (one in flight); with one it issues them first.
-template <bool MAXED, bool DOT>
+// What a reduction pass computes per (n, c) over space.
+enum class Job {
+  SUM,        // the sum of x (pool "avg")
+  SUM_MAX,    // the sum, max and argmax of x
+  DOT,        // the sum of dy * x (the backward)
+  DOT_COUNT,  // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
+};
+constexpr bool maxed(Job j) { return j == Job::SUM_MAX; }
+constexpr bool dotted(Job j) { return j == Job::DOT || j == Job::DOT_COUNT; }
+constexpr bool counted(Job j) { return j == Job::DOT_COUNT; }
+
+template <Job J>
 constexpr int pool_loads() {
-  return MAXED || DOT ? 2 : kLoads;
+  return J == Job::SUM ? kLoads : 2;
 }
 
 template <typename T, int VEC>
@@ -88,24 +99,26 @@ __device__ __forceinline__ void load_vecs(Vec<T, VEC> (&out)[L], const T* const 
   for (int u = 0; u < L; ++u) memcpy(&out[u], &r[u], 16);
 }
 
-// A row's sum (and max, argmax) over its `width` consecutive lanes (a power of two <= 32) by a fixed
-// butterfly: every lane of the warp takes part and ends with the row's result.
-template <bool MAXED, typename acc_t>
+// A row's sum (and max, argmax; or count) over its `width` consecutive lanes (a power of two <= 32)
+// by a fixed butterfly: every lane of the warp takes part and ends with the row's result.
+template <Job J, typename acc_t>
 __device__ __forceinline__ void lanes_merge(acc_t& s, acc_t& m, int& mi, int width) {
   for (int o = 1; o < width; o *= 2) {
     s += __shfl_xor_sync(0xffffffffu, s, o, width);
-    if (MAXED) {
+    if (maxed(J)) {
       const acc_t om = __shfl_xor_sync(0xffffffffu, m, o, width);
       const int oi = __shfl_xor_sync(0xffffffffu, mi, o, width);
       merge_max(m, mi, om, oi);
     }
+    if (counted(J)) mi += __shfl_xor_sync(0xffffffffu, mi, o, width);
   }
 }
 
-// One thread's running sums (and maxima, with the index each came from) of VEC slots: slot v
-// takes element v of every vector the thread reads, in the order it reads them.
-template <typename T, int VEC, bool MAXED>
+// One thread's running sums (and maxima, with the index each came from; or, counting, the count in
+// mi) of VEC slots: slot v takes element v of every vector the thread reads, in the order it reads them.
+template <typename T, int VEC, Job J>
 struct Slots {
+  static constexpr bool MAXED = maxed(J);
   using acc_t = at::acc_type<T, true>;
   acc_t sum[VEC], mx[VEC];
   int mi[VEC];
@@ -125,9 +138,14 @@ struct Slots {
       if (MAXED) take_max_in_order(mx[v], mi[v], e, index);
     }
   }
-  __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv) {
+  // mref: each slot's channel max (counting)
+  __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, const acc_t (&mref)[VEC]) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) sum[v] += static_cast<acc_t>(dv.v[v]) * static_cast<acc_t>(xv.v[v]);
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]);
+      sum[v] += static_cast<acc_t>(dv.v[v]) * e;
+      if (counted(J)) mi[v] += e == mref[v];
+    }
   }
 };
 
@@ -145,15 +163,15 @@ __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv
   }
 }
 
-// channels_last: per-channel sum (and max, argmax; or, DOT, the sum of dy * x) over the rows hw of
-// a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order, kLoads rows at a time;
-// the block then adds its TY row groups in order through shared memory and writes one partial per
-// channel.
-template <typename T, int VEC, bool MAXED, bool DOT>
+// channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
+// over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
+// kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
+// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null.
+template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, ColumnPlan pl,
-                  PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(!(MAXED && DOT), "a dot takes no max");
+    _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+                  ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
   int64_t b = blockIdx.x;
@@ -164,11 +182,17 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
   const int r1 = static_cast<int>(::min(int64_t(r0) + pl.R, pl.HW));
 
-  Slots<T, VEC, MAXED> sl(r0);  // an all -inf column keeps r0; an empty row group has r0 >= HW
+  // an all -inf column keeps r0; an empty row group has r0 >= HW; counts start at 0
+  Slots<T, VEC, J> sl(counted(J) ? 0 : r0);
+  acc_t mr[VEC] = {};
+  if (counted(J) && cv < pl.cvecs) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) mr[v] = mref[n * pl.C + cv * VEC + v];
+  }
   if (cv < pl.cvecs) {
     const T* p = x + (n * pl.HW + r0) * pl.C + cv * VEC;
     int r = r0;
-    constexpr int L = pool_loads<MAXED, DOT>();
+    constexpr int L = pool_loads<J>();
     for (; r + L <= r1; r += L, p += L * pl.C) {  // marker: hot loop (pool_columns)
       Vec<T, VEC> xv[L], dv[L];
       const T* at[L];
@@ -176,11 +200,11 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = p + u * pl.C;
       load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u]) : sl.take(xv[u], r + u);
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], r + u);
     }
     for (; r < r1; ++r, p += pl.C) {
       if constexpr (DOT)
-        sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)));
+        sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), mr);
       else
         sl.take(load_vec<T, VEC>(p), r);
     }
@@ -188,43 +212,41 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 
   __shared__ acc_t s_sum[kThreads * VEC];
   __shared__ acc_t s_max[MAXED ? kThreads * VEC : 1];
-  __shared__ int s_idx[MAXED ? kThreads * VEC : 1];
+  __shared__ int s_idx[KEEP_I ? kThreads * VEC : 1];
   const int TXV = pl.TX * VEC;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     s_sum[ty * TXV + tx * VEC + v] = sl.sum[v];
-    if (MAXED) {
-      s_max[ty * TXV + tx * VEC + v] = sl.mx[v];
-      s_idx[ty * TXV + tx * VEC + v] = sl.mi[v];
-    }
+    if (MAXED) s_max[ty * TXV + tx * VEC + v] = sl.mx[v];
+    if (KEEP_I) s_idx[ty * TXV + tx * VEC + v] = sl.mi[v];
   }
   __syncthreads();
   for (int j = threadIdx.x; j < TXV; j += kThreads) {
     const int64_t c = bc * TXV + j;
     if (c >= pl.C) continue;
     acc_t s = s_sum[j], m = MAXED ? s_max[j] : acc_t(0);
-    int i = MAXED ? s_idx[j] : 0;
+    int i = KEEP_I ? s_idx[j] : 0;
     for (int g = 1; g < pl.TY; ++g) {  // row groups ascend in hw
       s += s_sum[g * TXV + j];
       if (MAXED) take_max_in_order(m, i, s_max[g * TXV + j], s_idx[g * TXV + j]);
+      if (counted(J)) i += s_idx[g * TXV + j];
     }
     const int64_t o = out.slot(n, c, chunk);
     out.sum[o] = s;
-    if (MAXED) {
-      out.max[o] = m;
-      out.idx[o] = i;
-    }
+    if (MAXED) out.max[o] = m;
+    if (KEEP_I) out.idx[o] = i;
   }
 }
 
-// NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or, DOT, the sum of dy * x) over a piece
-// of each row (RowPlan). A
+// NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or the sum of dy * x, and the count of
+// maxima) over a piece of each row (RowPlan). A
 // thread keeps one sum and max per vector slot v (hw = 16-byte vector start + v), visiting its
 // vectors in order, kLoads at a time; slots are merged, then the row's TX lanes by a butterfly.
-template <typename T, int VEC, bool MAXED, bool DOT>
+template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(!(MAXED && DOT), "a dot takes no max");
+    _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+               RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
   int64_t b = blockIdx.x;
@@ -237,11 +259,17 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 
   // indices: the start (hw) of the vector a slot's max came from; first, the first vector visited
   // (past the piece when the lane has none)
-  Slots<T, VEC, MAXED> sl((v0 + tx) * VEC);
+  Slots<T, VEC, J> sl(counted(J) ? 0 : (v0 + tx) * VEC);
+  acc_t mr[VEC] = {};
+  if (counted(J) && c < pl.C) {
+    const acc_t m0 = mref[n * pl.C + c];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) mr[v] = m0;
+  }
   if (c < pl.C) {
     const T* row = x + (n * pl.C + c) * pl.HW;
     int i = v0 + tx;
-    constexpr int L = pool_loads<MAXED, DOT>();
+    constexpr int L = pool_loads<J>();
     for (; i + (L - 1) * pl.TX < v1; i += L * pl.TX) {  // marker: hot loop (pool_rows)
       Vec<T, VEC> xv[L], dv[L];
       const T* at[L];
@@ -249,12 +277,12 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = row + (i + u * pl.TX) * VEC;
       load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u]) : sl.take(xv[u], (i + u * pl.TX) * VEC);
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], (i + u * pl.TX) * VEC);
     }
     for (; i < v1; i += pl.TX) {
       const T* at = row + i * VEC;
       if constexpr (DOT)
-        sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)));
+        sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)), mr);
       else
         sl.take(load_vec<T, VEC>(at), i * VEC);
     }
@@ -265,15 +293,14 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   for (int v = 1; v < VEC; ++v) {
     s += sl.sum[v];
     if (MAXED) merge_max(m, mmi, sl.mx[v], sl.mi[v] + v);
+    if (counted(J)) mmi += sl.mi[v];
   }
-  lanes_merge<MAXED>(s, m, mmi, pl.TX);
+  lanes_merge<J>(s, m, mmi, pl.TX);
   if (tx == 0 && c < pl.C) {
     const int64_t o = out.slot(n, c, chunk);
     out.sum[o] = s;
-    if (MAXED) {
-      out.max[o] = m;
-      out.idx[o] = mmi;
-    }
+    if (MAXED) out.max[o] = m;
+    if (MAXED || counted(J)) out.idx[o] = mmi;
   }
 }
 
@@ -282,12 +309,13 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 // per row sum pieces of L elements in order, four at a time, then a butterfly over the P lanes.
 // Partials: one slot per row n * C + c (slot(0, row, 0) with c_stride 1). Which vectors a thread
 // loads and which elements it sums are the same in every full tile: set once. The last tile, of
-// rows % R rows, is read element by element after the loop. DOT: tiles of x and dy, the sum of dy * x.
-template <typename T, int VEC, bool MAXED, bool DOT>
+// rows % R rows, is read element by element after the loop. DOT: tiles of x and dy, the sum of dy * x
+// (and the count of maxima, mref [N, C] the channels' maxima).
+template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
-    _pool_tiles(const T* __restrict__ x, const T* __restrict__ dy, TilePlan pl,
-                PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(!(MAXED && DOT), "a dot takes no max");
+    _pool_tiles(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+                TilePlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   constexpr int kTiles = DOT ? 2 : 1;  // x's tile, then dy's
   __shared__ uint4 tile[kTiles][kThreads * kLoads];
@@ -305,12 +333,16 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   const T* dmine = delems + (r < pl.R ? r * pl.HW : 0);
 
   auto sum_rows = [&](int64_t t, int h_end) {  // the thread's piece [h0, h_end) of its row of tile t
+    const int64_t row = t * pl.R + r;
     acc_t s = acc_t(0), m = -std::numeric_limits<acc_t>::infinity();
-    int mi = h0;  // an empty piece keeps -inf and h0, past the pieces before it: merges never pick it
+    // an empty piece keeps -inf and h0, past the pieces before it: merges never pick it; counts start at 0
+    int mi = counted(J) ? 0 : h0;
+    const acc_t mr = counted(J) && h_end > h0 ? mref[row] : acc_t(0);
     auto take = [&](int h) {
       const acc_t e = static_cast<acc_t>(mine[h]);
       if constexpr (DOT) {
         s += static_cast<acc_t>(dmine[h]) * e;
+        if (counted(J)) mi += e == mr;
       } else {
         s += e;
         if (MAXED) take_max_in_order(m, mi, e, h);
@@ -322,14 +354,12 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     if (h < h_end) take(h);
     if (h + 1 < h_end) take(h + 1);
     if (h + 2 < h_end) take(h + 2);
-    lanes_merge<MAXED>(s, m, mi, pl.P);
+    lanes_merge<J>(s, m, mi, pl.P);
     if (p == 0 && h_end > h0) {
-      const int64_t o = out.slot(0, t * pl.R + r, 0);
+      const int64_t o = out.slot(0, row, 0);
       out.sum[o] = s;
-      if (MAXED) {
-        out.max[o] = m;
-        out.idx[o] = mi;
-      }
+      if (MAXED) out.max[o] = m;
+      if (MAXED || counted(J)) out.idx[o] = mi;
     }
   };
 
@@ -511,16 +541,24 @@ __global__ void __launch_bounds__(kThreads) _channel_inputs(int64_t N, ChannelAr
   for (int vi = 0; vi < nv; ++vi) g.vin[(n * nv + vi) * C + c] = small::pool_input(avg, m, g.pool, vi);
 }
 
-// One thread per (n, c): ds = the dot pass's partials summed in order; dlog = ds * gate'(z).
+// One thread per (n, c): ds = the dot pass's partials summed in order; dlog = ds * gate'(z); with
+// counts (pp.idx: tie rule "split"), cnt = the number of elements equal to the channel's max.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) _channel_dlog(PoolPartials<acc_t> pp, int64_t N, ChannelArgs<acc_t> g) {
+__global__ void __launch_bounds__(kThreads)
+    _channel_dlog(PoolPartials<acc_t> pp, int64_t N, ChannelArgs<acc_t> g, int* __restrict__ cnt) {
   const int C = g.C;
   int64_t t, n, c;
   if (!item_of(N, C, t, n, c)) return;
   int64_t o = pp.slot(n, c, 0);
   acc_t ds = pp.sum[o];
-  for (int64_t k = 1; k < pp.chunks; ++k) ds += pp.sum[o += pp.k_stride];
+  int k_eq = pp.idx ? pp.idx[o] : 0;
+  for (int64_t k = 1; k < pp.chunks; ++k) {
+    o += pp.k_stride;
+    ds += pp.sum[o];
+    if (pp.idx) k_eq += pp.idx[o];
+  }
   g.dlog[t] = ds * gate_grad(g.z[t], g.gate);
+  if (cnt) cnt[t] = k_eq;
 }
 
 // MLP, one thread per (n, j): dh = sum over the splits of sum_c dlog[n, c] w2[c, j], in order; per
@@ -541,16 +579,17 @@ __global__ void __launch_bounds__(kThreads)
   g.hsum[t] = hs;
 }
 
-template <typename acc_t>
+template <typename acc_t, bool SPLIT>
 struct Term;
 
 // One thread per (n, c): d loss / d v of each input (MLP: the splits of sum_j dhp[r, j] w1[j, c];
 // conv: the 1D conv's input gradient of dlog, the same for every input), folded by the pooling's
 // weights into the input gradient's terms ph = davg / HW and qh = dmax (also in g), packed with s
-// and the argmax for the dx pass.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) _channel_terms(const acc_t* __restrict__ part, int64_t S, int64_t N,
-                                                           ChannelArgs<acc_t> g, Term<acc_t>* __restrict__ terms) {
+// for the dx pass: with the argmax, or (SPLIT) with qh / cnt and the max it is shared among.
+template <typename acc_t, bool SPLIT>
+__global__ void __launch_bounds__(kThreads)
+    _channel_terms(const acc_t* __restrict__ part, int64_t S, int64_t N, ChannelArgs<acc_t> g,
+                   const int* __restrict__ cnt, Term<acc_t, SPLIT>* __restrict__ terms) {
   const int C = g.C, nv = pool_inputs(g.pool);
   int64_t t, n, c;
   if (!item_of(N, C, t, n, c)) return;
@@ -562,7 +601,10 @@ __global__ void __launch_bounds__(kThreads) _channel_terms(const acc_t* __restri
   }
   g.ph[t] = davg / acc_t(g.HW);
   g.qh[t] = dmax;
-  terms[t] = Term<acc_t>{g.s[t], g.ph[t], dmax, static_cast<int>(g.argmax[t])};
+  if constexpr (SPLIT)  // as amax's backward: (g / count) * (x == max); no element equals a NaN max: count 0
+    terms[t] = Term<acc_t, true>{g.s[t], g.ph[t], dmax / acc_t(cnt[t]), g.pooled[(n * 2 + 1) * C + c]};
+  else
+    terms[t] = Term<acc_t, false>{g.s[t], g.ph[t], dmax, static_cast<int>(g.argmax[t])};
 }
 
 // conv, one warp per (n, j): the per-sample weight gradient dwk[n, j] = sum_vi sum_c dlog[n, c]
@@ -587,7 +629,9 @@ __global__ void __launch_bounds__(kThreads) _conv_dweight(int64_t N, ChannelArgs
 }
 
 // ---------------------------------------------------------------------------- the last pass
-// Forward: y = x * s[n, c]. Backward (BWD, reading dy in x's place): dx = dy * s + ph + [hw == ai] qh.
+// Forward: y = x * s[n, c]. Backward (reading dy in x's place): dx = dy * s + ph + [hw == argmax] qh
+// (tie rule "first"), or dx = dy * s + ph + (qh / count) * [x == max] ("split": x streamed too).
+enum class Last { SCALE, DX, DX_SPLIT };
 
 // How a flat vector of x finds its channels' values.
 enum class ScaleRows {
@@ -597,29 +641,49 @@ enum class ScaleRows {
 };
 
 // The backward's per-channel values, one 16-byte load each (float; two for double): the gate s,
-// the input gradient's terms ph = davg / HW and qh = dmax, and the argmax (hw).
+// the input gradient's terms ph = davg / HW and qh = dmax, and the argmax (hw); or, SPLIT, q =
+// qh / count and the max mx.
 template <typename acc_t>
-struct alignas(16) Term {
+struct alignas(16) Term<acc_t, false> {
   acc_t s, ph, qh;
   int ai;
 };
-
-// The per-channel values of the last pass, [N, C]: the gate (forward), or the terms (BWD).
 template <typename acc_t>
-struct ChannelTerms {
-  const acc_t* s;
-  const Term<acc_t>* t;
+struct alignas(16) Term<acc_t, true> {
+  acc_t s, ph, q, mx;
 };
 
-template <typename T, int VEC, typename index_t, ScaleRows MODE, bool BWD>
+// The per-channel values of the last pass, [N, C]: the gate (SCALE), or the terms.
+template <typename acc_t, Last P>
+struct ChannelTerms {
+  const acc_t* s;
+  const Term<acc_t, P == Last::DX_SPLIT>* t;
+  const void* x;  // DX_SPLIT: x (of the stream's dtype, laid out as it)
+};
+
+// the max's share of element k (hw, value e) of a channel with terms t
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t max_share(const Term<acc_t, false>& t, index_t hw, acc_t) {
+  return static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0);
+}
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t max_share(const Term<acc_t, true>& t, index_t, acc_t e) {
+  return t.q * acc_t(e == t.mx);  // a product, as amax's backward: a NaN q (count 0) reaches every element
+}
+
+template <typename T, int VEC, typename index_t, ScaleRows MODE, Last P>
 __global__ void __launch_bounds__(kThreads)
-    _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>> ct, index_t nvec,
+    _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
            index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
+  constexpr bool BWD = P != Last::SCALE, SPLIT = P == Last::DX_SPLIT;
+  const T* __restrict__ xs = static_cast<const T*>(ct.x);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
     const index_t e = i * VEC;
     const Vec<T, VEC> xv = load_vec<T, VEC>(x + e);
+    Vec<T, VEC> xe;  // SPLIT: x, compared with the max
+    if constexpr (SPLIT) xe = load_vec<T, VEC>(xs + e);
     acc_t sv[VEC], add[VEC];
     if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
       index_t q, c0, n, r;
@@ -630,9 +694,9 @@ __global__ void __launch_bounds__(kThreads)
         const index_t hw = q - n * HW;  // q = n * HW + hw
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const Term<acc_t> t = ct.t[at + k];
+          const auto t = ct.t[at + k];
           sv[k] = t.s;
-          add[k] = t.ph + (static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0));
+          add[k] = t.ph + max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xe.v[k]) : acc_t(0));
         }
       } else {
         const Vec<acc_t, VEC> v = *reinterpret_cast<const Vec<acc_t, VEC>*>(ct.s + at);
@@ -645,13 +709,14 @@ __global__ void __launch_bounds__(kThreads)
       const index_t nxt = row + 1 < rows ? row + 1 : row;
       const index_t split = inner - r0;  // elements left in the first row
       if constexpr (BWD) {
-        const Term<acc_t> a = ct.t[row], b = ct.t[nxt];
+        const auto a = ct.t[row], b = ct.t[nxt];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const bool first = static_cast<index_t>(k) < split;
           const index_t hw = first ? r0 + k : k - split;
+          const acc_t ev = SPLIT ? static_cast<acc_t>(xe.v[k]) : acc_t(0);
           sv[k] = first ? a.s : b.s;
-          add[k] = (first ? a.ph : b.ph) + (static_cast<index_t>(first ? a.ai : b.ai) == hw ? (first ? a.qh : b.qh) : acc_t(0));
+          add[k] = first ? a.ph + max_share<acc_t, index_t>(a, hw, ev) : b.ph + max_share<acc_t, index_t>(b, hw, ev);
         }
       } else {
         const acc_t sa = ct.s[row], sb = ct.s[nxt];
@@ -670,8 +735,9 @@ __global__ void __launch_bounds__(kThreads)
     div_row.divmod(e, row, hw);
     acc_t out;
     if constexpr (BWD) {
-      const Term<acc_t> t = ct.t[row];
-      out = static_cast<acc_t>(x[e]) * t.s + t.ph + (static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0));
+      const auto t = ct.t[row];
+      out = static_cast<acc_t>(x[e]) * t.s + t.ph +
+            max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xs[e]) : acc_t(0));
     } else {
       out = static_cast<acc_t>(x[e]) * ct.s[row];
     }
@@ -710,12 +776,14 @@ struct WeightGrads {
   std::vector<at::Tensor> g;
 };
 
-// Channel attention backward, tie rule "first" (the gradient of a max at its saved argmax): a pass
-// summing dy * x over space -> back through the gate and f over all samples -> a pass writing
-// dx = dy * s + davg / HW + [hw == argmax] dmax. Fills dx and gw.g and returns true, or returns
-// false where the new kernels do not cover x (as for the forward; dy and dx 16-byte aligned too).
+// Channel attention backward: a pass summing dy * x over space -> back through the gate and f over
+// all samples -> a pass writing dx = dy * s + davg / HW + [hw == argmax] dmax; under the tie rule
+// "split" (pool not "avg") the first pass also counts each channel's elements equal to its max and
+// the last reads x too: + (dmax / count) * [x == max]. Fills dx and gw.g and returns true, or
+// returns false where the new kernels do not cover x (as for the forward; dy and dx 16-byte
+// aligned too).
 bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const at::Tensor& pooled,
-                      const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw);
+                      const at::Tensor& argmax, bool split, at::Tensor& dx, WeightGrads& gw);
 
 }  // namespace next
 }  // namespace cuda

@@ -31,21 +31,24 @@ struct Pooling {
   std::string plan;
 };
 
-// Per-channel partial sums over space: of x (and maxima: MAXED), or of dy * x (DOT, dy given).
-template <typename T, int V, bool MAXED, bool DOT = false>
-Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const at::Tensor& dy = at::Tensor()) {
+// Per-channel partial sums over space (Job): of x (and maxima), or of dy * x (dy given; and the
+// counts of the maxima mref [N, C]).
+template <typename T, int V, Job J>
+Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const at::Tensor& dy = at::Tensor(),
+                                          const at::Tensor& mref = at::Tensor()) {
   using acc_t = at::acc_type<T, true>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const int sms = num_sms();
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* px = x.data_ptr<T>();
-  const T* pdy = DOT ? dy.data_ptr<T>() : nullptr;
+  const T* pdy = dotted(J) ? dy.data_ptr<T>() : nullptr;
+  const acc_t* pm = counted(J) ? mref.data_ptr<acc_t>() : nullptr;
   Pooling<acc_t> out;
   auto& pp = out.pp;
   auto alloc = [&](int64_t slots) {
     pp.sum = s.f<acc_t>(slots);
-    pp.max = MAXED ? s.f<acc_t>(slots) : nullptr;
-    pp.idx = MAXED ? s.i(slots) : nullptr;
+    pp.max = maxed(J) ? s.f<acc_t>(slots) : nullptr;
+    pp.idx = maxed(J) || counted(J) ? s.i(slots) : nullptr;
   };
   auto launched = [&](const char* name, const auto& pl, int64_t grid) {
     TORCH_CHECK(grid < INT32_MAX, "attnfused: too many blocks for one launch (", grid, ")");
@@ -58,7 +61,7 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched("pool_columns", pl, pl.grid);
-    _pool_columns<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
+    _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
     const TilePlan pl(N * C, HW, V, sms);
     alloc(N * C);
@@ -67,14 +70,14 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
     TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
     out.plan = "pool_tiles VEC=" + std::to_string(V) + " R=" + std::to_string(pl.R) + " P=" + std::to_string(pl.P) +
                " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
-    _pool_tiles<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
+    _pool_tiles<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
     alloc(N * C * pl.chunks);
     pp.chunks = pl.chunks;
     pp.n_stride = C * pl.chunks, pp.c_stride = pl.chunks, pp.k_stride = 1;
     launched("pool_rows", pl, pl.grid);
-    _pool_rows<T, V, MAXED, DOT><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pl, pp);
+    _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -83,8 +86,8 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
 // Pass 3: y = x * s[n, c], x read as flat 16-byte vectors (V) in either layout.
 // The last pass over flat 16-byte vectors (V) in either layout: y = x * s[n, c], or (BWD, x being
 // dy) dx = dy * s + ph + [hw == argmax] qh from the packed terms.
-template <typename T, int V, bool BWD = false>
-std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>>& ct) {
+template <typename T, int V, Last P>
+std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
   const bool cl = is_channels_last(x);
   const int64_t nvec = numel / V;  // and numel % V elements after them (NCHW rows of any H*W)
@@ -94,7 +97,7 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
-    _scale<T, V, index_t, M, BWD><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+    _scale<T, V, index_t, M, P><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
         static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)),
         static_cast<int>(numel - nvec * V));
@@ -110,7 +113,7 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     small ? go(CL{}, I32{}) : go(CL{}, I64{});
   else
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
-  return std::string(BWD ? " | dx VEC=" : " | scale VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
+  return std::string(P == Last::SCALE ? " | scale VEC=" : " | dx VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
 // part [S, M, J]: sum_k a[m, k] b[j, k] over all samples, k in S splits (_rows_dot); returns S
@@ -162,7 +165,7 @@ void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tens
   // pass 1 (streams x), then the pooled vectors and f's inputs
   auto pool = [&](auto maxed_c) {
     constexpr bool M = decltype(maxed_c)::value;
-    auto pooling = pool_space<T, V, M>(x, s);
+    auto pooling = pool_space<T, V, M ? Job::SUM_MAX : Job::SUM>(x, s);
     _channel_pooled<acc_t, M><<<item_blocks(N * cw.C), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return pooling.plan;
@@ -170,26 +173,30 @@ void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tens
   std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
   gate_forward(cw, g, s, N);
   // pass 2 (streams x, writes y)
-  plan += scale<T, V>(x, y, ChannelTerms<acc_t>{g.s, nullptr});
+  plan += scale<T, V>(x, y, ChannelTerms<acc_t, Last::SCALE>{g.s, nullptr, nullptr});
   if (debug()) std::fprintf(stderr, "attnfused next channel_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
-template <typename T, int V>
+// SPLIT: the tie rule "split" (the max's gradient shared by every element equal to it).
+template <typename T, int V, bool SPLIT>
 void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw,
                           const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
   using acc_t = at::acc_type<T, true>;
+  constexpr Last P = SPLIT ? Last::DX_SPLIT : Last::DX;
   Scratch s(x);
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
   const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
   auto stream = at::cuda::getCurrentCUDAStream();
-  // pass 1 (streams x and dy): sum over space of dy * x
-  const auto dot = pool_space<T, V, false, true>(x, s, dy);
+  // pass 1 (streams x and dy): sum over space of dy * x (and, SPLIT, the count of each channel's max)
+  const at::Tensor mref = SPLIT ? pooled.select(1, 1).contiguous() : at::Tensor();
+  const auto dot = pool_space<T, V, SPLIT ? Job::DOT_COUNT : Job::DOT>(x, s, dy, mref);
+  int* cnt = SPLIT ? s.i(N * C) : nullptr;
   std::string plan = dot.plan;
   // the gate again, from the saved pooled vectors; then dlog
   _channel_inputs<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(N, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   gate_forward(cw, g, s, N);
-  _channel_dlog<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dot.pp, N, g);
+  _channel_dlog<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dot.pp, N, g, cnt);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // back through f: the MLP as two products (dh = dlog w2, dv = dhp w1); the conv's weight pieces
   acc_t* dvpart = nullptr;
@@ -207,12 +214,13 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
     _conv_dweight<acc_t><<<item_blocks(N * cw.k * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, j)
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  at::Tensor terms_t = at::empty({N * C * int64_t(sizeof(Term<acc_t>))}, x.options().dtype(at::kByte));
-  auto* terms = reinterpret_cast<Term<acc_t>*>(terms_t.data_ptr());
-  _channel_terms<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, terms);
+  using Terms = Term<acc_t, SPLIT>;
+  at::Tensor terms_t = at::empty({N * C * int64_t(sizeof(Terms))}, x.options().dtype(at::kByte));
+  auto* terms = reinterpret_cast<Terms*>(terms_t.data_ptr());
+  _channel_terms<acc_t, SPLIT><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, cnt, terms);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // pass 2 (streams dy, writes dx)
-  plan += scale<T, V, true>(dy, dx, ChannelTerms<acc_t>{nullptr, terms});
+  // pass 2 (streams dy, and x for SPLIT; writes dx)
+  plan += scale<T, V, P>(dy, dx, ChannelTerms<acc_t, P>{nullptr, terms, x.data_ptr()});
   gw.g = cw.grads<acc_t>(g, gw.w1, gw.b1, gw.w2, gw.b2);
   if (debug()) std::fprintf(stderr, "attnfused next channel_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
@@ -241,10 +249,12 @@ bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& 
 }
 
 bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const at::Tensor& pooled,
-                      const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
+                      const at::Tensor& argmax, bool split, at::Tensor& dx, WeightGrads& gw) {
   if (!covers(x, {&x, &dy, &dx})) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::channel_backward", [&] {
-    channel_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, cw, pooled, argmax, dx, gw);
+    constexpr int V = 16 / sizeof(scalar_t);
+    split ? channel_backward_vec<scalar_t, V, true>(dy, x, cw, pooled, argmax, dx, gw)
+          : channel_backward_vec<scalar_t, V, false>(dy, x, cw, pooled, argmax, dx, gw);
   });
   return true;
 }
