@@ -87,7 +87,7 @@ SOURCE_FACTS = {
         r"while \(P < 32 && int64_t\(R\) \* P \* 2 <= kThreads && P < HW\) P \*= 2;",
         r"grid = tiles < slots \? tiles : slots;",
     ],
-    "csrc/cuda/next.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
+    "csrc/cuda/next_pool.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
 }
 
 
@@ -273,7 +273,7 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
     red = f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)"
-    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3; Last: SCALE 0, DX 1, DX_SPLIT 2 (next.cuh)
+    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3 (next_pool.cuh); Last: SCALE 0, DX 1, DX_SPLIT 2 (next_last.cuh)
     return [PassUse("next fwd pool", f"{red}0>", pool),
             PassUse("next fwd scale", f"{last}0>", "apply", reads=1, writes=1),
             PassUse("next bwd dot", f"{red}2>", pool, reads=2),

@@ -1,5 +1,6 @@
 import os
 import random
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,11 @@ from tests.mutation.plugin import ENV_VAR as MUTANT_VAR
 
 
 def pytest_configure(config):
+    # torch.compile's on-disk caches key on the traced graph, not on the custom ops' fake
+    # implementations: a cache written by an earlier build could replay that build's output shapes.
+    # Each test session compiles into a cache of its own.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="attnfused-inductor-"))
+
     # the mutation check (tests/test_mutation.py): wrong kernels, selected by the variable
     if os.environ.get(MUTANT_VAR):
         from tests.mutation import plugin

@@ -1,4 +1,4 @@
-"""The new CUDA path's pooling passes (csrc/cuda/next.cuh) replayed on the CPU: tests/cpp/
+"""The new CUDA path's pooling passes (csrc/cuda/next_pool.cuh) replayed on the CPU: tests/cpp/
 next_plan_check.cpp compiles csrc/cuda/next_plan.h (their tiling and max rule, plain C++) with the
 host compiler and checks sum, max and argmax of every (sample, channel) in both layouts (NCHW rows
 of whole vectors, and rows of any length through shared-memory tiles) against a direct computation

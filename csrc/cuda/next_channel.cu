@@ -1,6 +1,10 @@
-// The new path's channel attention forward (next.cuh): pool over space (rows of NCHW, columns of
-// channels_last) -> pooled vectors -> f over all samples (MLP: two batched products; conv) and the
-// gate -> scale. 2R + 1W, and no per-sample math inside a streaming pass. Run when $ATTNFUSED_CUDA_KERNELS=next; $ATTNFUSED_CUDA_DEBUG=1 prints the plan.
+// The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
+// ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan). No per-sample math inside a streaming pass.
+//   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
+//             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
+//   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
+//             -> the gate and f again, then back through them over all samples -> dx from dy
+//             (and x, "split").                                                3R + 1W ("split": 4R + 1W)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>

@@ -1,4 +1,4 @@
-// The new CUDA pooling passes (csrc/cuda/next.cuh) run on the CPU: this program replays their
+// The new CUDA pooling passes (csrc/cuda/next_pool.cuh) run on the CPU: this program replays their
 // decomposition (csrc/cuda/next_plan.h: which thread reads which vectors, in what order, how the
 // partials merge: per-thread slots, the lanes' butterfly, the row groups, the chunks) over random
 // inputs and checks sum, max and argmax against a direct computation with torch's rules. Integer

@@ -172,7 +172,7 @@ def test_cbam_ties_only_after_the_gate(device):
                                    o["pool"], o["act"], o["gate"], o["padding"], o["maps"], o["sgate"], "split", B)
     pooled, smaps = out[1], out[3]
     s = channel_gate(pooled, wf["w1"], wf["b1"], wf["w2"], wf["b2"], o["kind"], o["pool"], o["act"], o["gate"],
-                     o["padding"]).cpu()
+                     o["padding"])[0].cpu()
     s64 = R.gate(R.channel_logits(*R.pool_space(x), w["w1"], w["b1"], w["w2"], w["b2"], kind="mlp",
                                   pool=o["pool"], act="relu", padding="zeros"), "sigmoid")
     for gates in (s, s64):

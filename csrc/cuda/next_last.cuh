@@ -1,0 +1,130 @@
+// The new path's last pass (next.cuh): the forward's scale and the backward's dx, over flat
+// 16-byte vectors in either layout.
+#pragma once
+
+#include "next_gate.cuh"
+
+namespace attnfused {
+namespace cuda {
+namespace next {
+
+// ---------------------------------------------------------------------------- the last pass
+// Forward: y = x * s[n, c]. Backward (reading dy in x's place): dx = dy * s + ph + [hw == argmax] qh
+// (tie rule "first"), or dx = dy * s + ph + (qh / count) * [x == max] ("split": x streamed too).
+enum class Last { SCALE, DX, DX_SPLIT };
+
+// How a flat vector of x finds its channels' values.
+enum class ScaleRows {
+  CL,   // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of each
+  WIDE  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0; the elements
+        // past the last whole vector (tail < VEC) by block 0
+};
+
+// The backward's per-channel values, one 16-byte load each (float; two for double): the gate s,
+// the input gradient's terms ph = davg / HW and qh = dmax, and the argmax (hw); or, SPLIT, q =
+// qh / count and the max mx.
+template <typename acc_t>
+struct alignas(16) Term<acc_t, false> {
+  acc_t s, ph, qh;
+  int ai;
+};
+template <typename acc_t>
+struct alignas(16) Term<acc_t, true> {
+  acc_t s, ph, q, mx;
+};
+
+// The per-channel values of the last pass, [N, C]: the gate (SCALE), or the terms.
+template <typename acc_t, Last P>
+struct ChannelTerms {
+  const acc_t* s;
+  const Term<acc_t, P == Last::DX_SPLIT>* t;
+  const void* x;  // DX_SPLIT: x (of the stream's dtype, laid out as it)
+};
+
+// the max's share of element k (hw, value e) of a channel with terms t
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t max_share(const Term<acc_t, false>& t, index_t hw, acc_t) {
+  return static_cast<index_t>(t.ai) == hw ? t.qh : acc_t(0);
+}
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t max_share(const Term<acc_t, true>& t, index_t, acc_t e) {
+  return t.q * acc_t(e == t.mx);  // a product, as amax's backward: a NaN q (count 0) reaches every element
+}
+
+template <typename T, int VEC, typename index_t, ScaleRows MODE, Last P>
+__global__ void __launch_bounds__(kThreads)
+    _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
+           index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
+  using acc_t = at::acc_type<T, true>;
+  constexpr bool BWD = P != Last::SCALE, SPLIT = P == Last::DX_SPLIT;
+  const T* __restrict__ xs = static_cast<const T*>(ct.x);
+  for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
+       i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
+    const index_t e = i * VEC;
+    const Vec<T, VEC> xv = load_vec<T, VEC>(x + e);
+    Vec<T, VEC> xe;  // SPLIT: x, compared with the max
+    if constexpr (SPLIT) xe = load_vec<T, VEC>(xs + e);
+    acc_t sv[VEC], add[VEC];
+    if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
+      index_t q, c0, n, r;
+      div_row.divmod(e, q, c0);
+      div_sample.divmod(e, n, r);
+      const index_t at = n * inner + c0;
+      if constexpr (BWD) {
+        const index_t hw = q - n * HW;  // q = n * HW + hw
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const auto t = ct.t[at + k];
+          sv[k] = t.s;
+          add[k] = t.ph + max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xe.v[k]) : acc_t(0));
+        }
+      } else {
+        const Vec<acc_t, VEC> v = *reinterpret_cast<const Vec<acc_t, VEC>*>(ct.s + at);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = v.v[k], add[k] = acc_t(0);
+      }
+    } else {  // WIDE; inner, div_row: HW
+      index_t row, r0;
+      div_row.divmod(e, row, r0);
+      const index_t nxt = row + 1 < rows ? row + 1 : row;
+      const index_t split = inner - r0;  // elements left in the first row
+      if constexpr (BWD) {
+        const auto a = ct.t[row], b = ct.t[nxt];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const bool first = static_cast<index_t>(k) < split;
+          const index_t hw = first ? r0 + k : k - split;
+          const acc_t ev = SPLIT ? static_cast<acc_t>(xe.v[k]) : acc_t(0);
+          sv[k] = first ? a.s : b.s;
+          add[k] = first ? a.ph + max_share<acc_t, index_t>(a, hw, ev) : b.ph + max_share<acc_t, index_t>(b, hw, ev);
+        }
+      } else {
+        const acc_t sa = ct.s[row], sb = ct.s[nxt];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = static_cast<index_t>(k) < split ? sa : sb, add[k] = acc_t(0);
+      }
+    }
+    Vec<T, VEC> yv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) yv.v[k] = static_cast<T>(static_cast<acc_t>(xv.v[k]) * sv[k] + add[k]);
+    *reinterpret_cast<Vec<T, VEC>*>(y + e) = yv;
+  }
+  if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
+    const index_t e = nvec * VEC + threadIdx.x;
+    index_t row, hw;
+    div_row.divmod(e, row, hw);
+    acc_t out;
+    if constexpr (BWD) {
+      const auto t = ct.t[row];
+      out = static_cast<acc_t>(x[e]) * t.s + t.ph +
+            max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xs[e]) : acc_t(0));
+    } else {
+      out = static_cast<acc_t>(x[e]) * ct.s[row];
+    }
+    y[e] = static_cast<T>(out);
+  }
+}
+
+}  // namespace next
+}  // namespace cuda
+}  // namespace attnfused

@@ -1,0 +1,398 @@
+// The new path's reduction passes over space (next.cuh): sums, maxima and argmaxes of x, and the
+// backward's sums of dy * x (and counts of maxima), per (n, c), as partials in fixed slots.
+#pragma once
+
+#include "kernels.cuh"
+#include "next_plan.h"
+
+namespace attnfused {
+namespace cuda {
+namespace next {
+
+static_assert(kThreads == cuda::kThreads, "next_plan.h and kernels.cuh must agree on the block size");
+
+// ---------------------------------------------------------------------------- pooling partials
+
+// Partial sums (and maxima, their indices) of one pooling pass: slot (n, c, k) at
+// n * n_stride + c * c_stride + k * k_stride, k < chunks ascending in hw.
+template <typename acc_t>
+struct PoolPartials {
+  acc_t* sum;
+  acc_t* max;  // null when the op takes no max
+  int* idx;
+  int64_t n_stride, c_stride, k_stride;
+  int64_t chunks;  // slots per channel
+  __device__ __forceinline__ int64_t slot(int64_t n, int64_t c, int64_t k) const {
+    return n * n_stride + c * c_stride + k * k_stride;
+  }
+};
+
+// Loads in flight per thread and tensor of a reduction pass, compiled for 4 resident blocks per SM
+// (<= 64 registers). With a max, a thread's VEC sums, maxima and indices leave room for two 16-byte
+// vectors, not four; a dot (dy . x, the backward) reads two tensors, two vectors of each. The
+// minimum of blocks also steers the compiler's schedule: without one it sank the loads behind
+// their uses (one in flight); with one it issues them first.
+// What a reduction pass computes per (n, c) over space.
+enum class Job {
+  SUM,        // the sum of x (pool "avg")
+  SUM_MAX,    // the sum, max and argmax of x
+  DOT,        // the sum of dy * x (the backward)
+  DOT_COUNT,  // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
+};
+constexpr bool maxed(Job j) { return j == Job::SUM_MAX; }
+constexpr bool dotted(Job j) { return j == Job::DOT || j == Job::DOT_COUNT; }
+constexpr bool counted(Job j) { return j == Job::DOT_COUNT; }
+
+template <Job J>
+constexpr int pool_loads() {
+  return J == Job::SUM ? kLoads : 2;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+}
+
+// L 16-byte vectors of x, issued together in one inline-PTX block: as separate loads the compiler
+// moved each vector's arithmetic up behind its load and kept one load in flight per thread.
+template <int L, typename T>
+__device__ __forceinline__ void load_raw(uint4 (&r)[L], const T* const (&p)[L]) {
+  static_assert(L == 2 || L == 4, "two or four 16-byte vectors");
+  if constexpr (L == 2) {
+    asm volatile(
+        "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%8];\n\t"
+        "ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%9];"
+        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
+          "=r"(r[1].w)
+        : "l"(p[0]), "l"(p[1]));
+  } else {
+    asm volatile(
+        "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%16];\n\t"
+        "ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%17];\n\t"
+        "ld.global.nc.v4.u32 {%8, %9, %10, %11}, [%18];\n\t"
+        "ld.global.nc.v4.u32 {%12, %13, %14, %15}, [%19];"
+        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
+          "=r"(r[1].w), "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y),
+          "=r"(r[3].z), "=r"(r[3].w)
+        : "l"(p[0]), "l"(p[1]), "l"(p[2]), "l"(p[3]));
+  }
+}
+
+template <int L, typename T, int VEC>
+__device__ __forceinline__ void load_vecs(Vec<T, VEC> (&out)[L], const T* const (&p)[L]) {
+  static_assert(sizeof(Vec<T, VEC>) == 16, "16-byte vectors");
+  uint4 r[L];
+  load_raw<L>(r, p);
+#pragma unroll
+  for (int u = 0; u < L; ++u) memcpy(&out[u], &r[u], 16);
+}
+
+// A row's sum (and max, argmax; or count) over its `width` consecutive lanes (a power of two <= 32)
+// by a fixed butterfly: every lane of the warp takes part and ends with the row's result.
+template <Job J, typename acc_t>
+__device__ __forceinline__ void lanes_merge(acc_t& s, acc_t& m, int& mi, int width) {
+  for (int o = 1; o < width; o *= 2) {
+    s += __shfl_xor_sync(0xffffffffu, s, o, width);
+    if (maxed(J)) {
+      const acc_t om = __shfl_xor_sync(0xffffffffu, m, o, width);
+      const int oi = __shfl_xor_sync(0xffffffffu, mi, o, width);
+      merge_max(m, mi, om, oi);
+    }
+    if (counted(J)) mi += __shfl_xor_sync(0xffffffffu, mi, o, width);
+  }
+}
+
+// This block's place in a grid ordered (n, i, chunk), chunk fastest: its chunk, i (< ni) and n.
+__device__ __forceinline__ void block_of(int64_t chunks, int64_t ni, int64_t& chunk, int64_t& i, int64_t& n) {
+  const int64_t b = blockIdx.x / chunks;
+  chunk = blockIdx.x - b * chunks;
+  i = b % ni, n = b / ni;
+}
+
+// One thread's running sums (and maxima, with the index each came from; or, counting, the count in
+// mi) of VEC slots: slot v takes element v of every vector the thread reads, in the order it reads them.
+template <typename T, int VEC, Job J>
+struct Slots {
+  static constexpr bool MAXED = maxed(J);
+  using acc_t = at::acc_type<T, true>;
+  acc_t sum[VEC], mx[VEC];
+  int mi[VEC];
+  __device__ __forceinline__ explicit Slots(int first) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      sum[v] = acc_t(0);
+      mx[v] = -std::numeric_limits<acc_t>::infinity();
+      mi[v] = first;  // kept by an all -inf slot: the first index the thread visits
+    }
+  }
+  __device__ __forceinline__ void take(const Vec<T, VEC>& xv, int index) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]);
+      sum[v] += e;
+      if (MAXED) take_max_in_order(mx[v], mi[v], e, index);
+    }
+  }
+  // mref: each slot's channel max (counting)
+  __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, const acc_t (&mref)[VEC]) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]);
+      sum[v] += static_cast<acc_t>(dv.v[v]) * e;
+      if (counted(J)) mi[v] += e == mref[v];
+    }
+  }
+};
+
+// L vectors of x at `at` into xv and, for a dot, of dy at the same offsets into dv: the loads of
+// both tensors issued before any use.
+template <int L, bool DOT, typename T, int VEC>
+__device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv)[L], const T* const (&at)[L],
+                                          const T* x, const T* dy) {
+  load_vecs<L>(xv, at);
+  if constexpr (DOT) {
+    const T* atd[L];
+#pragma unroll
+    for (int u = 0; u < L; ++u) atd[u] = dy + (at[u] - x);
+    load_vecs<L>(dv, atd);
+  }
+}
+
+// channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
+// over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
+// kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
+// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null.
+template <typename T, int VEC, Job J>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+                  ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
+  using acc_t = at::acc_type<T, true>;
+  const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
+  int64_t chunk, bc, n;
+  block_of(pl.chunks, pl.nbc, chunk, bc, n);
+  const int64_t cv = bc * pl.TX + tx;  // this thread's vector of channels
+  const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+  const int r1 = static_cast<int>(::min(int64_t(r0) + pl.R, pl.HW));
+
+  // an all -inf column keeps r0; an empty row group has r0 >= HW; counts start at 0
+  Slots<T, VEC, J> sl(counted(J) ? 0 : r0);
+  acc_t mr[VEC] = {};
+  if (counted(J) && cv < pl.cvecs) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) mr[v] = mref[n * pl.C + cv * VEC + v];
+  }
+  if (cv < pl.cvecs) {
+    const T* p = x + (n * pl.HW + r0) * pl.C + cv * VEC;
+    int r = r0;
+    constexpr int L = pool_loads<J>();
+    for (; r + L <= r1; r += L, p += L * pl.C) {  // marker: hot loop (pool_columns)
+      Vec<T, VEC> xv[L], dv[L];
+      const T* at[L];
+#pragma unroll
+      for (int u = 0; u < L; ++u) at[u] = p + u * pl.C;
+      load_pair<L, DOT>(xv, dv, at, x, dy);
+#pragma unroll
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], r + u);
+    }
+    for (; r < r1; ++r, p += pl.C) {
+      if constexpr (DOT)
+        sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), mr);
+      else
+        sl.take(load_vec<T, VEC>(p), r);
+    }
+  }
+
+  __shared__ acc_t s_sum[kThreads * VEC];
+  __shared__ acc_t s_max[MAXED ? kThreads * VEC : 1];
+  __shared__ int s_idx[KEEP_I ? kThreads * VEC : 1];
+  const int TXV = pl.TX * VEC;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    s_sum[ty * TXV + tx * VEC + v] = sl.sum[v];
+    if (MAXED) s_max[ty * TXV + tx * VEC + v] = sl.mx[v];
+    if (KEEP_I) s_idx[ty * TXV + tx * VEC + v] = sl.mi[v];
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < TXV; j += kThreads) {
+    const int64_t c = bc * TXV + j;
+    if (c >= pl.C) continue;
+    acc_t s = s_sum[j], m = MAXED ? s_max[j] : acc_t(0);
+    int i = KEEP_I ? s_idx[j] : 0;
+    for (int g = 1; g < pl.TY; ++g) {  // row groups ascend in hw
+      s += s_sum[g * TXV + j];
+      if (MAXED) take_max_in_order(m, i, s_max[g * TXV + j], s_idx[g * TXV + j]);
+      if (counted(J)) i += s_idx[g * TXV + j];
+    }
+    const int64_t o = out.slot(n, c, chunk);
+    out.sum[o] = s;
+    if (MAXED) out.max[o] = m;
+    if (KEEP_I) out.idx[o] = i;
+  }
+}
+
+// NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or the sum of dy * x, and the count of
+// maxima) over a piece of each row (RowPlan). A thread keeps one sum and max per vector slot v
+// (hw = 16-byte vector start + v), visiting its vectors in order, kLoads at a time; slots are
+// merged, then the row's TX lanes by a butterfly.
+template <typename T, int VEC, Job J>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+               RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J);
+  using acc_t = at::acc_type<T, true>;
+  const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
+  int64_t chunk, cy, n;
+  block_of(pl.chunks, pl.ncy, chunk, cy, n);
+  const int64_t c = cy * pl.TY + ty;
+  const int v0 = static_cast<int>(chunk * pl.per_chunk);  // the piece's vectors [v0, v1)
+  const int v1 = static_cast<int>(::min(int64_t(v0) + pl.per_chunk, pl.hvecs));
+
+  // indices: the start (hw) of the vector a slot's max came from; first, the first vector visited
+  // (past the piece when the lane has none)
+  Slots<T, VEC, J> sl(counted(J) ? 0 : (v0 + tx) * VEC);
+  acc_t mr[VEC] = {};
+  if (counted(J) && c < pl.C) {
+    const acc_t m0 = mref[n * pl.C + c];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) mr[v] = m0;
+  }
+  if (c < pl.C) {
+    const T* row = x + (n * pl.C + c) * pl.HW;
+    int i = v0 + tx;
+    constexpr int L = pool_loads<J>();
+    for (; i + (L - 1) * pl.TX < v1; i += L * pl.TX) {  // marker: hot loop (pool_rows)
+      Vec<T, VEC> xv[L], dv[L];
+      const T* at[L];
+#pragma unroll
+      for (int u = 0; u < L; ++u) at[u] = row + (i + u * pl.TX) * VEC;
+      load_pair<L, DOT>(xv, dv, at, x, dy);
+#pragma unroll
+      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], (i + u * pl.TX) * VEC);
+    }
+    for (; i < v1; i += pl.TX) {
+      const T* at = row + i * VEC;
+      if constexpr (DOT)
+        sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)), mr);
+      else
+        sl.take(load_vec<T, VEC>(at), i * VEC);
+    }
+  }
+  acc_t s = sl.sum[0], m = sl.mx[0];
+  int mmi = sl.mi[0];
+#pragma unroll
+  for (int v = 1; v < VEC; ++v) {
+    s += sl.sum[v];
+    if (MAXED) merge_max(m, mmi, sl.mx[v], sl.mi[v] + v);
+    if (counted(J)) mmi += sl.mi[v];
+  }
+  lanes_merge<J>(s, m, mmi, pl.TX);
+  if (tx == 0 && c < pl.C) {
+    const int64_t o = out.slot(n, c, chunk);
+    out.sum[o] = s;
+    if (MAXED) out.max[o] = m;
+    if (MAXED || counted(J)) out.idx[o] = mmi;
+  }
+}
+
+// NCHW rows of any H*W (TilePlan): a block streams tiles of R whole rows through shared memory as
+// raw 16-byte vectors, the next tile's loads in flight while it sums the current one; P threads
+// per row sum pieces of L elements in order, four at a time, then a butterfly over the P lanes.
+// Partials: one slot per row n * C + c (slot(0, row, 0) with c_stride 1). Which vectors a thread
+// loads and which elements it sums are the same in every full tile: set once. The last tile, of
+// rows % R rows, is read element by element after the loop. DOT: tiles of x and dy, the sum of dy * x
+// (and the count of maxima, mref [N, C] the channels' maxima).
+template <typename T, int VEC, Job J>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_tiles(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
+                TilePlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  constexpr bool MAXED = maxed(J), DOT = dotted(J);
+  using acc_t = at::acc_type<T, true>;
+  constexpr int kTiles = DOT ? 2 : 1;  // x's tile, then dy's
+  __shared__ uint4 tile[kTiles][kThreads * kLoads];
+  T* elems = reinterpret_cast<T*>(tile[0]);
+  T* delems = reinterpret_cast<T*>(tile[kTiles - 1]);
+  const int r = threadIdx.x / pl.P, p = threadIdx.x % pl.P;
+  const int64_t tile_elems = int64_t(pl.R) * pl.HW;   // a whole number of vectors
+  const int whole = static_cast<int>(tile_elems / VEC);  // <= kThreads x kLoads
+  int off[kLoads];  // element offsets of the thread's vectors in a tile (past its end: the last, not stored)
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) off[u] = ::min(static_cast<int>(threadIdx.x) + u * kThreads, whole - 1) * VEC;
+  const int h0 = p * pl.L;
+  const int h1 = r < pl.R ? ::min(h0 + pl.L, static_cast<int>(pl.HW)) : h0;
+  const T* mine = elems + (r < pl.R ? r * pl.HW : 0);
+  const T* dmine = delems + (r < pl.R ? r * pl.HW : 0);
+
+  auto sum_rows = [&](int64_t t, int h_end) {  // the thread's piece [h0, h_end) of its row of tile t
+    const int64_t row = t * pl.R + r;
+    acc_t s = acc_t(0), m = -std::numeric_limits<acc_t>::infinity();
+    // an empty piece keeps -inf and h0, past the pieces before it: merges never pick it; counts start at 0
+    int mi = counted(J) ? 0 : h0;
+    const acc_t mr = counted(J) && h_end > h0 ? mref[row] : acc_t(0);
+    auto take = [&](int h) {
+      const acc_t e = static_cast<acc_t>(mine[h]);
+      if constexpr (DOT) {
+        s += static_cast<acc_t>(dmine[h]) * e;
+        if (counted(J)) mi += e == mr;
+      } else {
+        s += e;
+        if (MAXED) take_max_in_order(m, mi, e, h);
+      }
+    };
+    int h = h0;
+#pragma unroll 1
+    for (; h + 3 < h_end; h += 4) take(h), take(h + 1), take(h + 2), take(h + 3);
+    if (h < h_end) take(h);
+    if (h + 1 < h_end) take(h + 1);
+    if (h + 2 < h_end) take(h + 2);
+    lanes_merge<J>(s, m, mi, pl.P);
+    if (p == 0 && h_end > h0) {
+      const int64_t o = out.slot(0, row, 0);
+      out.sum[o] = s;
+      if (MAXED) out.max[o] = m;
+      if (MAXED || counted(J)) out.idx[o] = mi;
+    }
+  };
+
+  const int64_t full = pl.rows / pl.R, step = int64_t(gridDim.x) * tile_elems;
+  int64_t t = blockIdx.x;
+  int64_t at0 = t * tile_elems;  // tile t's first element
+  uint4 raw[kTiles][kLoads];
+  auto issue = [&](int64_t e0) {
+    const T* at[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) at[u] = x + e0 + off[u];
+    load_raw<kLoads>(raw[0], at);
+    if constexpr (DOT) {
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) at[u] = dy + e0 + off[u];
+      load_raw<kLoads>(raw[1], at);
+    }
+  };
+  if (t < full) issue(at0);
+  for (; t < full; t += gridDim.x, at0 += step) {  // marker: hot loop (pool_tiles)
+#pragma unroll
+    for (int k = 0; k < kTiles; ++k)
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u)
+        if (threadIdx.x + u * kThreads < whole) tile[k][threadIdx.x + u * kThreads] = raw[k][u];
+    __syncthreads();
+    if (t + gridDim.x < full) issue(at0 + step);
+    sum_rows(t, h1);
+    __syncthreads();  // the tile is read before the next one is stored
+  }
+  const int64_t left = pl.rows - full * pl.R;
+  if (t == full && left > 0) {
+    const int64_t n = left * pl.HW, e0 = full * tile_elems;
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      elems[i] = x[e0 + i];
+      if constexpr (DOT) delems[i] = dy[e0 + i];
+    }
+    __syncthreads();
+    sum_rows(t, r < left ? h1 : h0);
+  }
+}
+
+}  // namespace next
+}  // namespace cuda
+}  // namespace attnfused
