@@ -9,14 +9,17 @@ logged. Every skip is logged with its reason.
 
   build    100 s  just-in-time build for sm_90 (ATTNFUSED_BUILD=jit, MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)
   tests    150 s  a curated CUDA subset (-m "cuda and not slow"): every op and option in both layouts and
-                  fp32/fp16/bf16 through the multi-pass path, in fp16 through the on-chip path, the tiling
-                  and odd shapes, bit-identity, opcheck, torch.compile, graph capture, streams, drop-in
+                  fp32/fp16/bf16 through the multi-pass path, in fp16 through the on-chip path, the
+                  channel op through the new kernels (ATTNFUSED_CUDA_KERNELS=next), the tiling and odd
+                  shapes, ties under both rules, bit-identity, opcheck, torch.compile, graph capture,
+                  streams, drop-in
   sanitize  60 s  compute-sanitizer memcheck, racecheck, synccheck on one slice (op x option x dtype),
                   a different slice per commit and day (--slice N to force one)
-  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7), then python -m bench at the ResNet-50
-                  stages, batch 128 fwd+train (one block with eager, compile, cuda; the other two with
-                  eager, cuda) and batch 1 and 8 fwd (eager, cuda); one dtype per run, fp16 and bf16 in
-                  turn (--dtype), the block with compile in turn among CBAM-FC, SE, ECA
+  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7; then SE on the new kernels), then
+                  python -m bench at the ResNet-50 stages, batch 128 fwd+train (one block with eager,
+                  compile, cuda; SE and ECA on the new kernels; the other two blocks with eager, cuda)
+                  and batch 1 and 8 fwd (eager, cuda); one dtype per run, fp16 and bf16 in turn
+                  (--dtype), the block with compile in turn among CBAM-FC, SE, ECA
   probes    20 s  L2 re-read rate of 8-64 MB chunks; cudaOccupancyMaxActiveClusters for clusters of 8 and
                   16 CTAs holding one sample (bench/gpu_probes.cu, built with nvcc)
   static    15 s  python -m bench.static on the library just built, against this run's profile
@@ -56,10 +59,10 @@ TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_drop_in.py"]
 # the on-chip path (the ops that have one), the channel op through the new kernels (all options,
 # dtypes, layouts and tiling shapes: the ops they cover), the tiling shapes through the multi-pass
 # path, and everything else marked cuda (bit-identity, opcheck, compile, graph capture, streams,
-# empty batch, drop-in models)
+# empty batch, drop-in models; the channel op's ties through the new kernels)
 TEST_K = ("not float64 and (not parity_tiling or multipass or (next and channel)) "
           "and (not parity_all_options or multipass or (next and channel) "
-          "or (float16 and not bfloat16 and not spatial))")
+          "or (float16 and not bfloat16 and not spatial)) and (not channel_ties or next)")
 TEST_M = "cuda and not slow"
 
 # sanitizer slices: op x option class x dtype (-k terms of the parity tests' ids)
@@ -306,6 +309,10 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                  "--rep-ms", "40", "--name", f"bench_b128_rest_{dtype}"]
     bsmall = [*bench, "--blocks", ",".join(BENCH_BLOCKS), "--batch", "1,8", "--modes", "fwd", "--providers",
               "eager,cuda", "--rep-ms", "25", "--name", f"bench_b1_8_{dtype}"]
+    # the new kernels ($ATTNFUSED_CUDA_KERNELS=next) where they exist: the channel attention op
+    nxt = {"ATTNFUSED_CUDA_KERNELS": "next"}
+    b128_next = [*bench, "--blocks", "se,eca", "--batch", "128", "--modes", "fwd,train", "--providers", "cuda",
+                 "--rep-ms", "40", "--name", f"bench_b128_next_{dtype}"]
     return {
         "build": [Step("jit_build", [py, "-c", "import attnfused, json; i = attnfused.build_info(); "
                                            "print(json.dumps(i, indent=1, default=str)); assert i['cuda'], i"],
@@ -321,8 +328,12 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
         "bench": [
             Step("profile", [py, "-m", "bench.profile_kernels", "--blocks", "cbam_fc,se", "--backends", "cuda",
                              "--dtype", "fp16", "--calls", "3"], timeout=25),
-            Step("b128_" + block, b128, dry=[*b128, "--device", "cpu", "--list"], timeout=65, summary=bench_summary),
-            Step("b128_rest", b128_rest, dry=[*b128_rest, "--device", "cpu", "--list"], timeout=30,
+            Step("profile_next", [py, "-m", "bench.profile_kernels", "--blocks", "se", "--backends", "cuda",
+                                  "--dtype", "fp16", "--calls", "3"], timeout=20, env=nxt),
+            Step("b128_" + block, b128, dry=[*b128, "--device", "cpu", "--list"], timeout=55, summary=bench_summary),
+            Step("b128_next", b128_next, dry=[*b128_next, "--device", "cpu", "--list"], timeout=25, env=nxt,
+                 summary=bench_summary),
+            Step("b128_rest", b128_rest, dry=[*b128_rest, "--device", "cpu", "--list"], timeout=25,
                  summary=bench_summary),
             Step("b1_8", bsmall, dry=[*bsmall, "--device", "cpu", "--list"], summary=bench_summary),
         ],

@@ -87,9 +87,8 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
   return out;
 }
 
-// Pass 3: y = x * s[n, c], x read as flat 16-byte vectors (V) in either layout.
-// The last pass over flat 16-byte vectors (V) in either layout: y = x * s[n, c], or (BWD, x being
-// dy) dx = dy * s + ph + [hw == argmax] qh from the packed terms.
+// The last pass over flat 16-byte vectors (V) in either layout (next_last.cuh): y = x * s[n, c],
+// or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too).
 template <typename T, int V, Last P>
 std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();

@@ -12,7 +12,8 @@ namespace next {
 // ---------------------------------------------------------------------------- the channel gate
 // Small math over the whole batch, in kernels of their own: the pooled vectors from the partials,
 // then (MLP) two products over all samples that read each weight once per tile of kRowsPerWarp
-// samples (the hidden layer's activation between them), then the logits and the gate. Every sum has a fixed order, so reruns are bit-identical.
+// samples (the hidden layer's activation between them), then the logits and the gate. Every sum
+// has a fixed order, so reruns are bit-identical.
 
 // The item t = (r, c) of a kernel with one thread per item of [rows, cols]; false past the end.
 __device__ __forceinline__ bool item_of(int64_t rows, int64_t cols, int64_t& t, int64_t& r, int64_t& c) {
