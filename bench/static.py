@@ -219,7 +219,7 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
     v = pick_vec(B, elem)
     ns = "attnfused::cuda::"
     red = f"void {ns}_reduce_kernel<{T}, {v}, ({ns}Pass)"
-    small = N * C * H * W + SMS * 32 * THREADS * (16 // elem) < 2 ** 32
+    small = N * C * H * W + SMS * 32 * THREADS * (16 // elem) <= 2 ** 31 - 1  # launch_apply (launch.cuh)
     idx = "unsigned int" if small else "long"
 
     def app(label, flags):
@@ -269,7 +269,7 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     if pool is None:
         return []
     ns = "attnfused::cuda::next::"
-    small = N * C * H * W + SMS * 32 * THREADS * v < 2 ** 32
+    small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
     red = f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)"

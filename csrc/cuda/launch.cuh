@@ -210,8 +210,9 @@ void launch_apply(const at::Tensor& in, const at::Tensor& out, const ApplyParams
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   constexpr int VMAX = 16 / sizeof(T);
-  // 32-bit indices (fast division) while every element index and the grid stride fit
-  const bool small = numel + int64_t(num_sms()) * 32 * kThreads * VMAX < (int64_t(1) << 32);
+  // 32-bit indices while every element index and the grid stride stay within INT32_MAX: the fast
+  // division (torch's IntDivider<unsigned>) adds in 32 bits and wraps past about 3e9
+  const bool small = numel + int64_t(num_sms()) * 32 * kThreads * VMAX <= INT32_MAX;
   using I32 = Tag<uint32_t>;
   using I64 = Tag<int64_t>;
   using V1 = std::integral_constant<int, 1>;

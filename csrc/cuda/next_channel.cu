@@ -106,8 +106,9 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
         static_cast<int>(numel - nvec * V));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // 32-bit indices (fast division) while every element index and the grid stride fit
-  const bool small = numel + grid * kThreads * V < (int64_t(1) << 32);
+  // 32-bit indices while every element index and the grid stride stay within INT32_MAX: the fast
+  // division (torch's IntDivider<unsigned>) adds in 32 bits and wraps past about 3e9
+  const bool small = numel + grid * kThreads * V <= INT32_MAX;
   using I32 = Tag<uint32_t>;
   using I64 = Tag<int64_t>;
   using CL = std::integral_constant<ScaleRows, ScaleRows::CL>;
@@ -235,7 +236,8 @@ bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> stream
   // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
   // vectors, or short rows in tiles, with no vector meeting more than two rows (the last pass)
   const bool fits = cl ? C % V == 0 : HW % V == 0 || (HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
-  if (!fits || x.size(0) == 0 || x.numel() < V) return false;
+  // rows and row groups past the end index up to H*W + 16384 in 32-bit ints
+  if (!fits || x.size(0) == 0 || x.numel() < V || HW > INT32_MAX - (int64_t(1) << 15)) return false;
   for (const at::Tensor* t : streamed)
     if (!aligned16(t->data_ptr())) return false;
   return true;

@@ -15,6 +15,10 @@ namespace next {
 // samples (the hidden layer's activation between them), then the logits and the gate. Every sum
 // has a fixed order, so reruns are bit-identical.
 
+// a / b rounded as IEEE division (--use_fast_math makes float's `/` approximate): as torch's g / count
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
+
 // The item t = (r, c) of a kernel with one thread per item of [rows, cols]; false past the end.
 __device__ __forceinline__ bool item_of(int64_t rows, int64_t cols, int64_t& t, int64_t& r, int64_t& c) {
   t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -210,7 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   g.ph[t] = davg / acc_t(g.HW);
   g.qh[t] = dmax;
   if constexpr (SPLIT)  // as amax's backward: (g / count) * (x == max); no element equals a NaN max: count 0
-    terms[t] = Term<acc_t, true>{g.s[t], g.ph[t], dmax / acc_t(cnt[t]), g.pooled[(n * 2 + 1) * C + c]};
+    terms[t] = Term<acc_t, true>{g.s[t], g.ph[t], div_rn(dmax, acc_t(cnt[t])), g.pooled[(n * 2 + 1) * C + c]};
   else
     terms[t] = Term<acc_t, false>{g.s[t], g.ph[t], dmax, static_cast<int>(g.argmax[t])};
 }
