@@ -74,6 +74,7 @@ SOURCE_FACTS = {
         r"int64_t most = ceil_div\(p.A, TY \* 4\);",
         r"ceil_div\(nvec, kThreads\), int64_t\(num_sms\(\)\) \* 32",
         r"dir = \(\(over == Over::SPACE\) != p.cl\) \? ROW : COL;",
+        r"const bool small = numel \+ int64_t\(num_sms\(\)\) \* 32 \* kThreads \* VMAX <= INT32_MAX;",
     ],
     "csrc/cuda/onchip.cuh": [r"4 \* x.size\(0\) >= 3 \* per_sm \* prop->multiProcessorCount",
                              r"sharedMemPerMultiprocessor\) / \(bytes \+ 1024\)"],
@@ -88,6 +89,11 @@ SOURCE_FACTS = {
         r"grid = tiles < slots \? tiles : slots;",
     ],
     "csrc/cuda/next_pool.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
+    "csrc/cuda/next_channel.cu": [  # covers(): which shapes run the new kernels, and with which pool
+        r"const bool fits = cl \? C % V == 0 : HW % V == 0 \|\| \(HW >= V && TilePlan::covers\(HW, static_cast<int>\(V\)\)\);",
+        r"\} else if \(HW % V != 0\) \{  // rows of no whole number of vectors: tiles",
+        r"const bool small = numel \+ grid \* kThreads \* V <= INT32_MAX;",
+    ],
 }
 
 
