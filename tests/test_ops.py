@@ -153,3 +153,20 @@ def test_split_backward_falls_back_where_a_backend_does_not_cover(monkeypatch):
     assert backends.computes_split("fake", "channel_attention_backward")
     assert not backends.computes_split("fake", "spatial_attention_backward")
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_nan_gradient_where_the_oracle_has_it(backend, pool):
+    # one NaN in x, a conv over channels (it mixes only neighbours): the input gradient is NaN
+    # exactly where the float64 oracle's is (an input's unused half must not carry the NaN)
+    x = rand(2, 8, 4, 4, dtype=torch.float64)
+    x[0, 3, 1, 1] = math.nan
+    w = rand(1, 1, 3, dtype=torch.float64)
+    grads = []
+    for fn in (lambda t: attnfused.functional.channel_attention(t, w, kind="conv", pool=pool, backend=backend),
+               lambda t: attnfused.reference.functional.channel_attention(t, w, kind="conv", pool=pool)):
+        xr = x.clone().requires_grad_()
+        y = fn(xr)
+        grads.append(torch.autograd.grad(y, xr, torch.ones_like(y))[0])
+    assert torch.equal(grads[0].isnan(), grads[1].isnan())

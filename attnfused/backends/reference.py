@@ -153,8 +153,11 @@ def channel_small_backward(dlogits, pooled, w1, b1, w2, b2, kind, pool, act, pad
         else:
             dv, g1 = conv1d_backward(v, dlogits, w1, padding)
             dw1 += g1
-        davg += ca * dv
-        dmax += cm * dv
+        # only the vectors this input is made of: 0 * dv would carry a NaN of dv where the oracle has none
+        if ca:
+            davg += ca * dv
+        if cm:
+            dmax += cm * dv
     return torch.stack((davg, dmax), 1), dw1, db1, dw2, db2
 
 
