@@ -114,7 +114,7 @@ def _close(out, ref, tol) -> bool:
     return rel_err(out[ok], ref[ok]) <= tol
 
 
-def cpu_and_oracle(name, tie, kind, dtype, lay, backend="cpu", device="cpu", shape=SHAPE):
+def backend_and_oracle(name, tie, kind, dtype, lay, backend="cpu", device="cpu", shape=SHAPE):
     """(the backend's output and gradients, the float64 oracle's, their labels) on tied input `kind`."""
     case = _case(name, tie)
     wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -138,7 +138,13 @@ def cpu_and_oracle(name, tie, kind, dtype, lay, backend="cpu", device="cpu", sha
 @pytest.mark.parametrize("tie", ["first", "split"])
 @pytest.mark.parametrize("name", OPS)
 def test_ties_against_oracle(name, tie, kind, dtype, lay):
-    got, ref, labels = cpu_and_oracle(name, tie, kind, dtype, lay)
+    check_ties_against_oracle(name, tie, kind, dtype, lay)
+
+
+def check_ties_against_oracle(name, tie, kind, dtype, lay, backend="cpu", device="cpu", shape=SHAPE):
+    """The output (dtype's tolerance) and every gradient (its gradient tolerance) of `backend` within
+    reach of the float64 oracle, NaN exactly where the oracle's are."""
+    got, ref, labels = backend_and_oracle(name, tie, kind, dtype, lay, backend, device, shape)
     for i, (label, a, b) in enumerate(zip(labels, got, ref)):
         tol = (TOLERANCE if i == 0 else GRAD_TOLERANCE)[dtype]
         assert _close(a, b, tol), (label, rel_err(a[~b.isnan()], b[~b.isnan()]) if a.shape == b.shape else a.shape)
@@ -150,8 +156,8 @@ def test_rules_differ_on_ties(name, lay):
     """On inputs full of ties the two rules' input gradients differ, and each matches the oracle of
     its own rule only (so a kernel that ignored the rule, or spread the split wrongly, fails)."""
     kind = "after_gate" if name.startswith("cbam") else "grid"
-    first, ref_first, _ = cpu_and_oracle(name, "first", kind, torch.float64, lay)
-    split, ref_split, _ = cpu_and_oracle(name, "split", kind, torch.float64, lay)
+    first, ref_first, _ = backend_and_oracle(name, "first", kind, torch.float64, lay)
+    split, ref_split, _ = backend_and_oracle(name, "split", kind, torch.float64, lay)
     assert torch.equal(first[0], split[0])  # the forward is the same
     assert rel_err(first[1], split[1]) > 1e-3
     assert rel_err(split[1], ref_split[1]) <= 1e-12 and rel_err(first[1], ref_first[1]) <= 1e-12
@@ -161,8 +167,8 @@ def test_rules_differ_on_ties(name, lay):
 def test_cbam_ties_after_gate_only():
     """The CBAM spatial max ties on x1 = x * s where channels 0 and 1 have equal x and equal gates
     (equal MLP rows): the split share goes to both, as the oracle's."""
-    got, ref, _ = cpu_and_oracle("cbam_mlp", "split", "after_gate", torch.float32, "nchw")
-    first, _, _ = cpu_and_oracle("cbam_mlp", "first", "after_gate", torch.float32, "nchw")
+    got, ref, _ = backend_and_oracle("cbam_mlp", "split", "after_gate", torch.float32, "nchw")
+    first, _, _ = backend_and_oracle("cbam_mlp", "first", "after_gate", torch.float32, "nchw")
     assert rel_err(got[1], ref[1]) <= GRAD_TOLERANCE[torch.float32]
     assert rel_err(got[1], first[1]) > 1e-3
 

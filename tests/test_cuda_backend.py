@@ -143,12 +143,9 @@ def test_bit_identical_twice(case, dtype, lay, path):
 def test_channel_ties(name, tie, kind, dtype, lay, path):
     # both tie rules on inputs full of ties against the float64 oracle: C = 16 fills whole vectors in
     # channels_last, H*W = 35 goes through tiles in NCHW (the new path computes "split" there)
-    from tests.test_cpu_ties import cpu_and_oracle, _close
+    from tests.test_cpu_ties import check_ties_against_oracle
 
-    got, ref, labels = cpu_and_oracle(name, tie, kind, dtype, lay, BACKEND, "cuda", shape=(3, 16, 5, 7))
-    for i, (label, a, b) in enumerate(zip(labels, got, ref)):
-        tol = (TOLERANCE if i == 0 else GRAD_TOLERANCE)[dtype]
-        assert _close(a, b, tol), (label, rel_err(a[~b.isnan()], b[~b.isnan()]) if a.shape == b.shape else a.shape)
+    check_ties_against_oracle(name, tie, kind, dtype, lay, BACKEND, "cuda", shape=(3, 16, 5, 7))
 
 
 @pytest.mark.cuda

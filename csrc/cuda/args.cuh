@@ -26,8 +26,8 @@ struct ChannelWeights : attnfused::ChannelWeights {
 
   int nv() const { return pool_inputs(o.pool); }
 
-  template <typename acc_t>
   // hidden: the forward's `hidden` output (new_hidden), where the MLP's pre-activations go; else scratch
+  template <typename acc_t>
   ChannelArgs<acc_t> args(Scratch& s, const at::Tensor& pooled, const at::Tensor& argmax, bool backward,
                           const at::Tensor& hidden = at::Tensor()) const {
     ChannelArgs<acc_t> g{};
@@ -87,8 +87,8 @@ struct ChannelWeights : attnfused::ChannelWeights {
   }
 };
 
-// common.h's SpatialConvWeights with the options, the sizes of x and the kernels' argument block;
-// w flat [M * k * k].
+// common.h's SpatialConvWeights with the options, the sizes of x and the kernels' argument block
+// (which reads w as a flat [M * k * k]).
 struct SpatialWeights : SpatialConvWeights {
   Maps maps;
   Gate gate;
@@ -145,8 +145,6 @@ inline at::Tensor new_pooled(const at::Tensor& x) {
   return at::empty({x.size(0), 2, x.size(1)}, x.options().dtype(acc_dtype(x)));
 }
 inline at::Tensor new_argmax(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kLong)); }
-// The forward's `hidden` output: empty, as the backward recomputes the MLP from `pooled` in the
-// kernel that needs it (the CPU backend saves it there; ops.py states the contract).
 // The ops' `hidden` output: the MLP's pre-activations [N, P * Cr] (the per-sample gate and the new
 // path's hidden layer write them); empty for the conv.
 inline at::Tensor new_hidden(const at::Tensor& x, const ChannelWeights& cw) {
