@@ -36,10 +36,13 @@ Python layers; whatever traces or intercepts ops gets the custom ops.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.autograd import forward_ad as _fwAD
 
 from . import backends
@@ -179,6 +182,45 @@ def _direct(op, inputs):
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
         return _Direct.apply(op._name, *inputs)
     return run_kernel(inputs[-1], op._name, inputs[:-1])
+
+
+# ----------------------------------------------------------------------------- torch.compile sees Triton's kernels
+# Backends whose kernels are Triton kernels that a tracer can record: under torch.compile their ops
+# are decomposed into the kernels themselves (what `torch.library.triton_op` does), so the compiled
+# code launches them with no Python launcher and no opaque op (CUDA graphs included). The op stays
+# whole for every other backend, on CPU tensors (the Triton interpreter), and under torch.export (an
+# exported program keeps the op, as it keeps `triton_op`s: it should not hold one GPU's kernels).
+_TRACEABLE_BACKENDS = {"triton": "attnfused.backends.triton._common"}
+_TRACED_TYPES = frozenset((Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor))
+
+
+def _traced_launches(backend: str, args, types):
+    """The context that records `backend`'s launches, or None where the op must stay whole."""
+    module = _TRACEABLE_BACKENDS.get(backend)
+    if module is None or not (isinstance(args[0], Tensor) and args[0].is_cuda):
+        return None
+    if not _TRACED_TYPES.issuperset(types):
+        return None  # another tensor subclass: its own rules see the op
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+    if custom_triton_ops_decomposition_disabled():
+        return None
+    return importlib.import_module(module).traced_launches()
+
+
+def _decompose_when_traceable(op) -> None:
+    """Under functionalization (AOTAutograd, hence torch.compile), `op` on a traceable backend runs
+    that backend's launcher with its launches recorded; elsewhere it stays one op."""
+    name = op._name
+
+    def rule(mode, func, types, args, kwargs):
+        traced = _traced_launches(args[-1], args, types)
+        if traced is None:
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode, traced:
+            out = run_kernel(args[-1], name, args[:-1])
+        return tuple(out) if isinstance(out, (tuple, list)) else out
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
 
 
 def _forward_kernel(backend: str, name: str, *args):
@@ -411,3 +453,8 @@ def _scale_backward(ctx, grad_y):
 
 
 _register_autograd(spatial_scale, _scale_backward, _scale_setup)
+
+
+for _op in (channel_attention, channel_attention_backward, spatial_attention, spatial_attention_backward, cbam,
+            cbam_backward, spatial_pool, spatial_pool_backward, spatial_scale, spatial_scale_backward):
+    _decompose_when_traceable(_op)

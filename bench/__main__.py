@@ -34,6 +34,8 @@ QUICK = dict(blocks="se,cbam_fc", shapes="small", batch="2", modes="fwd,train", 
 def _csv_list(s: str, choices, what: str) -> list[str]:
     items = [i.strip() for i in s.split(",") if i.strip()]
     if items == ["all"]:
+        if isinstance(choices, dict):  # a provider may stay out of `all` (asked for by name only)
+            return [c for c, v in choices.items() if getattr(v, "in_all", True)]
         return list(choices)
     bad = [i for i in items if i not in choices]
     if bad:
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
     ap.add_argument("--blocks", default=None, help=f"comma list of {list(BLOCKS)} or 'all' (default all)")
     ap.add_argument("--providers", default=None,
-                    help=f"comma list of {list(PROVIDERS)} or 'all' (default all; each runs only where it can)")
+                    help=f"comma list of {list(PROVIDERS)} or 'all' (default all but the '+compile' ones; "
+                         "each runs only where it can)")
     ap.add_argument("--modes", default=None, help="comma list of fwd,bwd,train (default all)")
     ap.add_argument("--dtypes", default=None, help=f"comma list of {list(DTYPES)} (default fp32)")
     ap.add_argument("--layouts", default=None, help="comma list of nchw,cl (default both)")

@@ -1,11 +1,14 @@
-"""torch.compile(fullgraph=True) traces every fused module without graph breaks (CPU)."""
+"""torch.compile(fullgraph=True) traces every fused module without graph breaks (CPU); the Triton
+backend's ops trace to their kernels."""
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 import attnfused
-from tests._util import GRAD_TOLERANCE, TOLERANCE, cpu_backends, rand, rel_err
+from tests._util import GRAD_TOLERANCE, TOLERANCE, cpu_backends, interpreting, rand, rel_err
 
 MODULES = {
     "SEBlock": lambda: attnfused.SEBlock("max", 12, 4),
@@ -37,3 +40,113 @@ def test_compile_fullgraph_forward_backward(name, backend):
     (gx1,) = torch.autograd.grad(out, x1, g)
     (gx2,) = torch.autograd.grad(ref, x2, g)
     assert rel_err(gx1, gx2) <= GRAD_TOLERANCE[torch.float32]
+
+
+# ----------------------------------------------------------------------------- the Triton backend's kernels
+# Under torch.compile the Triton backend's ops decompose into their kernels (attnfused.ops): the compiled
+# graph launches them itself, with no Python launcher and no opaque op. Traced here on fake CUDA tensors, so
+# no GPU is needed (the GPU tests run the compiled kernels).
+
+def _triton_traceable() -> str | None:
+    if interpreting():
+        return "the interpreter's kernels are plain functions, which no tracer records"
+    try:
+        import attnfused.backends.triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable: {e}"
+    return None
+
+
+def _traced_graph(fn, *inputs):
+    """(outputs, the graph AOTAutograd traced of fn(*inputs) in inference, as torch.compile would)."""
+    from torch._functorch.aot_autograd import aot_function
+
+    graphs = []
+    out = aot_function(fn, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*inputs)
+    return out, graphs[0].graph
+
+
+def _kernels_and_ops(graph) -> tuple[int, list[str]]:
+    targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    return sum("triton_kernel_wrapper" in t for t in targets), [t for t in targets if "attnfused" in t]
+
+
+def _triton_cases(dtype, memory_format):
+    """(name, fn, inputs) of every forward op with its backward op, on fake CUDA tensors."""
+    from attnfused import ops
+
+    def t(*shape, dt=torch.float32):
+        return torch.randn(*shape, device="cuda", dtype=dt)
+
+    x = t(3, 24, 9, 7, dt=dtype).contiguous(memory_format=memory_format)
+    w1, w2, b1, b2, cw = t(6, 24), t(24, 6), t(6), t(24), t(1, 1, 5)
+    sw, sb = t(1, 2, 7, 7), t(1)
+    ch = ("avg+max", "relu", "sigmoid", "zeros")
+    sp = ("max_mean", "sigmoid")
+
+    def channel(x, w1, b1, w2, b2, tie):
+        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
+        return y, *ops.channel_attention_backward(y, x, *saved, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
+
+    def eca(x, cw, tie):
+        y, *saved = ops.channel_attention(x, cw, None, None, None, "conv", *ch, tie, "triton")
+        return y, *ops.channel_attention_backward(y, x, *saved, cw, None, None, None, "conv", *ch, tie, "triton")
+
+    def spatial(x, sw, sb, tie):
+        y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, "triton")
+        return y, *ops.spatial_attention_backward(y, x, *saved, sw, sb, *sp, tie, "triton")
+
+    def cbam(x, w1, w2, sw, tie):
+        y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
+        return y, *ops.cbam_backward(y, x, *saved, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
+
+    def halves(x, tie):
+        smaps, sargmax = ops.spatial_pool(x, tie, "triton")
+        tmap = smaps[:, 0].sigmoid()
+        y = ops.spatial_scale(x, tmap, "triton")
+        gx, gt = ops.spatial_scale_backward(y, x, tmap, "triton")
+        return y, gx, gt, ops.spatial_pool_backward(smaps, x, sargmax, tie, "triton")
+
+    for tie in ("first", "split"):
+        yield f"channel-{tie}", functools.partial(channel, tie=tie), (x, w1, b1, w2, b2)
+        yield f"eca-{tie}", functools.partial(eca, tie=tie), (x, cw)
+        yield f"spatial-{tie}", functools.partial(spatial, tie=tie), (x, sw, sb)
+        yield f"cbam-{tie}", functools.partial(cbam, tie=tie), (x, w1, w2, sw)
+        yield f"halves-{tie}", functools.partial(halves, tie=tie), (x,)
+
+
+@pytest.mark.skipif(_triton_traceable() is not None, reason=str(_triton_traceable()))
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_triton_ops_compile_to_their_kernels(dtype, memory_format, monkeypatch):
+    """Every Triton op, forward and backward under both tie rules, traces to its kernels alone: no opaque
+    op is left in the graph, and its outputs have the metadata of the op's fake implementation (the
+    contract torch.compile traced against). The CUDA backend's op stays one op."""
+    import logging
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attnfused.backends.triton import _common
+
+    if not torch.cuda.is_available():  # the launchers size their grids by the SM count
+        monkeypatch.setattr(_common, "_num_sms", lambda index: 132)
+    # without a GPU driver Triton cannot tell which arguments a kernel writes: it takes all of them
+    # (correct, and logged at length)
+    monkeypatch.setattr(logging.getLogger("torch._higher_order_ops.triton_kernel_wrap"), "disabled", True)
+    with FakeTensorMode():
+        for name, fn, inputs in _triton_cases(dtype, memory_format):
+            expected = fn(*inputs)  # the ops' fake implementations
+            out, graph = _traced_graph(fn, *inputs)
+            kernels, opaque = _kernels_and_ops(graph)
+            assert kernels >= 2 and not opaque, (name, kernels, opaque)
+            assert len(out) == len(expected), name
+            for o, e in zip(out, expected):
+                assert (o.shape, o.dtype, o.stride(), o.device) == (e.shape, e.dtype, e.stride(), e.device), name
+
+        x = torch.randn(2, 8, 5, 5, device="cuda")
+        w = torch.randn(1, 1, 3, device="cuda")
+        opts = ("conv", "avg+max", "relu", "sigmoid", "zeros", "first")
+        _, graph = _traced_graph(lambda x, w: attnfused.ops.channel_attention(x, w, None, None, None, *opts, "cuda"),
+                                 x, w)
+        kernels, opaque = _kernels_and_ops(graph)
+        assert kernels == 0 and opaque == ["attnfused.channel_attention.default"], opaque

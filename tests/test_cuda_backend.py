@@ -1,8 +1,9 @@
 """The `cuda` backend on a GPU: parity with the float64 oracle for every op, option, dtype and
 layout (forward, input and weight gradients), through the multi-pass and the on-chip forward
-($ATTNFUSED_CUDA_ONCHIP=0 / =1) and the new kernels ($ATTNFUSED_CUDA_KERNELS=next), shapes that exercise every tiling path, opcheck,
-bit-identical reruns, torch.compile(fullgraph=True), CUDA graph capture, a non-default stream,
-and one input past 2**31 elements: every such test is marked `cuda` (skipped without a GPU).
+($ATTNFUSED_CUDA_ONCHIP=0 / =1) and the new kernels ($ATTNFUSED_CUDA_KERNELS=next), shapes that
+exercise every tiling path, opcheck, bit-identical reruns, torch.compile(fullgraph=True) (and the
+Triton backend's kernels compiled into the graph), CUDA graph capture, a non-default stream, and
+one input past 2**31 elements: every such test is marked `cuda` (skipped without a GPU).
 A few checks of the backend's registration run everywhere.
 """
 from __future__ import annotations
@@ -175,6 +176,38 @@ def test_compile_fullgraph():
     ye.sum().backward()
     yc.sum().backward()
     assert torch.equal(xe.grad, xc.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block", ["se", "cbam"])
+def test_compile_runs_the_triton_kernels_itself(block, monkeypatch):
+    """Under torch.compile the Triton backend's ops are their kernels in the graph (attnfused.ops): the
+    compiled code matches eager within the dtype's tolerance, and runs with no Python launcher of ours."""
+    import torch._dynamo
+
+    if attnfused.backends.unavailable_reason("triton", "cuda", torch.float16) is not None:
+        pytest.skip(attnfused.backends.unavailable_reason("triton", "cuda", torch.float16))
+    torch._dynamo.reset()
+    m = (attnfused.SEBlock("avg", 64, 8, backend="triton") if block == "se"
+         else attnfused.CBAMBlock("FC", 7, channels=64, ratio=8, backend="triton")).cuda()
+    compiled = torch.compile(m, fullgraph=True)
+    for step in range(2):
+        x = rand(8, 64, 14, 14, device="cuda").half().contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(x)
+        runs = []
+        for fn in (m, compiled):
+            with monkeypatch.context() as patch:
+                if fn is compiled and step:  # traced and compiled: no call reaches our Python launchers
+                    patch.setattr(attnfused.ops, "run_kernel", None)
+                    patch.setattr(torch._dynamo.config, "error_on_recompile", True)
+                xi = x.clone().requires_grad_()
+                with torch.autocast("cuda", dtype=torch.float16):
+                    y = fn(xi)
+                runs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], g)))
+        (ye, *ge), (yc, *gc) = runs
+        assert rel_err(yc, ye) <= TOLERANCE[torch.float16]
+        for a, b in zip(gc, ge):
+            assert rel_err(a, b) <= GRAD_TOLERANCE[torch.float16]
 
 
 @pytest.mark.cuda

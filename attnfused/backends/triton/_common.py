@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -55,8 +56,41 @@ def code(table: dict, name: str, value: str) -> int:
 
 
 def device_guard(x: torch.Tensor):
-    """Launch on x's device (Triton launches on the current device and stream)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on x's device (Triton launches on the current device and stream). Nothing while
+    launches are traced: the compiled code sets the device itself."""
+    if not x.is_cuda or _LAUNCHES.traced:
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
+
+
+class _Launches(threading.local):
+    traced = False  # inside `traced_launches` on this thread
+
+
+_LAUNCHES = _Launches()
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside, every launch goes through `torch.library.wrap_triton`: a tracer (torch.compile's
+    AOTAutograd) records the kernels themselves, with their grids and arguments, and the compiled
+    code launches them with no Python launcher of ours (attnfused.ops decomposes the Triton
+    backend's ops this way under torch.compile). Outside, `launch` returns the kernel as it is: in
+    eager mode the wrapper would only add its own dispatch cost to every launch."""
+    before = _LAUNCHES.traced
+    _LAUNCHES.traced = True
+    try:
+        yield
+    finally:
+        _LAUNCHES.traced = before
+
+
+def launch(kernel):
+    """`kernel`, or its traceable wrapper inside `traced_launches`: every launch is `launch(k)[grid](...)`."""
+    if _LAUNCHES.traced:
+        from torch.library import wrap_triton
+        return wrap_triton(kernel)
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
-                      gate_fn, gate_grad_fn, is_split, programs_wanted, run_push, splits_for)
+                      gate_fn, gate_grad_fn, is_split, launch, programs_wanted, run_push, splits_for)
 from .reduce import apply, reduce, sum_over_batch
 
 
@@ -365,12 +365,12 @@ def _mlp_forward(pooled, w1, b1, w2, b2, pool, act, gate, dot=None, out=None):
     grid = (triton.cdiv(N, bn), triton.cdiv(CR, br))
     splits, c_split = _mlp_splits(pooled, C, bc, grid[0] * grid[1])
     hp = torch.empty((splits, N, NV, CR), dtype=torch.float32, device=pooled.device)
-    _mlp_hidden_kernel[grid + (splits,)](
+    launch(_mlp_hidden_kernel)[grid + (splits,)](
         pooled, w1, w1 if b1 is None else b1, hp, N, C, CR, NV, c_split, POOL=POOL, HAS_B1=b1 is not None,
         BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
     hp = hp.sum(0) if splits > 1 else hp[0]  # the splits in a fixed order (no atomics)
-    _mlp_out_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc))](
-        hp, w2, w2 if b2 is None else b2, out if dot is None else dot, out, N, C, CR, NV, BWD=dot is not None,
+    launch(_mlp_out_kernel)[(triton.cdiv(N, bn), triton.cdiv(C, bc))](
+        hp, w2, w2 if b2 is None else b2, hp if dot is None else dot, out, N, C, CR, NV, BWD=dot is not None,
         POOL=POOL, ACT=code(ACTS, "act", act), GATE=code(GATES, "gate", gate), HAS_B2=b2 is not None,
         BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
     return hp
@@ -395,9 +395,9 @@ def channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding):
     else:
         bc = _cfg_c(C)
         ncb = triton.cdiv(C, bc)
-        _channel_conv_fwd_kernel[(N * ncb,)](pooled, w1, s, s, C, w1.shape[-1], ncb, BWD=False, POOL=POOL,
-                                             GATE=GATE, CIRCULAR=code(PADDINGS, "padding", padding) == 1,
-                                             BLOCK_C=bc)
+        launch(_channel_conv_fwd_kernel)[(N * ncb,)](
+            pooled, w1, pooled, s, C, w1.shape[-1], ncb, BWD=False, POOL=POOL, GATE=GATE,
+            CIRCULAR=code(PADDINGS, "padding", padding) == 1, BLOCK_C=bc)
     return s, hidden
 
 
@@ -425,10 +425,10 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
         vecs = torch.empty((N, NV, C), **f32)
         bn, bc, br = _mlp_blocks(C, CR)
         ACT, w2c = code(ACTS, "act", act), w2.contiguous()
-        _mlp_dh_kernel[(triton.cdiv(N, bn), triton.cdiv(CR, br))](dlog, w2c, hp, h, dhp, N, C, CR, NV, POOL=POOL,
-                                                                 ACT=ACT, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
-        _mlp_dv_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc))](dhp, w1, pooled, vecs, dpooled, N, C, CR, NV,
-                                                                POOL=POOL, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+        launch(_mlp_dh_kernel)[(triton.cdiv(N, bn), triton.cdiv(CR, br))](
+            dlog, w2c, hp, h, dhp, N, C, CR, NV, POOL=POOL, ACT=ACT, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
+        launch(_mlp_dv_kernel)[(triton.cdiv(N, bn), triton.cdiv(C, bc))](
+            dhp, w1, pooled, vecs, dpooled, N, C, CR, NV, POOL=POOL, BLOCK_N=bn, BLOCK_C=bc, BLOCK_R=br)
         outer_sum(dhp, vecs, dw1, db1)  # dw1 [CR, C], db1
         outer_sum(dlog.view(N, 1, C).expand(N, NV, C), h, dw2, db2)  # dw2 [C, CR], db2
         return dpooled, [dw1, db1, dw2, db2]
@@ -439,10 +439,10 @@ def channel_small_backward(dot, pooled, w1, b1, w2, b2, kind, pool, act, gate, p
     bc = _cfg_c(C)
     ncb = triton.cdiv(C, bc)
     dlog = torch.empty((N, C), **f32)
-    _channel_conv_fwd_kernel[(N * ncb,)](pooled, w1, dot, dlog, C, K, ncb, BWD=True, POOL=POOL, GATE=GATE,
-                                         CIRCULAR=circular, BLOCK_C=bc)
-    _channel_conv_bwd_dv_kernel[(N * ncb,)](dlog, w1, dpooled, C, K, ncb, POOL=POOL, CIRCULAR=circular,
-                                            BLOCK_C=bc)
+    launch(_channel_conv_fwd_kernel)[(N * ncb,)](
+        pooled, w1, dot, dlog, C, K, ncb, BWD=True, POOL=POOL, GATE=GATE, CIRCULAR=circular, BLOCK_C=bc)
+    launch(_channel_conv_bwd_dv_kernel)[(N * ncb,)](
+        dlog, w1, dpooled, C, K, ncb, POOL=POOL, CIRCULAR=circular, BLOCK_C=bc)
     sum_over_batch(conv_weight_grad_parts(pooled, dlog, K, POOL, circular), dw1.view(K))
     return dpooled, [dw1, None, None, None]
 
@@ -456,8 +456,8 @@ def conv_weight_grad_parts(pooled, dlog, K: int, pool_code: int, circular: bool)
     per = triton.cdiv(triton.cdiv(C, splits_for(C, bc)), bc) * bc
     splits = triton.cdiv(C, per)
     part = torch.empty((N * splits, K), dtype=torch.float32, device=pooled.device)
-    _channel_conv_bwd_dw_kernel[(N, splits)](pooled, dlog, part, C, K, per, POOL=pool_code, CIRCULAR=circular,
-                                             BLOCK_C=bc, K_PAD=kp)
+    launch(_channel_conv_bwd_dw_kernel)[(N, splits)](
+        pooled, dlog, part, C, K, per, POOL=pool_code, CIRCULAR=circular, BLOCK_C=bc, K_PAD=kp)
     return part
 
 
@@ -472,8 +472,8 @@ def outer_sum(a, b, out, out_sum=None):
     f32 = dict(dtype=torch.float32, device=a.device)
     part = out if splits == 1 else torch.empty((splits, RA, RB), **f32)
     part_s = out_sum if splits == 1 or out_sum is None else torch.empty((splits, RA), **f32)
-    _outer_sum_kernel[(triton.cdiv(RA, ba), triton.cdiv(RB, bb), splits)](
-        a, b, part, part if part_s is None else part_s, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
+    launch(_outer_sum_kernel)[(triton.cdiv(RA, ba), triton.cdiv(RB, bb), splits)](
+        a, b, part, a if part_s is None else part_s, N, NV, RA, RB, a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), per, HAS_SUM=out_sum is not None, BLOCK_N=bn, BLOCK_A=ba, BLOCK_B=bb)
     if splits > 1:
         sum_over_batch(part.view(splits, RA * RB), out.view(RA * RB))

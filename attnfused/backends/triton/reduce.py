@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INNER_T, INTERPRET, IDX_NONE_T, argmax_combine, argmax_rows, cascade_push, cascade_total,
-                      geometry, programs_wanted, run_push, splits_for)
+                      geometry, launch, programs_wanted, run_push, splits_for)
 
 
 @triton.jit
@@ -207,8 +207,8 @@ def _finalize(r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, N, K, S, L, po
     """Launch _reduce_finalize_kernel over N rows of K outputs, S partials each."""
     fb = 16 if INTERPRET else min(128, triton.next_power_of_2(K))  # tiles of fb x INNER partials
     nfb = triton.cdiv(K, fb)
-    _reduce_finalize_kernel[(N * nfb,)](r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, K, S, nfb, L,
-                                        POOL=pool, BLOCK=fb)
+    launch(_reduce_finalize_kernel)[(N * nfb,)](
+        r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, K, S, nfb, L, POOL=pool, BLOCK=fb)
 
 
 def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, pooled_out=None, count_max=None,
@@ -246,7 +246,7 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
         syn, syc, syh, syw, yflat = geometry(dy)
         flat = flat and yflat  # the (h, w) addressing serves every stride pattern
         out = torch.empty((N, K), **f32)
-        results = (out, out, out) if final else (torch.empty((N, S, K), **f32),) * 3
+        results = (out if final else torch.empty((N, S, K), **f32), x, x)  # only the sums are written
     else:
         dy, (syn, syc, syh, syw) = x, (0, 0, 0, 0)
         results = pooled_out if final else (torch.empty((N, S, K), **f32), torch.empty((N, S, K), **f32),
@@ -264,7 +264,7 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
     if sp_split is not None:
         assert sp_grad is not None and s is None  # x1 = x * s: the s of sp_split
         smax, scnt, s = sp_split
-    _reduce_partial_kernel[(N * n_kblk, S)](
+    launch(_reduce_partial_kernel)[(N * n_kblk, S)](
         x, dy, x if s is None else s, t, gmap, sarg, r_sum, r_sum.stride(0), r_max, r_max.stride(0), r_idx,
         r_idx.stride(0), cmax, cmax_sn, r_cnt, cnt_sn, smax, scnt,
         C, P, W, n_kblk, per, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
@@ -274,9 +274,9 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
     if final:
         return ((out, cnt) if count else out) if dot else None
     if dot:
-        _finalize(r_sum, r_sum, r_sum, out, K, out, K, out, N, K, S, L, False)
+        _finalize(r_sum, r_sum, r_sum, out, K, r_sum, K, r_sum, N, K, S, L, False)
         if count:
-            _finalize(r_cnt, r_cnt, r_cnt, cnt, K, cnt, K, cnt, N, K, S, L, False)
+            _finalize(r_cnt, r_cnt, r_cnt, cnt, K, r_cnt, K, r_cnt, N, K, S, L, False)
             return out, cnt
         return out
     mean, mx, idx = pooled_out
@@ -290,7 +290,7 @@ def sum_over_batch(part: torch.Tensor, out: torch.Tensor):
     N, K = part.shape
     if N == 0 or K == 0:
         return out.zero_()
-    _finalize(part, part, part, out, 0, out, 0, out, 1, K, N, 1, False)
+    _finalize(part, part, part, out, 0, part, 0, part, 1, K, N, 1, False)
     return out
 
 
@@ -396,9 +396,9 @@ def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_gra
                  CH_SPLIT=ch_split is not None, SP_SPLIT=sp_split is not None)
     if INTERPRET:
         bc, bp = 16, 16
-        _apply_kernel[(N * triton.cdiv(P, bp), triton.cdiv(C, bc))](*args, **flags, BLOCK_C=bc, BLOCK_P=bp,
-                                                                    num_warps=1)
+        launch(_apply_kernel)[(N * triton.cdiv(P, bp), triton.cdiv(C, bc))](
+            *args, **flags, BLOCK_C=bc, BLOCK_P=bp, num_warps=1)
     else:
         grid = lambda meta: (N * triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _apply_autotuned[grid](*args, **flags)
+        launch(_apply_autotuned)[grid](*args, **flags)
     return out

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, is_split,
-                      run_push, splits_for)
+                      launch, run_push, splits_for)
 from .channel import weight_grads
 from .reduce import apply, reduce, sum_over_batch
 
@@ -164,10 +164,10 @@ def spatial_gate(smaps, weight, bias, maps, gate, dot=None):
     bias = None if bias is None else bias.contiguous()
     bp, kk = _blocks(P, weight.shape[-1])
     npb = triton.cdiv(P, bp)
-    _spatial_fwd_kernel[(N * npb,)](smaps, weight, weight if bias is None else bias, out if dot is None else dot,
-                                    out, H, W, weight.shape[-1], npb, BWD=dot is not None,
-                                    MAPS=code(MAPS, "maps", maps), GATE=code(GATES, "gate", gate),
-                                    HAS_BIAS=bias is not None, BLOCK=bp, KK_PAD=kk)
+    launch(_spatial_fwd_kernel)[(N * npb,)](
+        smaps, weight, weight if bias is None else bias, smaps if dot is None else dot, out, H, W, weight.shape[-1],
+        npb, BWD=dot is not None, MAPS=code(MAPS, "maps", maps), GATE=code(GATES, "gate", gate),
+        HAS_BIAS=bias is not None, BLOCK=bp, KK_PAD=kk)
     return out
 
 
@@ -181,8 +181,8 @@ def spatial_weight_grad_parts(smaps, dlog, K: int, taps: int, maps_code: int):
     per = triton.cdiv(triton.cdiv(P, splits_for(P, bw)), bw) * bw
     splits = triton.cdiv(P, per)
     part = torch.empty((N * splits, taps + 1), dtype=torch.float32, device=smaps.device)
-    _spatial_bwd_dw_kernel[(N, splits)](smaps, dlog, part, H, W, K, taps, per, MAPS=maps_code, BLOCK=bw,
-                                        KK_PAD=kk)
+    launch(_spatial_bwd_dw_kernel)[(N, splits)](
+        smaps, dlog, part, H, W, K, taps, per, MAPS=maps_code, BLOCK=bw, KK_PAD=kk)
     return part
 
 
@@ -202,7 +202,8 @@ def spatial_small_backward(dot, smaps, weight, bias, maps, gate):
         bp, kk = _blocks(P, K)
         npb = triton.cdiv(P, bp)
         MAPS_ = code(MAPS, "maps", maps)
-        _spatial_bwd_dmaps_kernel[(N * npb,)](dlog, wc, gmap, H, W, K, npb, MAPS=MAPS_, BLOCK=bp, KK_PAD=kk)
+        launch(_spatial_bwd_dmaps_kernel)[(N * npb,)](
+            dlog, wc, gmap, H, W, K, npb, MAPS=MAPS_, BLOCK=bp, KK_PAD=kk)
         sum_over_batch(spatial_weight_grad_parts(smaps, dlog, K, taps, MAPS_), dw)
     # separate tensors: the op's outputs may not alias one another
     return gmap, dw[:taps].view(weight.shape).clone(), (dw[taps:].clone() if bias is not None else None)
