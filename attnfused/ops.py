@@ -197,8 +197,11 @@ _TRACED_TYPES = frozenset((Tensor, torch.nn.Parameter, FakeTensor, FunctionalTen
 def _traced_launches(backend: str, args, types):
     """The context that records `backend`'s launches, or None where the op must stay whole."""
     module = _TRACEABLE_BACKENDS.get(backend)
-    if module is None or not (isinstance(args[0], Tensor) and args[0].is_cuda):
+    x = args[0]
+    if module is None or not (isinstance(x, Tensor) and x.is_cuda):
         return None
+    if not all(isinstance(d, int) for d in (*x.shape, *x.stride())):
+        return None  # symbolic sizes (dynamic shapes): the launchers size their grids from numbers
     if not _TRACED_TYPES.issuperset(types):
         return None  # another tensor subclass: its own rules see the op
     from torch.export._trace import custom_triton_ops_decomposition_disabled

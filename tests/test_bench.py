@@ -139,6 +139,40 @@ def test_profile_kernels_prints_every_case(capsys):
 
 
 @pytest.mark.skipif(extension.unavailable_reason("cpu") is not None, reason="the probe is a C++ extension op")
+def _host_work_rows(out: str) -> dict:
+    rows = {}
+    for line in out.splitlines()[2:]:
+        block, backend, mode, *cols = line.split(None, 7)
+        rows[block, backend, mode] = cols
+    return rows
+
+
+def test_host_work_counts_the_ops_each_call_dispatches(capsys):
+    """On CPU: each row counts the ATen ops of one call. The fused backend issues a handful (its C++ op
+    and its allocations), the reference backend's plain ops many more, and training more than inference."""
+    from bench import host_work
+
+    host_work.main(["--device", "cpu", "--blocks", "se,cbam_fc", "--backends", "cpu,reference"])
+    rows = _host_work_rows(capsys.readouterr().out)
+    assert len(rows) == 2 * 2 * 2
+    aten = {k: int(v[2]) for k, v in rows.items()}
+    for block in ("se", "cbam_fc"):
+        assert 0 < aten[block, "cpu", "fwd"] < aten[block, "cpu", "train"]
+        for mode in ("fwd", "train"):
+            assert 3 * aten[block, "cpu", mode] <= aten[block, "reference", mode], (block, mode, aten)
+
+
+@pytest.mark.cuda
+def test_host_work_on_the_gpu(capsys):
+    from bench import host_work
+
+    host_work.main(["--blocks", "cbam_fc", "--backends", "cuda", "--shape", "2x32x8x8"])
+    rows = _host_work_rows(capsys.readouterr().out)
+    for mode in ("fwd", "train"):
+        kernels, copies, aten, allocs, sync = rows["cbam_fc", "cuda", mode]
+        assert int(kernels) > 0 and int(allocs) > 0 and sync == "none", rows
+
+
 def test_traffic_bench_writes_its_table(tmp_path, capsys):
     from bench.traffic import ITEMS, main as traffic_main
 

@@ -150,3 +150,17 @@ def test_triton_ops_compile_to_their_kernels(dtype, memory_format, monkeypatch):
                                  x, w)
         kernels, opaque = _kernels_and_ops(graph)
         assert kernels == 0 and opaque == ["attnfused.channel_attention.default"], opaque
+
+    # symbolic sizes (torch.compile's dynamic shapes): the Triton op stays whole too
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    with torch.device("meta"):
+        x, w = mode.from_tensor(torch.randn(2, 8, 5, 5)), mode.from_tensor(torch.randn(1, 1, 3))
+    assert not isinstance(x.shape[0], int)
+    x.fake_device = w.fake_device = torch.device("cuda", 0)  # as if made from CUDA tensors
+    with mode:
+        _, graph = _traced_graph(lambda x, w: attnfused.ops.channel_attention(x, w, None, None, None, *opts,
+                                                                              "triton"), x, w)
+    kernels, opaque = _kernels_and_ops(graph)
+    assert kernels == 0 and opaque == ["attnfused.channel_attention.default"], opaque
