@@ -8,9 +8,10 @@ from . import functional, ops, reference
 from .backends import BackendUnavailableError, available_backends
 from .backends.extension import build_info
 from .modules import CBAMBlock, ChannelAttentionConv, ChannelAttentionFC, ECABlock, SEBlock, SpatialAttention
-from .convert import ConvertEntry, convert  # after .modules: convert builds on them
+from .convert import ConvertEntry, convert, set_compile_as  # after .modules: convert builds on them
 
 __version__ = "0.1.0"
 
 __all__ = ["SEBlock", "ECABlock", "ChannelAttentionFC", "ChannelAttentionConv", "SpatialAttention", "CBAMBlock",
-           "available_backends", "BackendUnavailableError", "functional", "ops", "reference"]
+           "available_backends", "BackendUnavailableError", "functional", "ops", "reference", "convert",
+           "set_compile_as", "ConvertEntry", "build_info"]

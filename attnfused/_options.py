@@ -22,6 +22,11 @@ TIE_RULES = ("first", "split")
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
+# What torch.compile sees of a fused module: "kernels", its fused op (opaque, except the Triton
+# backend's kernels); "original", the forward of the block it replaces (plain PyTorch, which
+# Inductor fuses with the layers around it, at compile's own speed).
+COMPILE_AS = ("kernels", "original")
+
 
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from . import modules as fused_modules
-from .modules import check_backend
+from .modules import check_backend, check_compile_as
 from .reference import modules as ref
 from .variants import (ChannelConfig, FusedCbam, FusedChannelConv, FusedChannelMLP, FusedSpatial, SpatialConfig,
                        _FusedVariant)
 
-__all__ = ["convert", "ConvertEntry", "Unsupported"]
+__all__ = ["convert", "set_compile_as", "ConvertEntry", "Unsupported"]
 
 
 class Unsupported(Exception):
@@ -300,8 +300,21 @@ def _take_hooks(original: nn.Module, fused: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- convert
 
+def set_compile_as(model: nn.Module, compile_as: str) -> nn.Module:
+    """What torch.compile sees of every fused module in `model` (the model itself included):
+    "kernels" (the default) traces each block as its fused op; "original" traces the forward of the
+    block it replaced (attnfused.reference's class, or the converted timm/torchvision module), plain
+    PyTorch that Inductor fuses with the layers around it (the BatchNorm before a block, the residual
+    add and activation after it). Eager calls run the fused kernels either way. Returns `model`."""
+    check_compile_as(compile_as)
+    for m in model.modules():
+        if isinstance(m, (_FusedVariant, fused_modules._FusedMixin)):
+            m.compile_as = compile_as
+    return model
+
+
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False,
-            include: Optional[Callable[[str, nn.Module], bool]] = None):
+            include: Optional[Callable[[str, nn.Module], bool]] = None, compile_as: str = "kernels"):
     """Swap every supported attention module of `model` for a fused one with the same weights.
 
     Args:
@@ -315,6 +328,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
             all). Those it turns down stay in place, with their children still visited, e.g.
             `include=lambda path, m: "cbam" in type(m).__name__.lower()` converts CBAM blocks only
             (on a GPU today the fused SE and ECA blocks are slower than eager: see the README).
+        compile_as: what torch.compile sees of the fused modules (`set_compile_as`): "kernels",
+            or "original" for models that compile faster with their own attention code.
 
     Returns:
         the converted model, or `(model, entries)` when `report` is true.
@@ -322,6 +337,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_backend(backend)
+    check_compile_as(compile_as)
     if include is not None and not callable(include):
         raise TypeError(f"include must be a callable (path, module) -> bool or None, got {type(include).__name__}")
     if not inplace:
@@ -351,7 +367,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         elif adapt is not None:
             try:
                 _check_no_hooked_submodule(m)
-                fused = adapt(m, backend)
+                fused = set_compile_as(adapt(m, backend), compile_as)
             except (Unsupported, ValueError, TypeError, AttributeError) as e:
                 entry = ConvertEntry(path, _qualname(type(m)), None, str(e))
             else:

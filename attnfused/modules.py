@@ -3,8 +3,10 @@
 """
 from __future__ import annotations
 
+import torch
+
 from . import _checks, functional as F
-from ._options import BACKENDS
+from ._options import BACKENDS, COMPILE_AS, check_choice
 from .reference import modules as ref
 
 
@@ -12,6 +14,22 @@ def check_backend(backend) -> str:
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def check_compile_as(compile_as) -> str:
+    check_choice("compile_as", compile_as, COMPILE_AS)
+    return compile_as
+
+
+def compiles_original(module) -> bool:
+    """Whether `module` is being traced by torch.compile with `compile_as="original"`: its forward is
+    then the original block's (the reference class's, or the converted module's), plain PyTorch that
+    Inductor fuses with the layers around it. Its attribute is guarded: changing it recompiles."""
+    return module.compile_as == "original" and torch.compiler.is_compiling()
+
+
+def _compile_as_repr(module) -> str:
+    return "" if module.compile_as == "kernels" else f", compile_as={module.compile_as!r}"
 
 
 def refuse_script(module) -> None:
@@ -25,6 +43,9 @@ def refuse_script(module) -> None:
 
 class _FusedMixin:
     backend: str
+    # what torch.compile sees of this block: "kernels" (its fused op) or "original" (the reference
+    # class's forward); set it on a whole model with attnfused.set_compile_as
+    compile_as: str = "kernels"
     # where a max's gradient goes among equal elements: one of them, as the article's
     # AdaptiveMaxPool2d and torch.max send it (None: the block takes no max)
     max_tie: str | None = "first"
@@ -35,7 +56,7 @@ class _FusedMixin:
         self.backend = check_backend(backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, backend={self.backend!r}" + _compile_as_repr(self)
 
 
 class SEBlock(_FusedMixin, ref.SEBlock):
@@ -48,6 +69,8 @@ class SEBlock(_FusedMixin, ref.SEBlock):
         return None if self.mode == "avg" else "first"
 
     def forward(self, x):
+        if compiles_original(self):
+            return super().forward(x)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
                                    kind="mlp", pool=self.mode, backend=self.backend)
@@ -61,6 +84,8 @@ class ECABlock(_FusedMixin, ref.ECABlock):
         self._set_backend(backend)
 
     def forward(self, x):
+        if compiles_original(self):
+            return super().forward(x)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg", backend=self.backend)
 
@@ -71,6 +96,8 @@ class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
         self._set_backend(backend)
 
     def forward(self, x):
+        if compiles_original(self):
+            return super().forward(x)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
                                    kind="mlp", pool="avg+max", backend=self.backend)
@@ -82,6 +109,8 @@ class ChannelAttentionConv(_FusedMixin, ref.ChannelAttentionConv):
         self._set_backend(backend)
 
     def forward(self, x):
+        if compiles_original(self):
+            return super().forward(x)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg+max", backend=self.backend)
 
@@ -92,6 +121,8 @@ class SpatialAttention(_FusedMixin, ref.SpatialAttention):
         self._set_backend(backend)
 
     def forward(self, x):
+        if compiles_original(self):
+            return super().forward(x)
         _checks.check_input(x)
         return F.spatial_attention(x, self.conv.weight, maps="max_mean", backend=self.backend)
 
@@ -108,9 +139,12 @@ class CBAMBlock(_FusedMixin, ref.CBAMBlock):
             child.backend = self.backend
 
     def extra_repr(self) -> str:
-        return f"channel_attention_mode={self.channel_attention_mode!r}, backend={self.backend!r}"
+        return (f"channel_attention_mode={self.channel_attention_mode!r}, backend={self.backend!r}"
+                + _compile_as_repr(self))
 
     def forward(self, x):
+        if compiles_original(self):  # (its children are fused modules: set_compile_as sets them alike)
+            return super().forward(x)
         ch = self.channel_attention_block
         _checks.check_input(x, ch.channels)
         if self.channel_attention_mode == "FC":

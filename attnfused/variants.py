@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import _checks, functional as F
 from ._options import (CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, TIE_RULES, check_choice,
                        spatial_in_channels)
-from .modules import check_backend, refuse_script
+from .modules import _compile_as_repr, check_backend, compiles_original, refuse_script
 from .reference import functional as R
 
 __all__ = ["FusedChannelMLP", "FusedChannelConv", "FusedSpatial", "FusedCbam", "ChannelConfig", "SpatialConfig"]
@@ -209,6 +209,7 @@ class _FusedVariant(nn.Module):
     """Takes over `source`'s children, parameters, buffers and public attributes."""
 
     __prepare_scriptable__ = refuse_script
+    compile_as = "kernels"  # as attnfused.modules' blocks: set_compile_as
 
     def __init__(self, source: nn.Module, backend: str):
         super().__init__()
@@ -224,9 +225,9 @@ class _FusedVariant(nn.Module):
         self.training = source.training
         self.backend = check_backend(backend)
         self.source_type = f"{type(source).__module__}.{type(source).__qualname__}"
-        # The original module (sharing these children) runs under torch.onnx.export: the
-        # exported graph is the unconverted model's, standard operators only. Kept out of
-        # _modules so it adds no state_dict keys.
+        # The original module (sharing these children) runs under torch.onnx.export (the
+        # exported graph is the unconverted model's, standard operators only) and under
+        # torch.compile with compile_as="original". Kept out of _modules: no state_dict keys.
         object.__setattr__(self, "_source", source)
 
     @property
@@ -237,12 +238,17 @@ class _FusedVariant(nn.Module):
             return sp.tie
         return ch.tie if ch is not None and ch.pool != "avg" else None
 
-    def _export_forward(self, x: Tensor) -> Tensor:
+    def _original_forward(self, x: Tensor) -> Tensor:
         self._source.training = self.training
         return self._source.forward(x)  # not __call__: its hooks are this module's, and run once
 
+    def _runs_original(self) -> bool:
+        """Under torch.onnx.export (standard operators only), and under torch.compile with
+        `compile_as="original"`, the original module's forward runs."""
+        return torch.onnx.is_in_onnx_export() or compiles_original(self)
+
     def extra_repr(self) -> str:
-        return f"from={self.source_type}, backend={self.backend!r}"
+        return f"from={self.source_type}, backend={self.backend!r}" + _compile_as_repr(self)
 
 
 class _FusedChannel(_FusedVariant):
@@ -252,8 +258,8 @@ class _FusedChannel(_FusedVariant):
         self.channel_config = config
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._export_forward(x)
+        if self._runs_original():
+            return self._original_forward(x)
         cfg = self.channel_config
         return F.channel_attention(x, *cfg.tensors(self), **cfg.options(), backend=self.backend)
 
@@ -290,8 +296,8 @@ class FusedSpatial(_FusedVariant):
         self.spatial_config.validate(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._export_forward(x)
+        if self._runs_original():
+            return self._original_forward(x)
         cfg = self.spatial_config
         if cfg.uses_batch_stats(self):
             _checks.check_input(x)
@@ -313,8 +319,8 @@ class FusedCbam(_FusedVariant):
         self.channel_config, self.spatial_config = channel, spatial
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._export_forward(x)
+        if self._runs_original():
+            return self._original_forward(x)
         ch, sp = self.channel_config, self.spatial_config
         if sp.uses_batch_stats(self):
             x1 = F.channel_attention(x, *ch.tensors(self), **ch.options(), backend=self.backend)

@@ -45,6 +45,8 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("compile", fused=False, compile_mode="default"),
     Provider("fused", fused=True),
     Provider("fused+compile", fused=True, compile_mode="default"),
+    # torch.compile sees the converted blocks' original code (attnfused.set_compile_as)
+    Provider("fused+compile-orig", fused=True, compile_mode="default", convert_kwargs=(("compile_as", "original"),)),
     Provider("compile-ro", fused=False, compile_mode="reduce-overhead", gpu_only=True),
     Provider("fused+compile-ro", fused=True, compile_mode="reduce-overhead", gpu_only=True),
 )}

@@ -164,3 +164,70 @@ def test_triton_ops_compile_to_their_kernels(dtype, memory_format, monkeypatch):
                                                                               "triton"), x, w)
     kernels, opaque = _kernels_and_ops(graph)
     assert kernels == 0 and opaque == ["attnfused.channel_attention.default"], opaque
+
+
+# ----------------------------------------------------------------------------- compile_as="original"
+
+def _compiled_with_graphs(m):
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    return torch.compile(m, backend=rec, fullgraph=True), rec
+
+
+def _fused_ops(rec) -> list[str]:
+    return [str(n.target) for g in rec.graphs for n in g.graph.nodes
+            if n.op == "call_function" and "attnfused" in str(n.target)]
+
+
+def _check_compile_as(fused, original_call: str | None = None):
+    """`fused` under torch.compile, as "kernels" and as "original": the same output and gradients as
+    eager; its fused ops in the graph only as "kernels"; `original_call` (a function or method the
+    original forward calls) in the graph only as "original"."""
+    x = rand(3, 12, 7, 5, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    leaves = [p for p in fused.parameters() if p.requires_grad]
+    x1 = x.clone().requires_grad_()
+    ref = fused(x1)
+    ref_grads = torch.autograd.grad(ref, [x1, *leaves], g)
+    for how in ("kernels", "original"):
+        attnfused.set_compile_as(fused, how)
+        compiled, rec = _compiled_with_graphs(fused)
+        x2 = x.clone().requires_grad_()
+        out = compiled(x2)
+        assert rel_err(out, ref) <= TOLERANCE[torch.float32], how
+        for a, b in zip(torch.autograd.grad(out, [x2, *leaves], g), ref_grads):
+            assert rel_err(a, b) <= GRAD_TOLERANCE[torch.float32], how
+        targets = [getattr(n.target, "__name__", str(n.target)) for gr in rec.graphs for n in gr.graph.nodes
+                   if n.op in ("call_function", "call_method")]
+        assert bool(_fused_ops(rec)) == (how == "kernels"), (how, targets)
+        assert how == "kernels" or len(targets) > 3, targets  # the original: several plain ops
+        if original_call is not None:
+            assert (original_call in targets) == (how == "original"), (how, targets)
+    attnfused.set_compile_as(fused, "kernels")
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_compile_as_original_traces_the_reference_forward(name):
+    m = MODULES[name]()
+    for mod in m.modules():
+        if hasattr(mod, "backend"):
+            mod.backend = "cpu"
+    _check_compile_as(m)
+
+
+def test_convert_compile_as_original_traces_the_converted_modules_forward():
+    timm = pytest.importorskip("timm")
+    from timm.layers import cbam as tcbam
+
+    model = torch.nn.Sequential(tcbam.CbamModule(12, rd_ratio=1 / 4), tcbam.CbamModule(12, rd_ratio=1 / 4))
+    fused, entries = attnfused.convert(model, backend="cpu", report=True, compile_as="original")
+    assert all(e.converted for e in entries) and {m.compile_as for m in fused.modules()
+                                                  if hasattr(m, "compile_as")} == {"original"}
+    _check_compile_as(fused, "amax")  # timm's channel max: x.amax((2, 3))
+    with pytest.raises(ValueError, match="compile_as"):
+        attnfused.convert(model, compile_as="opaque")
+    with pytest.raises(ValueError, match="compile_as"):
+        attnfused.set_compile_as(fused, None)
+    assert timm is not None

@@ -77,4 +77,6 @@ def test_bad_arguments_are_named():
     a = e2e.parse_args(["--convert-arg", "fuse_tail=False", "--providers", "fused,compile"])
     assert [p.name for p in a.providers] == ["eager", "compile", "fused"]
     assert a.providers[2].convert_kwargs == (("fuse_tail", False),) and a.providers[1].convert_kwargs == ()
+    (orig,) = [p for p in e2e.parse_args(["--providers", "fused+compile-orig"]).providers if p.fused]
+    assert orig.compiles and orig.convert_kwargs == (("compile_as", "original"),)
     assert torch.device("cpu") == e2e.parse_args(["--device", "cpu"]).device
