@@ -25,22 +25,44 @@ inline void check_cuda_input(const at::Tensor& x) {
                     "x's C and H*W must each be below 2**31, got shape ", x.sizes());
 }
 
-// Scratch vectors of one call; the caching allocator keeps them stream-ordered.
+// Scratch vectors of one call; the caching allocator keeps them stream-ordered. Given a block size
+// (the new path), f and i carve their vectors out of blocks of that size, each next block twice as
+// large: a call then takes one allocation, or a few, instead of one per vector. Without one (the
+// validated path), each vector is a tensor of its own.
 struct Scratch {
+  static constexpr int64_t kAlign = 256;  // every carved vector starts on a 256-byte boundary
   at::TensorOptions acc, i32;
   std::vector<at::Tensor> keep;
-  explicit Scratch(const at::Tensor& x)
-      : acc(x.options().dtype(acc_dtype(x))), i32(x.options().dtype(at::kInt)) {}
+  int64_t block = 0;  // the next block's size in bytes; 0: a tensor per vector
+  char* free_at = nullptr;
+  int64_t left = 0;  // bytes left in the current block
+  explicit Scratch(const at::Tensor& x, int64_t block_bytes = 0)
+      : acc(x.options().dtype(acc_dtype(x))), i32(x.options().dtype(at::kInt)), block(block_bytes) {}
+  void* carve(int64_t bytes) {
+    bytes = ceil_div(std::max<int64_t>(bytes, 1), kAlign) * kAlign;
+    if (bytes > left) {
+      left = std::max(bytes, block);
+      keep.push_back(at::empty({left}, acc.dtype(at::kByte)));
+      free_at = static_cast<char*>(keep.back().data_ptr());
+      block *= 2;
+    }
+    void* p = free_at;
+    free_at += bytes;
+    left -= bytes;
+    return p;
+  }
   template <typename acc_t>
   acc_t* f(int64_t n) {
+    if (block) return static_cast<acc_t*>(carve(n * int64_t(sizeof(acc_t))));
     keep.push_back(at::empty({std::max<int64_t>(n, 1)}, acc));
     return keep.back().data_ptr<acc_t>();
   }
   int* i(int64_t n) {
+    if (block) return static_cast<int*>(carve(n * int64_t(sizeof(int))));
     keep.push_back(at::empty({std::max<int64_t>(n, 1)}, i32));
     return keep.back().data_ptr<int>();
   }
-  int* zeros_i(int64_t n) {
+  int* zeros_i(int64_t n) {  // (a fill kernel; the new path needs none)
     keep.push_back(at::zeros({std::max<int64_t>(n, 1)}, i32));
     return keep.back().data_ptr<int>();
   }

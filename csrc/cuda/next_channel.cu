@@ -29,6 +29,16 @@ bool debug() {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The first scratch block of a call (Scratch): the gate's vectors and a few pooling partials per
+// (n, c) fit; a call that needs more takes one more block, twice as large. Without the caching
+// allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer) each vector is an
+// allocation of its own, so that memcheck sees an access past any one of them.
+int64_t scratch_block(const at::Tensor& x, const ChannelWeights& cw) {
+  const char* uncached = std::getenv("PYTORCH_NO_CUDA_MEMORY_CACHING");
+  if (uncached && std::strcmp(uncached, "") != 0 && std::strcmp(uncached, "0") != 0) return 0;
+  return 16 * x.size(0) * cw.nv() * cw.C * int64_t(at::elementSize(acc_dtype(x))) + (int64_t(64) << 10);
+}
+
 template <typename acc_t>
 struct Pooling {
   PoolPartials<acc_t> pp{};
@@ -162,7 +172,7 @@ template <typename T, int V>
 void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                          at::Tensor& argmax, at::Tensor& hidden) {
   using acc_t = at::acc_type<T, true>;
-  Scratch s(x);
+  Scratch s(x, scratch_block(x, cw));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
   const int64_t N = x.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -187,7 +197,7 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
                           const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
   using acc_t = at::acc_type<T, true>;
   constexpr Last P = SPLIT ? Last::DX_SPLIT : Last::DX;
-  Scratch s(x);
+  Scratch s(x, scratch_block(x, cw));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
   const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -219,8 +229,7 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   using Terms = Term<acc_t, SPLIT>;
-  at::Tensor terms_t = at::empty({N * C * int64_t(sizeof(Terms))}, x.options().dtype(at::kByte));
-  auto* terms = reinterpret_cast<Terms*>(terms_t.data_ptr());
+  auto* terms = static_cast<Terms*>(s.carve(N * C * int64_t(sizeof(Terms))));
   _channel_terms<acc_t, SPLIT><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, cnt, terms);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // pass 2 (streams dy, and x for SPLIT; writes dx)
