@@ -15,9 +15,9 @@ logged. Every skip is logged with its reason.
                   streams, drop-in
   sanitize  60 s  compute-sanitizer memcheck, racecheck, synccheck on one slice (op x option x dtype),
                   a different slice per commit and day (--slice N to force one)
-  bench    170 s  CUDA per-kernel profile (fp16, 56x56 and 7x7; then SE on the new kernels), the host's
+  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7; then SE on the new kernels), the host's
                   work per call (bench.host_work: launches, copies, allocations, syncs; SE and CBAM on
-                  cuda, cuda/next, triton), then
+                  cuda and cuda/next), then
                   python -m bench at the ResNet-50 stages, batch 128 fwd+train (one block with eager,
                   compile, cuda; SE and ECA on the new kernels; the other two blocks with eager, cuda)
                   and batch 1 and 8 fwd (eager, cuda); one dtype per run, fp16 and bf16 in turn
@@ -25,7 +25,7 @@ logged. Every skip is logged with its reason.
   probes    20 s  L2 re-read rate of 8-64 MB chunks; cudaOccupancyMaxActiveClusters for clusters of 8 and
                   16 CTAs holding one sample (bench/gpu_probes.cu, built with nvcc)
   static    15 s  python -m bench.static on the library just built, against this run's profile
-  (margin 25 s)
+  (margin 45 s)
 
 Logs, CSVs and summary.csv go to $GPU_CHECK_DIR (default /tmp/attnfused_gpu_check); with $OUT set (the
 device tool's folder, which returns at most 8 files) they are packed into $OUT/gpu_check.tgz, beside
@@ -52,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_S = 540
 # stage budgets in seconds; the rest of TOTAL_S is margin
-BUDGETS = {"build": 100, "tests": 150, "sanitize": 60, "bench": 170, "probes": 20, "static": 15}
+BUDGETS = {"build": 100, "tests": 150, "sanitize": 60, "bench": 150, "probes": 20, "static": 15}
 STAGES = list(BUDGETS)
 SKIP_NO_GPU = "skipped: no GPU"
 
@@ -332,8 +332,9 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                              "--dtype", "fp16", "--calls", "3"], timeout=25),
             Step("profile_next", [py, "-m", "bench.profile_kernels", "--blocks", "se", "--backends", "cuda",
                                   "--dtype", "fp16", "--calls", "3"], timeout=20, env=nxt),
-            Step("host_work", [py, "-m", "bench.host_work", "--blocks", "se,cbam_fc"], timeout=25,
-                 dry=[py, "-m", "bench.host_work", "--device", "cpu", "--blocks", "se"]),
+            Step("host_work", [py, "-m", "bench.host_work", "--blocks", "se,cbam_fc", "--backends", "cuda,cuda/next"],
+                 timeout=12,
+                 dry=[py, "-m", "bench.host_work", "--device", "cpu", "--blocks", "se", "--backends", "cpu"]),
             Step("b128_" + block, b128, dry=[*b128, "--device", "cpu", "--list"], timeout=55, summary=bench_summary),
             Step("b128_next", b128_next, dry=[*b128_next, "--device", "cpu", "--list"], timeout=25, env=nxt,
                  summary=bench_summary),

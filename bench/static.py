@@ -90,7 +90,9 @@ SOURCE_FACTS = {
     ],
     "csrc/cuda/next_pool.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
     "csrc/cuda/next_channel.cu": [  # covers(): which shapes run the new kernels, and with which pool
-        r"const bool fits = cl \? C % V == 0 : HW % V == 0 \|\| \(HW >= V && TilePlan::covers\(HW, static_cast<int>\(V\)\)\);",
+        r"const bool fits = cl \? C % V == 0",
+        r": HW % V == 0 \|\| \(over == Over::SPACE && HW >= V && TilePlan::covers\(HW, static_cast<int>\(V\)\)\);",
+        r"if \(is_channels_last\(x\) == space\) \{",
         r"\} else if \(HW % V != 0\) \{  // rows of no whole number of vectors: tiles",
         r"const bool small = numel \+ grid \* kThreads \* V <= INT32_MAX;",
     ],
@@ -217,6 +219,7 @@ class PassUse:
     direction: str = ""
     reads: int = 1  # tensors of x's size read
     writes: int = 0
+    over_channels: bool = False  # a pool over channels (the new path's pools with C and H*W swapped)
 
 
 def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
@@ -264,8 +267,14 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
     attention forward (se: pool avg only) and backward under both tie rules ("split": a pool with a
-    max), where next_channel.cu covers it."""
+    max), where next_channel.cu covers it; for cbam, so far, its spatial pool over channels (the
+    spatial_pool op: the same kernels with C and H*W swapped)."""
     v, HW = 16 // elem, H * W
+    ns = "attnfused::cuda::next::"
+    if op == "cbam":
+        pool = ("rows" if C % v == 0 else None) if cl else ("columns" if HW % v == 0 else None)
+        return [PassUse("next fwd spool", f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)1>", pool,
+                        over_channels=True)] if pool else []
     if op != "se":
         return []
     if cl:
@@ -274,7 +283,6 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
         pool = "rows" if HW % v == 0 else ("tiles" if HW >= v and plan_next_tiles(N, C, HW, v) else None)
     if pool is None:
         return []
-    ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
@@ -439,12 +447,13 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
     numel = BATCH * C * H * W
     vec, hot = k.vec, k.hot
     blocks, inflight = k.blocks, k.inflight
+    K, L = (H * W, C) if use.over_channels else (C, H * W)  # outputs per sample, summed length
     if use.kind == "reduce":
         plan = plan_reduce(BATCH, A, B, "COL" if use.direction == "BOTH" else use.direction, vec)
     elif use.kind == "rows":
-        plan = plan_next_rows(BATCH, C, H * W, vec)
+        plan = plan_next_rows(BATCH, K, L, vec)
     elif use.kind == "columns":
-        plan = plan_next_columns(BATCH, C, H * W, vec)
+        plan = plan_next_columns(BATCH, K, L, vec)
     elif use.kind == "tiles":
         plan = plan_next_tiles(BATCH, C, H * W, vec)
         blocks = min(blocks, KPOOL_BLOCKS)  # the grid holds kPoolBlocks blocks per SM

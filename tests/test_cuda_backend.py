@@ -80,8 +80,10 @@ def test_parity_tiling(case, shape, lay, path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_spatial_halves(dtype, lay):
-    """spatial_pool / spatial_scale and their backward against the reference backend's math."""
+def test_spatial_halves(dtype, lay, path):
+    """spatial_pool / spatial_scale and their backward against the reference backend's math (the new
+    kernels pool over channels where a position's channels, or a channel's positions, are whole
+    16-byte vectors: float32 here in both layouts, half precision in channels_last)."""
     shape = SMALL_SHAPE[dtype]
     x = layout(rand_distinct(*shape, dtype=dtype).to(dtype).cuda(), lay)
     xc = x.cpu()
@@ -102,6 +104,20 @@ def test_spatial_halves(dtype, lay):
     rgx, rgt = torch.ops.attnfused.spatial_scale_backward(g.cpu(), xc, t.cpu(), "reference")
     assert rel_err(gx.cpu(), rgx) <= TOLERANCE[dtype]
     assert gt.dtype == t.dtype and rel_err(gt.cpu(), rgt) <= GRAD_TOLERANCE[torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("shape", TILING_SHAPES, ids=str)
+def test_spatial_pool_tiling(shape, lay, path):
+    """The maps over channels at the tiling shapes (few samples: the passes split their rows and
+    columns into chunks) against the float64 oracle; the max's channel exactly."""
+    x = layout(rand(*shape, device="cuda").float(), lay)
+    smaps, sargmax = torch.ops.attnfused.spatial_pool(x, "first", BACKEND)
+    mx, idx = x.double().max(dim=1)
+    assert torch.equal(sargmax, idx)
+    assert rel_err(smaps[:, 0], mx) <= TOLERANCE[torch.float32]
+    assert rel_err(smaps[:, 1], x.double().mean(dim=1)) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.cuda

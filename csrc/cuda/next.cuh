@@ -51,6 +51,12 @@ struct WeightGrads {
 bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const at::Tensor& pooled,
                       const at::Tensor& argmax, bool split, at::Tensor& dx, WeightGrads& gw);
 
+// The spatial_pool op's forward: one pass over x pooling over channels (the channel pool's kernels
+// with C and H*W swapped), then smaps (max, mean) and sargmax. Fills smaps and sargmax and returns
+// true, or returns false where the new kernels do not cover x: channels_last with C, or NCHW with
+// H*W, not a whole number of 16-byte vectors; x not 16-byte aligned.
+bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax);
+
 }  // namespace next
 }  // namespace cuda
 }  // namespace attnfused

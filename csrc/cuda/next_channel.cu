@@ -1,5 +1,6 @@
 // The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
-// ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan). No per-sample math inside a streaming pass.
+// ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), and its spatial pool (max, mean and argmax
+// over channels: the same passes with C and H*W swapped). No per-sample math inside a streaming pass.
 //   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
 //             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
 //   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
@@ -33,10 +34,11 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // (n, c) fit; a call that needs more takes one more block, twice as large. Without the caching
 // allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1, as under compute-sanitizer) each vector is an
 // allocation of its own, so that memcheck sees an access past any one of them.
-int64_t scratch_block(const at::Tensor& x, const ChannelWeights& cw) {
+// items: the (n, c) or (n, hw) a call's small vectors hold.
+int64_t scratch_block(const at::Tensor& x, int64_t items) {
   const char* uncached = std::getenv("PYTORCH_NO_CUDA_MEMORY_CACHING");
   if (uncached && std::strcmp(uncached, "") != 0 && std::strcmp(uncached, "0") != 0) return 0;
-  return 16 * x.size(0) * cw.nv() * cw.C * int64_t(at::elementSize(acc_dtype(x))) + (int64_t(64) << 10);
+  return 16 * items * int64_t(at::elementSize(acc_dtype(x))) + (int64_t(64) << 10);
 }
 
 template <typename acc_t>
@@ -45,13 +47,18 @@ struct Pooling {
   std::string plan;
 };
 
-// Per-channel partial sums over space (Job): of x (and maxima), or of dy * x (dy given; and the
-// counts of the maxima mref [N, C]).
+// Partial sums (Job) of x (and maxima), or of dy * x (dy given; and the counts of the maxima mref
+// [N, K]), over space per (n, c) (Over::SPACE, K = C), or over channels per (n, hw) (Over::CHANNELS,
+// K = H*W). The two are the same kernels with the roles of C and H*W swapped: the summed axis is a
+// row of contiguous vectors (space in NCHW, channels in channels_last) or a column of them (space
+// in channels_last, channels in NCHW). Short NCHW rows over space go through tiles.
 template <typename T, int V, Job J>
-Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const at::Tensor& dy = at::Tensor(),
-                                          const at::Tensor& mref = at::Tensor()) {
+Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch& s, const at::Tensor& dy = at::Tensor(),
+                                         const at::Tensor& mref = at::Tensor()) {
   using acc_t = at::acc_type<T, true>;
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const bool space = over == Over::SPACE;
+  const int64_t N = x.size(0), HWx = x.size(2) * x.size(3);
+  const int64_t C = space ? x.size(1) : HWx, HW = space ? HWx : x.size(1);  // outputs, summed length
   const int sms = num_sms();
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* px = x.data_ptr<T>();
@@ -69,7 +76,7 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
     out.plan = std::string(name) + " VEC=" + std::to_string(V) + " TX=" + std::to_string(pl.TX) +
                " chunks=" + std::to_string(pl.chunks) + " grid=" + std::to_string(grid);
   };
-  if (is_channels_last(x)) {
+  if (is_channels_last(x) == space) {
     const ColumnPlan pl(N, C, HW, V, sms);
     alloc(N * pl.chunks * C);
     pp.chunks = pl.chunks;
@@ -77,6 +84,7 @@ Pooling<at::acc_type<T, true>> pool_space(const at::Tensor& x, Scratch& s, const
     launched("pool_columns", pl, pl.grid);
     _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
+    TORCH_CHECK(space, "attnfused: the new kernels pool over channels only along whole vectors");
     const TilePlan pl(N * C, HW, V, sms);
     alloc(N * C);
     pp.chunks = 1;
@@ -172,14 +180,14 @@ template <typename T, int V>
 void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                          at::Tensor& argmax, at::Tensor& hidden) {
   using acc_t = at::acc_type<T, true>;
-  Scratch s(x, scratch_block(x, cw));
+  Scratch s(x, scratch_block(x, x.size(0) * cw.nv() * cw.C));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
   const int64_t N = x.size(0);
   auto stream = at::cuda::getCurrentCUDAStream();
   // pass 1 (streams x), then the pooled vectors and f's inputs
   auto pool = [&](auto maxed_c) {
     constexpr bool M = decltype(maxed_c)::value;
-    auto pooling = pool_space<T, V, M ? Job::SUM_MAX : Job::SUM>(x, s);
+    auto pooling = pool_pass<T, V, M ? Job::SUM_MAX : Job::SUM>(x, Over::SPACE, s);
     _channel_pooled<acc_t, M><<<item_blocks(N * cw.C), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return pooling.plan;
@@ -197,13 +205,13 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
                           const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& dx, WeightGrads& gw) {
   using acc_t = at::acc_type<T, true>;
   constexpr Last P = SPLIT ? Last::DX_SPLIT : Last::DX;
-  Scratch s(x, scratch_block(x, cw));
+  Scratch s(x, scratch_block(x, x.size(0) * cw.nv() * cw.C));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
   const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
   auto stream = at::cuda::getCurrentCUDAStream();
   // pass 1 (streams x and dy): sum over space of dy * x (and, SPLIT, the count of each channel's max)
   const at::Tensor mref = SPLIT ? pooled.select(1, 1).contiguous() : at::Tensor();
-  const auto dot = pool_space<T, V, SPLIT ? Job::DOT_COUNT : Job::DOT>(x, s, dy, mref);
+  const auto dot = pool_pass<T, V, SPLIT ? Job::DOT_COUNT : Job::DOT>(x, Over::SPACE, s, dy, mref);
   int* cnt = SPLIT ? s.i(N * C) : nullptr;
   std::string plan = dot.plan;
   // the gate again, from the saved pooled vectors; then dlog
@@ -238,20 +246,42 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
   if (debug()) std::fprintf(stderr, "attnfused next channel_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
-// Whether the new kernels cover x (and the tensors streamed with it): see next.cuh.
-bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> streamed) {
+// Whether the new kernels cover x (and the tensors streamed with it), pooling over `over`: see next.cuh.
+bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> streamed, Over over = Over::SPACE) {
   const bool cl = is_channels_last(x);
   const int64_t V = 16 / x.element_size(), C = x.size(1), HW = x.size(2) * x.size(3);
   // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
-  // vectors, or short rows in tiles, with no vector meeting more than two rows (the last pass)
-  const bool fits = cl ? C % V == 0 : HW % V == 0 || (HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
+  // vectors, or (over space) short rows in tiles, with no vector meeting more than two rows (the
+  // last pass)
+  const bool fits = cl ? C % V == 0
+                       : HW % V == 0 || (over == Over::SPACE && HW >= V && TilePlan::covers(HW, static_cast<int>(V)));
   // rows and row groups past the end index up to H*W + 16384 in 32-bit ints
   if (!fits || x.size(0) == 0 || x.numel() < V || HW > INT32_MAX - (int64_t(1) << 15)) return false;
   for (const at::Tensor* t : streamed)
     if (!aligned16(t->data_ptr())) return false;
   return true;
 }
+template <typename T, int V>
+void spatial_pool_vec(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  Scratch s(x, scratch_block(x, N * HW));
+  // one pass over x: per (n, hw) partial sums, maxima and argmaxes over channels; then the maps
+  const auto pooling = pool_pass<T, V, Job::SUM_MAX>(x, Over::CHANNELS, s);
+  _spatial_maps<acc_t><<<item_blocks(N * HW), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      pooling.pp, N, HW, C, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (debug()) std::fprintf(stderr, "attnfused next spatial_pool %s: %s\n", c10::str(x.sizes()).c_str(), pooling.plan.c_str());
+}
 }  // namespace
+
+bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
+  if (!covers(x, {&x}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_pool", [&] {
+    spatial_pool_vec<scalar_t, 16 / sizeof(scalar_t)>(x, smaps, sargmax);
+  });
+  return true;
+}
 
 bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                      at::Tensor& argmax, at::Tensor& hidden) {

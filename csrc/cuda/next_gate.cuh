@@ -50,6 +50,27 @@ __global__ void __launch_bounds__(kThreads)
   for (int vi = 0; vi < nv; ++vi) g.vin[(n * nv + vi) * C + c] = small::pool_input(avg, m, g.pool, vi);
 }
 
+// One thread per (n, hw): sum the partials over channels in order -> the spatial maps smaps [N, 2, HW]
+// = (max, mean) and sargmax [N, HW], the first channel of the max.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _spatial_maps(PoolPartials<acc_t> pp, int64_t N, int64_t HW, int64_t C, acc_t* __restrict__ smaps,
+                  int64_t* __restrict__ sargmax) {
+  int64_t t, n, p;
+  if (!item_of(N, HW, t, n, p)) return;
+  int64_t o = pp.slot(n, p, 0);
+  acc_t s = pp.sum[o], m = pp.max[o];
+  int i = pp.idx[o];
+  for (int64_t k = 1; k < pp.chunks; ++k) {
+    o += pp.k_stride;
+    s += pp.sum[o];
+    take_max_in_order(m, i, pp.max[o], pp.idx[o]);
+  }
+  smaps[(n * 2) * HW + p] = m;
+  smaps[(n * 2 + 1) * HW + p] = s / acc_t(C);
+  sargmax[n * HW + p] = i;
+}
+
 constexpr int kRowsPerWarp = 8;  // rows of a (samples) and of b (weights) one warp multiplies at once
 constexpr int kSplitK = 256;     // k per split of a product: 8 trips of the lanes, few loads in a row
 

@@ -6,6 +6,7 @@
 //   spatial_scale         : reads x, writes x * t.                                     (1R + 1W)
 //   spatial_scale_backward: sum_c dy * x -> dt (reads dy, x); dx = dy * t (reads dy).  (3R + 1W)
 #include "args.cuh"
+#include "next.cuh"
 
 namespace attnfused {
 namespace cuda {
@@ -18,6 +19,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_cuda(const at::Tensor& x, c10::s
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
   if (x.size(0) == 0) return {smaps, sargmax};
+  if (next::enabled() && next::spatial_pool(x, smaps, sargmax)) return {smaps, sargmax};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_pool_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
