@@ -2,7 +2,9 @@
 next_plan_check.cpp compiles csrc/cuda/next_plan.h (their tiling and max rule, plain C++) with the
 host compiler and checks sum, max and argmax of every (sample, channel) in both layouts (NCHW rows
 of whole vectors, and rows of any length through shared-memory tiles) against a direct computation
-with torch's rules: integer inputs (exact sums), many ties, -inf rows, NaNs."""
+with torch's rules: integer inputs (exact sums), many ties, -inf rows, NaNs. The pool over channels
+(spatial_pool) runs the same two passes with C and H*W swapped (rows of a position's channels,
+columns of a channel's positions): the random shapes here include such long runs of short rows."""
 from __future__ import annotations
 
 import shutil
