@@ -20,6 +20,27 @@ from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDE
                        check_choice, spatial_in_channels)
 
 
+def _onnx_flags():
+    """The two flags torch.onnx.is_in_onnx_export reads (it imports their modules on every call: about
+    1 us, a tenth of a small block's kernel); None where this torch keeps them elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return GLOBALS, _flags
+
+
+_ONNX = _onnx_flags()
+
+
+def onnx_exporting() -> bool:
+    """torch.onnx.is_in_onnx_export(), cheaper in eager mode (torch.compile traces the original)."""
+    if _ONNX is None or torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    return _ONNX[0].in_onnx_export or _ONNX[1]._is_onnx_exporting
+
+
 def native_layout(x: Tensor) -> Tensor:
     """x itself if NCHW- or channels_last-contiguous, else one copy to NCHW (docs/contract.md §4)."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -81,7 +102,7 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     if pool == "avg":  # no max: one rule, the one every backend computes itself
         tie = "first"
-    if torch.onnx.is_in_onnx_export():  # the exported graph is the reference math: standard operators
+    if onnx_exporting():  # the exported graph is the reference math: standard operators
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
                                    padding=padding, tie=tie)
     x = native_layout(x)
@@ -95,7 +116,7 @@ def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     `tie` as in `channel_attention`, for the max over channels."""
     _checks.check_input(x)
     _spatial_args(x, weight, bias, maps, gate, tie)
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate, tie=tie)
     x = native_layout(x)
     return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, tie, backends.resolve(backend, x))[0]
@@ -111,7 +132,7 @@ def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, tie, "spatial_weight", "spatial_bias",
                   "spatial_gate")
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
                       padding=padding, maps=maps, spatial_gate=spatial_gate, tie=tie)
     x = native_layout(x)
@@ -124,7 +145,7 @@ def spatial_pool(x: Tensor, *, tie: str = "first", backend: str = "auto") -> Ten
     gradient goes to one maximal channel (`tie` "first") or evenly to all ("split")."""
     _checks.check_input(x)
     check_choice("tie", tie, TIE_RULES)
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         mean, mx = R.pool_channels(x, tie)
         return torch.stack((mx, mean), 1)
     x = native_layout(x)
@@ -136,7 +157,7 @@ def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
     _checks.check_input(x)
     # t is an activation map, not a layer's weight: any floating dtype (spatial_pool's maps are float32)
     _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
-    if torch.onnx.is_in_onnx_export():
+    if onnx_exporting():
         return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
     x = native_layout(x)
     return ops.call(ops.spatial_scale, x, t.contiguous(), backends.resolve(backend, x))

@@ -245,7 +245,7 @@ class _FusedVariant(nn.Module):
     def _runs_original(self) -> bool:
         """Under torch.onnx.export (standard operators only), and under torch.compile with
         `compile_as="original"`, the original module's forward runs."""
-        return torch.onnx.is_in_onnx_export() or compiles_original(self)
+        return F.onnx_exporting() or compiles_original(self)
 
     def extra_repr(self) -> str:
         return f"from={self.source_type}, backend={self.backend!r}" + _compile_as_repr(self)
