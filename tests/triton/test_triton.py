@@ -213,6 +213,23 @@ def test_saved_pooling(lay, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hw", [(3, 5), (9, 70)], ids=["one_split", "splits"])
+def test_avg_pool_writes_zeros_as_its_max(hw, device):
+    """Pool "avg" computes no max: the pooling pass itself (one split) or its finishing kernel
+    (several) writes the zeros the ops' contract asks for. The allocator is first handed back a
+    block of NaNs of the outputs' sizes, so outputs left unwritten would show."""
+    from attnfused.backends.triton.channel import channel_pool
+
+    x = rand(2, 24, *hw, device=device).float()
+    garbage = [(torch.full((2, 2, 24), float("nan"), device=device),
+                torch.full((2, 24), -7, dtype=torch.int64, device=device)) for _ in range(3)]
+    del garbage
+    pooled, argmax = channel_pool(x, "avg")
+    assert rel_err(pooled[:, 0], x.double().mean((2, 3))) <= TOLERANCE[torch.float32]
+    assert not pooled[:, 1].any() and not argmax.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[2], CHANNEL_CASES[9], SPATIAL_CASES[0], CBAM_CASES[0]], ids=str)
 def test_empty_batch(case, device):
     cases.check_empty_batch(case, B, device)

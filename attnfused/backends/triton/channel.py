@@ -489,15 +489,13 @@ def weight_grads(weights, grads):
 
 def channel_pool(x, pool):
     """(pooled [N, 2, C] float32 = (avg, max), argmax [N, C] int64 flat h*W+w); for pool "avg" the
-    max half and argmax are zeros (the ops' contract: nothing reads them)."""
+    max half and argmax are zeros (the ops' contract: nothing reads them), written by the pooling
+    pass, which computes no max."""
     N, C = x.shape[:2]
     pooled = torch.empty((N, 2, C), dtype=torch.float32, device=x.device)
     argmax = torch.empty((N, C), dtype=torch.int64, device=x.device)
     if N:
-        reduce(x, True, pooled_out=(pooled[:, 0], pooled[:, 1], argmax))
-    if pool == "avg":
-        pooled[:, 1].zero_()
-        argmax.zero_()
+        reduce(x, True, pooled_out=(pooled[:, 0], pooled[:, 1], argmax), maxed=pool != "avg")
     return pooled, argmax
 
 

@@ -70,11 +70,12 @@ def _reduce_partial_kernel(
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         REDUCE_P: tl.constexpr, DOT: tl.constexpr, HAS_S: tl.constexpr, SP_GRAD: tl.constexpr,
         FINAL: tl.constexpr, FLAT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
-        COUNT: tl.constexpr, SP_SPLIT: tl.constexpr):
+        COUNT: tl.constexpr, SP_SPLIT: tl.constexpr, MAXED: tl.constexpr):
     """Partial reductions of one (sample, block of kept indices, split of the reduced axis).
 
     REDUCE_P: reduce over p, keep c (channel pooling); else reduce over c, keep p.
-    pool (not DOT): sum, max and first argmax of v = x (* s[n, c] if HAS_S);
+    pool (not DOT): sum, max and first argmax of v = x (* s[n, c] if HAS_S); without MAXED (pool
+    "avg") the sum only, and FINAL stores zeros as the max and argmax (the ops' contract);
     DOT: sum of g * v, g = dy, or dx1 of spatial attention if SP_GRAD (its max's share split
     among equal channels if SP_SPLIT: x1 = x * s[n, c], smax_ptr the maps, scnt_ptr the counts).
     COUNT (with DOT, the tie rule "split"): also the number of l where v equals cmax_ptr[n, k]
@@ -132,11 +133,12 @@ def _reduce_partial_kernel(
                     ties += (mask & (v == cmax[:, None])).to(tl.float32)
             else:
                 run += v
-                # per lane, l grows over the loop: a strict > keeps the first maximum
-                li = l[None, :]
-                upd = mask & ((v > best) | ((v == best) & (best_i > li)) | ((v != v) & (best == best)))
-                best = tl.where(upd, v, best)
-                best_i = tl.where(upd, li, best_i)
+                if MAXED:
+                    # per lane, l grows over the loop: a strict > keeps the first maximum
+                    li = l[None, :]
+                    upd = mask & ((v > best) | ((v == best) & (best_i > li)) | ((v != v) & (best == best)))
+                    best = tl.where(upd, v, best)
+                    best_i = tl.where(upd, li, best_i)
         a1, a2 = run_push(tl.sum(run, axis=1), i, a1, a2)
         i += 1
     col = split * K + k
@@ -147,16 +149,21 @@ def _reduce_partial_kernel(
     if COUNT:
         tl.store(cnt_ptr + n * cnt_sn + col, tl.sum(ties, axis=1), mask=k_ok)
     if not DOT:
-        m, i = argmax_rows(best, best_i)
-        tl.store(max_ptr + n * max_sn + col, m, mask=k_ok)
-        tl.store(idx_ptr + n * idx_sn + col, i.to(idx_ptr.dtype.element_ty), mask=k_ok)
+        if MAXED:
+            m, i = argmax_rows(best, best_i)
+            tl.store(max_ptr + n * max_sn + col, m, mask=k_ok)
+            tl.store(idx_ptr + n * idx_sn + col, i.to(idx_ptr.dtype.element_ty), mask=k_ok)
+        elif FINAL:
+            tl.store(max_ptr + n * max_sn + col, tl.zeros([BLOCK_K], dtype=tl.float32), mask=k_ok)
+            tl.store(idx_ptr + n * idx_sn + col, tl.zeros([BLOCK_K], dtype=idx_ptr.dtype.element_ty), mask=k_ok)
 
 
 @triton.jit
 def _reduce_finalize_kernel(sum_ptr, max_ptr, idx_ptr, mean_ptr, mean_sn, maxo_ptr, maxo_sn, idxo_ptr,
                             K, S, n_kblk, L, POOL: tl.constexpr, BLOCK: tl.constexpr):
-    """Combine the S partials of each (n, k) in split order: mean, max and argmax (POOL), or
-    the plain sum. Blocked: INNER partials at a time summed as a tree, these into a cascade."""
+    """Combine the S partials of each (n, k) in split order: the plain sum (POOL 0), or the mean,
+    max and argmax (POOL 1), or the mean with zeros as max and argmax (POOL 2: pool "avg", the ops'
+    contract). Blocked: INNER partials at a time summed as a tree, these into a cascade."""
     pid = tl.program_id(0)
     n = (pid // n_kblk).to(tl.int64)
     k = (pid % n_kblk) * BLOCK + tl.arange(0, BLOCK)
@@ -173,11 +180,13 @@ def _reduce_finalize_kernel(sum_ptr, max_ptr, idx_ptr, mean_ptr, mean_sn, maxo_p
         a1, a2, a3, a4, a5 = cascade_push(tl.sum(tl.load(sum_ptr + o, mask=m, other=0.0), axis=1), i,
                                           a1, a2, a3, a4, a5)
         i += 1
-        if POOL:
+        if POOL == 1:
             v, vi = argmax_rows(tl.load(max_ptr + o, mask=m, other=float("-inf")),
                                 tl.load(idx_ptr + o, mask=m, other=IDX_NONE_T))
             best, best_i = argmax_combine(best, best_i, v, vi)
     total = cascade_total(a1, a2, a3, a4, a5)
+    if POOL == 2:
+        best, best_i = zero, tl.zeros([BLOCK], dtype=tl.int32)
     if POOL:
         tl.store(mean_ptr + n * mean_sn + k, total / L, mask=ok)
         tl.store(maxo_ptr + n * maxo_sn + k, best, mask=ok)
@@ -203,8 +212,8 @@ def _reduce_config(x: torch.Tensor, N: int, K: int, L: int, l_contiguous: bool):
     return bk, bl, per, triton.cdiv(L, per), warps
 
 
-def _finalize(r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, N, K, S, L, pool):
-    """Launch _reduce_finalize_kernel over N rows of K outputs, S partials each."""
+def _finalize(r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, N, K, S, L, pool: int):
+    """Launch _reduce_finalize_kernel over N rows of K outputs, S partials each (pool: its POOL)."""
     fb = 16 if INTERPRET else min(128, triton.next_power_of_2(K))  # tiles of fb x INNER partials
     nfb = triton.cdiv(K, fb)
     launch(_reduce_finalize_kernel)[(N * nfb,)](
@@ -212,11 +221,12 @@ def _finalize(r_sum, r_max, r_idx, mean, mean_sn, mx, mx_sn, idx, N, K, S, L, po
 
 
 def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, pooled_out=None, count_max=None,
-           sp_split=None):
+           sp_split=None, maxed=True):
     """Reduce x (N, C, H, W) over p (reduce_p) or over c.
 
     pool (dy None): writes pooled_out = (mean view, max view, argmax), each (N, K) with unit
-    stride along K (views into the op's saved tensors). dot (dy given): returns the (N, K)
+    stride along K (views into the op's saved tensors); maxed=False (pool "avg"): zeros as the max
+    and argmax, none computed. dot (dy given): returns the (N, K)
     float32 sums of g * v. v = x * s[n, c] if s is given; g = dx1 of spatial attention if
     sp_grad = (t [N, P], gmap [N, 2, P] (dmax, dmean), sargmax [N, P]) is given, its max's
     gradient split among equal channels (tie rule "split") if sp_split = (smaps [N, 2, P] (max,
@@ -249,8 +259,10 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
         results = (out if final else torch.empty((N, S, K), **f32), x, x)  # only the sums are written
     else:
         dy, (syn, syc, syh, syw) = x, (0, 0, 0, 0)
-        results = pooled_out if final else (torch.empty((N, S, K), **f32), torch.empty((N, S, K), **f32),
-                                            torch.empty((N, S, K), dtype=torch.int32, device=x.device))
+        results = pooled_out if final else (
+            (torch.empty((N, S, K), **f32), torch.empty((N, S, K), **f32),
+             torch.empty((N, S, K), dtype=torch.int32, device=x.device)) if maxed
+            else (torch.empty((N, S, K), **f32), x, x))  # no max: only the sums are written
     t, gmap, sarg = sp_grad if sp_grad is not None else (x, x, x)
     r_sum, r_max, r_idx = results
     # (the pointers and strides of what a launch does not read: x and 0, no new specializations)
@@ -270,17 +282,17 @@ def reduce(x: torch.Tensor, reduce_p: bool, *, dy=None, s=None, sp_grad=None, po
         C, P, W, n_kblk, per, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         REDUCE_P=reduce_p, DOT=dot, HAS_S=s is not None and sp_split is None, SP_GRAD=sp_grad is not None,
         FINAL=final, FLAT=flat, BLOCK_K=bk, BLOCK_L=bl, COUNT=count, SP_SPLIT=sp_split is not None,
-        num_warps=warps)
+        MAXED=maxed and not dot, num_warps=warps)
     if final:
         return ((out, cnt) if count else out) if dot else None
     if dot:
-        _finalize(r_sum, r_sum, r_sum, out, K, r_sum, K, r_sum, N, K, S, L, False)
+        _finalize(r_sum, r_sum, r_sum, out, K, r_sum, K, r_sum, N, K, S, L, 0)
         if count:
-            _finalize(r_cnt, r_cnt, r_cnt, cnt, K, r_cnt, K, r_cnt, N, K, S, L, False)
+            _finalize(r_cnt, r_cnt, r_cnt, cnt, K, r_cnt, K, r_cnt, N, K, S, L, 0)
             return out, cnt
         return out
     mean, mx, idx = pooled_out
-    _finalize(r_sum, r_max, r_idx, mean, mean.stride(0), mx, mx.stride(0), idx, N, K, S, L, True)
+    _finalize(r_sum, r_max, r_idx, mean, mean.stride(0), mx, mx.stride(0), idx, N, K, S, L, 1 if maxed else 2)
     return None
 
 
@@ -290,7 +302,7 @@ def sum_over_batch(part: torch.Tensor, out: torch.Tensor):
     N, K = part.shape
     if N == 0 or K == 0:
         return out.zero_()
-    _finalize(part, part, part, out, 0, part, 0, part, 1, K, N, 1, False)
+    _finalize(part, part, part, out, 0, part, 0, part, 1, K, N, 1, 0)
     return out
 
 
