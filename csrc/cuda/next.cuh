@@ -57,6 +57,12 @@ bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWe
 // H*W, not a whole number of 16-byte vectors; x not 16-byte aligned.
 bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax);
 
+// Spatial attention forward: the pool over channels as spatial_pool, then the k x k conv and the
+// gate over the whole batch (one thread per position), then a last pass y = x * t[n, hw]. Fills y,
+// smaps and sargmax and returns true, or returns false where spatial_pool would (y aligned too).
+bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
+                     at::Tensor& sargmax);
+
 }  // namespace next
 }  // namespace cuda
 }  // namespace attnfused

@@ -1,6 +1,7 @@
 // The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
-// ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), and its spatial pool (max, mean and argmax
-// over channels: the same passes with C and H*W swapped). No per-sample math inside a streaming pass.
+// ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), and the spatial forwards (spatial_pool, and
+// spatial attention: max, mean and argmax over channels by the same passes with C and H*W swapped,
+// then the conv and gate, then y = x * t). No per-sample math inside a streaming pass.
 //   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
 //             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
 //   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
@@ -118,9 +119,11 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
+    // div_sample: a sample's elements (channels_last), or (NCHW, SCALE_T) a sample's rows
+    const int64_t sample = cl ? HW * C : (P == Last::SCALE_T ? C : 1);
     _scale<T, V, index_t, M, P><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
-        static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(cl ? HW * C : 1)),
+        static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(sample)),
         static_cast<int>(numel - nvec * V));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -135,7 +138,8 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     small ? go(CL{}, I32{}) : go(CL{}, I64{});
   else
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
-  return std::string(P == Last::SCALE ? " | scale VEC=" : " | dx VEC=") + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
+  const char* what = P == Last::SCALE ? " | scale VEC=" : (P == Last::SCALE_T ? " | scale_t VEC=" : " | dx VEC=");
+  return std::string(what) + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
 // part [S, M, J]: sum_k a[m, k] b[j, k] over all samples, k in S splits (_rows_dot); returns S
@@ -273,7 +277,37 @@ void spatial_pool_vec(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargma
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (debug()) std::fprintf(stderr, "attnfused next spatial_pool %s: %s\n", c10::str(x.sizes()).c_str(), pooling.plan.c_str());
 }
+// Spatial attention's forward: the pool over channels, the conv and gate over the whole batch, and
+// y = x * t[n, hw].
+template <typename T, int V>
+void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
+                         at::Tensor& sargmax) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  Scratch s(x, scratch_block(x, N * HW));
+  const auto g = sw.args<acc_t>(s, smaps, sargmax, /*backward=*/false);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // pass 1 (streams x): partials over channels -> maps; then the conv and the gate -> t
+  const auto pooling = pool_pass<T, V, Job::SUM_MAX>(x, Over::CHANNELS, s);
+  _spatial_maps<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(pooling.pp, N, HW, C, g.smaps, g.sargmax);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(g, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // pass 2 (streams x, writes y)
+  const std::string plan =
+      pooling.plan + scale<T, V, Last::SCALE_T>(x, y, ChannelTerms<acc_t, Last::SCALE_T>{nullptr, nullptr, nullptr, g.t});
+  if (debug()) std::fprintf(stderr, "attnfused next spatial_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+}
 }  // namespace
+
+bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
+                     at::Tensor& sargmax) {
+  if (!covers(x, {&x, &y}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_forward", [&] {
+    spatial_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, sw, y, smaps, sargmax);
+  });
+  return true;
+}
 
 bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
   if (!covers(x, {&x}, Over::CHANNELS)) return false;

@@ -71,6 +71,18 @@ __global__ void __launch_bounds__(kThreads)
   sargmax[n * HW + p] = i;
 }
 
+// One thread per (n, hw) of the whole batch: the k x k conv of the maps (zero padding) and the
+// gate -> z and t [N, HW]. The maps are small and read through the cache.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _spatial_gate(SpatialArgs<acc_t> g, int64_t N) {
+  int64_t t, n, hw;
+  if (!item_of(N, g.HW, t, n, hw)) return;
+  const acc_t* mx = g.smaps + n * 2 * g.HW;
+  const acc_t z = small::spatial_conv_at(mx, mx + g.HW, g.maps, g.w, g.b, g.H, g.W, g.k, hw / g.W, hw % g.W);
+  g.z[t] = z;
+  g.t[t] = gate_fwd(z, g.gate);
+}
+
 constexpr int kRowsPerWarp = 8;  // rows of a (samples) and of b (weights) one warp multiplies at once
 constexpr int kSplitK = 256;     // k per split of a product: 8 trips of the lanes, few loads in a row
 

@@ -9,9 +9,10 @@ namespace cuda {
 namespace next {
 
 // ---------------------------------------------------------------------------- the last pass
-// Forward: y = x * s[n, c]. Backward (reading dy in x's place): dx = dy * s + ph + [hw == argmax] qh
-// (tie rule "first"), or dx = dy * s + ph + (qh / count) * [x == max] ("split": x streamed too).
-enum class Last { SCALE, DX, DX_SPLIT };
+// Forward: y = x * s[n, c] (SCALE), or y = x * t[n, hw] (SCALE_T, spatial attention). Backward
+// (reading dy in x's place): dx = dy * s + ph + [hw == argmax] qh (tie rule "first"), or
+// dx = dy * s + ph + (qh / count) * [x == max] ("split": x streamed too).
+enum class Last { SCALE, DX, DX_SPLIT, SCALE_T };
 
 // How a flat vector of x finds its channels' values.
 enum class ScaleRows {
@@ -33,12 +34,14 @@ struct alignas(16) Term<acc_t, true> {
   acc_t s, ph, q, mx;
 };
 
-// The per-channel values of the last pass, [N, C]: the gate (SCALE), or the terms.
+// The per-channel values of the last pass, [N, C]: the gate (SCALE), or the terms; or (SCALE_T)
+// the per-position values t [N, HW].
 template <typename acc_t, Last P>
 struct ChannelTerms {
   const acc_t* s;
   const Term<acc_t, P == Last::DX_SPLIT>* t;
-  const void* x;  // DX_SPLIT: x (of the stream's dtype, laid out as it)
+  const void* x;      // DX_SPLIT: x (of the stream's dtype, laid out as it)
+  const acc_t* pos;   // SCALE_T: t [N, HW]
 };
 
 // the max's share of element k (hw, value e) of a channel with terms t
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
     _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
            index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
-  constexpr bool BWD = P != Last::SCALE, SPLIT = P == Last::DX_SPLIT;
+  constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT, SPLIT = P == Last::DX_SPLIT, POS = P == Last::SCALE_T;
   const T* __restrict__ xs = static_cast<const T*>(ct.x);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
@@ -65,7 +68,13 @@ __global__ void __launch_bounds__(kThreads)
     Vec<T, VEC> xe;  // SPLIT: x, compared with the max
     if constexpr (SPLIT) xe = load_vec<T, VEC>(xs + e);
     acc_t sv[VEC], add[VEC];
-    if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
+    if constexpr (MODE == ScaleRows::CL && POS) {  // inner, div_row: C; q = n * HW + hw, t's index
+      index_t q, c0;
+      div_row.divmod(e, q, c0);
+      const acc_t tv = ct.pos[q];  // one position's VEC channels
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sv[k] = tv, add[k] = acc_t(0);
+    } else if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
       index_t q, c0, n, r;
       div_row.divmod(e, q, c0);
       div_sample.divmod(e, n, r);
@@ -88,7 +97,16 @@ __global__ void __launch_bounds__(kThreads)
       div_row.divmod(e, row, r0);
       const index_t nxt = row + 1 < rows ? row + 1 : row;
       const index_t split = inner - r0;  // elements left in the first row
-      if constexpr (BWD) {
+      if constexpr (POS) {  // div_sample: C; the rows' samples give t's rows
+        index_t n, c, n2, c2;
+        div_sample.divmod(row, n, c);
+        div_sample.divmod(nxt, n2, c2);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const bool first = static_cast<index_t>(k) < split;
+          sv[k] = ct.pos[first ? n * HW + r0 + k : n2 * HW + (k - split)], add[k] = acc_t(0);
+        }
+      } else if constexpr (BWD) {
         const auto a = ct.t[row], b = ct.t[nxt];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
@@ -114,7 +132,11 @@ __global__ void __launch_bounds__(kThreads)
     index_t row, hw;
     div_row.divmod(e, row, hw);
     acc_t out;
-    if constexpr (BWD) {
+    if constexpr (POS) {
+      index_t n, c;
+      div_sample.divmod(row, n, c);
+      out = static_cast<acc_t>(x[e]) * ct.pos[n * HW + hw];
+    } else if constexpr (BWD) {
       const auto t = ct.t[row];
       out = static_cast<acc_t>(x[e]) * t.s + t.ph +
             max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xs[e]) : acc_t(0));

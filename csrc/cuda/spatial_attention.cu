@@ -4,6 +4,7 @@
 //   backward: pass 1 reads dy, x: sum_c dy * x; the last block runs the gate's and the conv's
 //             backward. Pass 2 reads dy, writes dx = dy * t + dmean / C + [c == sargmax] dmax. (3R + 1W)
 #include "args.cuh"
+#include "next.cuh"
 
 namespace attnfused {
 namespace cuda {
@@ -21,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
   if (x.size(0) == 0) return {y, smaps, sargmax};
+  if (next::enabled() && next::spatial_forward(x, sw, y, smaps, sargmax)) return {y, smaps, sargmax};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
