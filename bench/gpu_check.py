@@ -10,7 +10,7 @@ logged. Every skip is logged with its reason.
   build    100 s  just-in-time build for sm_90 (ATTNFUSED_BUILD=jit, MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0)
   tests    150 s  a curated CUDA subset (-m "cuda and not slow"): every op and option in both layouts and
                   fp32/fp16/bf16 through the multi-pass path, in fp16 through the on-chip path, the
-                  channel and spatial ops through the new kernels (ATTNFUSED_CUDA_KERNELS=next), the tiling and odd
+                  ops through the new kernels (ATTNFUSED_CUDA_KERNELS=next: those they cover), the tiling and odd
                   shapes, ties under both rules, bit-identity, opcheck, torch.compile, graph capture,
                   streams, drop-in
   sanitize  60 s  compute-sanitizer memcheck, racecheck, synccheck on one slice (op x option x dtype),
@@ -58,12 +58,12 @@ SKIP_NO_GPU = "skipped: no GPU"
 
 TEST_FILES = ["tests/test_cuda_backend.py", "tests/test_drop_in.py"]
 # every op and option in fp32/fp16/bf16 and both layouts through the multi-pass path, in fp16 through
-# the on-chip path (the ops that have one), the channel and spatial ops through the new kernels (all options,
+# the on-chip path (the ops that have one), every op through the new kernels (all options,
 # dtypes, layouts and tiling shapes: the ops they cover), the tiling shapes through the multi-pass
 # path, and everything else marked cuda (bit-identity, opcheck, compile, graph capture, streams,
 # empty batch, drop-in models; the channel op's ties through the new kernels)
-TEST_K = ("not float64 and (not parity_tiling or multipass or (next and (channel or spatial))) "
-          "and (not parity_all_options or multipass or (next and (channel or spatial)) "
+TEST_K = ("not float64 and (not parity_tiling or multipass or next) "
+          "and (not parity_all_options or multipass or next "
           "or (float16 and not bfloat16 and not spatial)) and (not channel_ties or next)")
 TEST_M = "cuda and not slow"
 

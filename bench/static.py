@@ -267,19 +267,22 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
     attention forward (se: pool avg only) and backward under both tie rules ("split": a pool with a
-    max), where next_channel.cu covers it; for cbam, so far, the spatial attention forward (the
-    pool over channels: the same kernels with C and H*W swapped; the last pass y = x * t)."""
+    max), where next_channel.cu covers it; for cbam, so far, the forward in channels_last: the
+    channel pool, the pool of x * s over channels (the rows kernel with C and H*W swapped, each
+    channel weighted), and the last pass y = x * s * t."""
     v, HW = 16 // elem, H * W
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
-    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3 (next_pool.cuh); Last: SCALE 0, DX 1, DX_SPLIT 2,
-    # SCALE_T 3 (next_last.cuh)
-    if op == "cbam":
-        pool = ("rows" if C % v == 0 else None) if cl else ("columns" if HW % v == 0 else None)
-        return [PassUse("next fwd spool", f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)1>", pool, over_channels=True),
-                PassUse("next fwd sscale", f"{last}3>", "apply", reads=1, writes=1)] if pool else []
+    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4 (next_pool.cuh); Last: SCALE 0, DX 1,
+    # DX_SPLIT 2, SCALE_T 3, SCALE_ST 4 (next_last.cuh)
+    if op == "cbam":  # channels_last, C a whole number of vectors (cbam_forward)
+        if not cl or C % v:
+            return []
+        return [PassUse("next fwd cpool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)1>", "columns"),
+                PassUse("next fwd spool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)4>", "rows", over_channels=True),
+                PassUse("next fwd stscale", f"{last}4>", "apply", reads=1, writes=1)]
     if op != "se":
         return []
     if cl:

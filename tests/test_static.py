@@ -255,11 +255,11 @@ def test_end_to_end_on_the_built_library():
     assert len(today) == 16, out
     for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
-    # the new path's channel forward and backward passes and its spatial forward's two passes at
-    # stage 1, in both layouts, none flagged
+    # the new path's channel forward and backward passes at stage 1 in both layouts, and CBAM's three
+    # forward passes in channels_last, none flagged
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
-        f"next {p} {lay}" for p in ("fwd pool", "fwd scale", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT", "fwd spool",
-                                    "fwd sscale") for lay in ("cl", "nchw")), out
+        [f"next {p} {lay}" for p in ("fwd pool", "fwd scale", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
+         for lay in ("cl", "nchw")] + [f"next {p} cl" for p in ("fwd cpool", "fwd spool", "fwd stscale")]), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 

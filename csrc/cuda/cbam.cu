@@ -12,6 +12,7 @@
 //             pass 3 reads dy, writes dx = (dy t + dmean / C + [c == sargmax] dmax) s
 //               + davg / HW + [hw == argmax] dmax_c.                                     (5R + 1W)
 #include "args.cuh"
+#include "next.cuh"
 #include "onchip.cuh"
 
 namespace attnfused {
@@ -36,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sargmax = new_sargmax(x);
   auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax, hidden};
+  if (next::enabled() && next::cbam_forward(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden))
+    return {y, pooled, argmax, smaps, sargmax, hidden};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);

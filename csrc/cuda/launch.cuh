@@ -38,6 +38,8 @@ struct Scratch {
   int64_t left = 0;  // bytes left in the current block
   explicit Scratch(const at::Tensor& x, int64_t block_bytes = 0)
       : acc(x.options().dtype(acc_dtype(x))), i32(x.options().dtype(at::kInt)), block(block_bytes) {}
+  Scratch(const Scratch&) = delete;  // two copies would carve the same bytes
+  Scratch& operator=(const Scratch&) = delete;
   void* carve(int64_t bytes) {
     bytes = ceil_div(std::max<int64_t>(bytes, 1), kAlign) * kAlign;
     if (bytes > left) {

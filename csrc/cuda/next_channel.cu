@@ -39,7 +39,9 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 int64_t scratch_block(const at::Tensor& x, int64_t items) {
   const char* uncached = std::getenv("PYTORCH_NO_CUDA_MEMORY_CACHING");
   if (uncached && std::strcmp(uncached, "") != 0 && std::strcmp(uncached, "0") != 0) return 0;
-  return 16 * items * int64_t(at::elementSize(acc_dtype(x))) + (int64_t(64) << 10);
+  // (at most a quarter of x's bytes: a call that needs more takes further blocks)
+  const int64_t want = 16 * items * int64_t(at::elementSize(acc_dtype(x)));
+  return std::min(want, x.numel() * int64_t(x.element_size()) / 4) + (int64_t(64) << 10);
 }
 
 template <typename acc_t>
@@ -52,10 +54,12 @@ struct Pooling {
 // [N, K]), over space per (n, c) (Over::SPACE, K = C), or over channels per (n, hw) (Over::CHANNELS,
 // K = H*W). The two are the same kernels with the roles of C and H*W swapped: the summed axis is a
 // row of contiguous vectors (space in NCHW, channels in channels_last) or a column of them (space
-// in channels_last, channels in NCHW). Short NCHW rows over space go through tiles.
+// in channels_last, channels in NCHW). Short NCHW rows over space go through tiles. w (SCALED_MAX,
+// rows only): [N, summed length] weights, x * w pooled (CBAM: x * s over channels).
 template <typename T, int V, Job J>
 Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch& s, const at::Tensor& dy = at::Tensor(),
-                                         const at::Tensor& mref = at::Tensor()) {
+                                         const at::Tensor& mref = at::Tensor(),
+                                         const at::acc_type<T, true>* w = nullptr) {
   using acc_t = at::acc_type<T, true>;
   const bool space = over == Over::SPACE;
   const int64_t N = x.size(0), HWx = x.size(2) * x.size(3);
@@ -83,9 +87,13 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched("pool_columns", pl, pl.grid);
-    _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+    if constexpr (scaled(J)) {  // (none compiled: see _pool_columns)
+      TORCH_CHECK(false, "attnfused: the new kernels pool x * w along rows only");
+    } else {
+      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+    }
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
-    TORCH_CHECK(space, "attnfused: the new kernels pool over channels only along whole vectors");
+    TORCH_CHECK(space && !scaled(J), "attnfused: the new kernels pool over channels only along whole vectors");
     const TilePlan pl(N * C, HW, V, sms);
     alloc(N * C);
     pp.chunks = 1;
@@ -93,14 +101,15 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
     out.plan = "pool_tiles VEC=" + std::to_string(V) + " R=" + std::to_string(pl.R) + " P=" + std::to_string(pl.P) +
                " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
-    _pool_tiles<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+    if constexpr (!scaled(J))  // (the weighted pool runs over channels only: no tiles compiled for it)
+      _pool_tiles<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
     alloc(N * C * pl.chunks);
     pp.chunks = pl.chunks;
     pp.n_stride = C * pl.chunks, pp.c_stride = pl.chunks, pp.k_stride = 1;
     launched("pool_rows", pl, pl.grid);
-    _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+    _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pl, pp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -119,8 +128,8 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
-    // div_sample: a sample's elements (channels_last), or (NCHW, SCALE_T) a sample's rows
-    const int64_t sample = cl ? HW * C : (P == Last::SCALE_T ? C : 1);
+    // div_sample: a sample's elements (channels_last), or (NCHW, with t) a sample's rows
+    const int64_t sample = cl ? HW * C : (P == Last::SCALE_T || P == Last::SCALE_ST ? C : 1);
     _scale<T, V, index_t, M, P><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
         static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(sample)),
@@ -134,11 +143,19 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
   using I64 = Tag<int64_t>;
   using CL = std::integral_constant<ScaleRows, ScaleRows::CL>;
   using WIDE = std::integral_constant<ScaleRows, ScaleRows::WIDE>;
-  if (cl)
+  using ROWS = std::integral_constant<ScaleRows, ScaleRows::ROWS>;
+  if (cl) {
     small ? go(CL{}, I32{}) : go(CL{}, I64{});
-  else
+  } else if constexpr (P == Last::SCALE_T || P == Last::SCALE_ST) {  // a map per position: whole rows only
+    TORCH_CHECK(HW % V == 0, "attnfused: the new last pass scales by a map only rows of whole vectors");
+    small ? go(ROWS{}, I32{}) : go(ROWS{}, I64{});
+  } else {
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
-  const char* what = P == Last::SCALE ? " | scale VEC=" : (P == Last::SCALE_T ? " | scale_t VEC=" : " | dx VEC=");
+  }
+  const char* what = P == Last::SCALE      ? " | scale VEC="
+                     : P == Last::SCALE_T  ? " | scale_t VEC="
+                     : P == Last::SCALE_ST ? " | scale_st VEC="
+                                           : " | dx VEC=";
   return std::string(what) + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
@@ -180,24 +197,34 @@ void gate_forward(const ChannelWeights& cw, const ChannelArgs<acc_t>& g, Scratch
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A forward's channel half: one pass over x pooling over space (streams x), the pooled vectors and
+// f's inputs, then f and the gate over all samples -> g.s [N, C]. Returns the pass's plan.
+template <typename T, int V>
+std::string channel_half(const at::Tensor& x, const ChannelWeights& cw, const ChannelArgs<at::acc_type<T, true>>& g,
+                         Scratch& s) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0);
+  auto pool = [&](auto maxed_c) {
+    constexpr bool M = decltype(maxed_c)::value;
+    auto pooling = pool_pass<T, V, M ? Job::SUM_MAX : Job::SUM>(x, Over::SPACE, s);
+    _channel_pooled<acc_t, M><<<item_blocks(N * cw.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        pooling.pp, N, cw.HW, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return pooling.plan;
+  };
+  std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
+  gate_forward(cw, g, s, N);
+  return plan;
+}
+
 template <typename T, int V>
 void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
                          at::Tensor& argmax, at::Tensor& hidden) {
   using acc_t = at::acc_type<T, true>;
   Scratch s(x, scratch_block(x, x.size(0) * cw.nv() * cw.C));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
-  const int64_t N = x.size(0);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  // pass 1 (streams x), then the pooled vectors and f's inputs
-  auto pool = [&](auto maxed_c) {
-    constexpr bool M = decltype(maxed_c)::value;
-    auto pooling = pool_pass<T, V, M ? Job::SUM_MAX : Job::SUM>(x, Over::SPACE, s);
-    _channel_pooled<acc_t, M><<<item_blocks(N * cw.C), kThreads, 0, stream>>>(pooling.pp, N, cw.HW, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return pooling.plan;
-  };
-  std::string plan = cw.o.pool != Pool::AVG ? pool(std::true_type{}) : pool(std::false_type{});
-  gate_forward(cw, g, s, N);
+  // pass 1 (streams x), then the gate
+  std::string plan = channel_half<T, V>(x, cw, g, s);
   // pass 2 (streams x, writes y)
   plan += scale<T, V>(x, y, ChannelTerms<acc_t, Last::SCALE>{g.s, nullptr, nullptr});
   if (debug()) std::fprintf(stderr, "attnfused next channel_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
@@ -298,7 +325,40 @@ void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, at::Tens
       pooling.plan + scale<T, V, Last::SCALE_T>(x, y, ChannelTerms<acc_t, Last::SCALE_T>{nullptr, nullptr, nullptr, g.t});
   if (debug()) std::fprintf(stderr, "attnfused next spatial_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
+// CBAM's forward: the channel half (pass 1), x1 = x * s pooled over channels without storing it
+// (pass 2), the conv and gate, then y = x * s * t (pass 3).                          3R + 1W
+template <typename T, int V>
+void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, at::Tensor& y,
+                      at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
+                      at::Tensor& hidden) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  Scratch s(x, scratch_block(x, N * (cw.nv() * C + HW)));
+  const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
+  const auto sp = sw.args<acc_t>(s, smaps, sargmax, /*backward=*/false);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  std::string plan = channel_half<T, V>(x, cw, g, s);
+  const auto pooling = pool_pass<T, V, Job::SCALED_MAX>(x, Over::CHANNELS, s, at::Tensor(), at::Tensor(), g.s);
+  _spatial_maps<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(pooling.pp, N, HW, C, sp.smaps, sp.sargmax);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(sp, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  plan += " | " + pooling.plan +
+          scale<T, V, Last::SCALE_ST>(x, y, ChannelTerms<acc_t, Last::SCALE_ST>{g.s, nullptr, nullptr, sp.t});
+  if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+}
 }  // namespace
+
+bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, at::Tensor& y,
+                  at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax, at::Tensor& hidden) {
+  // channels_last only (no weighted column pass: see _pool_columns), where the pool over channels
+  // covers x
+  if (!is_channels_last(x) || !covers(x, {&x, &y}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::cbam_forward", [&] {
+    cbam_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden);
+  });
+  return true;
+}
 
 bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
                      at::Tensor& sargmax) {

@@ -9,16 +9,18 @@ namespace cuda {
 namespace next {
 
 // ---------------------------------------------------------------------------- the last pass
-// Forward: y = x * s[n, c] (SCALE), or y = x * t[n, hw] (SCALE_T, spatial attention). Backward
-// (reading dy in x's place): dx = dy * s + ph + [hw == argmax] qh (tie rule "first"), or
-// dx = dy * s + ph + (qh / count) * [x == max] ("split": x streamed too).
-enum class Last { SCALE, DX, DX_SPLIT, SCALE_T };
+// Forward: y = x * s[n, c] (SCALE), y = x * t[n, hw] (SCALE_T, spatial attention), or
+// y = x * (s[n, c] * t[n, hw]) (SCALE_ST, CBAM). Backward (reading dy in x's place):
+// dx = dy * s + ph + [hw == argmax] qh (tie rule "first"), or dx = dy * s + ph + (qh / count) *
+// [x == max] ("split": x streamed too).
+enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST };
 
 // How a flat vector of x finds its channels' values.
 enum class ScaleRows {
-  CL,   // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of each
-  WIDE  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0; the elements
-        // past the last whole vector (tail < VEC) by block 0
+  CL,    // channels_last: the VEC channels c0.. of one position (C % VEC == 0): one vector of each
+  WIDE,  // NCHW, HW >= VEC: a vector meets at most two (n, c) rows, split at HW - r0; the elements
+         // past the last whole vector (tail < VEC) by block 0
+  ROWS   // NCHW, HW % VEC == 0: a vector within one row, its positions one vector of t (SCALE_T, SCALE_ST)
 };
 
 // The backward's per-channel values, one 16-byte load each (float; two for double): the gate s,
@@ -34,14 +36,14 @@ struct alignas(16) Term<acc_t, true> {
   acc_t s, ph, q, mx;
 };
 
-// The per-channel values of the last pass, [N, C]: the gate (SCALE), or the terms; or (SCALE_T)
-// the per-position values t [N, HW].
+// The per-channel values of the last pass, [N, C]: the gate (SCALE, SCALE_ST), or the terms; and
+// (SCALE_T, SCALE_ST) the per-position values t [N, HW].
 template <typename acc_t, Last P>
 struct ChannelTerms {
   const acc_t* s;
   const Term<acc_t, P == Last::DX_SPLIT>* t;
   const void* x;      // DX_SPLIT: x (of the stream's dtype, laid out as it)
-  const acc_t* pos;   // SCALE_T: t [N, HW]
+  const acc_t* pos;   // SCALE_T, SCALE_ST: t [N, HW]
 };
 
 // the max's share of element k (hw, value e) of a channel with terms t
@@ -59,7 +61,8 @@ __global__ void __launch_bounds__(kThreads)
     _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
            index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
-  constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT, SPLIT = P == Last::DX_SPLIT, POS = P == Last::SCALE_T;
+  constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT, SPLIT = P == Last::DX_SPLIT;
+  constexpr bool POS = P == Last::SCALE_T || P == Last::SCALE_ST, CHS = P == Last::SCALE || P == Last::SCALE_ST;
   const T* __restrict__ xs = static_cast<const T*>(ct.x);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
@@ -72,8 +75,16 @@ __global__ void __launch_bounds__(kThreads)
       index_t q, c0;
       div_row.divmod(e, q, c0);
       const acc_t tv = ct.pos[q];  // one position's VEC channels
+      if constexpr (CHS) {  // div_sample: HW * C
+        index_t n, r;
+        div_sample.divmod(e, n, r);
+        const Vec<acc_t, VEC> v = *reinterpret_cast<const Vec<acc_t, VEC>*>(ct.s + n * inner + c0);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sv[k] = tv, add[k] = acc_t(0);
+        for (int k = 0; k < VEC; ++k) sv[k] = v.v[k] * tv, add[k] = acc_t(0);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = tv, add[k] = acc_t(0);
+      }
     } else if constexpr (MODE == ScaleRows::CL) {  // inner, div_row: C; div_sample: HW * C
       index_t q, c0, n, r;
       div_row.divmod(e, q, c0);
@@ -92,6 +103,15 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sv[k] = v.v[k], add[k] = acc_t(0);
       }
+    } else if constexpr (MODE == ScaleRows::ROWS) {  // inner, div_row: HW; div_sample: C
+      static_assert(POS && !BWD, "ROWS: the forwards with a per-position map");
+      index_t row, r0, n, c;
+      div_row.divmod(e, row, r0);
+      div_sample.divmod(row, n, c);
+      const acc_t sr = CHS ? ct.s[row] : acc_t(1);
+      const Vec<acc_t, VEC> tv = *reinterpret_cast<const Vec<acc_t, VEC>*>(ct.pos + n * HW + r0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sv[k] = sr * tv.v[k], add[k] = acc_t(0);
     } else {  // WIDE; inner, div_row: HW
       index_t row, r0;
       div_row.divmod(e, row, r0);
@@ -101,10 +121,11 @@ __global__ void __launch_bounds__(kThreads)
         index_t n, c, n2, c2;
         div_sample.divmod(row, n, c);
         div_sample.divmod(nxt, n2, c2);
+        const acc_t sa = CHS ? ct.s[row] : acc_t(1), sb = CHS ? ct.s[nxt] : acc_t(1);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const bool first = static_cast<index_t>(k) < split;
-          sv[k] = ct.pos[first ? n * HW + r0 + k : n2 * HW + (k - split)], add[k] = acc_t(0);
+          sv[k] = (first ? sa : sb) * ct.pos[first ? n * HW + r0 + k : n2 * HW + (k - split)], add[k] = acc_t(0);
         }
       } else if constexpr (BWD) {
         const auto a = ct.t[row], b = ct.t[nxt];
@@ -135,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (POS) {
       index_t n, c;
       div_sample.divmod(row, n, c);
-      out = static_cast<acc_t>(x[e]) * ct.pos[n * HW + hw];
+      out = static_cast<acc_t>(x[e]) * ((CHS ? ct.s[row] : acc_t(1)) * ct.pos[n * HW + hw]);
     } else if constexpr (BWD) {
       const auto t = ct.t[row];
       out = static_cast<acc_t>(x[e]) * t.s + t.ph +

@@ -34,12 +34,15 @@ struct PoolPartials {
 // their uses (one in flight); with one it issues them first.
 // What a reduction pass computes per (n, c) over space.
 enum class Job {
-  SUM,        // the sum of x (pool "avg")
-  SUM_MAX,    // the sum, max and argmax of x
-  DOT,        // the sum of dy * x (the backward)
-  DOT_COUNT,  // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
+  SUM,         // the sum of x (pool "avg")
+  SUM_MAX,     // the sum, max and argmax of x
+  DOT,         // the sum of dy * x (the backward)
+  DOT_COUNT,   // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
+  SCALED_MAX,  // the sum, max and argmax of x * w, w [N, L] per element of the summed axis (CBAM's
+               // x1 = x * s pooled over channels; the product in acc_t, unrounded)
 };
-constexpr bool maxed(Job j) { return j == Job::SUM_MAX; }
+constexpr bool maxed(Job j) { return j == Job::SUM_MAX || j == Job::SCALED_MAX; }
+constexpr bool scaled(Job j) { return j == Job::SCALED_MAX; }
 constexpr bool dotted(Job j) { return j == Job::DOT || j == Job::DOT_COUNT; }
 constexpr bool counted(Job j) { return j == Job::DOT_COUNT; }
 
@@ -133,6 +136,15 @@ struct Slots {
       if (MAXED) take_max_in_order(mx[v], mi[v], e, index);
     }
   }
+  // x * w, one weight per slot
+  __device__ __forceinline__ void take(const Vec<T, VEC>& xv, int index, const Vec<acc_t, VEC>& wv) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]) * wv.v[v];
+      sum[v] += e;
+      take_max_in_order(mx[v], mi[v], e, index);
+    }
+  }
   // mref: each slot's channel max (counting)
   __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, const acc_t (&mref)[VEC]) {
 #pragma unroll
@@ -143,6 +155,12 @@ struct Slots {
     }
   }
 };
+
+// VEC weights w[at..] (at a multiple of VEC, w aligned to VEC of them): one or two 16-byte loads
+template <int VEC, typename acc_t>
+__device__ __forceinline__ Vec<acc_t, VEC> weights(const acc_t* w, int64_t at) {
+  return *reinterpret_cast<const Vec<acc_t, VEC>*>(w + at);
+}
 
 // L vectors of x at `at` into xv and, for a dot, of dy at the same offsets into dv: the loads of
 // both tensors issued before any use.
@@ -161,11 +179,15 @@ __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv
 // channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
 // over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
 // kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
-// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null.
+// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null. No
+// weighted pool (SCALED_MAX) here: its weights and products need more than 64 registers with two
+// loads in flight (ptxas issued the second after the first one's use), so NCHW CBAM stays on
+// today's kernels.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                   ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!scaled(J), "the weighted pool runs along rows only");
   constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
@@ -234,11 +256,12 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 // NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or the sum of dy * x, and the count of
 // maxima) over a piece of each row (RowPlan). A thread keeps one sum and max per vector slot v
 // (hw = 16-byte vector start + v), visiting its vectors in order, kLoads at a time; slots are
-// merged, then the row's TX lanes by a butterfly.
+// merged, then the row's TX lanes by a butterfly. w: [N, HW] a weight per element of a row
+// (SCALED_MAX), else null.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
-               RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+               const at::acc_type<T, true>* __restrict__ w, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
   constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
@@ -268,12 +291,21 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = row + (i + u * pl.TX) * VEC;
       load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], (i + u * pl.TX) * VEC);
+      for (int u = 0; u < L; ++u) {
+        if constexpr (DOT)
+          sl.take_dot(xv[u], dv[u], mr);
+        else if constexpr (scaled(J))
+          sl.take(xv[u], (i + u * pl.TX) * VEC, weights<VEC>(w, n * pl.HW + (i + u * pl.TX) * VEC));
+        else
+          sl.take(xv[u], (i + u * pl.TX) * VEC);
+      }
     }
     for (; i < v1; i += pl.TX) {
       const T* at = row + i * VEC;
       if constexpr (DOT)
         sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)), mr);
+      else if constexpr (scaled(J))
+        sl.take(load_vec<T, VEC>(at), i * VEC, weights<VEC>(w, n * pl.HW + i * VEC));
       else
         sl.take(load_vec<T, VEC>(at), i * VEC);
     }
