@@ -15,11 +15,11 @@ logged. Every skip is logged with its reason.
                   streams, drop-in
   sanitize  60 s  compute-sanitizer memcheck, racecheck, synccheck on one slice (op x option x dtype),
                   a different slice per commit and day (--slice N to force one)
-  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7; then SE on the new kernels), the host's
+  bench    150 s  CUDA per-kernel profile (fp16, 56x56 and 7x7; then SE and CBAM on the new kernels), the host's
                   work per call (bench.host_work: launches, copies, allocations, syncs; SE and CBAM on
                   cuda and cuda/next), then
                   python -m bench at the ResNet-50 stages, batch 128 fwd+train (one block with eager,
-                  compile, cuda; SE and ECA on the new kernels; the other two blocks with eager, cuda)
+                  compile, cuda; SE and CBAM on the new kernels; the other two blocks with eager, cuda)
                   and batch 1 and 8 fwd (eager, cuda); one dtype per run, fp16 and bf16 in turn
                   (--dtype), the block with compile in turn among CBAM-FC, SE, ECA
   probes    20 s  L2 re-read rate of 8-64 MB chunks; cudaOccupancyMaxActiveClusters for clusters of 8 and
@@ -311,9 +311,9 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                  "--rep-ms", "40", "--name", f"bench_b128_rest_{dtype}"]
     bsmall = [*bench, "--blocks", ",".join(BENCH_BLOCKS), "--batch", "1,8", "--modes", "fwd", "--providers",
               "eager,cuda", "--rep-ms", "25", "--name", f"bench_b1_8_{dtype}"]
-    # the new kernels ($ATTNFUSED_CUDA_KERNELS=next) where they exist: the channel attention op
+    # the new kernels ($ATTNFUSED_CUDA_KERNELS=next) where they exist: SE (the channel op), CBAM (its forward)
     nxt = {"ATTNFUSED_CUDA_KERNELS": "next"}
-    b128_next = [*bench, "--blocks", "se,eca", "--batch", "128", "--modes", "fwd,train", "--providers", "cuda",
+    b128_next = [*bench, "--blocks", "se,cbam_fc", "--batch", "128", "--modes", "fwd,train", "--providers", "cuda",
                  "--rep-ms", "40", "--name", f"bench_b128_next_{dtype}"]
     return {
         "build": [Step("jit_build", [py, "-c", "import attnfused, json; i = attnfused.build_info(); "
@@ -330,7 +330,7 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
         "bench": [
             Step("profile", [py, "-m", "bench.profile_kernels", "--blocks", "cbam_fc,se", "--backends", "cuda",
                              "--dtype", "fp16", "--calls", "3"], timeout=25),
-            Step("profile_next", [py, "-m", "bench.profile_kernels", "--blocks", "se", "--backends", "cuda",
+            Step("profile_next", [py, "-m", "bench.profile_kernels", "--blocks", "se,cbam_fc", "--backends", "cuda",
                                   "--dtype", "fp16", "--calls", "3"], timeout=20, env=nxt),
             Step("host_work", [py, "-m", "bench.host_work", "--blocks", "se,cbam_fc", "--backends", "cuda,cuda/next"],
                  timeout=12,
