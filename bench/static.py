@@ -370,7 +370,11 @@ def read_library(lib: str, cuobjdump: str, want) -> tuple[dict, dict, dict]:
     def run(*args, cwd=None):
         return subprocess.run([cuobjdump, *args], capture_output=True, text=True, check=True, cwd=cwd).stdout
 
-    cubins = re.findall(r"ELF file\s+\d+:\s+(\S+\.sm_90a?\.cubin)", run("-lelf", lib))
+    try:
+        listing = run("-lelf", lib)
+    except subprocess.CalledProcessError:  # no device code at all (a CPU-only build)
+        return {}, {}, {}
+    cubins = re.findall(r"ELF file\s+\d+:\s+(\S+\.sm_90a?\.cubin)", listing)
     res, sass, where = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if cubins:
