@@ -15,7 +15,7 @@ from torch import nn
 import attnfused
 from attnfused import reference as ref
 from attnfused.variants import _FusedVariant
-from tests._util import cpu_backends, rel_err
+from tests._util import GRAD_TOLERANCE, cpu_backends, rel_err
 from tests.test_convert import exact_hardsigmoids_
 from tests.test_drop_in import randomize_
 
@@ -25,6 +25,9 @@ from timm.layers import squeeze_excite as tse  # noqa: E402
 
 C, SHAPE = 8, (3, 8, 5, 6)
 EXACT = 1e-12  # the same float64 math in another order
+# a weight's gradient sums products over the batch and space, and can nearly cancel (a BatchNorm
+# weight's in training, one all-zero sample in the batch): the contract's float64 gradient bound
+WEIGHT_EXACT = GRAD_TOLERANCE[torch.float64]
 
 
 def _timm_blocks():
@@ -79,7 +82,8 @@ def _check_same(original, converted, x, exact=EXACT):
     assert rel_err(gx1, gx0) <= exact, f"input gradient: rel err {rel_err(gx1, gx0):.3g}"
     assert gw1.keys() == gw0.keys()
     for name, g in gw0.items():
-        assert rel_err(gw1[name], g) <= exact, f"gradient of {name}: rel err {rel_err(gw1[name], g):.3g}"
+        assert rel_err(gw1[name], g) <= max(exact, WEIGHT_EXACT), \
+            f"gradient of {name}: rel err {rel_err(gw1[name], g):.3g}"
 
 
 def _with_tie(model: nn.Module, tie: str) -> nn.Module:
