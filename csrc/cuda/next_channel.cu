@@ -128,7 +128,7 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
-    // div_sample: a sample's elements (channels_last), or (NCHW, with t) a sample's rows
+    // div_sample: a sample's elements (channels_last), or (NCHW, ROWS) a sample's rows
     const int64_t sample = cl ? HW * C : (P == Last::SCALE_T || P == Last::SCALE_ST ? C : 1);
     _scale<T, V, index_t, M, P><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,

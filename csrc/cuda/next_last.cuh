@@ -113,21 +113,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) sv[k] = sr * tv.v[k], add[k] = acc_t(0);
     } else {  // WIDE; inner, div_row: HW
+      static_assert(!POS, "WIDE: the passes with per-channel values only (a map per position: ROWS)");
       index_t row, r0;
       div_row.divmod(e, row, r0);
       const index_t nxt = row + 1 < rows ? row + 1 : row;
       const index_t split = inner - r0;  // elements left in the first row
-      if constexpr (POS) {  // div_sample: C; the rows' samples give t's rows
-        index_t n, c, n2, c2;
-        div_sample.divmod(row, n, c);
-        div_sample.divmod(nxt, n2, c2);
-        const acc_t sa = CHS ? ct.s[row] : acc_t(1), sb = CHS ? ct.s[nxt] : acc_t(1);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const bool first = static_cast<index_t>(k) < split;
-          sv[k] = (first ? sa : sb) * ct.pos[first ? n * HW + r0 + k : n2 * HW + (k - split)], add[k] = acc_t(0);
-        }
-      } else if constexpr (BWD) {
+      if constexpr (BWD) {
         const auto a = ct.t[row], b = ct.t[nxt];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
@@ -153,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     index_t row, hw;
     div_row.divmod(e, row, hw);
     acc_t out;
-    if constexpr (POS) {
+    if constexpr (POS) {  // (CL and ROWS, the modes with a map, have no tail: tail is 0)
       index_t n, c;
       div_sample.divmod(row, n, c);
       out = static_cast<acc_t>(x[e]) * ((CHS ? ct.s[row] : acc_t(1)) * ct.pos[n * HW + hw]);
