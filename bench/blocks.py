@@ -5,6 +5,7 @@ eager and the fused module of a case have the same structure and load the same s
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 RATIO = 16  # the papers' MLP reduction
@@ -36,3 +37,21 @@ def make(block: str, channels: int, backend: str | None = None) -> nn.Module:
     if backend is None:
         return getattr(attnfused.reference, cls_name)(*args(channels))
     return getattr(attnfused, cls_name)(*args(channels), backend=backend)
+
+
+def mode_calls(run, module: nn.Module, shape, dtype, device, layout: str) -> dict:
+    """{"fwd": inference, "train": forward plus the gradients of x and every parameter} of `run`
+    (`module`, or a compiled form of it) on a fresh input of `shape` in `layout` ("cl" or "nchw")."""
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dy = torch.randn_like(x)
+    leaves = [x.requires_grad_(), *module.parameters()]
+
+    def forward():
+        with torch.no_grad():
+            run(x)
+
+    def train():  # autograd.grad: no accumulation into .grad, so no extra add kernels
+        torch.autograd.grad(run(x), leaves, dy)
+
+    return {"fwd": forward, "train": train}

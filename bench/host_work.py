@@ -25,7 +25,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from .blocks import BLOCKS, make
+from .blocks import BLOCKS, make, mode_calls
 from .shapes import parse_shapes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -95,19 +95,7 @@ def case_rows(block: str, spec: str, shape, dtype, device: torch.device, layout:
     with _backend_env(spec):
         module = make(block, shape[1], backend.split("/")[0]).to(device, dtype)
         run = torch.compile(module, fullgraph=True) if compiled else module
-        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        dy = torch.randn_like(x)
-        leaves = [x.requires_grad_(), *module.parameters()]
-
-        def forward():
-            with torch.no_grad():
-                run(x)
-
-        def train():  # autograd.grad: no accumulation into .grad, so no extra add kernels
-            torch.autograd.grad(run(x), leaves, dy)
-
-        for mode, fn in (("fwd", forward), ("train", train)):
+        for mode, fn in mode_calls(run, module, shape, dtype, device, layout).items():
             for _ in range(3):  # warm-up: extension load, Triton compilation, allocator
                 fn()
             yield {"block": block, "backend": spec, "mode": mode, **counts(fn, device)}

@@ -17,7 +17,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .blocks import BLOCKS, make
+from .blocks import BLOCKS, make, mode_calls
 from .shapes import parse_shapes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,19 +49,7 @@ def host_times(fn, calls: int) -> tuple[float, float]:
 
 def profile_case(block: str, backend: str, shape, dtype, layout: str, calls: int, top: int) -> None:
     module = make(block, shape[1], backend).to("cuda", dtype)
-    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-    dy = torch.randn_like(x)
-    leaves = [x.requires_grad_()] + [p for p in module.parameters()]
-
-    def forward():
-        with torch.no_grad():
-            module(x)
-
-    def train():  # autograd.grad: no accumulation into .grad, so no extra add kernels
-        torch.autograd.grad(module(x), leaves, dy)
-
-    for mode, fn in (("fwd", forward), ("train", train)):
+    for mode, fn in mode_calls(module, module, shape, dtype, "cuda", layout).items():
         for _ in range(3):  # warm-up: extension load, Triton compilation, allocator
             fn()
         torch.cuda.synchronize()
