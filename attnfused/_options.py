@@ -20,6 +20,10 @@ SPATIAL_MAPS = ("max_mean", "mean_max", "mix")
 # them (the index torch.max and AdaptiveMaxPool2d give); "split", evenly among all of them (amax).
 TIE_RULES = ("first", "split")
 
+# The block's tail, applied in the pass that writes the output: y = activation(attention(x) + residual).
+# The ops take "none" for no activation; the functional layer takes None.
+TAIL_ACTIVATIONS = ("none", "relu")
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # What torch.compile sees of a fused module: "kernels", its fused op (opaque, except the Triton

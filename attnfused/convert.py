@@ -13,6 +13,11 @@ replacement (their handles still remove them); a module with hooks on its submod
 the fused forward does not call them. A module used at several places is replaced by one fused
 module, shared the same way.
 
+Residual blocks (timm's ResNet `Bottleneck` and `BasicBlock`, torchvision's `Bottleneck` with the
+attention after bn3) whose attention was converted also get the block's tail, `relu(out + shortcut)`,
+computed in the attention's output pass (`fuse_tail`, `attnfused.residual`): the report has an entry
+for each such block too.
+
 timm and torchvision are not dependencies: their classes are looked up only when the package
 has already been imported (a model made of their modules has imported it).
 """
@@ -27,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import modules as fused_modules
+from . import modules as fused_modules, residual
 from .modules import check_backend, check_compile_as
 from .reference import modules as ref
 from .variants import (ChannelConfig, FusedCbam, FusedChannelConv, FusedChannelMLP, FusedSpatial, SpatialConfig,
@@ -42,12 +47,14 @@ class Unsupported(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ConvertEntry:
-    """One attention module `convert` met: where, what, and what became of it."""
+    """One attention module `convert` met (or, `tail` true, one residual block whose tail it could fuse):
+    where, what, and what became of it."""
     path: str  # "" for the model itself
     type: str  # qualified class name of the original module
-    replaced_by: Optional[str]  # class name of the fused module, or None when left in place
+    replaced_by: Optional[str]  # class name of the fused module (a block's new class), or None when left in place
     reason: str = ""  # why it was left in place
     tie: Optional[str] = None  # the fused module's max-gradient rule ("first", "split"; None: no max)
+    tail: bool = False  # an entry of a residual block (fuse_tail), not of an attention module
 
     @property
     def converted(self) -> bool:
@@ -314,7 +321,8 @@ def set_compile_as(model: nn.Module, compile_as: str) -> nn.Module:
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False,
-            include: Optional[Callable[[str, nn.Module], bool]] = None, compile_as: str = "kernels"):
+            include: Optional[Callable[[str, nn.Module], bool]] = None, compile_as: str = "kernels",
+            fuse_tail: bool = True):
     """Swap every supported attention module of `model` for a fused one with the same weights.
 
     Args:
@@ -330,6 +338,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
             (on a GPU today the fused SE and ECA blocks are slower than eager: see the README).
         compile_as: what torch.compile sees of the fused modules (`set_compile_as`): "kernels",
             or "original" for models that compile faster with their own attention code.
+        fuse_tail: residual blocks whose attention was converted (timm's ResNet `Bottleneck` and
+            `BasicBlock`, torchvision's `Bottleneck` with the attention after bn3) hand their
+            `relu(out + shortcut)` to the fused module, which computes it in the pass that writes its
+            output (`attnfused.residual`); the report lists each such block, and why one was not.
 
     Returns:
         the converted model, or `(model, entries)` when `report` is true.
@@ -338,6 +350,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_backend(backend)
     check_compile_as(compile_as)
+    if not isinstance(fuse_tail, bool):
+        raise TypeError(f"fuse_tail must be a bool, got {type(fuse_tail).__name__}")
     if include is not None and not callable(include):
         raise TypeError(f"include must be a callable (path, module) -> bool or None, got {type(include).__name__}")
     if not inplace:
@@ -387,4 +401,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         return m, entry
 
     model = visit(model, "")
+    if fuse_tail:
+        for path, cls, new, why in residual.fuse_tail(model):
+            entries.append(ConvertEntry(path, _qualname(cls), new, f"tail not fused: {why}" if why else "",
+                                        tail=True))
     return (model, entries) if report else model

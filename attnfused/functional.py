@@ -16,8 +16,8 @@ from torch import Tensor
 
 from . import _checks, backends, ops
 from .reference import functional as R
-from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS, TIE_RULES,
-                       check_choice, spatial_in_channels)
+from ._options import (CHANNEL_KINDS, CHANNEL_POOLS, CONV_PADDINGS, GATES, HIDDEN_ACTS, SPATIAL_MAPS,
+                       TAIL_ACTIVATIONS, TIE_RULES, check_choice, spatial_in_channels)
 
 
 def _onnx_flags():
@@ -46,6 +46,31 @@ def native_layout(x: Tensor) -> Tensor:
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
+
+
+def _tail_args(x: Tensor, residual, activation) -> tuple[Tensor | None, str]:
+    """(residual laid out like x, or None; the op's activation name) after checking both. x is already
+    in its native layout: a residual in another one is copied once (its gradient flows back)."""
+    if activation is None:
+        activation = "none"
+    check_choice("activation", activation, TAIL_ACTIVATIONS)
+    if residual is None:
+        return None, activation
+    _checks.check_weight("residual", residual, x, tuple(x.shape))
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the input's dtype {x.dtype}, got {residual.dtype}")
+    return ops.same_strides_as(residual, x), activation
+
+
+def unfused_tail(y: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """The tail as plain PyTorch ops after an output computed without it (`activation(y + residual)`):
+    for the paths that cannot take it into a kernel (the original block's forward, BatchNorm in
+    training between the spatial halves)."""
+    if activation is not None:
+        check_choice("activation", activation, TAIL_ACTIVATIONS)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if activation == "relu" else y
 
 
 _CHANNEL_WEIGHTS = ("w1", "b1", "w2", "b2")
@@ -94,50 +119,63 @@ def _spatial_args(x, weight, bias, maps, gate, tie, weight_name="weight", bias_n
 def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tensor | None = None,
                       b2: Tensor | None = None, *, kind: str = "mlp", pool: str = "avg", act: str = "relu",
                       gate: str = "sigmoid", padding: str = "zeros", tie: str = "first",
+                      residual: Tensor | None = None, activation: str | None = None,
                       backend: str = "auto") -> Tensor:
-    """`x * gate(f(pool(x)))`: f is the MLP `w2 @ act(w1 @ v + b1) + b2` (kind "mlp") or the
-    1D conv of weight `w1` (1, 1, k) along channels (kind "conv"). `tie`: where the gradient of
-    the max pool goes among equal elements, "first" (one, as `AdaptiveMaxPool2d`) or "split"
-    (evenly, as `amax`)."""
+    """`activation(x * gate(f(pool(x))) + residual)`: f is the MLP `w2 @ act(w1 @ v + b1) + b2`
+    (kind "mlp") or the 1D conv of weight `w1` (1, 1, k) along channels (kind "conv"). `tie`: where
+    the gradient of the max pool goes among equal elements, "first" (one, as `AdaptiveMaxPool2d`) or
+    "split" (evenly, as `amax`). The tail (a residual block's `relu(out + shortcut)`) is optional:
+    `residual` None or a tensor of x's shape and dtype, `activation` None or "relu"; it runs in the
+    pass that writes the output."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     if pool == "avg":  # no max: one rule, the one every backend computes itself
         tie = "first"
     if onnx_exporting():  # the exported graph is the reference math: standard operators
+        _tail_args(x, residual, activation)
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
-                                   padding=padding, tie=tie)
+                                   padding=padding, tie=tie, residual=residual, activation=activation)
     x = native_layout(x)
-    return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie,
-                    backends.resolve(backend, x))[0]
+    residual, activation = _tail_args(x, residual, activation)
+    return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual,
+                    activation, backends.resolve(backend, x))[0]
 
 
 def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, maps: str = "max_mean",
-                      gate: str = "sigmoid", tie: str = "first", backend: str = "auto") -> Tensor:
-    """`x * gate(conv2d(maps(x), weight, bias))[n, h, w]` with a k x k conv, padding (k-1)//2;
-    `tie` as in `channel_attention`, for the max over channels."""
+                      gate: str = "sigmoid", tie: str = "first", residual: Tensor | None = None,
+                      activation: str | None = None, backend: str = "auto") -> Tensor:
+    """`activation(x * gate(conv2d(maps(x), weight, bias))[n, h, w] + residual)` with a k x k conv,
+    padding (k-1)//2; `tie` and the tail as in `channel_attention`, for the max over channels."""
     _checks.check_input(x)
     _spatial_args(x, weight, bias, maps, gate, tie)
     if onnx_exporting():
-        return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate, tie=tie)
+        _tail_args(x, residual, activation)
+        return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate, tie=tie, residual=residual,
+                                   activation=activation)
     x = native_layout(x)
-    return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, tie, backends.resolve(backend, x))[0]
+    residual, activation = _tail_args(x, residual, activation)
+    return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, tie, residual, activation,
+                    backends.resolve(backend, x))[0]
 
 
 def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
          spatial_weight: Tensor, spatial_bias: Tensor | None = None, *, kind: str = "mlp",
          pool: str = "avg+max", act: str = "relu", gate: str = "sigmoid", padding: str = "zeros",
          maps: str = "max_mean", spatial_gate: str = "sigmoid", tie: str = "first",
-         backend: str = "auto") -> Tensor:
+         residual: Tensor | None = None, activation: str | None = None, backend: str = "auto") -> Tensor:
     """Channel attention then spatial attention, fused: the channel-scaled tensor is never stored.
-    `tie` (as in `channel_attention`) rules both maxima."""
+    `tie` (as in `channel_attention`) rules both maxima; the tail as in `channel_attention`."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, tie, "spatial_weight", "spatial_bias",
                   "spatial_gate")
     if onnx_exporting():
+        _tail_args(x, residual, activation)
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
-                      padding=padding, maps=maps, spatial_gate=spatial_gate, tie=tie)
+                      padding=padding, maps=maps, spatial_gate=spatial_gate, tie=tie, residual=residual,
+                      activation=activation)
     x = native_layout(x)
+    residual, activation = _tail_args(x, residual, activation)
     return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding,
-                    maps, spatial_gate, tie, backends.resolve(backend, x))[0]
+                    maps, spatial_gate, tie, residual, activation, backends.resolve(backend, x))[0]
 
 
 def spatial_pool(x: Tensor, *, tie: str = "first", backend: str = "auto") -> Tensor:
@@ -152,12 +190,16 @@ def spatial_pool(x: Tensor, *, tie: str = "first", backend: str = "auto") -> Ten
     return ops.call(ops.spatial_pool, x, tie, backends.resolve(backend, x))[0]
 
 
-def spatial_scale(x: Tensor, t: Tensor, *, backend: str = "auto") -> Tensor:
-    """`x * t[:, None]` for a map t of shape (N, H, W)."""
+def spatial_scale(x: Tensor, t: Tensor, *, residual: Tensor | None = None, activation: str | None = None,
+                  backend: str = "auto") -> Tensor:
+    """`activation(x * t[:, None] + residual)` for a map t of shape (N, H, W) (the tail as in
+    `channel_attention`)."""
     _checks.check_input(x)
     # t is an activation map, not a layer's weight: any floating dtype (spatial_pool's maps are float32)
     _checks.check_weight("t", t, x, (x.shape[0], x.shape[2], x.shape[3]))
     if onnx_exporting():
-        return (x.to(R.acc_dtype(x.dtype)) * t[:, None]).to(x.dtype)
+        _tail_args(x, residual, activation)
+        return R.tail(x.to(R.acc_dtype(x.dtype)) * t[:, None], residual, activation).to(x.dtype)
     x = native_layout(x)
-    return ops.call(ops.spatial_scale, x, t.contiguous(), backends.resolve(backend, x))
+    residual, activation = _tail_args(x, residual, activation)
+    return ops.call(ops.spatial_scale, x, t.contiguous(), residual, activation, backends.resolve(backend, x))

@@ -1,5 +1,9 @@
 """The fused blocks: the reference classes' structure (same constructor, submodules and
 `state_dict`), with a forward that runs one fused op. Extra keyword: `backend="auto"`.
+
+Every fused block's forward also takes the tail of a residual block, `block(x, residual=shortcut,
+activation="relu")` = `relu(block(x) + shortcut)`, computed in the pass that writes the output
+(`attnfused.functional.channel_attention`).
 """
 from __future__ import annotations
 
@@ -68,12 +72,13 @@ class SEBlock(_FusedMixin, ref.SEBlock):
     def max_tie(self):
         return None if self.mode == "avg" else "first"
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
-                                   kind="mlp", pool=self.mode, backend=self.backend)
+                                   kind="mlp", pool=self.mode, residual=residual, activation=activation,
+                                   backend=self.backend)
 
 
 class ECABlock(_FusedMixin, ref.ECABlock):
@@ -83,11 +88,12 @@ class ECABlock(_FusedMixin, ref.ECABlock):
         super().__init__(channels, gamma, b)
         self._set_backend(backend)
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         _checks.check_input(x, self.channels)
-        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg", backend=self.backend)
+        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg", residual=residual,
+                                   activation=activation, backend=self.backend)
 
 
 class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
@@ -95,12 +101,13 @@ class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
         super().__init__(channels, ratio)
         self._set_backend(backend)
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
-                                   kind="mlp", pool="avg+max", backend=self.backend)
+                                   kind="mlp", pool="avg+max", residual=residual, activation=activation,
+                                   backend=self.backend)
 
 
 class ChannelAttentionConv(_FusedMixin, ref.ChannelAttentionConv):
@@ -108,11 +115,12 @@ class ChannelAttentionConv(_FusedMixin, ref.ChannelAttentionConv):
         super().__init__(channels, gamma, b)
         self._set_backend(backend)
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         _checks.check_input(x, self.channels)
-        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg+max", backend=self.backend)
+        return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg+max", residual=residual,
+                                   activation=activation, backend=self.backend)
 
 
 class SpatialAttention(_FusedMixin, ref.SpatialAttention):
@@ -120,11 +128,12 @@ class SpatialAttention(_FusedMixin, ref.SpatialAttention):
         super().__init__(k)
         self._set_backend(backend)
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         _checks.check_input(x)
-        return F.spatial_attention(x, self.conv.weight, maps="max_mean", backend=self.backend)
+        return F.spatial_attention(x, self.conv.weight, maps="max_mean", residual=residual, activation=activation,
+                                   backend=self.backend)
 
 
 class CBAMBlock(_FusedMixin, ref.CBAMBlock):
@@ -142,9 +151,9 @@ class CBAMBlock(_FusedMixin, ref.CBAMBlock):
         return (f"channel_attention_mode={self.channel_attention_mode!r}, backend={self.backend!r}"
                 + _compile_as_repr(self))
 
-    def forward(self, x):
+    def forward(self, x, residual=None, activation=None):
         if compiles_original(self):  # (its children are fused modules: set_compile_as sets them alike)
-            return super().forward(x)
+            return F.unfused_tail(super().forward(x), residual, activation)
         ch = self.channel_attention_block
         _checks.check_input(x, ch.channels)
         if self.channel_attention_mode == "FC":
@@ -152,4 +161,4 @@ class CBAMBlock(_FusedMixin, ref.CBAMBlock):
         else:
             w1, w2, kind = ch.conv.weight, None, "conv"
         return F.cbam(x, w1, None, w2, None, self.spatial_attention_block.conv.weight, kind=kind,
-                      pool="avg+max", maps="max_mean", backend=self.backend)
+                      pool="avg+max", maps="max_mean", residual=residual, activation=activation, backend=self.backend)

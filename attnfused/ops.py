@@ -5,19 +5,25 @@ Every op takes `backend` (a concrete name; `attnfused.functional` resolves "auto
 runs that backend's kernel from the registry. Option arguments are the strings listed
 in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 
-- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding, tie)`
+- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding, tie, residual?, activation)`
   -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max,
   hidden)`. For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
   `hidden`: kind "mlp": [N, P*Cr] acc = each sample's first-layer pre-activations, P rows of Cr
   (P = 2 for pool "avg+max", else 1); kind "conv": an empty tensor (`hidden_shape`). Every backend
   returns it; a backward may read it or recompute it from `pooled`.
-- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie)`
+- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie, residual?, activation)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
-- `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate, tie)`
-  -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps taken of x1 = x * s.
-- `spatial_pool(x, tie)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W])` -> `x * t`: the two
-  halves of spatial attention for when ordinary ops run between them (BatchNorm in training).
+- `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate, tie, residual?,
+  activation)` -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps taken of x1 = x * s.
+- The forward ops' tail: `y = activation(attention(x) + residual)`, computed in the pass that writes y
+  (`residual` None or x's shape, dtype and strides; `activation` "none" or "relu",
+  `attnfused._options.TAIL_ACTIVATIONS`). The backward ops know nothing of it: the autograd formula
+  turns y's gradient into the residual's, `dy * (y > 0)` for "relu" (one pass, from the saved output
+  y; never the residual), and passes that to the backward op as its `grad_y`.
+- `spatial_pool(x, tie)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W], residual?, activation)` ->
+  `x * t` (then the tail): the two halves of spatial attention for when ordinary ops run between them
+  (BatchNorm in training).
 - Each `<op>_backward` takes `grad_y` (same strides as x), the forward's inputs and saved
   outputs, and returns `grad_x` (x's dtype and strides) and one gradient per weight (the
   weight's shape and dtype; an empty tensor where the weight is None).
@@ -238,14 +244,36 @@ def _forward_kernel(backend: str, name: str, *args):
     return run_kernel(backend, name, args)
 
 
+# ----------------------------------------------------------------------------- the tail's autograd
+
+def _tail_setup(ctx, residual: Optional[Tensor], activation: str, y: Tensor) -> Optional[Tensor]:
+    """Notes the forward's tail; returns what its backward needs saved: the output y for "relu" (a
+    tensor the next layer keeps anyway), else None. Never the residual."""
+    ctx.has_residual, ctx.relu = residual is not None, activation == "relu"
+    return y if ctx.relu else None
+
+
+def _tail_backward(ctx, grad_y: Tensor, y: Optional[Tensor], x: Tensor) -> Tensor:
+    """y's gradient back through the tail: the gradient of the attention's output and of the residual
+    (one tensor, laid out like x): `grad_y * (y > 0)` for "relu" (relu's own backward), else grad_y."""
+    if ctx.relu:
+        grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)
+    return same_strides_as(grad_y, x)
+
+
+def _tail_grads(ctx, grad: Tensor) -> tuple:
+    """The gradients of the forward op's last inputs (residual, activation, backend)."""
+    return (grad if ctx.has_residual else None, None, None)
+
+
 # ----------------------------------------------------------------------------- channel attention
 
 @torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
-                      kind: str, pool: str, act: str, gate: str, padding: str, tie: str,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      kind: str, pool: str, act: str, gate: str, padding: str, tie: str, residual: Optional[Tensor],
+                      activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(_forward_kernel(backend, "channel_attention", x, w1, b1, w2, b2, kind, pool, act, gate, padding,
-                                 tie))
+                                 tie, residual, activation))
 
 
 def _channel_saved_fake(x, w1, kind, pool):
@@ -255,7 +283,7 @@ def _channel_saved_fake(x, w1, kind, pool):
 
 
 @channel_attention.register_fake
-def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, backend):
+def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation, backend):
     return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool))
 
 
@@ -275,17 +303,18 @@ def _(grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, 
 
 
 def _channel_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, *opts, ctx.backend = inputs
+    x, w1, b1, w2, b2, *opts, residual, activation, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, *output[1:4], w1, b1, w2, b2)
+    ctx.save_for_backward(x, *output[1:4], w1, b1, w2, b2, _tail_setup(ctx, residual, activation, output[0]))
 
 
 def _channel_backward(ctx, grad_y, *_saved_grads):
-    x, pooled, argmax, hidden, w1, b1, w2, b2 = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, same_strides_as(grad_y, x), x, pooled,
-                                          argmax, hidden, w1, b1, w2, b2, *ctx.opts)
+    x, pooled, argmax, hidden, w1, b1, w2, b2, y = ctx.saved_tensors
+    g = _tail_backward(ctx, grad_y, y, x)
+    gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, g, x, pooled, argmax, hidden, w1, b1,
+                                          w2, b2, *ctx.opts)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2)) \
-        + (None,) * (len(ctx.opts) + 1)
+        + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
 
 
 _register_autograd(channel_attention, _channel_backward, _channel_setup)
@@ -295,8 +324,9 @@ _register_autograd(channel_attention, _channel_backward, _channel_setup)
 
 @torch.library.custom_op(f"{_LIB}::spatial_attention", mutates_args=())
 def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str, tie: str,
-                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_forward_kernel(backend, "spatial_attention", x, weight, bias, maps, gate, tie))
+                      residual: Optional[Tensor], activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_forward_kernel(backend, "spatial_attention", x, weight, bias, maps, gate, tie, residual,
+                                 activation))
 
 
 def _spatial_saved_fake(x):
@@ -305,7 +335,7 @@ def _spatial_saved_fake(x):
 
 
 @spatial_attention.register_fake
-def _(x, weight, bias, maps, gate, tie, backend):
+def _(x, weight, bias, maps, gate, tie, residual, activation, backend):
     return (torch.empty_like(x), *_spatial_saved_fake(x))
 
 
@@ -323,16 +353,16 @@ def _(grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie, backend):
 
 
 def _spatial_setup(ctx, inputs, output):
-    x, weight, bias, *opts, ctx.backend = inputs
+    x, weight, bias, *opts, residual, activation, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, output[1], output[2], weight, bias)
+    ctx.save_for_backward(x, output[1], output[2], weight, bias, _tail_setup(ctx, residual, activation, output[0]))
 
 
 def _spatial_backward(ctx, grad_y, _g1, _g2):
-    x, smaps, sargmax, weight, bias = ctx.saved_tensors
-    gx, gw, gb = _backward_op(ctx, spatial_attention_backward, same_strides_as(grad_y, x), x, smaps, sargmax,
-                              weight, bias, *ctx.opts)
-    return (gx, gw, _none_if_empty(bias, gb)) + (None,) * (len(ctx.opts) + 1)
+    x, smaps, sargmax, weight, bias, y = ctx.saved_tensors
+    g = _tail_backward(ctx, grad_y, y, x)
+    gx, gw, gb = _backward_op(ctx, spatial_attention_backward, g, x, smaps, sargmax, weight, bias, *ctx.opts)
+    return (gx, gw, _none_if_empty(bias, gb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
 
 
 _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
@@ -343,13 +373,15 @@ _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
 @torch.library.custom_op(f"{_LIB}::cbam", mutates_args=())
 def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
          sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
-         maps: str, sgate: str, tie: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+         maps: str, sgate: str, tie: str, residual: Optional[Tensor], activation: str,
+         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_forward_kernel(backend, "cbam", x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
-                                 padding, maps, sgate, tie))
+                                 padding, maps, sgate, tie, residual, activation))
 
 
 @cbam.register_fake
-def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, backend):
+def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, residual, activation,
+      backend):
     pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool)
     return (torch.empty_like(x), pooled, argmax, *_spatial_saved_fake(x), hidden)
 
@@ -372,18 +404,19 @@ def _(grad_y, x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight
 
 
 def _cbam_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, sweight, sbias, *opts, ctx.backend = inputs
+    x, w1, b1, w2, b2, sweight, sbias, *opts, residual, activation, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, *output[1:6], w1, b1, w2, b2, sweight, sbias)
+    ctx.save_for_backward(x, *output[1:6], w1, b1, w2, b2, sweight, sbias,
+                          _tail_setup(ctx, residual, activation, output[0]))
 
 
 def _cbam_backward(ctx, grad_y, *_saved_grads):
-    x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2, gsw, gsb = _backward_op(ctx, cbam_backward, same_strides_as(grad_y, x), x, pooled,
-                                                    argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight,
-                                                    sbias, *ctx.opts)
+    x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, y = ctx.saved_tensors
+    g = _tail_backward(ctx, grad_y, y, x)
+    gx, gw1, gb1, gw2, gb2, gsw, gsb = _backward_op(ctx, cbam_backward, g, x, pooled, argmax, smaps, sargmax,
+                                                    hidden, w1, b1, w2, b2, sweight, sbias, *ctx.opts)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2), gsw,
-            _none_if_empty(sbias, gsb)) + (None,) * (len(ctx.opts) + 1)
+            _none_if_empty(sbias, gsb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
 
 
 _register_autograd(cbam, _cbam_backward, _cbam_setup)
@@ -425,12 +458,12 @@ _register_autograd(spatial_pool, _pool_backward, _pool_setup)
 
 
 @torch.library.custom_op(f"{_LIB}::spatial_scale", mutates_args=())
-def spatial_scale(x: Tensor, t: Tensor, backend: str) -> Tensor:
-    return _forward_kernel(backend, "spatial_scale", x, t)
+def spatial_scale(x: Tensor, t: Tensor, residual: Optional[Tensor], activation: str, backend: str) -> Tensor:
+    return _forward_kernel(backend, "spatial_scale", x, t, residual, activation)
 
 
 @spatial_scale.register_fake
-def _(x, t, backend):
+def _(x, t, residual, activation, backend):
     return torch.empty_like(x)
 
 
@@ -445,14 +478,15 @@ def _(grad_y, x, t, backend):
 
 
 def _scale_setup(ctx, inputs, output):
-    ctx.backend = inputs[2]
-    ctx.save_for_backward(inputs[0], inputs[1])
+    x, t, residual, activation, ctx.backend = inputs
+    ctx.save_for_backward(x, t, _tail_setup(ctx, residual, activation, output))
 
 
 def _scale_backward(ctx, grad_y):
-    x, t = ctx.saved_tensors
-    gx, gt = _backward_op(ctx, spatial_scale_backward, same_strides_as(grad_y, x), x, t)
-    return gx, gt, None
+    x, t, y = ctx.saved_tensors
+    g = _tail_backward(ctx, grad_y, y, x)
+    gx, gt = _backward_op(ctx, spatial_scale_backward, g, x, t)
+    return (gx, gt) + _tail_grads(ctx, g)
 
 
 _register_autograd(spatial_scale, _scale_backward, _scale_setup)

@@ -238,9 +238,11 @@ class _FusedVariant(nn.Module):
             return sp.tie
         return ch.tie if ch is not None and ch.pool != "avg" else None
 
-    def _original_forward(self, x: Tensor) -> Tensor:
+    def _original_forward(self, x: Tensor, residual=None, activation=None) -> Tensor:
+        """The original module's forward, then the tail (if any) in plain PyTorch."""
         self._source.training = self.training
-        return self._source.forward(x)  # not __call__: its hooks are this module's, and run once
+        # not __call__: its hooks are this module's, and run once
+        return F.unfused_tail(self._source.forward(x), residual, activation)
 
     def _runs_original(self) -> bool:
         """Under torch.onnx.export (standard operators only), and under torch.compile with
@@ -257,11 +259,12 @@ class _FusedChannel(_FusedVariant):
         config.validate(self)
         self.channel_config = config
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x)
+            return self._original_forward(x, residual, activation)
         cfg = self.channel_config
-        return F.channel_attention(x, *cfg.tensors(self), **cfg.options(), backend=self.backend)
+        return F.channel_attention(x, *cfg.tensors(self), **cfg.options(), residual=residual, activation=activation,
+                                   backend=self.backend)
 
 
 class FusedChannelMLP(_FusedChannel):
@@ -295,15 +298,16 @@ class FusedSpatial(_FusedVariant):
         self.spatial_config = SpatialConfig(conv, bn, maps, gate, tie)
         self.spatial_config.validate(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x)
+            return self._original_forward(x, residual, activation)
         cfg = self.spatial_config
         if cfg.uses_batch_stats(self):
             _checks.check_input(x)
-            return cfg.apply_unfolded(self, x, self.backend)
+            return F.unfused_tail(cfg.apply_unfolded(self, x, self.backend), residual, activation)
         w, b = cfg.folded(self)
-        return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, backend=self.backend)
+        return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, residual=residual,
+                                   activation=activation, backend=self.backend)
 
 
 class FusedCbam(_FusedVariant):
@@ -318,14 +322,14 @@ class FusedCbam(_FusedVariant):
                              f"{spatial.tie!r}")
         self.channel_config, self.spatial_config = channel, spatial
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x)
+            return self._original_forward(x, residual, activation)
         ch, sp = self.channel_config, self.spatial_config
         if sp.uses_batch_stats(self):
             x1 = F.channel_attention(x, *ch.tensors(self), **ch.options(), backend=self.backend)
-            return sp.apply_unfolded(self, x1, self.backend)
+            return F.unfused_tail(sp.apply_unfolded(self, x1, self.backend), residual, activation)
         opts = ch.options()
         sw, sb = sp.folded(self)
-        return F.cbam(x, *ch.tensors(self), sw, sb, **opts, maps=sp.maps, spatial_gate=sp.gate,
-                      backend=self.backend)
+        return F.cbam(x, *ch.tensors(self), sw, sb, **opts, maps=sp.maps, spatial_gate=sp.gate, residual=residual,
+                      activation=activation, backend=self.backend)

@@ -138,8 +138,12 @@ def convert(model: nn.Module, backend: str, convert_kwargs: dict) -> tuple[nn.Mo
     import attnfused
 
     fused, entries = attnfused.convert(model, backend=backend, report=True, **convert_kwargs)
-    done = sum(e.converted for e in entries)
-    note = f"attnfused.convert: {done}/{len(entries)} attention modules fused"
+    attention = [e for e in entries if not e.tail]
+    done = sum(e.converted for e in attention)
+    note = f"attnfused.convert: {done}/{len(attention)} attention modules fused"
+    tails = [e for e in entries if e.tail]
+    if tails:
+        note += f", {sum(e.converted for e in tails)}/{len(tails)} block tails"
     left = next((e for e in entries if not e.converted), None)
     if left is not None:
         note += f" (left: {left})"

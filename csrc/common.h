@@ -113,6 +113,31 @@ inline void check_same_layout(const at::Tensor& g, const at::Tensor& x, const ch
                    ", got ", g.scalar_type());
 }
 
+// The forward ops' tail, out = activation(attention(x) + residual) (attnfused/ops.py): the residual
+// (optional) has x's shape, dtype, device and strides; the activation is "none" or "relu".
+struct Tail {
+  std::optional<at::Tensor> residual;
+  bool relu = false;
+
+  Tail(const at::Tensor& x, const std::optional<at::Tensor>& residual_, c10::string_view activation) : residual(residual_) {
+    static const char* const n[] = {"none", "relu"};
+    relu = detail::parse("activation", activation, n, {false, true});
+    if (residual) {
+      TORCH_CHECK_VALUE(residual->device() == x.device(), "residual must be on ", x.device(), ", got ",
+                        residual->device());
+      check_same_layout(*residual, x, "residual");
+    }
+  }
+  bool any() const { return relu || residual.has_value(); }
+  template <typename T>
+  const T* residual_ptr() const { return residual ? residual->const_data_ptr<T>() : nullptr; }
+  // The tail on an output written without it (kernels that do not fuse it): two in-place passes.
+  void apply_after(at::Tensor& y) const {
+    if (residual) y.add_(*residual);
+    if (relu) y.relu_();
+  }
+};
+
 inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), name, " must have a floating dtype, got ",
                    w.scalar_type());

@@ -32,15 +32,18 @@ std::string build_info() {
 
 TORCH_LIBRARY(attnfused_C, m) {
   m.def("channel_attention(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, "
-        "str act, str gate, str padding, str tie) -> (Tensor, Tensor, Tensor, Tensor)");
+        "str act, str gate, str padding, str tie, Tensor? residual=None, str activation=\"none\") "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_attention_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor hidden, "
         "Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, str act, str gate, str padding, str tie) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("spatial_attention(Tensor x, Tensor weight, Tensor? bias, str maps, str gate, str tie) -> (Tensor, Tensor, Tensor)");
+  m.def("spatial_attention(Tensor x, Tensor weight, Tensor? bias, str maps, str gate, str tie, Tensor? residual=None, "
+        "str activation=\"none\") -> (Tensor, Tensor, Tensor)");
   m.def("spatial_attention_backward(Tensor grad_y, Tensor x, Tensor smaps, Tensor sargmax, Tensor weight, "
         "Tensor? bias, str maps, str gate, str tie) -> (Tensor, Tensor, Tensor)");
   m.def("cbam(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, "
-        "str pool, str act, str gate, str padding, str maps, str sgate, str tie) "
+        "str pool, str act, str gate, str padding, str maps, str sgate, str tie, Tensor? residual=None, "
+        "str activation=\"none\") "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cbam_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor smaps, Tensor sargmax, "
         "Tensor hidden, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, "
@@ -48,7 +51,7 @@ TORCH_LIBRARY(attnfused_C, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("spatial_pool(Tensor x, str tie) -> (Tensor, Tensor)");
   m.def("spatial_pool_backward(Tensor grad_smaps, Tensor x, Tensor sargmax, str tie) -> Tensor");
-  m.def("spatial_scale(Tensor x, Tensor t) -> Tensor");
+  m.def("spatial_scale(Tensor x, Tensor t, Tensor? residual=None, str activation=\"none\") -> Tensor");
   m.def("spatial_scale_backward(Tensor grad_y, Tensor x, Tensor t) -> (Tensor, Tensor)");
   m.def("_build_info() -> str", &build_info);
 }

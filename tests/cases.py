@@ -30,10 +30,15 @@ class Case:
     def __str__(self):
         return self.op + "[" + ",".join(f"{k}={v}" for k, v in self.opts) + "]"
 
-    def weights(self, C: int, dtype=torch.float64) -> dict:
-        """Fresh random weights for C channels (None where the option is off)."""
+    def weights(self, C: int, dtype=torch.float64, shape=None) -> dict:
+        """Fresh random weights for C channels (None where the option is off); a case with the tail's
+        `residual` also draws that input, of x's `shape`."""
         o = self.o
         w = {}
+        if o.get("residual"):
+            if shape is None:
+                raise ValueError(f"{self} takes a residual: give weights() x's shape")
+            w["residual"] = rand(*shape, dtype=dtype)
         if self.op in ("channel", "cbam"):
             if o["kind"] == "mlp":
                 hidden = max(1, C // 2)
@@ -53,7 +58,9 @@ class Case:
     def run(self, x, w: dict, backend=None):
         """The fused functional call (backend given) or the float64 oracle (backend None)."""
         o = self.o
-        ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"), tie=o["tie"])
+        ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"), tie=o["tie"],
+                  residual=w.get("residual"), activation=o.get("activation"))
+        tail = {k: ch[k] for k in ("residual", "activation")}
         if self.op == "channel":
             if backend is None:
                 return R.channel_attention(x, w["w1"], w["b1"], w["w2"], w["b2"], gate_kind=o["gate"], **ch)
@@ -61,9 +68,10 @@ class Case:
                                        **ch)
         if self.op == "spatial":
             if backend is None:
-                return R.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate_kind=o["sgate"], tie=o["tie"])
+                return R.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate_kind=o["sgate"], tie=o["tie"],
+                                           **tail)
             return F.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate=o["sgate"], tie=o["tie"],
-                                       backend=backend)
+                                       backend=backend, **tail)
         if backend is None:
             return R.cbam(x, w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], gate_kind=o["gate"],
                           maps=o["maps"], spatial_gate=o["sgate"], **ch)
@@ -99,6 +107,19 @@ SPATIAL_CASES = [_case("spatial", **v) for v in _spatial_variants()]
 # (one tie rule for both maxima: the channel variant's)
 CBAM_CASES = [_case("cbam", **{**s, **c}) for c, s in zip(_channel_variants(), itertools.cycle(_spatial_variants()))]
 ALL_CASES = CHANNEL_CASES + SPATIAL_CASES + CBAM_CASES
+
+
+def with_tail(case: Case, residual: bool, activation) -> Case:
+    """`case` with the block's tail: activation(out + residual), the residual an input of x's shape."""
+    return _case(case.op, **case.o, residual=residual, activation=activation)
+
+
+# The tail on each op, each tie rule, both pools of a max and the avg-only pool: residual and relu
+# (a ResNet block), relu alone, the residual alone
+TAIL_CASES = [with_tail(CHANNEL_CASES[0], True, "relu"), with_tail(CHANNEL_CASES[5], False, "relu"),
+              with_tail(CHANNEL_CASES[11], True, None), with_tail(SPATIAL_CASES[0], True, "relu"),
+              with_tail(SPATIAL_CASES[1], True, None), with_tail(CBAM_CASES[4], True, "relu"),
+              with_tail(CBAM_CASES[3], False, "relu")]
 assert {c.o["padding"] for c in CHANNEL_CASES} == set(CONV_PADDINGS)
 
 # (N, C, H, W): odd channel counts, 1x1 and non-square maps (issue 2)
@@ -177,15 +198,22 @@ def forward_ok(case, x64, w64, ref, err, dtype, draws=2):
     return err <= bound(TOLERANCE[dtype], max(eager, floor))
 
 
+def _input_dtype(name: str, dtype, wdt):
+    """The dtype an input of the weights dict takes: the residual is an activation, of x's dtype."""
+    return dtype if name == "residual" else wdt
+
+
 def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", device="cpu"):
     """Forward and every gradient of `backend` on `device` against the float64 oracle on the CPU.
 
     The oracle sees exactly the values the backend gets (rounded to dtype; pairwise distinct, so
-    every max has one right gradient); half-precision inputs take float32 weights, as under autocast.
+    every max has one right gradient); half-precision inputs take float32 weights, as under autocast
+    (a residual takes x's dtype and layout).
     """
     wdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     x64 = rand_distinct(*shape, dtype=dtype).to(dtype).double()
-    w64 = _to(_to(case.weights(shape[1]), dtype=wdt), dtype=torch.float64)
+    w64 = {k: None if v is None else v.to(_input_dtype(k, dtype, wdt)).double()
+           for k, v in case.weights(shape[1], shape=shape).items()}
     xr = x64.clone().requires_grad_()
     wr = {k: None if v is None else v.clone().requires_grad_() for k, v in w64.items()}
     ref = case.run(xr, wr)
@@ -194,7 +222,10 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
     ref_grads = torch.autograd.grad(ref, leaves, g)
 
     x = layout(x64.to(device=device, dtype=dtype), lay).requires_grad_()
-    w = {k: None if v is None else v.to(device=device, dtype=wdt).requires_grad_() for k, v in w64.items()}
+    w = {k: None if v is None else v.to(device=device, dtype=_input_dtype(k, dtype, wdt)) for k, v in w64.items()}
+    if w.get("residual") is not None:
+        w["residual"] = layout(w["residual"], lay)
+    w = {k: None if v is None else v.requires_grad_() for k, v in w.items()}
     with autocast_for(dtype, device):
         out = case.run(x, w, backend)
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
@@ -219,7 +250,7 @@ def check_against_oracle(case, shape, backend, dtype=torch.float32, lay="nchw", 
 def check_deterministic(case, backend, shape, lay, device="cpu"):
     """Bit-identical output and gradients run after run."""
     x = layout(rand(*shape, dtype=torch.float32, device=device), lay)
-    w = _to(case.weights(shape[1]), dtype=torch.float32, device=device)
+    w = _to(case.weights(shape[1], shape=shape), dtype=torch.float32, device=device)
     g = layout(rand(*shape, dtype=torch.float32, device=device), lay)
 
     def run():
@@ -290,11 +321,11 @@ def check_pooled_contract(backend, lay="nchw", device="cpu"):
     mean, (mx, idx) = x.mean((2, 3)), x.flatten(2).max(2)
     w1, b1, w2, sw = rand(3, 6), rand(3), rand(6, 3), rand(1, 2, 3, 3)
     for pool in CHANNEL_POOLS:
-        copts = ("mlp", pool, "relu", "sigmoid", "zeros", "first")
+        copts = ("mlp", pool, "relu", "sigmoid", "zeros")
         wts = tuple(v.to(device) if v is not None else None for v in (w1, b1, w2, None))
-        saved = (ops.channel_attention(x.to(device), *wts, *copts, backend)[1:],
-                 ops.cbam(x.to(device), *wts, sw.to(device), None, *copts[:-1], "max_mean", "sigmoid", "first",
-                          backend)[1:])
+        saved = (ops.channel_attention(x.to(device), *wts, *copts, "first", None, "none", backend)[1:],
+                 ops.cbam(x.to(device), *wts, sw.to(device), None, *copts, "max_mean", "sigmoid", "first", None,
+                          "none", backend)[1:])
         for pooled, argmax, *_, hidden in saved:
             pooled, argmax, hidden = pooled.cpu(), argmax.cpu(), hidden.cpu()
             assert rel_err(pooled[:, 0], mean) <= TOLERANCE[torch.float32], pool
@@ -305,11 +336,12 @@ def check_pooled_contract(backend, lay="nchw", device="cpu"):
             assert hidden.dtype == pooled.dtype and hidden.shape == (2, 3 * (2 if pool == "avg+max" else 1)), pool
             assert rel_err(hidden, mlp_pre_activations(pooled, w1, b1, pool)) <= TOLERANCE[torch.float32], pool
     conv = ops.channel_attention(x.to(device), rand(1, 1, 3).to(device), None, None, None, "conv", "avg+max",
-                                 "relu", "sigmoid", "zeros", "first", backend)
+                                 "relu", "sigmoid", "zeros", "first", None, "none", backend)
     assert conv[-1].shape == (0,), "hidden is empty for the conv"
 
 
-OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3])
+OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3], TAIL_CASES[0], TAIL_CASES[4],
+                 TAIL_CASES[5])
 
 
 def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
@@ -320,23 +352,24 @@ def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
     x = rand(2, C, 5, 3, dtype=torch.float32, device=device)
     g = rand(2, C, 5, 3, dtype=torch.float32, device=device)
     for case in cases:
-        o, w = case.o, _to(case.weights(C), dtype=torch.float32, device=device)
+        o, w = case.o, _to(case.weights(C, shape=x.shape), dtype=torch.float32, device=device)
         copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
+        tail = (w.get("residual"), o.get("activation") or "none")  # the forward's last inputs
         if case.op == "channel":
             wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            saved = ops.channel_attention(x, *wts, *copts, o["tie"], saver)[1:]
-            yield ops.channel_attention.default, (x, *wts, *copts, o["tie"], backend)
+            saved = ops.channel_attention(x, *wts, *copts, o["tie"], *tail, saver)[1:]
+            yield ops.channel_attention.default, (x, *wts, *copts, o["tie"], *tail, backend)
             yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, o["tie"], backend)
         elif case.op == "spatial":
             sopts = (o["maps"], o["sgate"], o["tie"])
-            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, saver)[1:]
-            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, backend)
+            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, *tail, saver)[1:]
+            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, *tail, backend)
             yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, backend)
         else:
             wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
             opts = (*copts, o["maps"], o["sgate"], o["tie"])
-            saved = ops.cbam(x, *wts, *opts, saver)[1:]
-            yield ops.cbam.default, (x, *wts, *opts, backend)
+            saved = ops.cbam(x, *wts, *opts, *tail, saver)[1:]
+            yield ops.cbam.default, (x, *wts, *opts, *tail, backend)
             yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, backend)
     for tie in TIE_RULES:
         smaps, sargmax = ops.spatial_pool(x, tie, saver)
@@ -344,7 +377,8 @@ def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
         yield ops.spatial_pool_backward.default, (rand(*smaps.shape, dtype=torch.float32, device=device), x,
                                                   sargmax, tie, backend)
     t = torch.rand(2, 5, 3, device=device)
-    yield ops.spatial_scale.default, (x, t, backend)
+    yield ops.spatial_scale.default, (x, t, None, "none", backend)
+    yield ops.spatial_scale.default, (x, t, rand(*x.shape, dtype=torch.float32, device=device), "relu", backend)
     yield ops.spatial_scale_backward.default, (g, x, t, backend)
 
 

@@ -84,26 +84,26 @@ def _triton_cases(dtype, memory_format):
     ch = ("avg+max", "relu", "sigmoid", "zeros")
     sp = ("max_mean", "sigmoid")
 
-    def channel(x, w1, b1, w2, b2, tie):
-        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
+    def channel(x, w1, b1, w2, b2, tie, residual=None, activation="none"):
+        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
 
     def eca(x, cw, tie):
-        y, *saved = ops.channel_attention(x, cw, None, None, None, "conv", *ch, tie, "triton")
+        y, *saved = ops.channel_attention(x, cw, None, None, None, "conv", *ch, tie, None, "none", "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, cw, None, None, None, "conv", *ch, tie, "triton")
 
     def spatial(x, sw, sb, tie):
-        y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, "triton")
+        y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, None, "none", "triton")
         return y, *ops.spatial_attention_backward(y, x, *saved, sw, sb, *sp, tie, "triton")
 
-    def cbam(x, w1, w2, sw, tie):
-        y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
+    def cbam(x, w1, w2, sw, tie, residual=None, activation="none"):
+        y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, residual, activation, "triton")
         return y, *ops.cbam_backward(y, x, *saved, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
 
     def halves(x, tie):
         smaps, sargmax = ops.spatial_pool(x, tie, "triton")
         tmap = smaps[:, 0].sigmoid()
-        y = ops.spatial_scale(x, tmap, "triton")
+        y = ops.spatial_scale(x, tmap, None, "none", "triton")
         gx, gt = ops.spatial_scale_backward(y, x, tmap, "triton")
         return y, gx, gt, ops.spatial_pool_backward(smaps, x, sargmax, tie, "triton")
 
@@ -113,6 +113,9 @@ def _triton_cases(dtype, memory_format):
         yield f"spatial-{tie}", functools.partial(spatial, tie=tie), (x, sw, sb)
         yield f"cbam-{tie}", functools.partial(cbam, tie=tie), (x, w1, w2, sw)
         yield f"halves-{tie}", functools.partial(halves, tie=tie), (x,)
+    r = t(*x.shape, dt=dtype).contiguous(memory_format=memory_format)  # the tail: + residual, relu
+    yield "channel-tail", functools.partial(channel, tie="first", activation="relu"), (x, w1, b1, w2, b2, r)
+    yield "cbam-tail", functools.partial(cbam, tie="split", activation="relu"), (x, w1, w2, sw, r)
 
 
 @pytest.mark.skipif(_triton_traceable() is not None, reason=str(_triton_traceable()))
@@ -145,7 +148,7 @@ def test_triton_ops_compile_to_their_kernels(dtype, memory_format, monkeypatch):
 
         x = torch.randn(2, 8, 5, 5, device="cuda")
         w = torch.randn(1, 1, 3, device="cuda")
-        opts = ("conv", "avg+max", "relu", "sigmoid", "zeros", "first")
+        opts = ("conv", "avg+max", "relu", "sigmoid", "zeros", "first", None, "none")
         _, graph = _traced_graph(lambda x, w: attnfused.ops.channel_attention(x, w, None, None, None, *opts, "cuda"),
                                  x, w)
         kernels, opaque = _kernels_and_ops(graph)

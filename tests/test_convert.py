@@ -334,9 +334,13 @@ def test_modified_reference_module_left_in_place():
 def test_report_names_paths_and_types():
     model = timm.create_model("test_resnet", block_args=dict(attn_layer="se"))
     _, entries = converted_ok(model)
-    assert {e.path for e in entries} == {n for n, m in model.named_modules() if isinstance(m, tse.SEModule)}
+    attention, tails = [e for e in entries if not e.tail], [e for e in entries if e.tail]
+    assert {e.path for e in attention} == {n for n, m in model.named_modules() if isinstance(m, tse.SEModule)}
     assert all(e.type == "timm.layers.squeeze_excite.SEModule" and e.replaced_by == "FusedChannelMLP"
-               for e in entries)
+               for e in attention)
+    # and each residual block around them, its tail fused
+    blocks = {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in ("Bottleneck", "BasicBlock")}
+    assert {e.path: e.replaced_by for e in tails} == {n: f"Timm{c}Tail" for n, c in blocks.items()}
 
 
 def test_include_picks_what_is_converted():

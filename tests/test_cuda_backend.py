@@ -96,9 +96,10 @@ def test_spatial_halves(dtype, lay, path):
     assert rel_err(gx.cpu(), torch.ops.attnfused.spatial_pool_backward(gs.cpu(), xc, rsargmax, "first", "reference")) \
         <= TOLERANCE[dtype]
     t = torch.rand(shape[0], *shape[2:], dtype=torch.float32).cuda()
-    y = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
+    y = torch.ops.attnfused.spatial_scale(x, t, None, "none", BACKEND)
     assert y.stride() == x.stride()
-    assert rel_err(y.cpu(), torch.ops.attnfused.spatial_scale(xc, t.cpu(), "reference")) <= TOLERANCE[dtype]
+    ref = torch.ops.attnfused.spatial_scale(xc, t.cpu(), None, "none", "reference")
+    assert rel_err(y.cpu(), ref) <= TOLERANCE[dtype]
     g = layout(rand(*shape, dtype=dtype).cuda(), lay)
     gx, gt = torch.ops.attnfused.spatial_scale_backward(g, x, t, BACKEND)
     rgx, rgt = torch.ops.attnfused.spatial_scale_backward(g.cpu(), xc, t.cpu(), "reference")
@@ -281,8 +282,8 @@ def test_past_2_31_elements(lay):
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(4).items()}
     o = case.o
     y, pooled, argmax, _hidden = torch.ops.attnfused.channel_attention(
-        x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], "first",
-        BACKEND)
+        x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], "first", None,
+        "none", BACKEND)
     assert y.stride() == x.stride()
     for n in range(shape[0]):
         for c in range(shape[1]):
@@ -302,7 +303,7 @@ def test_past_2_31_elements(lay):
     assert torch.allclose(y[n, c, h, ww].float(), expect, rtol=2e-3, atol=1e-6)
     del y
     t = torch.rand(shape[0], shape[2], shape[3], device="cuda")
-    ys = torch.ops.attnfused.spatial_scale(x, t, BACKEND)
+    ys = torch.ops.attnfused.spatial_scale(x, t, None, "none", BACKEND)
     assert torch.equal(ys[n, c, h, ww], (x[n, c, h, ww].float() * t[n, h, ww]).half())
 
 

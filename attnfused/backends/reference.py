@@ -255,11 +255,12 @@ def grads_out(refs, grads):
 # ----------------------------------------------------------------------------- ops
 
 @register(NAME, "channel_attention")
-def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie):
+def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation):
     xa = acc(x)
     pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
-    return like(x, xa * s[:, :, None, None]), pooled, argmax, hidden_output(pooled, w1, b1, kind, pool)
+    y = like(x, R.tail(xa * s[:, :, None, None], residual, activation))
+    return y, pooled, argmax, hidden_output(pooled, w1, b1, kind, pool)
 
 
 @register(NAME, "channel_attention_backward")
@@ -274,11 +275,11 @@ def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b
 
 
 @register(NAME, "spatial_attention")
-def spatial_attention(x, weight, bias, maps, gate, tie):
+def spatial_attention(x, weight, bias, maps, gate, tie, residual, activation):
     xa = acc(x)
     smaps, sargmax = spatial_pool_core(xa, tie)
     _, _, t = spatial_gate_values(smaps, weight, bias, maps, gate)
-    return like(x, xa * t[:, None]), smaps, sargmax
+    return like(x, R.tail(xa * t[:, None], residual, activation)), smaps, sargmax
 
 
 @register(NAME, "spatial_attention_backward")
@@ -291,14 +292,15 @@ def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, ga
 
 
 @register(NAME, "cbam")
-def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie):
+def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, residual, activation):
     xa = acc(x)
     pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels
     smaps, sargmax = spatial_pool_core(x1, tie)
     _, _, t = spatial_gate_values(smaps, sweight, sbias, maps, sgate)
-    return like(x, x1 * t[:, None]), pooled, argmax, smaps, sargmax, hidden_output(pooled, w1, b1, kind, pool)
+    return (like(x, R.tail(x1 * t[:, None], residual, activation)), pooled, argmax, smaps, sargmax,
+            hidden_output(pooled, w1, b1, kind, pool))
 
 
 @register(NAME, "cbam_backward")
@@ -331,8 +333,8 @@ def spatial_pool_backward(grad_smaps, x, sargmax, tie):
 
 
 @register(NAME, "spatial_scale")
-def spatial_scale(x, t):
-    return like(x, acc(x) * acc(t)[:, None])
+def spatial_scale(x, t, residual, activation):
+    return like(x, R.tail(acc(x) * acc(t)[:, None], residual, activation))
 
 
 @register(NAME, "spatial_scale_backward")

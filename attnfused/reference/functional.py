@@ -99,13 +99,25 @@ def channel_logits(avg, mx, w1, b1, w2, b2, *, kind: str, pool: str, act: str, p
     raise ValueError(f"pool must be one of avg, max, avg+max, mix, got {pool!r}")
 
 
+def tail(v: torch.Tensor, residual=None, activation=None) -> torch.Tensor:
+    """The block's tail on the attention output v (accumulation dtype): activation(v + residual),
+    activation None, "none" or "relu"."""
+    if residual is not None:
+        v = v + residual.to(v.dtype)
+    if activation in (None, "none"):
+        return v
+    if activation == "relu":
+        return F.relu(v)
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
 def channel_attention(x, w1, b1=None, w2=None, b2=None, *, kind="mlp", pool="avg", act="relu",
-                      gate_kind="sigmoid", padding="zeros", tie="first"):
-    """y = x * gate(f(pool(x)))[n, c]."""
+                      gate_kind="sigmoid", padding="zeros", tie="first", residual=None, activation=None):
+    """y = activation(x * gate(f(pool(x)))[n, c] + residual) (the tail optional)."""
     avg, mx = pool_space(x, tie)
     s = gate(channel_logits(avg, mx, w1, b1, w2, b2, kind=kind, pool=pool, act=act, padding=padding),
              gate_kind)
-    return (x.to(s.dtype) * s[:, :, None, None]).to(x.dtype)
+    return tail(x.to(s.dtype) * s[:, :, None, None], residual, activation).to(x.dtype)
 
 
 def spatial_maps(mean, mx, maps: str):
@@ -126,16 +138,20 @@ def spatial_logits(mean, mx, weight, bias, maps: str):
     return F.conv2d(m, weight.to(m.dtype), b, padding=(k - 1) // 2).squeeze(1)
 
 
-def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid", tie="first"):
-    """y = x * gate(conv2d(maps(x)))[n, h, w]."""
+def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid", tie="first", residual=None,
+                      activation=None):
+    """y = activation(x * gate(conv2d(maps(x)))[n, h, w] + residual) (the tail optional)."""
     mean, mx = pool_channels(x, tie)
     t = gate(spatial_logits(mean, mx, weight, bias, maps), gate_kind)
-    return (x.to(t.dtype) * t[:, None]).to(x.dtype)
+    return tail(x.to(t.dtype) * t[:, None], residual, activation).to(x.dtype)
 
 
 def cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias=None, *, kind="mlp", pool="avg+max",
-         act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid", tie="first"):
-    """Channel attention, then spatial attention on its output (one tie rule for both maxima)."""
+         act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid", tie="first",
+         residual=None, activation=None):
+    """Channel attention, then spatial attention on its output (one tie rule for both maxima), then the
+    tail (optional)."""
     x1 = channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate_kind,
                            padding=padding, tie=tie)
-    return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate, tie=tie)
+    return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate, tie=tie,
+                             residual=residual, activation=activation)

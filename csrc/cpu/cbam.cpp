@@ -1,6 +1,7 @@
 // CBAM on CPU as one op: channel attention, then spatial attention on x1 = x * s, with x1 never
 // stored (recomputed from x and the small s wherever it is read).
-// Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W); channels_last
+// Forward 3R+1W: pool over space (R), pool x*s over channels (R), y = x * s * t (R+W, and the tail,
+// activation(y + residual): +R where a residual is given); channels_last
 // takes the last two in one sweep per sample (spatial_forward_sweep), its second read from L2.
 // Backward: sum_c dy*x1 (2R), sum_hw dx1*x (2R), dx (R+W); saved: x and the small vectors and maps
 // (the MLP's hidden state among them).
@@ -32,13 +33,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
     c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
-    c10::string_view sgate, c10::string_view tie) {
+    c10::string_view sgate, c10::string_view tie, const OptTensor& residual, c10::string_view activation) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate sg = parse_gate(sgate, "sgate");
   const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
+  const Tail tail(x, residual, activation);
   const SpatialConvWeights sw(x, sweight, sbias, mp, "sweight", "sbias");
   const int64_t k = sw.k;
   const Dims d = dims_of(x);
@@ -62,7 +64,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
       f.forward(pp, n0, d1.N, ph);
       spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp,
                                         sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
-                                        y.data_ptr<scalar_t>(), n0, d1);
+                                        y.data_ptr<scalar_t>(), n0, d1, OutTail<scalar_t>(tail));
     });
   });
   return {y, pooled, argmax, smaps, sargmax, hidden};

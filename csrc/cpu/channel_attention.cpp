@@ -1,4 +1,5 @@
-// Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv.
+// Channel attention on CPU: y = x * gate(f(pool(x)))[n, c], f the MLP or the channel 1D conv (and the
+// tail, activation(y + residual), in the pass that writes y).
 // Forward 2R+1W (pool, then scale); backward 2R(dy, x) + 1R(dy) + 1W, saved: x, pooled, argmax and
 // (the MLP) hidden.
 // Both run sample by sample (in groups), f included, in one parallel region where the batch allows
@@ -23,11 +24,12 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     c10::string_view kind, c10::string_view pool, c10::string_view act, c10::string_view gate,
-    c10::string_view padding, c10::string_view tie) {
+    c10::string_view padding, c10::string_view tie, const OptTensor& residual, c10::string_view activation) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   (void)parse_tie(tie);  // the forward is the same under both rules
   const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
+  const Tail tail(x, residual, activation);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
   Tensor y = at::empty_like(x);
@@ -46,7 +48,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
       f.forward(pp, n0, d1.N, ph);
       apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, px + off, d1, nullptr, nullptr,
                                                        f.S.data() + n0 * d.C, nullptr, nullptr, NoHot(),
-                                                       stream_output<scalar_t>(d));
+                                                       stream_output<scalar_t>(d), OutTail<scalar_t>(tail).at(off));
     });
   });
   return {y, pooled, argmax, hidden};

@@ -1,4 +1,5 @@
-// Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C.
+// Spatial attention on CPU: y = x * gate(conv2d(maps(x)))[n, h, w], maps = max and mean over C (and
+// the tail, activation(y + residual), in the pass that writes y).
 // Forward 2R+1W; backward 2R(dy, x) + 1R(dy) + 1W, saved: x, smaps, sargmax. Both run their passes
 // sample by sample (in groups) in one parallel region where the batch allows (for_samples), the
 // conv's weight gradient summed over the batch at the end.
@@ -21,12 +22,14 @@ using OptTensor = std::optional<Tensor>;
 
 std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, const Tensor& weight,
                                                             const OptTensor& bias, c10::string_view maps,
-                                                            c10::string_view gate, c10::string_view tie) {
+                                                            c10::string_view gate, c10::string_view tie,
+                                                            const OptTensor& residual, c10::string_view activation) {
   check_input(x);
   (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
   const SpatialConvWeights sw(x, weight, bias, mp);
+  const Tail tail(x, residual, activation);
   const int64_t k = sw.k;
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
@@ -39,7 +42,8 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
                                         ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(),
-                                        sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), n0, d1);
+                                        sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), n0, d1,
+                                        OutTail<scalar_t>(tail));
     });
   });
   return {y, smaps, sargmax};

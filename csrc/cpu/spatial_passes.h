@@ -24,11 +24,12 @@ namespace cpu {
 // row of x is read again p + 1 rows after its first read, from L2 (an image row of a ResNet-50
 // stage is 56 KB). Every output as the passes make it: the same functions per pixel, conv output
 // row and element. Meanwhile [ahead_x, + ahead_bytes), x that comes next, is fetched into cache.
+// `tail`: the forward's tail, its residual indexed like on.
 template <typename scalar_t>
 void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<scalar_t>* S,
                            const acc_type<scalar_t>* weight, const acc_type<scalar_t>* bias, Maps maps, Gate gate,
                            int64_t k, acc_type<scalar_t>* smn, int64_t* san, scalar_t* on, bool stream,
-                           const scalar_t* ahead_x, int64_t ahead_bytes) {
+                           const scalar_t* ahead_x, int64_t ahead_bytes, const OutTail<scalar_t>& tail) {
   using acc_t = acc_type<scalar_t>;
   const PadDims g(d.H, d.W, k, maps);
   std::vector<acc_t> pad(g.M * g.plane(), acc_t(0)), z(d.W), t(d.W);
@@ -49,10 +50,10 @@ void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<sca
         const bool nt = stream && VecIO<scalar_t>::can_stream(on + i);
         if (S)
           apply_row<scalar_t, true, true, false, true, false>(on + i, xn + i, d.C, true, &t[w], nullptr, S, nullptr,
-                                                              nt);
+                                                              nt, tail.at(i));
         else
           apply_row<scalar_t, true, true, false, false, false>(on + i, xn + i, d.C, true, &t[w], nullptr, nullptr,
-                                                               nullptr, nt);
+                                                               nullptr, nt, tail.at(i));
       }
       for (const int64_t end = std::min(ahead_bytes, ahead_done + per_pixel); ahead_done < end; ahead_done += 64)
         __builtin_prefetch(ahead + ahead_done, 0, 3);
@@ -69,13 +70,13 @@ void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<sca
 }
 
 // Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x) for samples
-// [n0, n0 + d1.N): smaps [N, 2, HW] and sargmax [N, HW] of x1, the conv and gate t, and out = x1 * t.
-// Pointers are the whole batch's.
+// [n0, n0 + d1.N): smaps [N, 2, HW] and sargmax [N, HW] of x1, the conv and gate t, and out = x1 * t
+// (then the tail, its residual indexed like out). Pointers are the whole batch's.
 template <typename scalar_t>
 void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S,
                              const acc_type<scalar_t>* weight, const acc_type<scalar_t>* bias, Maps maps, Gate gate,
                              int64_t k, acc_type<scalar_t>* smaps, int64_t* sargmax, scalar_t* out, int64_t n0,
-                             const Dims& d1) {
+                             const Dims& d1, const OutTail<scalar_t>& tail) {
   using acc_t = acc_type<scalar_t>;
   const bool stream = stream_output<scalar_t>(d);
   if (d.cl && at::in_parallel_region()) {  // each sample by one thread (for_samples): in one sweep
@@ -89,7 +90,8 @@ void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<sc
     for (int64_t n = n0; n < n0 + d1.N; ++n)
       spatial_forward_sweep(x + n * d.sample(), d, S ? S + n * d.C : nullptr, weight, bias, maps, gate, k,
                             smaps + n * 2 * d.HW, sargmax + n * d.HW, out + n * d.sample(), stream,
-                            x + next.n0 * d.sample() + (n - n0) * share, share * int64_t(sizeof(scalar_t)));
+                            x + next.n0 * d.sample() + (n - n0) * share, share * int64_t(sizeof(scalar_t)),
+                            tail.at(n * d.sample()));
     return;
   }
   std::vector<acc_t> z(d1.N * d.HW), t(d1.N * d.HW);
@@ -98,12 +100,13 @@ void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<sc
   acc_t* smn = smaps + n0 * 2 * d.HW;
   pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);
   spatial_small_forward<acc_t>(smn, weight, bias, maps, gate, d1.N, d.H, d.W, k, z.data(), t.data());
+  const OutTail<scalar_t> tn = tail.at(n0 * d.sample());
   if (S)
     apply<scalar_t, true, true, false, true, false>(out + n0 * d.sample(), xn, d1, t.data(), nullptr, Sn, nullptr,
-                                                    nullptr, NoHot(), stream);
+                                                    nullptr, NoHot(), stream, tn);
   else
     apply<scalar_t, true, true, false, false, false>(out + n0 * d.sample(), xn, d1, t.data(), nullptr, nullptr,
-                                                     nullptr, nullptr, NoHot(), stream);
+                                                     nullptr, nullptr, NoHot(), stream, tn);
 }
 
 // Spatial attention's backward on x1 = x * S[n, c] (S optional: plain x), shared by the spatial

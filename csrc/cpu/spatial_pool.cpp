@@ -73,17 +73,19 @@ void check_t(const Tensor& t, const Tensor& x, const Dims& d) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "t must have a floating dtype, got ", t.scalar_type());
 }
 
-Tensor spatial_scale_kernel(const Tensor& x, const Tensor& t) {
+Tensor spatial_scale_kernel(const Tensor& x, const Tensor& t, const std::optional<Tensor>& residual,
+                            c10::string_view activation) {
   check_input(x);
   const Dims d = dims_of(x);
   check_t(t, x, d);
+  const Tail tail(x, residual, activation);
   const Tensor ta = to_acc(t, acc_dtype(x));
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_scale_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     apply<scalar_t, true, true, false, false, false>(y.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), d,
                                                      ta.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr,
-                                                     NoHot(), stream_output<scalar_t>(d));
+                                                     NoHot(), stream_output<scalar_t>(d), OutTail<scalar_t>(tail));
   });
   return y;
 }

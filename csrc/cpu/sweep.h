@@ -223,6 +223,33 @@ struct NoHot {  // the `value` of an apply without marked elements (never called
   double operator()(int64_t, int64_t, int64_t) const { return 0.0; }
 };
 
+// A forward's tail (Tail in common.h) as its output pass applies it to each value before the store:
+// v + residual (r: the residual, indexed like the output; null: none), then relu (NaN stays NaN, as
+// torch.relu). r + offset where r is null stays null (tail.at).
+template <typename scalar_t>
+struct OutTail {
+  const scalar_t* r = nullptr;
+  bool relu = false;
+
+  OutTail() = default;
+  OutTail(const Tail& t) : r(t.residual_ptr<scalar_t>()), relu(t.relu) {}
+  OutTail(const scalar_t* r_, bool relu_) : r(r_), relu(relu_) {}
+  bool any() const { return r || relu; }
+  OutTail at(int64_t offset) const { return {r ? r + offset : nullptr, relu}; }
+
+  template <typename acc_t>
+  acc_t operator()(acc_t v, int64_t j) const {
+    if (r) v = v + static_cast<acc_t>(r[j]);
+    return relu && v < acc_t(0) ? acc_t(0) : v;
+  }
+  template <typename Vec>
+  Vec vec(Vec v, int64_t j) const {
+    if (r) v = v + VecIO<scalar_t>::load(r + j);
+    const Vec zero(typename Vec::value_type(0));
+    return relu ? Vec::blendv(v, zero, v < zero) : v;
+  }
+};
+
 // apply's pass on the NCHW rows [b, e) of length L (at least a vector) as one run: out[f] = in[f]
 // * S[i] + A[i] (each optional) for f in row i, the same operations per element as row by row.
 // Each vector takes its factors from its first row, blended with the next row's in the lanes past
@@ -230,7 +257,7 @@ struct NoHot {  // the `value` of an apply without marked elements (never called
 // vector on (the elements before it and after its last whole vector plainly).
 template <typename scalar_t, bool kS, bool kA>
 void apply_run(scalar_t* out, const scalar_t* in, int64_t L, const acc_type<scalar_t>* S,
-               const acc_type<scalar_t>* A, int64_t b, int64_t e, bool stream) {
+               const acc_type<scalar_t>* A, int64_t b, int64_t e, bool stream, const OutTail<scalar_t>& tail) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
@@ -241,7 +268,7 @@ void apply_run(scalar_t* out, const scalar_t* in, int64_t L, const acc_type<scal
     acc_t v = static_cast<acc_t>(in[f]);
     if constexpr (kS) v = v * S[i];
     if constexpr (kA) v = v + A[i];
-    out[f] = static_cast<scalar_t>(v);
+    out[f] = static_cast<scalar_t>(tail(v, f));
     if (++f == next) ++i, next += L;
   };
   stream = stream && IO::can_stream(out);  // out aligned: a vector at f is aligned when f is
@@ -259,6 +286,7 @@ void apply_run(scalar_t* out, const scalar_t* in, int64_t L, const acc_type<scal
       if constexpr (kS) v = v * Vec::blendv(Vec(S[i]), Vec(S[i + 1]), later);
       if constexpr (kA) v = v + Vec::blendv(Vec(A[i]), Vec(A[i + 1]), later);
     }
+    if (tail.any()) v = tail.vec(v, f);
     stream ? IO::store_stream(out + f, v) : IO::store(out + f, v);
     if (k <= V) ++i, next += L;
   }
@@ -269,15 +297,19 @@ void apply_run(scalar_t* out, const scalar_t* in, int64_t L, const acc_type<scal
 // One row of apply's pass: po[j] = (pin[j] * T + B) * S + A for j in [0, L), each factor optional
 // (kIn false: pin = 0). Along an NCHW row T and B vary (T[j], B[j]) and S and A are fixed (S[0],
 // A[0]); along a channels_last row (`cl`) the reverse. nt: stored past the caches (po aligned, the
-// caller fences).
+// caller fences). `tail`: the forward's tail, its residual indexed like po.
 template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA>
 inline void apply_row(scalar_t* po, const scalar_t* pin, int64_t L, bool cl, const acc_type<scalar_t>* T,
                       const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
-                      bool nt) {
+                      bool nt, const OutTail<scalar_t>& tail = {}) {
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
-  auto put = [&](int64_t j, const Vec& v) { nt ? IO::store_stream(po + j, v) : IO::store(po + j, v); };
+  const bool has_tail = tail.any();
+  auto put = [&](int64_t j, Vec v) {
+    if (has_tail) v = tail.vec(v, j);
+    nt ? IO::store_stream(po + j, v) : IO::store(po + j, v);
+  };
   auto elem = [&](acc_t v, int64_t j) {
     const int64_t t = cl ? 0 : j, s = cl ? j : 0;
     if constexpr (kT) v = v * T[t];
@@ -308,7 +340,7 @@ inline void apply_row(scalar_t* po, const scalar_t* pin, int64_t L, bool cl, con
       put(j, v);
     }
   }
-  for (; j < L; ++j) po[j] = static_cast<scalar_t>(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j));
+  for (; j < L; ++j) po[j] = static_cast<scalar_t>(tail(elem(kIn ? static_cast<acc_t>(pin[j]) : acc_t(0), j), j));
 }
 
 // The elementwise pass: out = (in * T[n, hw] + B[n, hw]) * S[n, c] + A[n, c], each factor optional
@@ -319,12 +351,13 @@ inline void apply_row(scalar_t* po, const scalar_t* pin, int64_t L, bool cl, con
 // streamed whole. Not with `hot`, whose plain stores into lines just streamed measured 1.5x slower
 // in all; not on rows that end inside a line and go row by row, which leave lines part streamed,
 // part stored (NCHW 14x14 and 7x7 at batch 32 wrote 3x slower than with plain stores).
-// `hot`: a HotIndex, a TieIndex (anything with for_row), or nullptr.
+// `hot`: a HotIndex, a TieIndex (anything with for_row), or nullptr. `tail`: a forward's tail (its
+// residual indexed like out), applied to each value as it is stored (not with `hot`).
 template <typename scalar_t, bool kIn, bool kT, bool kB, bool kS, bool kA, typename F = NoHot,
           typename H = std::nullptr_t>
 void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scalar_t>* T,
            const acc_type<scalar_t>* B, const acc_type<scalar_t>* S, const acc_type<scalar_t>* A,
-           H hot = nullptr, const F& value = F(), bool stream = false) {
+           H hot = nullptr, const F& value = F(), bool stream = false, const OutTail<scalar_t>& tail = {}) {
   constexpr bool kHot = !std::is_same_v<H, std::nullptr_t>;
   using IO = VecIO<scalar_t>;
   using acc_t = acc_type<scalar_t>;
@@ -337,11 +370,12 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
   // (ECA's forward at batch 32 measured 1.2x faster at 14 x 14 and 7 x 7).
   bool has_hot = false;
   if constexpr (kHot) has_hot = hot != nullptr;
+  TORCH_INTERNAL_ASSERT(!(has_hot && tail.any()), "a tail on a pass with marked elements");
   const bool flat = kIn && !kT && !kB && !d.cl && !has_hot && !whole_lines && L >= V;
   stream = stream && !has_hot && (whole_lines || flat);
   at::parallel_for(0, d.N * R, grain_rows(L), [&](int64_t b, int64_t e) {
     if (flat) {
-      apply_run<scalar_t, kS, kA>(out, in, L, S, A, b, e, stream);
+      apply_run<scalar_t, kS, kA>(out, in, L, S, A, b, e, stream, tail);
       return;
     }
     for (int64_t i = b; i < e; ++i) {
@@ -355,10 +389,11 @@ void apply(scalar_t* out, const scalar_t* in, const Dims& d, const acc_type<scal
       const acc_t* An = kA ? A + n * d.C : nullptr;
       // along the row: NCHW runs over hw (T, B vary, S, A fixed); channels_last over c (the reverse)
       auto fixed = [&](const acc_t* p) { return p ? p + r : nullptr; };
+      const OutTail<scalar_t> row_tail = tail.at(i * L);
       if (d.cl)
-        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, true, fixed(Tn), fixed(Bn), Sn, An, nt);
+        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, true, fixed(Tn), fixed(Bn), Sn, An, nt, row_tail);
       else
-        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, false, Tn, Bn, fixed(Sn), fixed(An), nt);
+        apply_row<scalar_t, kIn, kT, kB, kS, kA>(po, pin, L, false, Tn, Bn, fixed(Sn), fixed(An), nt, row_tail);
       if constexpr (kHot)
         if (has_hot)
           hot->for_row(n, r, [&](int64_t p) {

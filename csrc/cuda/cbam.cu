@@ -24,12 +24,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& sweight,
     const c10::optional<at::Tensor>& sbias, c10::string_view kind, c10::string_view pool, c10::string_view act,
     c10::string_view gate, c10::string_view padding, c10::string_view maps, c10::string_view sgate,
-    c10::string_view tie) {
+    c10::string_view tie, const c10::optional<at::Tensor>& residual, c10::string_view activation) {
   check_cuda_input(x);
   (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   const SpatialWeights sw(x, sweight, sbias, maps, sgate, "sweight", "sbias", "sgate");
+  const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);
   auto pooled = new_pooled(x);
   auto argmax = new_argmax(x);
@@ -37,8 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sargmax = new_sargmax(x);
   auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax, hidden};
-  if (next::enabled() && next::cbam_forward(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden))
+  if (next::enabled() && next::cbam_forward(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden)) {
+    tail.apply_after(y);
     return {y, pooled, argmax, smaps, sargmax, hidden};
+  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
@@ -56,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
   zero_unused_max(cw, pooled, argmax);
+  tail.apply_after(y);
   return {y, pooled, argmax, smaps, sargmax, hidden};
 }
 

@@ -20,17 +20,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cud
     const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind,
     c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
-    c10::string_view tie) {
+    c10::string_view tie, const c10::optional<at::Tensor>& residual, c10::string_view activation) {
   check_cuda_input(x);
   (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
+  const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);
   auto pooled = new_pooled(x);
   auto argmax = new_argmax(x);
   auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, hidden};
-  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax, hidden)) return {y, pooled, argmax, hidden};
+  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax, hidden)) {
+    tail.apply_after(y);
+    return {y, pooled, argmax, hidden};
+  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
@@ -44,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cud
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
   zero_unused_max(cw, pooled, argmax);
+  tail.apply_after(y);
   return {y, pooled, argmax, hidden};
 }
 

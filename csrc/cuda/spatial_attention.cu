@@ -13,16 +13,22 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                       const c10::optional<at::Tensor>& bias,
                                                                       c10::string_view maps, c10::string_view gate,
-                                                                      c10::string_view tie) {
+                                                                      c10::string_view tie,
+                                                                      const c10::optional<at::Tensor>& residual,
+                                                                      c10::string_view activation) {
   check_cuda_input(x);
   (void)parse_tie(tie);  // the forward is the same under both rules
   c10::cuda::CUDAGuard guard(x.device());
   const SpatialWeights sw(x, weight, bias, maps, gate);
+  const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
   if (x.size(0) == 0) return {y, smaps, sargmax};
-  if (next::enabled() && next::spatial_forward(x, sw, y, smaps, sargmax)) return {y, smaps, sargmax};
+  if (next::enabled() && next::spatial_forward(x, sw, y, smaps, sargmax)) {
+    tail.apply_after(y);
+    return {y, smaps, sargmax};
+  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
@@ -33,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::
     ap.t = g.t;
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
+  tail.apply_after(y);
   return {y, smaps, sargmax};
 }
 

@@ -3,7 +3,7 @@
 // their backward.
 //   spatial_pool          : reads x once.                                              (1R)
 //   spatial_pool_backward : writes dx = gmean / C + [c == sargmax] gmax.               (1W)
-//   spatial_scale         : reads x, writes x * t.                                     (1R + 1W)
+//   spatial_scale         : reads x, writes x * t (the tail, if any, after).           (1R + 1W)
 //   spatial_scale_backward: sum_c dy * x -> dt (reads dy, x); dx = dy * t (reads dy).  (3R + 1W)
 #include "args.cuh"
 #include "next.cuh"
@@ -63,10 +63,12 @@ at::Tensor check_map(const at::Tensor& t, const at::Tensor& x) {
   return t.to(acc_dtype(x)).contiguous();
 }
 
-at::Tensor spatial_scale_cuda(const at::Tensor& x, const at::Tensor& t_) {
+at::Tensor spatial_scale_cuda(const at::Tensor& x, const at::Tensor& t_, const c10::optional<at::Tensor>& residual,
+                              c10::string_view activation) {
   check_cuda_input(x);
   c10::cuda::CUDAGuard guard(x.device());
   auto t = check_map(t_, x);
+  const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_scale_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -74,6 +76,7 @@ at::Tensor spatial_scale_cuda(const at::Tensor& x, const at::Tensor& t_) {
     ap.t = t.data_ptr<acc_t>();
     launch_apply<scalar_t, true, false, false>(x, y, ap);
   });
+  tail.apply_after(y);
   return y;
 }
 

@@ -113,6 +113,14 @@ def _exercise():
             t = torch.rand(2, 9, 7)
             spatial.spatial_scale_forward(x, t)
             spatial.spatial_scale_backward(g, x, t)
+            # the forwards' tail in the output pass: residual and relu, residual alone, relu alone
+            r = torch.randn_like(x)
+            w1, w2, sw = torch.randn(10, C), torch.randn(C, 10), torch.randn(1, 2, 7, 7)
+            opts = ("mlp", "avg+max", "relu", "sigmoid", "zeros", "first")
+            channel.channel_attention_forward(x, w1, None, w2, None, *opts, r, "relu")
+            cbam.cbam_forward(x, w1, None, w2, None, sw, None, *opts[:-1], "max_mean", "sigmoid", "first", r, "none")
+            spatial.spatial_attention_forward(x, sw, None, "max_mean", "sigmoid", "first", None, "relu")
+            spatial.spatial_scale_forward(x, t, r, "relu")
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ from attnfused.reference import functional as R
 from attnfused.accuracy import bound
 from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests import cases
-from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES
+from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, TAIL_CASES
 from tests.triton._env import DEVICES, INTERPRET, dtypes
 
 B = "triton"
@@ -39,6 +39,19 @@ def check_against_oracle(case, shape, device, dtype=torch.float32, lay="nchw"):
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_every_option(case, device):
     check_against_oracle(case, SMALL, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("case", TAIL_CASES, ids=str)
+def test_tail(case, lay, device):
+    """The block's tail (residual, relu) in the output pass: x's and the residual's gradients and every
+    weight's against the oracle, in each layout (a strided x and residual are copied once); in half
+    precision too."""
+    check_against_oracle(case, SMALL, device, lay=lay)
+    if lay == "channels_last":
+        for dtype in dtypes(device)[1:]:
+            check_against_oracle(case, HALF_SHAPE, device, dtype, lay)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -112,7 +125,7 @@ def test_saved_tensors_match_reference_backend(lay, device):
     x = layout(rand(*SHAPE, dtype=torch.float32), lay)
     w = {k: None if v is None else v.float() for k, v in case.weights(SHAPE[1]).items()}
     args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
-            o["padding"], o["maps"], o["sgate"], o["tie"])
+            o["padding"], o["maps"], o["sgate"], o["tie"], None, "none")
     ref = torch.ops.attnfused.cbam(x, *args, "reference")
     dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     out = torch.ops.attnfused.cbam(x.to(device), *dev_args, B)
@@ -140,7 +153,7 @@ def test_ops_take_any_strides(device):
 
     def run(x, g, w, backend):
         ws = [None if w[k] is None else w[k].to(x.device) for k in ("w1", "b1", "w2", "b2", "sw", "sb")]
-        out = torch.ops.attnfused.cbam(x, *ws, *opts, backend)
+        out = torch.ops.attnfused.cbam(x, *ws, *opts, None, "none", backend)
         grads = torch.ops.attnfused.cbam_backward(g, x, *out[1:], *ws, *opts, backend)
         return [t.cpu() for t in (*out, *grads)]
 

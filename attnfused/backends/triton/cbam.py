@@ -1,6 +1,6 @@
 """CBAM fused: channel attention, then spatial attention on x1 = x * s, with x1 never
 stored. Forward: channel pooling of x, spatial pooling of x * s, one pass y = x * s * t
-(3R + 1W). Backward: three passes over (dy, x) and one write of dx; dx1 is recomputed
+(3R + 1W), with the tail (+ residual, relu) in that pass. Backward: three passes over (dy, x) and one write of dx; dx1 is recomputed
 in each pass instead of stored. Under the tie rule "split" the first two passes also count the
 ties of the maxima (of x1 over C, of x over H*W) and the dx pass reads x too (4R + 1W).
 """
@@ -10,12 +10,14 @@ import torch
 
 from ._common import device_guard, is_split
 from .channel import channel_gate, channel_pool, channel_small_backward, weight_grads
-from .reduce import apply, reduce
+from .reduce import apply, reduce, tail
 from .spatial import spatial_gate, spatial_small_backward
 
 
-def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie="first"):
+def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie="first",
+                 residual=None, activation="none"):
     is_split(tie)  # checked; the forward is the same under both rules
+    out_tail = tail(x, residual, activation)
     with device_guard(x):
         N, C, H, W = x.shape
         pooled, argmax = channel_pool(x, pool)
@@ -26,7 +28,7 @@ def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, paddi
         if N:
             flat = smaps.view(N, 2, H * W)
             reduce(x, False, s=s, pooled_out=(flat[:, 1], flat[:, 0], sargmax.view(N, H * W)))
-            apply(x, y, s=s, t=spatial_gate(smaps, sweight, sbias, maps, sgate))
+            apply(x, y, s=s, t=spatial_gate(smaps, sweight, sbias, maps, sgate), **out_tail)
         return y, pooled, argmax, smaps, sargmax, hidden  # the backward recomputes hidden
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
                       gate_fn, gate_grad_fn, is_split, launch, programs_wanted, run_push, splits_for)
-from .reduce import apply, reduce, sum_over_batch
+from .reduce import apply, reduce, sum_over_batch, tail
 
 
 # ----------------------------------------------------------------------------- small kernels
@@ -499,14 +499,16 @@ def channel_pool(x, pool):
     return pooled, argmax
 
 
-def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie="first"):
+def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie="first", residual=None,
+                              activation="none"):
     is_split(tie)  # checked; the forward is the same under both rules
+    out_tail = tail(x, residual, activation)
     with device_guard(x):
         pooled, argmax = channel_pool(x, pool)
         y = torch.empty_like(x)
         s, hidden = channel_gate(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
         if x.shape[0]:
-            apply(x, y, s=s)
+            apply(x, y, s=s, **out_tail)
         return y, pooled, argmax, hidden  # the backward recomputes hidden
 
 

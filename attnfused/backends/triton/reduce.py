@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._options import TAIL_ACTIVATIONS, check_choice
 from ._common import (INNER_T, INTERPRET, IDX_NONE_T, argmax_combine, argmax_rows, cascade_push, cascade_total,
                       geometry, launch, programs_wanted, run_push, splits_for)
 
@@ -310,13 +311,14 @@ def sum_over_batch(part: torch.Tensor, out: torch.Tensor):
 
 @triton.jit
 def _apply_kernel(x_ptr, dy_ptr, out_ptr, s_ptr, t_ptr, cgrad_ptr, carg_ptr, gmap_ptr, sarg_ptr,
-                  pooled_ptr, ccnt_ptr, smax_ptr, scnt_ptr,
+                  pooled_ptr, ccnt_ptr, smax_ptr, scnt_ptr, res_ptr,
                   C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow,
                   BWD: tl.constexpr, HAS_DY: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
                   CH_GRAD: tl.constexpr, SP_GRAD: tl.constexpr, FLAT: tl.constexpr,
-                  CH_SPLIT: tl.constexpr, SP_SPLIT: tl.constexpr,
+                  CH_SPLIT: tl.constexpr, SP_SPLIT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Forward: out = x * s[n, c] * t[n, p]. Backward: out = dx, from dy through the spatial
+    """Forward: out = x * s[n, c] * t[n, p], then the tail: + residual (HAS_RES, laid out like the
+    output), relu (RELU; NaN stays NaN, as torch.relu). Backward: out = dx, from dy through the spatial
     gradient (dy * t + dmean / C + dmax's share, SP_GRAD) and then the channel gradient
     (g * s + davg / P + dmax's share, CH_GRAD). A max's share: one-hot at the saved index (tie
     rule "first"), or with CH_SPLIT / SP_SPLIT (tie rule "split") dmax / count at each element
@@ -363,6 +365,11 @@ def _apply_kernel(x_ptr, dy_ptr, out_ptr, s_ptr, t_ptr, cgrad_ptr, carg_ptr, gma
             v = v * tl.load(s_ptr + n * C + c, mask=mask, other=0.0)
         if HAS_T:
             v = v * tl.load(t_ptr + n * P + p, mask=mask, other=0.0)
+        if HAS_RES:
+            v = v + tl.load(res_ptr + n * son + c * soc + _p_offset(p, W, soh, sow, FLAT), mask=mask,
+                            other=0.0).to(tl.float32)
+        if RELU:
+            v = tl.where(v < 0.0, 0.0, v)
     tl.store(out_ptr + n * son + c * soc + _p_offset(p, W, soh, sow, FLAT), v.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -374,14 +381,27 @@ _APPLY_CONFIGS = [triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=w)
                                     (32, 32, 4))]
 # cache_results: keep the choice on disk across processes (where this Triton has it)
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD", "CH_SPLIT", "SP_SPLIT"],
+_apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD", "CH_SPLIT", "SP_SPLIT",
+                                                        "HAS_RES"],
                                    **_CACHE)(_apply_kernel)
 
 
+def tail(x: torch.Tensor, residual, activation: str) -> dict:
+    """apply's keyword arguments for a forward's tail (attnfused.ops), after checking it: the residual
+    has x's shape, dtype, device and strides (the output's)."""
+    check_choice("activation", activation, TAIL_ACTIVATIONS)
+    if residual is not None and (residual.shape != x.shape or residual.stride() != x.stride()
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual must have x's shape, strides, dtype and device ({tuple(x.shape)}, {x.stride()}, "
+                         f"{x.dtype}, {x.device}), got {tuple(residual.shape)}, {residual.stride()}, "
+                         f"{residual.dtype}, {residual.device}")
+    return {"residual": residual, "relu": activation == "relu"}
+
+
 def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_grad=None, sp_grad=None,
-          bwd=False, ch_split=None, sp_split=None):
+          bwd=False, ch_split=None, sp_split=None, residual=None, relu=False):
     """The elementwise pass (see _apply_kernel); out is written, x or dy read once each (both under
-    the tie rule "split").
+    the tie rule "split"), and a forward's residual (out's strides) once.
 
     ch_grad = (dpooled [N, 2, C], argmax [N, C]); sp_grad = (gmap [N, 2, P], sargmax [N, P]).
     The tie rule "split": ch_split = (pooled [N, 2, C], counts [N, C]) splits the channel max's
@@ -401,11 +421,14 @@ def apply(x: torch.Tensor, out: torch.Tensor, *, dy=None, s=None, t=None, ch_gra
     pooled, ccnt = ch_split if ch_split is not None else (x, x)
     smax, scnt = sp_split if sp_split is not None else (x, x)
     assert (ch_split is None or ch_grad is not None) and (sp_split is None or sp_grad is not None)
+    assert not bwd or (residual is None and not relu), "the tail is a forward's"
+    assert residual is None or residual.stride() == out.stride()
     args = (x, y, out, x if s is None else s, x if t is None else t, cgrad, carg, gmap, sarg, pooled, ccnt, smax, scnt,
-            C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow)
+            x if residual is None else residual, C, P, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw, son, soc, soh, sow)
     flags = dict(BWD=bwd, HAS_DY=dy is not None, HAS_S=s is not None, HAS_T=t is not None,
                  CH_GRAD=ch_grad is not None, SP_GRAD=sp_grad is not None, FLAT=flat,
-                 CH_SPLIT=ch_split is not None, SP_SPLIT=sp_split is not None)
+                 CH_SPLIT=ch_split is not None, SP_SPLIT=sp_split is not None, HAS_RES=residual is not None,
+                 RELU=relu)
     if INTERPRET:
         bc, bp = 16, 16
         launch(_apply_kernel)[(N * triton.cdiv(P, bp), triton.cdiv(C, bc))](

@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, is_split,
                       launch, run_push, splits_for)
 from .channel import weight_grads
-from .reduce import apply, reduce, sum_over_batch
+from .reduce import apply, reduce, sum_over_batch, tail
 
 
 @triton.jit
@@ -222,13 +222,14 @@ def spatial_pool(x, tie="first"):
     return smaps, sargmax
 
 
-def spatial_attention_forward(x, weight, bias, maps, gate, tie="first"):
+def spatial_attention_forward(x, weight, bias, maps, gate, tie="first", residual=None, activation="none"):
     is_split(tie)
+    out_tail = tail(x, residual, activation)
     with device_guard(x):
         smaps, sargmax = spatial_pool(x)
         y = torch.empty_like(x)
         if x.shape[0]:
-            apply(x, y, t=spatial_gate(smaps, weight, bias, maps, gate))
+            apply(x, y, t=spatial_gate(smaps, weight, bias, maps, gate), **out_tail)
         return y, smaps, sargmax
 
 
@@ -274,11 +275,12 @@ def spatial_pool_backward(grad_smaps, x, sargmax, tie="first"):
         return dx
 
 
-def spatial_scale_forward(x, t):
+def spatial_scale_forward(x, t, residual=None, activation="none"):
+    out_tail = tail(x, residual, activation)
     with device_guard(x):
         y = torch.empty_like(x)
         if x.shape[0]:
-            apply(x, y, t=t.float().contiguous())
+            apply(x, y, t=t.float().contiguous(), **out_tail)
         return y
 
 
