@@ -64,8 +64,7 @@ def _tail_args(x: Tensor, residual, activation) -> tuple[Tensor | None, str]:
 
 def unfused_tail(y: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:
     """The tail as plain PyTorch ops after an output computed without it (`activation(y + residual)`):
-    for the paths that cannot take it into a kernel (the original block's forward, BatchNorm in
-    training between the spatial halves)."""
+    where a fused module runs its original's forward (torch.onnx.export, compile_as="original")."""
     if activation is not None:
         check_choice("activation", activation, TAIL_ACTIVATIONS)
     if residual is not None:

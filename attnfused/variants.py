@@ -191,8 +191,10 @@ class SpatialConfig:
             bias = bias + bn.bias
         return conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
-    def apply_unfolded(self, root: nn.Module, x1: Tensor, backend: str) -> Tensor:
-        """Spatial attention with the BatchNorm module run on the logits (batch statistics)."""
+    def apply_unfolded(self, root: nn.Module, x1: Tensor, backend: str, residual: Optional[Tensor] = None,
+                       activation: Optional[str] = None) -> Tensor:
+        """Spatial attention with the BatchNorm module run on the logits (batch statistics), then the
+        tail (if any) in the scaling pass."""
         smaps = F.spatial_pool(x1, tie=self.tie, backend=backend)  # (N, 2, H, W): [max, mean]
         m = R.spatial_maps(smaps[:, 1], smaps[:, 0], self.maps)
         conv = root.get_submodule(self.conv)
@@ -200,7 +202,8 @@ class SpatialConfig:
         z = TF.conv2d(m, conv.weight.to(m.dtype), b, padding=conv.padding)
         # the BatchNorm sees the dtype it would in the original (the conv's: half models stay half)
         z = root.get_submodule(self.bn)(z.to(conv.weight.dtype))
-        return F.spatial_scale(x1, R.gate(z, self.gate)[:, 0], backend=backend)
+        return F.spatial_scale(x1, R.gate(z, self.gate)[:, 0], residual=residual, activation=activation,
+                               backend=backend)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -304,7 +307,7 @@ class FusedSpatial(_FusedVariant):
         cfg = self.spatial_config
         if cfg.uses_batch_stats(self):
             _checks.check_input(x)
-            return F.unfused_tail(cfg.apply_unfolded(self, x, self.backend), residual, activation)
+            return cfg.apply_unfolded(self, x, self.backend, residual, activation)
         w, b = cfg.folded(self)
         return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, residual=residual,
                                    activation=activation, backend=self.backend)
@@ -328,7 +331,7 @@ class FusedCbam(_FusedVariant):
         ch, sp = self.channel_config, self.spatial_config
         if sp.uses_batch_stats(self):
             x1 = F.channel_attention(x, *ch.tensors(self), **ch.options(), backend=self.backend)
-            return F.unfused_tail(sp.apply_unfolded(self, x1, self.backend), residual, activation)
+            return sp.apply_unfolded(self, x1, self.backend, residual, activation)
         opts = ch.options()
         sw, sb = sp.folded(self)
         return F.cbam(x, *ch.tensors(self), sw, sb, **opts, maps=sp.maps, spatial_gate=sp.gate, residual=residual,

@@ -3,7 +3,8 @@
 A small timm ResNet (four stages of one BasicBlock, 16 to 32 channels, SE or CBAM after each
 block's bn2, as timm builds them) trains for a few hundred SGD-with-momentum steps on fixed
 synthetic data, once with timm's attention modules and once converted by `attnfused.convert` to
-the fused CPU kernels, from the same weights on the same batches:
+the fused CPU kernels (each block's residual add and relu in its attention's output pass), from the
+same weights on the same batches:
 
 - float64: the loss curves and the final parameters and buffers agree to 1e-9 (rounding alone
   stays below 1e-13), which a kernel that computes in float32 for float64 input cannot reach;
@@ -101,6 +102,7 @@ def lockstep(orig: torch.nn.Module, fused: torch.nn.Module, data, steps: int = S
 def converted(model: torch.nn.Module) -> torch.nn.Module:
     fused, entries = attnfused.convert(model, backend="cpu", report=True)
     assert entries and all(e.converted for e in entries), [str(e) for e in entries]
+    assert any(e.tail for e in entries), "every block's tail (residual add, relu) runs in its attention's pass"
     return fused
 
 

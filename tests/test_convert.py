@@ -382,9 +382,18 @@ def _tv_efficientnet_b0_small():
     return tve.EfficientNet(setting, dropout=0.2, num_classes=10, last_channel=last)
 
 
+def _tv_resnet_cbam():
+    """torchvision's ResNet (one Bottleneck a stage) with a CBAM block after each bn3, as bench.e2e builds it."""
+    from bench.e2e_models import resnet50
+    return resnet50("cbam_fc", num_classes=10, layers=(1, 1, 1, 1))
+
+
 SMALL_RESNET = dict(layers=(1, 1, 1, 1), channels=(16, 32, 48, 64), stem_width=16)
 REAL_MODELS = {
     "timm_seresnet18": _timm("seresnet18", **SMALL_RESNET),
+    # drop_path drops in training: those calls run the block's own add and relu, with timm's draws
+    "timm_seresnet18_drop_path": _timm("seresnet18", drop_path_rate=0.3, **SMALL_RESNET),
+    "tv_resnet_cbam_after_bn3": lambda: _tv_resnet_cbam(),
     "timm_ecaresnet26t": _timm("ecaresnet26t", **SMALL_RESNET),
     "timm_resnet_cbam": _timm("test_resnet", block_args=dict(attn_layer="cbam")),
     "timm_resnet_lcbam": _timm("test_resnet", block_args=dict(attn_layer="lcbam")),
@@ -404,3 +413,60 @@ def test_real_model(name):
     sd_a, sd_b = model.state_dict(), converted.state_dict()
     assert list(sd_a) == list(sd_b) and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert_same_training(model, converted, torch.randn(REAL_MODEL_INPUT, dtype=DT))
+
+
+# ----------------------------------------------------------------------------- the residual blocks' tail
+
+def test_fuse_tail_replaces_only_the_forward(tmp_path):
+    """The blocks keep every submodule, parameter and buffer (the same objects) and change class only;
+    the converted model saves with torch.save and loads in a new process (which makes the block
+    classes again by name), where it computes what it computed here."""
+    import subprocess
+    import sys
+
+    model = timm.create_model("seresnet18", num_classes=10, **SMALL_RESNET).eval()
+    fused, entries = attnfused.convert(model, inplace=False, report=True)
+    tails = [e for e in entries if e.tail]
+    assert tails and all(e.converted and e.replaced_by == "TimmBasicBlockTail" for e in tails), tails
+    for e in tails:
+        block, original = fused.get_submodule(e.path), model.get_submodule(e.path)
+        assert type(block).__mro__[1] is type(original) and block._modules.keys() == original._modules.keys()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = fused(x)
+    assert torch.equal(copy.deepcopy(fused)(x), y)
+    torch.save({"model": fused, "x": x, "y": y}, tmp_path / "m.pt")
+    code = ("import torch, sys; d = torch.load(sys.argv[1], weights_only=False); m = d['model']; "
+            "assert type(m.layer1[0]).__name__ == 'TimmBasicBlockTail', type(m.layer1[0]); "
+            "assert torch.equal(m(d['x']), d['y'])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], check=True)
+
+
+def test_tails_left_alone_say_why():
+    """fuse_tail=False changes no block; a block whose attention stays, or whose activation is not a
+    ReLU, keeps its class, and the report says why."""
+    model = timm.create_model("test_resnet", block_args=dict(attn_layer="se"))
+    out, entries = attnfused.convert(model, report=True, fuse_tail=False)
+    assert not any(e.tail for e in entries) and not any(type(m).__name__.endswith("Tail") for m in out.modules())
+    out, entries = attnfused.convert(model, report=True, include=lambda path, m: path.startswith("layer1"))
+    tails = {e.path: e for e in entries if e.tail}
+    assert tails["layer1.0"].converted and not tails["layer2.0"].converted
+    assert "attention module 'se' was not converted" in tails["layer2.0"].reason
+    assert type(out.layer2[0]).__name__ == "BasicBlock"
+    silu = timm.create_model("test_resnet", act_layer="silu", block_args=dict(attn_layer="se"))
+    _, entries = attnfused.convert(silu, report=True)
+    assert all(not e.converted and "SiLU, not nn.ReLU" in e.reason for e in entries if e.tail)
+    with pytest.raises(TypeError, match="fuse_tail must be a bool"):
+        attnfused.convert(model, fuse_tail="yes")
+
+
+def test_fused_tail_compiles_as_the_original():
+    """compile_as="original": torch.compile traces the block's attention as the original code and the
+    tail as plain ops after it (Inductor fuses them): the same outputs as eager."""
+    model = timm.create_model("test_resnet", num_classes=10, block_args=dict(attn_layer="cbam")).eval()
+    fused = attnfused.convert(model, compile_as="original")
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_close(torch.compile(fused, backend="aot_eager", fullgraph=True)(x), model(x), 1e-5,
+                     "compile_as='original' with the tail")
