@@ -269,20 +269,22 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     attention forward (se: pool avg only) and backward under both tie rules ("split": a pool with a
     max), where next_channel.cu covers it; for cbam, so far, the forward in channels_last: the
     channel pool, the pool of x * s over channels (the rows kernel with C and H*W swapped, each
-    channel weighted), and the last pass y = x * s * t."""
+    channel weighted), and the last pass y = x * s * t. The forwards' last pass also with the tail's
+    residual (+res: one more stream read)."""
     v, HW = 16 // elem, H * W
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
     # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4 (next_pool.cuh); Last: SCALE 0, DX 1,
-    # DX_SPLIT 2, SCALE_T 3, SCALE_ST 4 (next_last.cuh)
+    # DX_SPLIT 2, SCALE_T 3, SCALE_ST 4, then ADD (the forward's tail with a residual) (next_last.cuh)
     if op == "cbam":  # channels_last, C a whole number of vectors (cbam_forward)
         if not cl or C % v:
             return []
         return [PassUse("next fwd cpool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)1>", "columns"),
                 PassUse("next fwd spool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)4>", "rows", over_channels=True),
-                PassUse("next fwd stscale", f"{last}4>", "apply", reads=1, writes=1)]
+                PassUse("next fwd stscale", f"{last}4, false>", "apply", reads=1, writes=1),
+                PassUse("next fwd stscale+res", f"{last}4, true>", "apply", reads=2, writes=1)]
     if op != "se":
         return []
     if cl:
@@ -293,11 +295,12 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
         return []
     red = f"void {ns}_pool_{pool}<{T}, {v}, ({ns}Job)"
     return [PassUse("next fwd pool", f"{red}0>", pool),
-            PassUse("next fwd scale", f"{last}0>", "apply", reads=1, writes=1),
+            PassUse("next fwd scale", f"{last}0, false>", "apply", reads=1, writes=1),
+            PassUse("next fwd scale+res", f"{last}0, true>", "apply", reads=2, writes=1),
             PassUse("next bwd dot", f"{red}2>", pool, reads=2),
-            PassUse("next bwd dx", f"{last}1>", "apply", reads=1, writes=1),
+            PassUse("next bwd dx", f"{last}1, false>", "apply", reads=1, writes=1),
             PassUse("next bwd dotT", f"{red}3>", pool, reads=2),  # tie rule "split" (a pool with a max)
-            PassUse("next bwd dxT", f"{last}2>", "apply", reads=2, writes=1)]
+            PassUse("next bwd dxT", f"{last}2, false>", "apply", reads=2, writes=1)]
 
 
 # ---------------------------------------------------------------------------- measured times

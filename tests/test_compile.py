@@ -84,7 +84,7 @@ def _triton_cases(dtype, memory_format):
     ch = ("avg+max", "relu", "sigmoid", "zeros")
     sp = ("max_mean", "sigmoid")
 
-    def channel(x, w1, b1, w2, b2, tie, residual=None, activation="none"):
+    def channel(x, w1, b1, w2, b2, residual=None, *, tie, activation="none"):
         y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
 
@@ -96,7 +96,7 @@ def _triton_cases(dtype, memory_format):
         y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, None, "none", "triton")
         return y, *ops.spatial_attention_backward(y, x, *saved, sw, sb, *sp, tie, "triton")
 
-    def cbam(x, w1, w2, sw, tie, residual=None, activation="none"):
+    def cbam(x, w1, w2, sw, residual=None, *, tie, activation="none"):
         y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, residual, activation, "triton")
         return y, *ops.cbam_backward(y, x, *saved, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
 

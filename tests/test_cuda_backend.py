@@ -14,7 +14,7 @@ import torch
 import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
-from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, check_against_oracle,
+from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, TAIL_CASES, check_against_oracle,
                          check_empty_batch, check_opcheck_every_op, check_pooled_contract,
                          grad_leaves)
 
@@ -65,6 +65,15 @@ def _check(case, shape, dtype, lay):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
 def test_parity_all_options(case, dtype, lay, path):
+    _check(case, SMALL_SHAPE[dtype], dtype, lay)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TAIL_CASES, ids=str)
+def test_parity_tail(case, dtype, lay, path):
+    """The block's tail: in the new path's last pass where there is a residual, after the pass elsewhere."""
     _check(case, SMALL_SHAPE[dtype], dtype, lay)
 
 

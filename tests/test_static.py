@@ -255,11 +255,12 @@ def test_end_to_end_on_the_built_library():
     assert len(today) == 16, out
     for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
-    # the new path's channel forward and backward passes at stage 1 in both layouts, and CBAM's three
-    # forward passes in channels_last, none flagged
+    # the new path's channel forward (its last pass also with the tail's residual) and backward passes
+    # at stage 1 in both layouts, and CBAM's three forward passes in channels_last, none flagged
+    channel = ("fwd pool", "fwd scale", "fwd scale+res", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
+    cbam = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res")
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
-        [f"next {p} {lay}" for p in ("fwd pool", "fwd scale", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
-         for lay in ("cl", "nchw")] + [f"next {p} cl" for p in ("fwd cpool", "fwd spool", "fwd stscale")]), out
+        [f"next {p} {lay}" for p in channel for lay in ("cl", "nchw")] + [f"next {p} cl" for p in cbam]), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 

@@ -38,10 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto sargmax = new_sargmax(x);
   auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, smaps, sargmax, hidden};
-  if (next::enabled() && next::cbam_forward(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden)) {
-    tail.apply_after(y);
+  if (next::enabled() && next::cbam_forward(x, cw, sw, tail, y, pooled, argmax, smaps, sargmax, hidden))
     return {y, pooled, argmax, smaps, sargmax, hidden};
-  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);

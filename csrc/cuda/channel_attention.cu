@@ -31,10 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cud
   auto argmax = new_argmax(x);
   auto hidden = new_hidden(x, cw);
   if (x.size(0) == 0) return {y, pooled, argmax, hidden};
-  if (next::enabled() && next::channel_forward(x, cw, y, pooled, argmax, hidden)) {
-    tail.apply_after(y);
+  if (next::enabled() && next::channel_forward(x, cw, tail, y, pooled, argmax, hidden))
     return {y, pooled, argmax, hidden};
-  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "channel_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);

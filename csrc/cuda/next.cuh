@@ -24,13 +24,16 @@ namespace next {
 // $ATTNFUSED_CUDA_KERNELS=next: the ops whose new kernels exist run them (read at every call).
 bool enabled();
 
+// The forwards take the op's tail (common.h): with a residual, the last pass adds it (streamed
+// beside x) and applies the relu as it writes y; a relu alone runs after that pass.
+
 // Channel attention forward (SE, ECA, CBAM's channel half): pool over space -> gate -> scale.
 // Fills y, pooled, argmax and hidden (shapes and dtypes as the op returns them) and returns true, or
 // returns false where the new kernels do not cover x yet: channels_last with C not a whole number
 // of 16-byte vectors; NCHW with H*W not one and (H*W < 16 / element size or rows too long for a
-// TilePlan); x or y not 16-byte aligned.
-bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                     at::Tensor& argmax, at::Tensor& hidden);
+// TilePlan); x, y or the residual not 16-byte aligned.
+bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, const Tail& tail, at::Tensor& y,
+                     at::Tensor& pooled, at::Tensor& argmax, at::Tensor& hidden);
 
 // The weights a backward's gradients are for (their shapes and dtypes) and, filled by it, the
 // gradients (dw1, db1, dw2, db2; an empty tensor where a weight is absent).
@@ -60,15 +63,16 @@ bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax);
 // Spatial attention forward: the pool over channels as spatial_pool, then the k x k conv and the
 // gate over the whole batch (one thread per position), then a last pass y = x * t[n, hw]. Fills y,
 // smaps and sargmax and returns true, or returns false where spatial_pool would (y aligned too).
-bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
-                     at::Tensor& sargmax);
+bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, const Tail& tail, at::Tensor& y,
+                     at::Tensor& smaps, at::Tensor& sargmax);
 
 // CBAM forward: the channel forward's pool and gate (pass 1), x * s pooled over channels without
 // storing it (pass 2: the spatial pool's kernels weighting each channel by s), the conv and gate,
 // then y = x * s * t (pass 3). Fills the op's outputs and returns true, or returns false for NCHW
 // x (no weighted column pass yet) and where spatial_forward would.
-bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, at::Tensor& y,
-                  at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax, at::Tensor& hidden);
+bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
+                  at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
+                  at::Tensor& hidden);
 
 }  // namespace next
 }  // namespace cuda

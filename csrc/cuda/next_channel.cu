@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "next.cuh"
 
@@ -116,7 +117,8 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
 }
 
 // The last pass over flat 16-byte vectors (V) in either layout (next_last.cuh): y = x * s[n, c],
-// or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too).
+// or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too). A forward with a
+// residual (ct.res) takes the tail in the same pass.
 template <typename T, int V, Last P>
 std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
@@ -124,16 +126,24 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
   const int64_t nvec = numel / V;  // and numel % V elements after them (NCHW rows of any H*W)
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(cdiv(nvec, kThreads), int64_t(num_sms()) * 32));
   auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr bool FWD = P == Last::SCALE || P == Last::SCALE_T || P == Last::SCALE_ST;
   auto go = [&](auto mode_c, auto index_c) {
     constexpr ScaleRows M = decltype(mode_c)::value;
     using index_t = typename decltype(index_c)::type;
     const index_t inner = static_cast<index_t>(cl ? C : HW);
     // div_sample: a sample's elements (channels_last), or (NCHW, ROWS) a sample's rows
     const int64_t sample = cl ? HW * C : (P == Last::SCALE_T || P == Last::SCALE_ST ? C : 1);
-    _scale<T, V, index_t, M, P><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
-        static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(sample)),
-        static_cast<int>(numel - nvec * V));
+    auto launch = [&](auto add_c) {
+      _scale<T, V, index_t, M, P, decltype(add_c)::value><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+          x.data_ptr<T>(), y.data_ptr<T>(), ct, static_cast<index_t>(nvec), static_cast<index_t>(N * C), inner,
+          static_cast<index_t>(HW), Divider<index_t>(inner), Divider<index_t>(static_cast<index_t>(sample)),
+          static_cast<int>(numel - nvec * V));
+    };
+    if constexpr (FWD) {
+      ct.res ? launch(std::true_type{}) : launch(std::false_type{});
+    } else {
+      launch(std::false_type{});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32-bit indices while every element index and the grid stride stay within INT32_MAX: the fast
@@ -156,7 +166,8 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
                      : P == Last::SCALE_T  ? " | scale_t VEC="
                      : P == Last::SCALE_ST ? " | scale_st VEC="
                                            : " | dx VEC=";
-  return std::string(what) + std::to_string(V) + (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
+  return std::string(what) + std::to_string(V) + (ct.res ? " +residual" : "") + (ct.relu ? " +relu" : "") +
+         (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
 }
 
 // part [S, M, J]: sum_k a[m, k] b[j, k] over all samples, k in S splits (_rows_dot); returns S
@@ -217,16 +228,27 @@ std::string channel_half(const at::Tensor& x, const ChannelWeights& cw, const Ch
   return plan;
 }
 
+// A forward's last-pass terms with the op's tail: the residual and the relu where there is a
+// residual; a relu alone runs after the pass (finish_tail).
+template <typename acc_t, Last P>
+ChannelTerms<acc_t, P> with_tail(ChannelTerms<acc_t, P> ct, const Tail& tail) {
+  if (tail.residual) ct.res = tail.residual->data_ptr(), ct.relu = tail.relu;
+  return ct;
+}
+void finish_tail(const Tail& tail, at::Tensor& y) {
+  if (!tail.residual && tail.relu) y.relu_();
+}
+
 template <typename T, int V>
-void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                         at::Tensor& argmax, at::Tensor& hidden) {
+void channel_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Tail& tail, at::Tensor& y,
+                         at::Tensor& pooled, at::Tensor& argmax, at::Tensor& hidden) {
   using acc_t = at::acc_type<T, true>;
   Scratch s(x, scratch_block(x, x.size(0) * cw.nv() * cw.C));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/false, hidden);
   // pass 1 (streams x), then the gate
   std::string plan = channel_half<T, V>(x, cw, g, s);
-  // pass 2 (streams x, writes y)
-  plan += scale<T, V>(x, y, ChannelTerms<acc_t, Last::SCALE>{g.s, nullptr, nullptr});
+  // pass 2 (streams x and the residual, writes y)
+  plan += scale<T, V>(x, y, with_tail(ChannelTerms<acc_t, Last::SCALE>{g.s, nullptr, nullptr}, tail));
   if (debug()) std::fprintf(stderr, "attnfused next channel_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
@@ -278,7 +300,7 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
 }
 
 // Whether the new kernels cover x (and the tensors streamed with it), pooling over `over`: see next.cuh.
-bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> streamed, Over over = Over::SPACE) {
+bool covers(const at::Tensor& x, const std::vector<const at::Tensor*>& streamed, Over over = Over::SPACE) {
   const bool cl = is_channels_last(x);
   const int64_t V = 16 / x.element_size(), C = x.size(1), HW = x.size(2) * x.size(3);
   // channels_last: every vector within a position's C channels; NCHW: a row's H*W as whole
@@ -291,6 +313,13 @@ bool covers(const at::Tensor& x, std::initializer_list<const at::Tensor*> stream
   for (const at::Tensor* t : streamed)
     if (!aligned16(t->data_ptr())) return false;
   return true;
+}
+
+// What a forward's last pass streams: x, y and the tail's residual.
+std::vector<const at::Tensor*> streamed(const at::Tensor& x, const at::Tensor& y, const Tail& tail) {
+  std::vector<const at::Tensor*> out{&x, &y};
+  if (tail.residual) out.push_back(&*tail.residual);
+  return out;
 }
 template <typename T, int V>
 void spatial_pool_vec(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
@@ -307,8 +336,8 @@ void spatial_pool_vec(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargma
 // Spatial attention's forward: the pool over channels, the conv and gate over the whole batch, and
 // y = x * t[n, hw].
 template <typename T, int V>
-void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
-                         at::Tensor& sargmax) {
+void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, const Tail& tail, at::Tensor& y,
+                         at::Tensor& smaps, at::Tensor& sargmax) {
   using acc_t = at::acc_type<T, true>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   Scratch s(x, scratch_block(x, N * HW));
@@ -321,15 +350,15 @@ void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, at::Tens
   _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(g, N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // pass 2 (streams x, writes y)
-  const std::string plan =
-      pooling.plan + scale<T, V, Last::SCALE_T>(x, y, ChannelTerms<acc_t, Last::SCALE_T>{nullptr, nullptr, nullptr, g.t});
+  const std::string plan = pooling.plan + scale<T, V, Last::SCALE_T>(
+                                             x, y, with_tail(ChannelTerms<acc_t, Last::SCALE_T>{nullptr, nullptr, nullptr, g.t}, tail));
   if (debug()) std::fprintf(stderr, "attnfused next spatial_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 // CBAM's forward: the channel half (pass 1), x1 = x * s pooled over channels without storing it
 // (pass 2), the conv and gate, then y = x * s * t (pass 3).                          3R + 1W
 template <typename T, int V>
-void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, at::Tensor& y,
-                      at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
+void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
+                      at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
                       at::Tensor& hidden) {
   using acc_t = at::acc_type<T, true>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -344,28 +373,31 @@ void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Spati
   _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(sp, N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   plan += " | " + pooling.plan +
-          scale<T, V, Last::SCALE_ST>(x, y, ChannelTerms<acc_t, Last::SCALE_ST>{g.s, nullptr, nullptr, sp.t});
+          scale<T, V, Last::SCALE_ST>(x, y, with_tail(ChannelTerms<acc_t, Last::SCALE_ST>{g.s, nullptr, nullptr, sp.t}, tail));
   if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 }  // namespace
 
-bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, at::Tensor& y,
-                  at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax, at::Tensor& hidden) {
+bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
+                  at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
+                  at::Tensor& hidden) {
   // channels_last only (no weighted column pass: see _pool_columns), where the pool over channels
   // covers x
-  if (!is_channels_last(x) || !covers(x, {&x, &y}, Over::CHANNELS)) return false;
+  if (!is_channels_last(x) || !covers(x, streamed(x, y, tail), Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::cbam_forward", [&] {
-    cbam_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, sw, y, pooled, argmax, smaps, sargmax, hidden);
+    cbam_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, sw, tail, y, pooled, argmax, smaps, sargmax, hidden);
   });
+  finish_tail(tail, y);
   return true;
 }
 
-bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, at::Tensor& y, at::Tensor& smaps,
-                     at::Tensor& sargmax) {
-  if (!covers(x, {&x, &y}, Over::CHANNELS)) return false;
+bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, const Tail& tail, at::Tensor& y,
+                     at::Tensor& smaps, at::Tensor& sargmax) {
+  if (!covers(x, streamed(x, y, tail), Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_forward", [&] {
-    spatial_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, sw, y, smaps, sargmax);
+    spatial_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, sw, tail, y, smaps, sargmax);
   });
+  finish_tail(tail, y);
   return true;
 }
 
@@ -377,12 +409,13 @@ bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
   return true;
 }
 
-bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, at::Tensor& y, at::Tensor& pooled,
-                     at::Tensor& argmax, at::Tensor& hidden) {
-  if (!covers(x, {&x, &y})) return false;
+bool channel_forward(const at::Tensor& x, const ChannelWeights& cw, const Tail& tail, at::Tensor& y,
+                     at::Tensor& pooled, at::Tensor& argmax, at::Tensor& hidden) {
+  if (!covers(x, streamed(x, y, tail))) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::channel_forward", [&] {
-    channel_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, y, pooled, argmax, hidden);
+    channel_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, tail, y, pooled, argmax, hidden);
   });
+  finish_tail(tail, y);
   return true;
 }
 

@@ -12,7 +12,8 @@ namespace next {
 // Forward: y = x * s[n, c] (SCALE), y = x * t[n, hw] (SCALE_T, spatial attention), or
 // y = x * (s[n, c] * t[n, hw]) (SCALE_ST, CBAM). Backward (reading dy in x's place):
 // dx = dy * s + ph + [hw == argmax] qh (tie rule "first"), or dx = dy * s + ph + (qh / count) *
-// [x == max] ("split": x streamed too).
+// [x == max] ("split": x streamed too). A forward with ADD then takes the block's tail in the same
+// pass: y + residual (streamed beside x), relu if ct.relu (a select: no branch).
 enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST };
 
 // How a flat vector of x finds its channels' values.
@@ -37,14 +38,22 @@ struct alignas(16) Term<acc_t, true> {
 };
 
 // The per-channel values of the last pass, [N, C]: the gate (SCALE, SCALE_ST), or the terms; and
-// (SCALE_T, SCALE_ST) the per-position values t [N, HW].
+// (SCALE_T, SCALE_ST) the per-position values t [N, HW]; and a forward's tail.
 template <typename acc_t, Last P>
 struct ChannelTerms {
   const acc_t* s;
   const Term<acc_t, P == Last::DX_SPLIT>* t;
   const void* x;      // DX_SPLIT: x (of the stream's dtype, laid out as it)
   const acc_t* pos;   // SCALE_T, SCALE_ST: t [N, HW]
+  const void* res;    // the forward's tail (ADD): the residual, laid out as y; null: none
+  bool relu;          // with ADD: relu after the add
 };
+
+// The tail's relu: NaN stays NaN (as torch.relu)
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu_if(acc_t v, bool relu) {
+  return relu && v < acc_t(0) ? acc_t(0) : v;
+}
 
 // the max's share of element k (hw, value e) of a channel with terms t
 template <typename acc_t, typename index_t>
@@ -56,20 +65,23 @@ __device__ __forceinline__ acc_t max_share(const Term<acc_t, true>& t, index_t, 
   return t.q * acc_t(e == t.mx);  // a product, as amax's backward: a NaN q (count 0) reaches every element
 }
 
-template <typename T, int VEC, typename index_t, ScaleRows MODE, Last P>
+template <typename T, int VEC, typename index_t, ScaleRows MODE, Last P, bool ADD>
 __global__ void __launch_bounds__(kThreads)
     _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
            index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
   constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT, SPLIT = P == Last::DX_SPLIT;
   constexpr bool POS = P == Last::SCALE_T || P == Last::SCALE_ST, CHS = P == Last::SCALE || P == Last::SCALE_ST;
+  static_assert(!(ADD && BWD), "the tail is a forward's");
   const T* __restrict__ xs = static_cast<const T*>(ct.x);
+  const T* __restrict__ rs = static_cast<const T*>(ct.res);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
        i += static_cast<index_t>(gridDim.x) * kThreads) {  // marker: hot loop (scale)
     const index_t e = i * VEC;
     const Vec<T, VEC> xv = load_vec<T, VEC>(x + e);
-    Vec<T, VEC> xe;  // SPLIT: x, compared with the max
+    Vec<T, VEC> xe;  // SPLIT: x, compared with the max; ADD: the residual
     if constexpr (SPLIT) xe = load_vec<T, VEC>(xs + e);
+    if constexpr (ADD) xe = load_vec<T, VEC>(rs + e);
     acc_t sv[VEC], add[VEC];
     if constexpr (MODE == ScaleRows::CL && POS) {  // inner, div_row: C; q = n * HW + hw, t's index
       index_t q, c0;
@@ -136,7 +148,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     Vec<T, VEC> yv;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) yv.v[k] = static_cast<T>(static_cast<acc_t>(xv.v[k]) * sv[k] + add[k]);
+    for (int k = 0; k < VEC; ++k) {
+      acc_t o = static_cast<acc_t>(xv.v[k]) * sv[k] + add[k];
+      if constexpr (ADD) o = relu_if(o + static_cast<acc_t>(xe.v[k]), ct.relu);
+      yv.v[k] = static_cast<T>(o);
+    }
     *reinterpret_cast<Vec<T, VEC>*>(y + e) = yv;
   }
   if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
@@ -155,6 +171,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       out = static_cast<acc_t>(x[e]) * ct.s[row];
     }
+    if constexpr (ADD) out = relu_if(out + static_cast<acc_t>(rs[e]), ct.relu);
     y[e] = static_cast<T>(out);
   }
 }

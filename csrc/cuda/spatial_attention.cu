@@ -25,10 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::
   auto smaps = new_smaps(x);
   auto sargmax = new_sargmax(x);
   if (x.size(0) == 0) return {y, smaps, sargmax};
-  if (next::enabled() && next::spatial_forward(x, sw, y, smaps, sargmax)) {
-    tail.apply_after(y);
-    return {y, smaps, sargmax};
-  }
+  if (next::enabled() && next::spatial_forward(x, sw, tail, y, smaps, sargmax)) return {y, smaps, sargmax};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
