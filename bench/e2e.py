@@ -6,6 +6,8 @@ under each provider:
   compile            torch.compile of the original model
   fused              the model converted by attnfused.convert (same state_dict)
   fused+compile      the converted model, then torch.compile
+  fused(+compile)-untailed  the same, converted with fuse_tail=False (the residual blocks' add and
+                     relu as their own ops: what the tail in the attention's pass saves; not by default)
   compile-ro         torch.compile(mode="reduce-overhead") of the original (CUDA graphs; GPU only)
   fused+compile-ro   the converted model under mode="reduce-overhead" (GPU only)
 Models: torchvision's ResNet-50 with SE, ECA or CBAM after every bottleneck's bn3 (on the residual
@@ -50,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import env, report
-from .e2e_models import PROVIDERS, TIMM, TV_ATTN, Provider, baseline, convert, resnet50  # noqa: F401
+from .e2e_models import DEFAULT_PROVIDERS, PROVIDERS, TIMM, TV_ATTN, Provider, baseline, convert, resnet50  # noqa: F401
 from .e2e_models import timm_spec, tv_spec, with_convert_kwargs
 from .progress import bar
 from .timing import Timer, synchronize
@@ -312,8 +314,9 @@ def parse_args(argv):
                     "(default 3,4,6,3: ResNet-50; fewer: a small network of the same structure)")
     ap.add_argument("--model", default=None, help=f"timm models, a comma list (timm: prefix optional) of {list(TIMM)} "
                     "or any timm name (default all of those, or none when only --attn is given)")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {list(PROVIDERS)}; eager is "
-                    "always run (the others are checked against it)")
+    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                    help=f"comma list of {list(PROVIDERS)} (default {DEFAULT_PROVIDERS}); eager is always run (the "
+                    "others are checked against it)")
     ap.add_argument("--convert-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra attnfused.convert keyword argument for the fused providers (a Python literal)")
     ap.add_argument("--modes", default="infer,train")

@@ -29,6 +29,7 @@ class Provider:
     compile_mode: str | None = None  # torch.compile's mode ("default", "reduce-overhead", ...); None: eager
     gpu_only: bool = False  # CUDA graphs: nothing to gain (nor to run) on CPU
     convert_kwargs: tuple[tuple[str, object], ...] = ()  # extra keyword arguments of attnfused.convert
+    default: bool = True  # run when --providers is not given
 
     @property
     def compiles(self) -> bool:
@@ -49,7 +50,12 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("fused+compile-orig", fused=True, compile_mode="default", convert_kwargs=(("compile_as", "original"),)),
     Provider("compile-ro", fused=False, compile_mode="reduce-overhead", gpu_only=True),
     Provider("fused+compile-ro", fused=True, compile_mode="reduce-overhead", gpu_only=True),
+    # the residual blocks keep their own add and relu (what the tail in the attention's pass saves)
+    Provider("fused-untailed", fused=True, convert_kwargs=(("fuse_tail", False),), default=False),
+    Provider("fused+compile-untailed", fused=True, compile_mode="default", convert_kwargs=(("fuse_tail", False),),
+             default=False),
 )}
+DEFAULT_PROVIDERS = [name for name, p in PROVIDERS.items() if p.default]
 
 
 def baseline(p: Provider) -> str:

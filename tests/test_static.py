@@ -171,9 +171,10 @@ def test_next_path_tiles_plan():
     assert p["R"] % 2 == 0 and p["R"] * 196 <= 256 * 4 * 8 and p["R"] * p["P"] <= 256
     assert static.plan_next_tiles(1, 8, 4097, 8) is None, "8 rows of 4097 do not fit a tile"
     uses = static.next_passes("se", 2048, 7, 7, False, "c10::Half", 2)
-    assert [(u.kind, u.reads) for u in uses] == [("tiles", 1), ("apply", 1), ("tiles", 2), ("apply", 1),
+    assert [(u.kind, u.reads) for u in uses] == [("tiles", 1), ("apply", 1), ("apply", 2), ("tiles", 2), ("apply", 1),
                                                  ("tiles", 2), ("apply", 2)]
-    assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == ["columns", "apply"] * 3
+    assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == \
+        ["columns", "apply", "apply", "columns", "apply", "columns", "apply"]
     assert static.next_passes("se", 2, 2, 2, False, "c10::Half", 2) == [], "H*W < 8: a vector meets > 2 rows"
 
 

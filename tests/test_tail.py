@@ -180,3 +180,21 @@ def test_bad_tail_arguments_reach_no_kernel():
         C.channel_attention(*args, torch.randn(2, 4, 5, 5, dtype=torch.float64), "relu")
     with pytest.raises(ValueError, match=r"activation must be one of \[none, relu\], got 'gelu'"):
         C.spatial_attention(x, torch.randn(1, 2, 3, 3), None, "max_mean", "sigmoid", "first", None, "gelu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tail_under_torch_func(backend):
+    """torch.func transforms run the reference math (ops.needs_decomposition), the tail included: jvp and
+    vmap of the fused call equal those of the oracle; a residual that takes no gradient gets none."""
+    case = TAIL_CASES[5]
+    x, w = _inputs(case, dtype=torch.float64)
+    r = w.pop("residual").detach()
+    wd = {k: None if v is None else v.detach() for k, v in w.items()}
+    run = lambda b: lambda x, r: case.run(x, {**wd, "residual": r}, b)  # noqa: E731
+    tx, tr = torch.randn_like(x), torch.randn_like(r)
+    out, tangent = torch.func.jvp(run(backend), (x.detach(), r), (tx, tr))
+    ref, ref_tangent = torch.func.jvp(run(None), (x.detach(), r), (tx, tr))
+    assert rel_err(out, ref) <= 1e-12 and rel_err(tangent, ref_tangent) <= 1e-12
+    xg = x.detach().clone().requires_grad_()
+    case.run(xg, {**wd, "residual": r}, backend).sum().backward()
+    assert xg.grad is not None and r.grad is None
