@@ -109,6 +109,10 @@ def test_spatial_halves(dtype, lay, path):
     assert y.stride() == x.stride()
     ref = torch.ops.attnfused.spatial_scale(xc, t.cpu(), None, "none", "reference")
     assert rel_err(y.cpu(), ref) <= TOLERANCE[dtype]
+    r = layout(rand(*shape, dtype=dtype).cuda(), lay)  # with the tail: + residual, relu
+    y = torch.ops.attnfused.spatial_scale(x, t, r, "relu", BACKEND)
+    ref = torch.ops.attnfused.spatial_scale(xc, t.cpu(), r.cpu(), "relu", "reference")
+    assert y.stride() == x.stride() and rel_err(y.cpu(), ref) <= TOLERANCE[dtype]
     g = layout(rand(*shape, dtype=dtype).cuda(), lay)
     gx, gt = torch.ops.attnfused.spatial_scale_backward(g, x, t, BACKEND)
     rgx, rgt = torch.ops.attnfused.spatial_scale_backward(g.cpu(), xc, t.cpu(), "reference")

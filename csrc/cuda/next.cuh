@@ -60,6 +60,11 @@ bool channel_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWe
 // H*W, not a whole number of 16-byte vectors; x not 16-byte aligned.
 bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax);
 
+// The spatial_scale op's forward: the last pass of spatial attention, y = x * t[n, hw] (t: float32, or
+// float64 for double x, [N, H*W] contiguous), with the tail. Fills y and returns true, or returns
+// false where spatial_pool would (y and the residual aligned too).
+bool spatial_scale(const at::Tensor& x, const at::Tensor& t, const Tail& tail, at::Tensor& y);
+
 // Spatial attention forward: the pool over channels as spatial_pool, then the k x k conv and the
 // gate over the whole batch (one thread per position), then a last pass y = x * t[n, hw]. Fills y,
 // smaps and sargmax and returns true, or returns false where spatial_pool would (y aligned too).

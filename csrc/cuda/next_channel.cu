@@ -401,6 +401,18 @@ bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, const Tail& 
   return true;
 }
 
+bool spatial_scale(const at::Tensor& x, const at::Tensor& t, const Tail& tail, at::Tensor& y) {
+  if (!covers(x, streamed(x, y, tail), Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_scale", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const ChannelTerms<acc_t, Last::SCALE_T> ct{nullptr, nullptr, nullptr, t.data_ptr<acc_t>()};
+    const std::string plan = scale<scalar_t, 16 / sizeof(scalar_t), Last::SCALE_T>(x, y, with_tail(ct, tail));
+    if (debug()) std::fprintf(stderr, "attnfused next spatial_scale %s:%s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+  });
+  finish_tail(tail, y);
+  return true;
+}
+
 bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
   if (!covers(x, {&x}, Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_pool", [&] {

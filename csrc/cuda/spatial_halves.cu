@@ -70,6 +70,8 @@ at::Tensor spatial_scale_cuda(const at::Tensor& x, const at::Tensor& t_, const c
   auto t = check_map(t_, x);
   const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);
+  if (x.size(0) == 0) return y;
+  if (next::enabled() && next::spatial_scale(x, t, tail, y)) return y;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_scale_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     auto ap = apply_params<acc_t>(x);
