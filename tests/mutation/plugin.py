@@ -107,6 +107,13 @@ def channels_last_as_nchw(op: str, kernel: Callable) -> Callable:
     return run
 
 
+def tail_ignored(op: str, kernel: Callable) -> Callable:
+    """A forward's tail (its last two arguments: the residual and the activation) not applied."""
+    if op not in FORWARD:
+        return kernel
+    return lambda *a: kernel(*a[:-2], None, "none")
+
+
 def half_output_zeros(op: str, kernel: Callable) -> Callable:
     """The output all zeros in float16 and bfloat16."""
     if op not in FORWARD:
@@ -116,7 +123,7 @@ def half_output_zeros(op: str, kernel: Callable) -> Callable:
 
 # the mutants tests/test_mutation.py runs; BY_HAND, more to run by hand against other tests
 MUTANTS = {f.__name__: f for f in (half_output_1pct, grad_x_3x, float64_in_float32, weight_grad_zeroed,
-                                   max_grad_wrong_index, channels_last_as_nchw)}
+                                   max_grad_wrong_index, channels_last_as_nchw, tail_ignored)}
 BY_HAND = {f.__name__: f for f in (half_output_zeros,)}
 
 
