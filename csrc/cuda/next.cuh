@@ -65,6 +65,12 @@ bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax);
 // false where spatial_pool would (y and the residual aligned too).
 bool spatial_scale(const at::Tensor& x, const at::Tensor& t, const Tail& tail, at::Tensor& y);
 
+// The spatial_scale op's backward: a pass over dy and x summing dy * x over channels -> dt (acc
+// dtype, [N, H*W] contiguous), then a pass writing dx = dy * t. Fills dx and dt and returns true, or
+// returns false where spatial_pool would (dy and dx aligned too).
+bool spatial_scale_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& t, at::Tensor& dx,
+                            at::Tensor& dt);
+
 // Spatial attention forward: the pool over channels as spatial_pool, then the k x k conv and the
 // gate over the whole batch (one thread per position), then a last pass y = x * t[n, hw]. Fills y,
 // smaps and sargmax and returns true, or returns false where spatial_pool would (y aligned too).

@@ -413,6 +413,28 @@ bool spatial_scale(const at::Tensor& x, const at::Tensor& t, const Tail& tail, a
   return true;
 }
 
+bool spatial_scale_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& t, at::Tensor& dx,
+                            at::Tensor& dt) {
+  if (!covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_scale_backward", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int V = 16 / sizeof(scalar_t);
+    const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+    Scratch s(x, scratch_block(x, N * HW));
+    // pass 1 (streams dy and x): sum_c dy * x per (n, hw), in partials, then summed in order
+    const auto dot = pool_pass<scalar_t, V, Job::DOT>(x, Over::CHANNELS, s, dy);
+    _spatial_dot<acc_t><<<item_blocks(N * HW), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        dot.pp, N, HW, dt.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // pass 2 (streams dy, writes dx)
+    const ChannelTerms<acc_t, Last::SCALE_T> ct{nullptr, nullptr, nullptr, t.data_ptr<acc_t>()};
+    const std::string plan = dot.plan + scale<scalar_t, V, Last::SCALE_T>(dy, dx, ct);
+    if (debug())
+      std::fprintf(stderr, "attnfused next spatial_scale_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+  });
+  return true;
+}
+
 bool spatial_pool(const at::Tensor& x, at::Tensor& smaps, at::Tensor& sargmax) {
   if (!covers(x, {&x}, Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_pool", [&] {

@@ -71,6 +71,22 @@ __global__ void __launch_bounds__(kThreads)
   sargmax[n * HW + p] = i;
 }
 
+// One thread per (n, hw): a DOT pass over channels' partials, summed over its chunks in order ->
+// out [N, HW] (spatial_scale's backward: dt = sum_c dy * x).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _spatial_dot(PoolPartials<acc_t> pp, int64_t N, int64_t HW, acc_t* __restrict__ out) {
+  int64_t t, n, p;
+  if (!item_of(N, HW, t, n, p)) return;
+  int64_t o = pp.slot(n, p, 0);
+  acc_t s = pp.sum[o];
+  for (int64_t k = 1; k < pp.chunks; ++k) {
+    o += pp.k_stride;
+    s += pp.sum[o];
+  }
+  out[t] = s;
+}
+
 // One thread per (n, hw) of the whole batch: the k x k conv of the maps (zero padding) and the
 // gate -> z and t [N, HW]. The maps are small and read through the cache.
 template <typename acc_t>

@@ -5,6 +5,8 @@
 //   spatial_pool_backward : writes dx = gmean / C + [c == sargmax] gmax.               (1W)
 //   spatial_scale         : reads x, writes x * t (the tail, if any, after).           (1R + 1W)
 //   spatial_scale_backward: sum_c dy * x -> dt (reads dy, x); dx = dy * t (reads dy).  (3R + 1W)
+//   new path (next.cuh, $ATTNFUSED_CUDA_KERNELS=next): spatial_pool, spatial_scale and its backward
+//   through the new passes where they cover x.
 #include "args.cuh"
 #include "next.cuh"
 
@@ -91,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_scale_backward_cuda(const at::Tensor&
   auto gx = at::empty_like(x);
   auto gt = at::empty_like(t);  // accumulation dtype, (N, H, W)
   if (x.size(0) == 0) return {gx, gt.to(t_.scalar_type())};
+  if (next::enabled() && next::spatial_scale_backward(grad_y, x, t, gx, gt)) return {gx, gt.to(t_.scalar_type())};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_scale_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
