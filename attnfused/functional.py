@@ -65,11 +65,7 @@ def _tail_args(x: Tensor, residual, activation) -> tuple[Tensor | None, str]:
 def unfused_tail(y: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:
     """The tail as plain PyTorch ops after an output computed without it (`activation(y + residual)`):
     where a fused module runs its original's forward (torch.onnx.export, compile_as="original")."""
-    if activation is not None:
-        check_choice("activation", activation, TAIL_ACTIVATIONS)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if activation == "relu" else y
+    return R.tail(y, residual, activation)
 
 
 _CHANNEL_WEIGHTS = ("w1", "b1", "w2", "b2")

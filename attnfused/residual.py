@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import sys
 from typing import Callable, Optional
 
 from torch import nn
@@ -145,17 +144,8 @@ def __getattr__(name: str):  # pickle finds the block classes by name, also in a
 
 def _originals() -> dict[type, str]:
     """The supported block classes of the packages already imported -> their subclass's name."""
-    found = {}
-    for name, spec in _BLOCKS.items():
-        mod = sys.modules.get(spec.module)
-        if mod is None and spec.module.split(".")[0] in sys.modules:
-            try:
-                mod = importlib.import_module(spec.module)
-            except ImportError:
-                continue
-        if mod is not None and hasattr(mod, spec.cls):
-            found[getattr(mod, spec.cls)] = name
-    return found
+    from .convert import _classes  # (convert imports this module)
+    return {cls: name for name, spec in _BLOCKS.items() for cls in _classes({spec.module: (spec.cls,)})}
 
 
 def fuse_tail(model: nn.Module) -> list[tuple[str, type, Optional[str], str]]:

@@ -119,7 +119,8 @@ struct Tail {
   std::optional<at::Tensor> residual;
   bool relu = false;
 
-  Tail(const at::Tensor& x, const std::optional<at::Tensor>& residual_, c10::string_view activation) : residual(residual_) {
+  Tail(const at::Tensor& x, const std::optional<at::Tensor>& residual_, c10::string_view activation)
+      : residual(residual_) {
     static const char* const n[] = {"none", "relu"};
     relu = detail::parse("activation", activation, n, {false, true});
     if (residual) {

@@ -1,7 +1,7 @@
 """CBAM fused: channel attention, then spatial attention on x1 = x * s, with x1 never
 stored. Forward: channel pooling of x, spatial pooling of x * s, one pass y = x * s * t
-(3R + 1W), with the tail (+ residual, relu) in that pass. Backward: three passes over (dy, x) and one write of dx; dx1 is recomputed
-in each pass instead of stored. Under the tie rule "split" the first two passes also count the
+(3R + 1W), with the tail (+ residual, relu) in that pass. Backward: three passes over (dy, x) and
+one write of dx; dx1 is recomputed in each pass instead of stored. Under the tie rule "split" the first two passes also count the
 ties of the maxima (of x1 over C, of x over H*W) and the dx pass reads x too (4R + 1W).
 """
 from __future__ import annotations
