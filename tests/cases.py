@@ -161,8 +161,10 @@ def float32_noise_floor(run, args, ref, draws=2):
 
 
 def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
-    """The bound on each gradient's error: its target, or twice the error of the plain PyTorch
-    reference run in float32 (accuracy.bound, as the benchmarks' parity check), or twice the float32
+    """The bound on each gradient's error: its target, or twice the error of plain PyTorch run in
+    float32 (accuracy.bound, as the benchmarks' parity check; the larger of two runs that sum in
+    different orders, the oracle's autograd and the reference backend's explicit backward: a bias
+    gradient that nearly cancels measured 2.5e-5 in one and 1.7e-4 in the other), or twice the float32
     noise floor, whichever is largest. The floor is how far the float64 oracle's own gradient moves
     when x, the weights and dy move by one float32 roundoff (the worst of `draws` random draws): a
     weight gradient that nearly cancels (a bias gradient, a sum of ~1000 terms of both signs) is
@@ -171,10 +173,12 @@ def grad_bounds(case, x64, w64, g64, dtype, ref_grads, targets, draws=2):
     the half targets are loose)."""
     if dtype != torch.float32:
         return targets
-    xe = x64.float().requires_grad_()
-    we = {k: None if v is None else v.float().requires_grad_() for k, v in w64.items()}
-    grads = torch.autograd.grad(case.run(xe, we), grad_leaves(xe, we)[1], g64.float())
-    eager = [rel_err(e, r) for e, r in zip(grads, ref_grads)]
+    eager = [0.0] * len(ref_grads)
+    for plain in (None, "reference"):
+        xe = x64.float().requires_grad_()
+        we = {k: None if v is None else v.float().requires_grad_() for k, v in w64.items()}
+        grads = torch.autograd.grad(case.run(xe, we, plain), grad_leaves(xe, we)[1], g64.float())
+        eager = [max(m, rel_err(e, r)) for m, e, r in zip(eager, grads, ref_grads)]
 
     def run(xp, wp, gp):
         xp = xp.requires_grad_()
