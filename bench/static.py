@@ -276,15 +276,23 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
     idx = "unsigned int" if small else "long"
     last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows){0 if cl else 1}, ({ns}Last)"
-    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4 (next_pool.cuh); Last: SCALE 0, DX 1,
-    # DX_SPLIT 2, SCALE_T 3, SCALE_ST 4, then ADD (the forward's tail with a residual) (next_last.cuh)
-    if op == "cbam":  # channels_last, C a whole number of vectors (cbam_forward)
+    # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4, SCALED_DOT 5, DOT_POS 6 (next_pool.cuh);
+    # Last: SCALE 0, DX 1, DX_SPLIT 2, SCALE_T 3, SCALE_ST 4, DX_T 5, DX_ST 6, then ADD (the forward's
+    # tail with a residual) (next_last.cuh)
+    if op == "cbam":  # channels_last, C a whole number of vectors (cbam_forward, cbam_backward)
         if not cl or C % v:
             return []
         return [PassUse("next fwd cpool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)1>", "columns"),
                 PassUse("next fwd spool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)4>", "rows", over_channels=True),
                 PassUse("next fwd stscale", f"{last}4, false>", "apply", reads=1, writes=1),
-                PassUse("next fwd stscale+res", f"{last}4, true>", "apply", reads=2, writes=1)]
+                PassUse("next fwd stscale+res", f"{last}4, true>", "apply", reads=2, writes=1),
+                PassUse("next bwd sdot", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)5>", "rows", reads=2,
+                        over_channels=True),
+                PassUse("next bwd cdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)6>", "columns", reads=2),
+                PassUse("next bwd dxST", f"{last}6, false>", "apply", reads=1, writes=1),
+                # spatial attention's backward (spatial_backward): the pool over channels of dy * x
+                # (as spatial_scale's, DOT) and this last pass
+                PassUse("next sa bwd dx", f"{last}5, false>", "apply", reads=1, writes=1)]
     if op != "se":
         return []
     if cl:

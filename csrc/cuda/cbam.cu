@@ -82,6 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto smaps = smaps_.contiguous(), sargmax = sargmax_.contiguous();
   auto gx = at::empty_like(x);
   std::vector<at::Tensor> gc, gs;
+  if (next::enabled()) {
+    next::WeightGrads ng{w1, b1, w2, b2, {}};
+    if (next::cbam_backward(grad_y, x, cw, sw, pooled, argmax, smaps, sargmax, gx, ng, sweight, sbias, gs))
+      return {gx, ng.g[0], ng.g[1], ng.g[2], ng.g[3], gs[0], gs[1]};
+  }
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "cbam_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);

@@ -56,11 +56,13 @@ struct Pooling {
 // K = H*W). The two are the same kernels with the roles of C and H*W swapped: the summed axis is a
 // row of contiguous vectors (space in NCHW, channels in channels_last) or a column of them (space
 // in channels_last, channels in NCHW). Short NCHW rows over space go through tiles. w (SCALED_MAX,
-// rows only): [N, summed length] weights, x * w pooled (CBAM: x * s over channels).
+// SCALED_DOT; rows only): [N, summed length] weights, x * w pooled (CBAM: x * s over channels).
+// pt (DOT_POS; columns only): [N, H*W] position terms, x * (dy * t + pc + [c == ai] qc) summed.
 template <typename T, int V, Job J>
 Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch& s, const at::Tensor& dy = at::Tensor(),
                                          const at::Tensor& mref = at::Tensor(),
-                                         const at::acc_type<T, true>* w = nullptr) {
+                                         const at::acc_type<T, true>* w = nullptr,
+                                         const Term<at::acc_type<T, true>, false>* pt = nullptr) {
   using acc_t = at::acc_type<T, true>;
   const bool space = over == Over::SPACE;
   const int64_t N = x.size(0), HWx = x.size(2) * x.size(3);
@@ -91,10 +93,11 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     if constexpr (scaled(J)) {  // (none compiled: see _pool_columns)
       TORCH_CHECK(false, "attnfused: the new kernels pool x * w along rows only");
     } else {
-      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pt, pl, pp);
     }
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
-    TORCH_CHECK(space && !scaled(J), "attnfused: the new kernels pool over channels only along whole vectors");
+    TORCH_CHECK(space && !scaled(J) && !positioned(J),
+                "attnfused: the new kernels pool over channels, and with weights or position terms, only along whole vectors");
     const TilePlan pl(N * C, HW, V, sms);
     alloc(N * C);
     pp.chunks = 1;
@@ -102,7 +105,7 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
     out.plan = "pool_tiles VEC=" + std::to_string(V) + " R=" + std::to_string(pl.R) + " P=" + std::to_string(pl.P) +
                " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
-    if constexpr (!scaled(J))  // (the weighted pool runs over channels only: no tiles compiled for it)
+    if constexpr (!scaled(J) && !positioned(J))  // (no tiles compiled for the weighted pools)
       _pool_tiles<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
@@ -110,15 +113,20 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     pp.chunks = pl.chunks;
     pp.n_stride = C * pl.chunks, pp.c_stride = pl.chunks, pp.k_stride = 1;
     launched("pool_rows", pl, pl.grid);
-    _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pl, pp);
+    if constexpr (positioned(J)) {  // (none compiled: see _pool_rows)
+      TORCH_CHECK(false, "attnfused: the new kernels pool with position terms down columns only");
+    } else {
+      _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pl, pp);
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 // The last pass over flat 16-byte vectors (V) in either layout (next_last.cuh): y = x * s[n, c],
-// or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too). A forward with a
-// residual (ct.res) takes the tail in the same pass.
+// or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too; DX_T, DX_ST
+// from per-position terms, channels_last only). A forward with a residual (ct.res) takes the tail
+// in the same pass.
 template <typename T, int V, Last P>
 std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
@@ -159,12 +167,16 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
   } else if constexpr (P == Last::SCALE_T || P == Last::SCALE_ST) {  // a map per position: whole rows only
     TORCH_CHECK(HW % V == 0, "attnfused: the new last pass scales by a map only rows of whole vectors");
     small ? go(ROWS{}, I32{}) : go(ROWS{}, I64{});
+  } else if constexpr (P == Last::DX_T || P == Last::DX_ST) {
+    TORCH_CHECK(false, "attnfused: the new spatial backward's last pass is channels_last only");
   } else {
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
   }
   const char* what = P == Last::SCALE      ? " | scale VEC="
                      : P == Last::SCALE_T  ? " | scale_t VEC="
                      : P == Last::SCALE_ST ? " | scale_st VEC="
+                     : P == Last::DX_T     ? " | dx_t VEC="
+                     : P == Last::DX_ST    ? " | dx_st VEC="
                                            : " | dx VEC=";
   return std::string(what) + std::to_string(V) + (ct.res ? " +residual" : "") + (ct.relu ? " +relu" : "") +
          (small ? " u32" : " i64") + " grid=" + std::to_string(grid);
@@ -206,6 +218,66 @@ void gate_forward(const ChannelWeights& cw, const ChannelArgs<acc_t>& g, Scratch
   }
   _channel_logits<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(out, S, N, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The gate again in a backward: f's inputs from the saved pooled vectors, f and the gate -> g.z, g.s.
+template <typename acc_t>
+void gate_again(const ChannelWeights& cw, const ChannelArgs<acc_t>& g, Scratch& s, int64_t N) {
+  _channel_inputs<acc_t><<<item_blocks(N * cw.C), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(N, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gate_forward(cw, g, s, N);
+}
+
+// Back through the gate and f over all samples (after gate_again), from the partials pp of
+// ds = sum over space of (the gate's output gradient) * x (and, SPLIT, the counts cnt they carry):
+// dlog, then the MLP as two products (dh = dlog w2, dv = dhp w1) or the conv's weight pieces, then
+// the dx pass's per-channel terms [N, C] (carved from s).
+template <typename acc_t, bool SPLIT>
+const Term<acc_t, SPLIT>* gate_backward(const ChannelWeights& cw, const ChannelArgs<acc_t>& g, Scratch& s,
+                                        const PoolPartials<acc_t>& pp, int* cnt, int64_t N) {
+  const int64_t C = cw.C, rows = N * cw.nv();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  _channel_dlog<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(pp, N, g, cnt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  acc_t* dvpart = nullptr;
+  int64_t S = 0;
+  if (cw.o.kind == Kind::MLP) {
+    acc_t* dhpart = s.f<acc_t>(cdiv(C, kSplitK) * N * cw.Cr);
+    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.dlog), g.w2t, dhpart, N, cw.Cr, C);
+    _hidden_grad<acc_t><<<item_blocks(N * cw.Cr), kThreads, 0, stream>>>(dhpart, S1, N, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // [C, Cr]: rows of the product's second operand (freed on return: the caching allocator keeps
+    // it from reuse until this stream's kernels are past it)
+    const at::Tensor w1t = cw.w1.t().contiguous();
+    dvpart = s.f<acc_t>(cdiv(cw.Cr, kSplitK) * rows * C);
+    S = rows_dot(static_cast<const acc_t*>(g.dhp), w1t.data_ptr<acc_t>(), dvpart, rows, C, cw.Cr);
+  } else {
+    _conv_dweight<acc_t><<<item_blocks(N * cw.k * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, j)
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  using Terms = Term<acc_t, SPLIT>;
+  auto* terms = static_cast<Terms*>(s.carve(N * C * int64_t(sizeof(Terms))));
+  _channel_terms<acc_t, SPLIT><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, cnt, terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return terms;
+}
+
+// The spatial half's backward over all samples, from the partials pp of ds = sum over channels of
+// dy * (the half's input): dlog (the gate again from the saved maps), the per-position terms
+// [N, H*W] of the dx pass (carved from s) and the conv's per-sample weight gradients (g.dwp).
+template <typename acc_t>
+const Term<acc_t, false>* spatial_gate_backward(const SpatialArgs<acc_t>& g, const PoolPartials<acc_t>& pp,
+                                                Scratch& s, int64_t N) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t items = N * g.HW;
+  _spatial_dlog<acc_t><<<item_blocks(items), kThreads, 0, stream>>>(pp, N, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto* terms = static_cast<Term<acc_t, false>*>(s.carve(items * int64_t(sizeof(Term<acc_t, false>))));
+  _spatial_terms<acc_t><<<item_blocks(items), kThreads, 0, stream>>>(N, g, terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  _spatial_dweight<acc_t><<<item_blocks(N * (g.M * g.k * g.k + 1) * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, o)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return terms;
 }
 
 // A forward's channel half: one pass over x pooling over space (streams x), the pooled vectors and
@@ -260,39 +332,14 @@ void channel_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Chann
   constexpr Last P = SPLIT ? Last::DX_SPLIT : Last::DX;
   Scratch s(x, scratch_block(x, x.size(0) * cw.nv() * cw.C));
   const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
-  const int64_t N = x.size(0), C = cw.C, rows = N * cw.nv();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t N = x.size(0), C = cw.C;
   // pass 1 (streams x and dy): sum over space of dy * x (and, SPLIT, the count of each channel's max)
   const at::Tensor mref = SPLIT ? pooled.select(1, 1).contiguous() : at::Tensor();
   const auto dot = pool_pass<T, V, SPLIT ? Job::DOT_COUNT : Job::DOT>(x, Over::SPACE, s, dy, mref);
   int* cnt = SPLIT ? s.i(N * C) : nullptr;
   std::string plan = dot.plan;
-  // the gate again, from the saved pooled vectors; then dlog
-  _channel_inputs<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(N, g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gate_forward(cw, g, s, N);
-  _channel_dlog<acc_t><<<item_blocks(N * C), kThreads, 0, stream>>>(dot.pp, N, g, cnt);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // back through f: the MLP as two products (dh = dlog w2, dv = dhp w1); the conv's weight pieces
-  acc_t* dvpart = nullptr;
-  int64_t S = 0;
-  at::Tensor w1t;
-  if (cw.o.kind == Kind::MLP) {
-    acc_t* dhpart = s.f<acc_t>(cdiv(C, kSplitK) * N * cw.Cr);
-    const int64_t S1 = rows_dot(static_cast<const acc_t*>(g.dlog), g.w2t, dhpart, N, cw.Cr, C);
-    _hidden_grad<acc_t><<<item_blocks(N * cw.Cr), kThreads, 0, stream>>>(dhpart, S1, N, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    w1t = cw.w1.t().contiguous();  // [C, Cr]: rows of the product's second operand
-    dvpart = s.f<acc_t>(cdiv(cw.Cr, kSplitK) * rows * C);
-    S = rows_dot(static_cast<const acc_t*>(g.dhp), w1t.data_ptr<acc_t>(), dvpart, rows, C, cw.Cr);
-  } else {
-    _conv_dweight<acc_t><<<item_blocks(N * cw.k * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, j)
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  using Terms = Term<acc_t, SPLIT>;
-  auto* terms = static_cast<Terms*>(s.carve(N * C * int64_t(sizeof(Terms))));
-  _channel_terms<acc_t, SPLIT><<<item_blocks(N * C), kThreads, 0, stream>>>(dvpart, S, N, g, cnt, terms);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gate_again(cw, g, s, N);
+  const auto* terms = gate_backward<acc_t, SPLIT>(cw, g, s, dot.pp, cnt, N);
   // pass 2 (streams dy, and x for SPLIT; writes dx)
   plan += scale<T, V, P>(dy, dx, ChannelTerms<acc_t, P>{nullptr, terms, x.data_ptr()});
   gw.g = cw.grads<acc_t>(g, gw.w1, gw.b1, gw.w2, gw.b2);
@@ -376,7 +423,81 @@ void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Spati
           scale<T, V, Last::SCALE_ST>(x, y, with_tail(ChannelTerms<acc_t, Last::SCALE_ST>{g.s, nullptr, nullptr, sp.t}, tail));
   if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
+
+// Spatial attention's backward (channels_last; tie rule "first"): sum_c dy * x (pass 1), the gate
+// again and back through it and the conv, then dx = dy * t + pc + [c == sargmax] qc (pass 2).
+template <typename T, int V>
+void spatial_backward_vec(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
+                          const at::Tensor& sargmax, at::Tensor& dx, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, std::vector<at::Tensor>& gw) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0), HW = x.size(2) * x.size(3);
+  Scratch s(x, scratch_block(x, N * HW));
+  const auto g = sw.args<acc_t>(s, smaps, sargmax, /*backward=*/true);
+  // pass 1 (streams dy and x): per (n, hw) partial sums over channels of dy * x
+  const auto dot = pool_pass<T, V, Job::DOT>(x, Over::CHANNELS, s, dy);
+  const auto* pt = spatial_gate_backward(g, dot.pp, s, N);
+  // pass 2 (streams dy, writes dx)
+  ChannelTerms<acc_t, Last::DX_T> ct{};
+  ct.pt = pt;
+  const std::string plan = dot.plan + scale<T, V, Last::DX_T>(dy, dx, ct);
+  gw = sw.grads<acc_t>(g, weight, bias);
+  if (debug()) std::fprintf(stderr, "attnfused next spatial_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+}
+
+// CBAM's backward (channels_last; tie rule "first"), x1 = x * s never stored:
+//   the channel gate again (s); pass 1 (dy, x): sum_c dy * x1 per position -> the spatial half's
+//   backward: its per-position terms and weight gradients; pass 2 (dy, x): sum_hw dx1 * x per
+//   channel, dx1 = dy * t + pc + [c == sargmax] qc -> the channel half's backward; pass 3 (dy):
+//   dx = dx1 * s + ph + [hw == argmax] qh.                                             5R + 1W
+template <typename T, int V>
+void cbam_backward_vec(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw,
+                       const at::Tensor& pooled, const at::Tensor& argmax, const at::Tensor& smaps,
+                       const at::Tensor& sargmax, at::Tensor& dx, WeightGrads& gc, const at::Tensor& sweight,
+                       const c10::optional<at::Tensor>& sbias, std::vector<at::Tensor>& gs) {
+  using acc_t = at::acc_type<T, true>;
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  Scratch s(x, scratch_block(x, N * (cw.nv() * C + HW)));
+  const auto g = cw.args<acc_t>(s, pooled, argmax, /*backward=*/true);
+  const auto sp = sw.args<acc_t>(s, smaps, sargmax, /*backward=*/true);
+  gate_again(cw, g, s, N);
+  // pass 1 (streams dy and x): per (n, hw) partial sums over channels of dy * (x * s)
+  const auto dot1 = pool_pass<T, V, Job::SCALED_DOT>(x, Over::CHANNELS, s, dy, at::Tensor(), g.s);
+  const auto* pt = spatial_gate_backward(sp, dot1.pp, s, N);
+  // pass 2 (streams dy and x): per (n, c) partial sums over space of dx1 * x
+  const auto dot2 = pool_pass<T, V, Job::DOT_POS>(x, Over::SPACE, s, dy, at::Tensor(), nullptr, pt);
+  const auto* terms = gate_backward<acc_t, false>(cw, g, s, dot2.pp, nullptr, N);
+  // pass 3 (streams dy, writes dx)
+  ChannelTerms<acc_t, Last::DX_ST> ct{};
+  ct.t = terms, ct.pt = pt;
+  const std::string plan = dot1.plan + " | " + dot2.plan + scale<T, V, Last::DX_ST>(dy, dx, ct);
+  gc.g = cw.grads<acc_t>(g, gc.w1, gc.b1, gc.w2, gc.b2);
+  gs = sw.grads<acc_t>(sp, sweight, sbias);
+  if (debug()) std::fprintf(stderr, "attnfused next cbam_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
+}
 }  // namespace
+
+bool spatial_backward(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
+                      const at::Tensor& sargmax, at::Tensor& dx, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, std::vector<at::Tensor>& gw) {
+  if (!is_channels_last(x) || !covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_backward", [&] {
+    spatial_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, sw, smaps, sargmax, dx, weight, bias, gw);
+  });
+  return true;
+}
+
+bool cbam_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw,
+                   const at::Tensor& pooled, const at::Tensor& argmax, const at::Tensor& smaps,
+                   const at::Tensor& sargmax, at::Tensor& dx, WeightGrads& gc, const at::Tensor& sweight,
+                   const c10::optional<at::Tensor>& sbias, std::vector<at::Tensor>& gs) {
+  if (!is_channels_last(x) || !covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
+  AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::cbam_backward", [&] {
+    cbam_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, cw, sw, pooled, argmax, smaps, sargmax, dx, gc, sweight,
+                                                       sbias, gs);
+  });
+  return true;
+}
 
 bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
                   at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,

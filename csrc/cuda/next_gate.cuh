@@ -99,6 +99,68 @@ __global__ void __launch_bounds__(kThreads) _spatial_gate(SpatialArgs<acc_t> g, 
   g.t[t] = gate_fwd(z, g.gate);
 }
 
+// ---------------------------------------------------------------------------- the spatial gate, backward
+// From the dot pass's partials over channels (sum_c dy * x, or of dy * x1 in CBAM) to the input
+// gradient's per-position terms and the per-sample pieces of the conv's weight gradient
+// (SpatialWeights::grads sums them over samples), over the whole batch.
+
+// One thread per (n, hw): ds = the partials summed in order; the conv and the gate again from the
+// saved maps -> z, t; dlog = ds * gate'(z).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _spatial_dlog(PoolPartials<acc_t> pp, int64_t N, SpatialArgs<acc_t> g) {
+  int64_t t, n, hw;
+  if (!item_of(N, g.HW, t, n, hw)) return;
+  int64_t o = pp.slot(n, hw, 0);
+  acc_t ds = pp.sum[o];
+  for (int64_t k = 1; k < pp.chunks; ++k) {
+    o += pp.k_stride;
+    ds += pp.sum[o];
+  }
+  const acc_t* mx = g.smaps + n * 2 * g.HW;
+  const acc_t z = small::spatial_conv_at(mx, mx + g.HW, g.maps, g.w, g.b, g.H, g.W, g.k, hw / g.W, hw % g.W);
+  g.z[t] = z;
+  g.t[t] = gate_fwd(z, g.gate);
+  g.dlog[t] = ds * gate_grad(z, g.gate);
+}
+
+// One thread per (n, hw): the transposed conv of dlog -> the maps' gradients, packed with t and the
+// channel of the max: Term{t, pc = dmean / C, qc = dmax, sargmax} (also pc and qc in g).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _spatial_terms(int64_t N, SpatialArgs<acc_t> g, Term<acc_t, false>* __restrict__ terms) {
+  int64_t t, n, hw;
+  if (!item_of(N, g.HW, t, n, hw)) return;
+  acc_t dmax, dmean;
+  small::spatial_dmaps_at(g.dlog + n * g.HW, g.w, g.maps, g.H, g.W, g.k, static_cast<int>(hw / g.W),
+                          static_cast<int>(hw % g.W), dmax, dmean);
+  g.pc[t] = dmean / acc_t(g.C);
+  g.qc[t] = dmax;
+  terms[t] = Term<acc_t, false>{g.t[t], g.pc[t], dmax, static_cast<int>(g.sargmax[t])};
+}
+
+// One warp per (n, o): the per-sample weight gradient dw[m, i, j] (o < M k k) = sum_hw dlog[hw]
+// map_m[hw + (i - p, j - p)], and (o = M k k) the bias's, sum_hw dlog[hw] -> g.dwp[n, o]; lanes
+// stride over hw, then a fixed butterfly (the validated kernels' order).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) _spatial_dweight(int64_t N, SpatialArgs<acc_t> g) {
+  const int kk = g.k * g.k, nw = g.M * kk + 1, p = (g.k - 1) / 2, lane = threadIdx.x % 32;
+  const int64_t w = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (w >= N * nw) return;  // whole warps leave together
+  const int64_t n = w / nw;
+  const int o = static_cast<int>(w - n * nw);
+  const acc_t* dlog = g.dlog + n * g.HW;
+  acc_t a = acc_t(0);
+  if (o < g.M * kk) {
+    const int m = o / kk, i = (o % kk) / g.k, j = o % g.k;
+    for (int hw = lane; hw < g.HW; hw += 32) a += dlog[hw] * conv_map(g, n, m, hw / g.W + i - p, hw % g.W + j - p);
+  } else {
+    for (int hw = lane; hw < g.HW; hw += 32) a += dlog[hw];
+  }
+  a = warp_sum(a);
+  if (lane == 0) g.dwp[w] = a;
+}
+
 constexpr int kRowsPerWarp = 8;  // rows of a (samples) and of b (weights) one warp multiplies at once
 constexpr int kSplitK = 256;     // k per split of a product: 8 trips of the lanes, few loads in a row
 
@@ -239,9 +301,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   g.hsum[t] = hs;
 }
-
-template <typename acc_t, bool SPLIT>
-struct Term;
 
 // One thread per (n, c): d loss / d v of each input (MLP: the splits of sum_j dhp[r, j] w1[j, c];
 // conv: the 1D conv's input gradient of dlog, the same for every input), folded by the pooling's

@@ -11,10 +11,12 @@ namespace next {
 // ---------------------------------------------------------------------------- the last pass
 // Forward: y = x * s[n, c] (SCALE), y = x * t[n, hw] (SCALE_T, spatial attention), or
 // y = x * (s[n, c] * t[n, hw]) (SCALE_ST, CBAM). Backward (reading dy in x's place):
-// dx = dy * s + ph + [hw == argmax] qh (tie rule "first"), or dx = dy * s + ph + (qh / count) *
-// [x == max] ("split": x streamed too). A forward with ADD then takes the block's tail in the same
-// pass: y + residual (streamed beside x), relu if ct.relu (a select: no branch).
-enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST };
+// dx = dy * s + ph + [hw == argmax] qh (DX, tie rule "first"), or dx = dy * s + ph + (qh / count) *
+// [x == max] (DX_SPLIT: x streamed too); spatial attention's dx = dy * t + pc + [c == sargmax] qc
+// (DX_T), CBAM's dx = (dy * t + pc + [c == sargmax] qc) * s + ph + [hw == argmax] qh (DX_ST; both
+// channels_last only). A forward with ADD then takes the block's tail in the same pass: y +
+// residual (streamed beside x), relu if ct.relu (a select: no branch).
+enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST, DX_T, DX_ST };
 
 // How a flat vector of x finds its channels' values.
 enum class ScaleRows {
@@ -24,21 +26,9 @@ enum class ScaleRows {
   ROWS   // NCHW, HW % VEC == 0: a vector within one row, its positions one vector of t (SCALE_T, SCALE_ST)
 };
 
-// The backward's per-channel values, one 16-byte load each (float; two for double): the gate s,
-// the input gradient's terms ph = davg / HW and qh = dmax, and the argmax (hw); or, SPLIT, q =
-// qh / count and the max mx.
-template <typename acc_t>
-struct alignas(16) Term<acc_t, false> {
-  acc_t s, ph, qh;
-  int ai;
-};
-template <typename acc_t>
-struct alignas(16) Term<acc_t, true> {
-  acc_t s, ph, q, mx;
-};
-
 // The per-channel values of the last pass, [N, C]: the gate (SCALE, SCALE_ST), or the terms; and
-// (SCALE_T, SCALE_ST) the per-position values t [N, HW]; and a forward's tail.
+// (SCALE_T, SCALE_ST) the per-position values t [N, HW], or (DX_T, DX_ST) the per-position terms;
+// and a forward's tail.
 template <typename acc_t, Last P>
 struct ChannelTerms {
   const acc_t* s;
@@ -47,6 +37,7 @@ struct ChannelTerms {
   const acc_t* pos;   // SCALE_T, SCALE_ST: t [N, HW]
   const void* res;    // the forward's tail (ADD): the residual, laid out as y; null: none
   bool relu;          // with ADD: relu after the add
+  const Term<acc_t, false>* pt;  // DX_T, DX_ST: [N, HW] Term{t, pc, qc, sargmax} per position
 };
 
 // The tail's relu: NaN stays NaN (as torch.relu)
@@ -70,9 +61,11 @@ __global__ void __launch_bounds__(kThreads)
     _scale(const T* __restrict__ x, T* __restrict__ y, ChannelTerms<at::acc_type<T, true>, P> ct, index_t nvec,
            index_t rows, index_t inner, index_t HW, Divider<index_t> div_row, Divider<index_t> div_sample, int tail) {
   using acc_t = at::acc_type<T, true>;
-  constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT, SPLIT = P == Last::DX_SPLIT;
+  constexpr bool PT = P == Last::DX_T || P == Last::DX_ST;  // the spatial half's backward
+  constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT || PT, SPLIT = P == Last::DX_SPLIT;
   constexpr bool POS = P == Last::SCALE_T || P == Last::SCALE_ST, CHS = P == Last::SCALE || P == Last::SCALE_ST;
   static_assert(!(ADD && BWD), "the tail is a forward's");
+  static_assert(!PT || MODE == ScaleRows::CL, "the spatial half's dx: channels_last only");
   const T* __restrict__ xs = static_cast<const T*>(ct.x);
   const T* __restrict__ rs = static_cast<const T*>(ct.res);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
@@ -83,7 +76,26 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (SPLIT) xe = load_vec<T, VEC>(xs + e);
     if constexpr (ADD) xe = load_vec<T, VEC>(rs + e);
     acc_t sv[VEC], add[VEC];
-    if constexpr (MODE == ScaleRows::CL && POS) {  // inner, div_row: C; q = n * HW + hw, t's index
+    if constexpr (PT) {  // CL; inner, div_row: C; div_sample: HW * C. One position's terms, VEC channels
+      index_t q, c0;
+      div_row.divmod(e, q, c0);
+      const auto pt = ct.pt[q];
+      if constexpr (P == Last::DX_ST) {  // dx1 = dy * t + pc + [c == sargmax] qc, then through s
+        index_t n, r;
+        div_sample.divmod(e, n, r);
+        const index_t at = n * inner + c0, hw = q - n * HW;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const auto ch = ct.t[at + k];
+          sv[k] = pt.s * ch.s;
+          add[k] = (pt.ph + max_share<acc_t, index_t>(pt, c0 + k, acc_t(0))) * ch.s + ch.ph +
+                   max_share<acc_t, index_t>(ch, hw, acc_t(0));
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sv[k] = pt.s, add[k] = pt.ph + max_share<acc_t, index_t>(pt, c0 + k, acc_t(0));
+      }
+    } else if constexpr (MODE == ScaleRows::CL && POS) {  // inner, div_row: C; q = n * HW + hw, t's index
       index_t q, c0;
       div_row.divmod(e, q, c0);
       const acc_t tv = ct.pos[q];  // one position's VEC channels
@@ -155,24 +167,26 @@ __global__ void __launch_bounds__(kThreads)
     }
     *reinterpret_cast<Vec<T, VEC>*>(y + e) = yv;
   }
-  if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
-    const index_t e = nvec * VEC + threadIdx.x;
-    index_t row, hw;
-    div_row.divmod(e, row, hw);
-    acc_t out;
-    if constexpr (POS) {  // (CL and ROWS, the modes with a map, have no tail: tail is 0)
-      index_t n, c;
-      div_sample.divmod(row, n, c);
-      out = static_cast<acc_t>(x[e]) * ((CHS ? ct.s[row] : acc_t(1)) * ct.pos[n * HW + hw]);
-    } else if constexpr (BWD) {
-      const auto t = ct.t[row];
-      out = static_cast<acc_t>(x[e]) * t.s + t.ph +
-            max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xs[e]) : acc_t(0));
-    } else {
-      out = static_cast<acc_t>(x[e]) * ct.s[row];
+  if constexpr (!PT) {  // (PT runs in channels_last only, whose tail is 0)
+    if (blockIdx.x == 0 && threadIdx.x < tail) {  // WIDE: x's last elements, past its last whole vector
+      const index_t e = nvec * VEC + threadIdx.x;
+      index_t row, hw;
+      div_row.divmod(e, row, hw);
+      acc_t out;
+      if constexpr (POS) {  // (CL and ROWS, the modes with a map, have no tail: tail is 0)
+        index_t n, c;
+        div_sample.divmod(row, n, c);
+        out = static_cast<acc_t>(x[e]) * ((CHS ? ct.s[row] : acc_t(1)) * ct.pos[n * HW + hw]);
+      } else if constexpr (BWD) {
+        const auto t = ct.t[row];
+        out = static_cast<acc_t>(x[e]) * t.s + t.ph +
+              max_share<acc_t, index_t>(t, hw, SPLIT ? static_cast<acc_t>(xs[e]) : acc_t(0));
+      } else {
+        out = static_cast<acc_t>(x[e]) * ct.s[row];
+      }
+      if constexpr (ADD) out = relu_if(out + static_cast<acc_t>(rs[e]), ct.relu);
+      y[e] = static_cast<T>(out);
     }
-    if constexpr (ADD) out = relu_if(out + static_cast<acc_t>(rs[e]), ct.relu);
-    y[e] = static_cast<T>(out);
   }
 }
 

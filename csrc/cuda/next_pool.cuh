@@ -40,11 +40,31 @@ enum class Job {
   DOT_COUNT,   // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
   SCALED_MAX,  // the sum, max and argmax of x * w, w [N, L] per element of the summed axis (CBAM's
                // x1 = x * s pooled over channels; the product in acc_t, unrounded)
+  SCALED_DOT,  // the sum of dy * (x * w), w as for SCALED_MAX (CBAM's backward: sum_c dy * x1; rows only)
+  DOT_POS,     // the sum of x * (dy * t + pc + [c == ai] qc), one Term (t, pc, qc, ai) per position
+               // (CBAM's backward: sum_hw dx1 * x, dx1 the spatial half's input gradient; columns only)
 };
 constexpr bool maxed(Job j) { return j == Job::SUM_MAX || j == Job::SCALED_MAX; }
-constexpr bool scaled(Job j) { return j == Job::SCALED_MAX; }
-constexpr bool dotted(Job j) { return j == Job::DOT || j == Job::DOT_COUNT; }
+constexpr bool scaled(Job j) { return j == Job::SCALED_MAX || j == Job::SCALED_DOT; }
+constexpr bool dotted(Job j) { return j == Job::DOT || j == Job::DOT_COUNT || j == Job::SCALED_DOT || j == Job::DOT_POS; }
 constexpr bool counted(Job j) { return j == Job::DOT_COUNT; }
+constexpr bool positioned(Job j) { return j == Job::DOT_POS; }
+
+// Per-channel (or per-position) values of a backward, one 16-byte load each (float; two for
+// double): the channel gate s, the input gradient's terms ph = davg / HW and qh = dmax, and the
+// argmax (hw); or, SPLIT, q = qh / count and the max mx. Per position (the spatial half): t, pc =
+// dmean / C, qc = dmax and the channel of the max.
+template <typename acc_t, bool SPLIT>
+struct Term;
+template <typename acc_t>
+struct alignas(16) Term<acc_t, false> {
+  acc_t s, ph, qh;
+  int ai;
+};
+template <typename acc_t>
+struct alignas(16) Term<acc_t, true> {
+  acc_t s, ph, q, mx;
+};
 
 template <Job J>
 constexpr int pool_loads() {
@@ -154,6 +174,21 @@ struct Slots {
       if (counted(J)) mi[v] += e == mref[v];
     }
   }
+  // dy * (x * w), one weight per slot (SCALED_DOT: x * w as the forward's SCALED_MAX took it)
+  __device__ __forceinline__ void take_dot_scaled(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv,
+                                                  const Vec<acc_t, VEC>& wv) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sum[v] += static_cast<acc_t>(dv.v[v]) * (static_cast<acc_t>(xv.v[v]) * wv.v[v]);
+  }
+  // x * (dy * t + pc + [c == ai] qc) (DOT_POS): pt the row's position terms, slot v channel c0 + v
+  __device__ __forceinline__ void take_dot_pos(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv,
+                                               const Term<acc_t, false>& pt, int c0) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t d = static_cast<acc_t>(dv.v[v]) * pt.s + pt.ph + (c0 + v == pt.ai ? pt.qh : acc_t(0));
+      sum[v] += d * static_cast<acc_t>(xv.v[v]);
+    }
+  }
 };
 
 // VEC weights w[at..] (at a multiple of VEC, w aligned to VEC of them): one or two 16-byte loads
@@ -179,14 +214,15 @@ __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv
 // channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
 // over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
 // kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
-// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null. No
-// weighted pool (SCALED_MAX) here: its weights and products need more than 64 registers with two
-// loads in flight (ptxas issued the second after the first one's use), so NCHW CBAM stays on
-// today's kernels.
+// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null; pt:
+// [N, HW] the positions' terms (DOT_POS), else null. No weighted pool (SCALED_MAX) here: its
+// weights and products need more than 64 registers with two loads in flight (ptxas issued the
+// second after the first one's use), so NCHW CBAM stays on today's kernels.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
-                  ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+                  const Term<at::acc_type<T, true>, false>* __restrict__ pt, ColumnPlan pl,
+                  PoolPartials<at::acc_type<T, true>> out) {
   static_assert(!scaled(J), "the weighted pool runs along rows only");
   constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
   using acc_t = at::acc_type<T, true>;
@@ -215,10 +251,19 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) at[u] = p + u * pl.C;
       load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
-      for (int u = 0; u < L; ++u) DOT ? sl.take_dot(xv[u], dv[u], mr) : sl.take(xv[u], r + u);
+      for (int u = 0; u < L; ++u) {
+        if constexpr (positioned(J))
+          sl.take_dot_pos(xv[u], dv[u], pt[n * pl.HW + r + u], static_cast<int>(cv * VEC));
+        else if constexpr (DOT)
+          sl.take_dot(xv[u], dv[u], mr);
+        else
+          sl.take(xv[u], r + u);
+      }
     }
     for (; r < r1; ++r, p += pl.C) {
-      if constexpr (DOT)
+      if constexpr (positioned(J))
+        sl.take_dot_pos(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), pt[n * pl.HW + r], static_cast<int>(cv * VEC));
+      else if constexpr (DOT)
         sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), mr);
       else
         sl.take(load_vec<T, VEC>(p), r);
@@ -257,11 +302,12 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
 // maxima) over a piece of each row (RowPlan). A thread keeps one sum and max per vector slot v
 // (hw = 16-byte vector start + v), visiting its vectors in order, kLoads at a time; slots are
 // merged, then the row's TX lanes by a butterfly. w: [N, HW] a weight per element of a row
-// (SCALED_MAX), else null.
+// (SCALED_MAX, SCALED_DOT), else null.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                const at::acc_type<T, true>* __restrict__ w, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!positioned(J), "the pool with position terms runs down columns only");
   constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
@@ -292,7 +338,9 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       load_pair<L, DOT>(xv, dv, at, x, dy);
 #pragma unroll
       for (int u = 0; u < L; ++u) {
-        if constexpr (DOT)
+        if constexpr (DOT && scaled(J))
+          sl.take_dot_scaled(xv[u], dv[u], weights<VEC>(w, n * pl.HW + (i + u * pl.TX) * VEC));
+        else if constexpr (DOT)
           sl.take_dot(xv[u], dv[u], mr);
         else if constexpr (scaled(J))
           sl.take(xv[u], (i + u * pl.TX) * VEC, weights<VEC>(w, n * pl.HW + (i + u * pl.TX) * VEC));
@@ -302,7 +350,9 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     }
     for (; i < v1; i += pl.TX) {
       const T* at = row + i * VEC;
-      if constexpr (DOT)
+      if constexpr (DOT && scaled(J))
+        sl.take_dot_scaled(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)), weights<VEC>(w, n * pl.HW + i * VEC));
+      else if constexpr (DOT)
         sl.take_dot(load_vec<T, VEC>(at), load_vec<T, VEC>(dy + (at - x)), mr);
       else if constexpr (scaled(J))
         sl.take(load_vec<T, VEC>(at), i * VEC, weights<VEC>(w, n * pl.HW + i * VEC));
@@ -338,6 +388,7 @@ template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_tiles(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                 TilePlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(!scaled(J) && !positioned(J), "no weights or position terms in tiles");
   constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   constexpr int kTiles = DOT ? 2 : 1;  // x's tile, then dy's

@@ -54,6 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_backward_cuda(
   auto smaps = smaps_.contiguous(), sargmax = sargmax_.contiguous();
   auto gx = at::empty_like(x);
   std::vector<at::Tensor> gw;
+  if (next::enabled() && next::spatial_backward(grad_y, x, sw, smaps, sargmax, gx, weight, bias, gw))
+    return {gx, gw[0], gw[1]};
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "spatial_attention_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     Scratch s(x);
