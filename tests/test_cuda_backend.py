@@ -166,6 +166,27 @@ def test_bit_identical_twice(case, dtype, lay, path):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+@pytest.mark.parametrize("case", [CHANNEL_CASES[4], SPATIAL_CASES[0], SPATIAL_CASES[5], CBAM_CASES[2], CBAM_CASES[8]],
+                         ids=str)
+def test_next_path_runs(case, dtype, monkeypatch, capfd):
+    """Where the new kernels cover the inputs (channels_last, C a whole number of 16-byte vectors,
+    tie rule "first"), both directions run them, not the validated kernels they fall back to
+    elsewhere: each call's plan is printed under $ATTNFUSED_CUDA_DEBUG=1. And their results match
+    the float64 oracle (the parity tests compare the values; this one proves which kernels made them)."""
+    monkeypatch.setenv("ATTNFUSED_CUDA_KERNELS", "next")
+    monkeypatch.setenv("ATTNFUSED_CUDA_DEBUG", "1")
+    x = layout(rand(4, 64, 14, 14, dtype=dtype, device="cuda"), "channels_last")
+    w = {k: None if v is None else v.float().cuda() for k, v in case.weights(64).items()}
+    capfd.readouterr()
+    _train_step(case, x, w, layout(rand(4, 64, 14, 14, dtype=dtype, device="cuda"), "channels_last"))
+    err = capfd.readouterr().err
+    for direction in ("forward", "backward"):
+        assert f"attnfused next {case.op}_{direction} " in err, err
+    _check(case, (4, 64, 14, 14), dtype, "channels_last")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.float64), ids=str)
 @pytest.mark.parametrize("kind", ("grid", "zeros", "bf16", "nan"))

@@ -11,6 +11,7 @@
 //               d loss / d s; the last block runs the channel backward;
 //             pass 3 reads dy, writes dx = (dy t + dmean / C + [c == sargmax] dmax) s
 //               + davg / HW + [hw == argmax] dmax_c.                                     (5R + 1W)
+// The new path (next.cuh, $ATTNFUSED_CUDA_KERNELS=next) runs first where it covers x.
 #include "args.cuh"
 #include "next.cuh"
 #include "onchip.cuh"
