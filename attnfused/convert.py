@@ -15,8 +15,9 @@ module, shared the same way.
 
 Residual blocks (timm's ResNet `Bottleneck` and `BasicBlock`, torchvision's `Bottleneck` with the
 attention after bn3) whose attention was converted also get the block's tail, `relu(out + shortcut)`,
-computed in the attention's output pass (`fuse_tail`, `attnfused.residual`): the report has an entry
-for each such block too.
+computed in the attention's output pass (`fuse_tail`, `attnfused.residual`), and the eval-mode
+BatchNorm before the attention read by the attention's passes: the report has an entry for each such
+block too.
 
 timm and torchvision are not dependencies: their classes are looked up only when the package
 has already been imported (a model made of their modules has imported it).
@@ -55,6 +56,7 @@ class ConvertEntry:
     reason: str = ""  # why it was left in place
     tie: Optional[str] = None  # the fused module's max-gradient rule ("first", "split"; None: no max)
     tail: bool = False  # an entry of a residual block (fuse_tail), not of an attention module
+    fuses: str = ""  # a residual block's entry: what its new forward fuses (the tail; its BatchNorm)
 
     @property
     def converted(self) -> bool:
@@ -64,7 +66,8 @@ class ConvertEntry:
         where = self.path or "<model>"
         if self.converted:
             rule = f" (max gradient: {_TIE_WORDS[self.tie]})" if self.tie else ""
-            return f"{where}: {self.type} -> {self.replaced_by}{rule}"
+            fuses = f" ({self.fuses})" if self.fuses else ""
+            return f"{where}: {self.type} -> {self.replaced_by}{rule}{fuses}"
         return f"{where}: {self.type} left in place: {self.reason}"
 
 
@@ -341,7 +344,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         fuse_tail: residual blocks whose attention was converted (timm's ResNet `Bottleneck` and
             `BasicBlock`, torchvision's `Bottleneck` with the attention after bn3) hand their
             `relu(out + shortcut)` to the fused module, which computes it in the pass that writes its
-            output (`attnfused.residual`); the report lists each such block, and why one was not.
+            output (`attnfused.residual`), and while the BatchNorm before the attention (bn3, bn2) is
+            in eval mode they hand its affine to the fused module as its prologue (`in_scale`,
+            `in_shift`: the BatchNorm needs no pass of its own); the report lists each such block,
+            and why one was not.
 
     Returns:
         the converted model, or `(model, entries)` when `report` is true.
@@ -402,7 +408,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
 
     model = visit(model, "")
     if fuse_tail:
-        for path, cls, new, why in residual.fuse_tail(model):
+        for path, cls, new, why, fuses in residual.fuse_tail(model):
             entries.append(ConvertEntry(path, _qualname(cls), new, f"tail not fused: {why}" if why else "",
-                                        tail=True))
+                                        tail=True, fuses=fuses))
     return (model, entries) if report else model

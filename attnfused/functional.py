@@ -62,6 +62,26 @@ def _tail_args(x: Tensor, residual, activation) -> tuple[Tensor | None, str]:
     return ops.same_strides_as(residual, x), activation
 
 
+def _prologue_args(x: Tensor, in_scale, in_shift) -> tuple[Tensor | None, Tensor | None]:
+    """(in_scale, in_shift) as the ops take them (contiguous, in the accumulation dtype; gradients flow
+    back through the conversion), or (None, None), after checking both: given together, each of
+    shape (C,) on x's device, any floating dtype."""
+    if in_scale is None and in_shift is None:
+        return None, None
+    for name, t, other in (("in_scale", in_scale, "in_shift"), ("in_shift", in_shift, "in_scale")):
+        if t is None:
+            raise ValueError(f"{name} must be given with {other} (the input's per-channel affine), got None")
+        _checks.check_weight(name, t, x, (x.shape[1],))
+    acc = R.acc_dtype(x.dtype)
+    return in_scale.to(acc).contiguous(), in_shift.to(acc).contiguous()
+
+
+def unfused_prologue(x: Tensor, in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
+    """The prologue as plain PyTorch ops (`x * in_scale + in_shift` per channel, rounded to x's dtype):
+    where a fused module runs its original's forward."""
+    return R.prologue(x, in_scale, in_shift)
+
+
 def unfused_tail(y: Tensor, residual: Tensor | None = None, activation: str | None = None) -> Tensor:
     """The tail as plain PyTorch ops after an output computed without it (`activation(y + residual)`):
     where a fused module runs its original's forward (torch.onnx.export, compile_as="original")."""
@@ -115,62 +135,74 @@ def channel_attention(x: Tensor, w1: Tensor, b1: Tensor | None = None, w2: Tenso
                       b2: Tensor | None = None, *, kind: str = "mlp", pool: str = "avg", act: str = "relu",
                       gate: str = "sigmoid", padding: str = "zeros", tie: str = "first",
                       residual: Tensor | None = None, activation: str | None = None,
+                      in_scale: Tensor | None = None, in_shift: Tensor | None = None,
                       backend: str = "auto") -> Tensor:
     """`activation(x * gate(f(pool(x))) + residual)`: f is the MLP `w2 @ act(w1 @ v + b1) + b2`
     (kind "mlp") or the 1D conv of weight `w1` (1, 1, k) along channels (kind "conv"). `tie`: where
     the gradient of the max pool goes among equal elements, "first" (one, as `AdaptiveMaxPool2d`) or
     "split" (evenly, as `amax`). The tail (a residual block's `relu(out + shortcut)`) is optional:
     `residual` None or a tensor of x's shape and dtype, `activation` None or "relu"; it runs in the
-    pass that writes the output."""
+    pass that writes the output. The prologue is optional too: with `in_scale` and `in_shift` (C,)
+    the block reads `x * in_scale[c] + in_shift[c]` (rounded to x's dtype) in x's place, so that an
+    eval-mode BatchNorm before the block needs no pass of its own."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     if pool == "avg":  # no max: one rule, the one every backend computes itself
         tie = "first"
     if onnx_exporting():  # the exported graph is the reference math: standard operators
         _tail_args(x, residual, activation)
+        _prologue_args(x, in_scale, in_shift)
         return R.channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate,
-                                   padding=padding, tie=tie, residual=residual, activation=activation)
+                                   padding=padding, tie=tie, residual=residual, activation=activation,
+                                   in_scale=in_scale, in_shift=in_shift)
     x = native_layout(x)
     residual, activation = _tail_args(x, residual, activation)
     return ops.call(ops.channel_attention, x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual,
-                    activation, backends.resolve(backend, x))[0]
+                    activation, *_prologue_args(x, in_scale, in_shift), backends.resolve(backend, x))[0]
 
 
 def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, maps: str = "max_mean",
                       gate: str = "sigmoid", tie: str = "first", residual: Tensor | None = None,
-                      activation: str | None = None, backend: str = "auto") -> Tensor:
+                      activation: str | None = None, in_scale: Tensor | None = None,
+                      in_shift: Tensor | None = None, backend: str = "auto") -> Tensor:
     """`activation(x * gate(conv2d(maps(x), weight, bias))[n, h, w] + residual)` with a k x k conv,
-    padding (k-1)//2; `tie` and the tail as in `channel_attention`, for the max over channels."""
+    padding (k-1)//2; `tie`, the tail and the prologue as in `channel_attention`, for the max over
+    channels."""
     _checks.check_input(x)
     _spatial_args(x, weight, bias, maps, gate, tie)
     if onnx_exporting():
         _tail_args(x, residual, activation)
+        _prologue_args(x, in_scale, in_shift)
         return R.spatial_attention(x, weight, bias, maps=maps, gate_kind=gate, tie=tie, residual=residual,
-                                   activation=activation)
+                                   activation=activation, in_scale=in_scale, in_shift=in_shift)
     x = native_layout(x)
     residual, activation = _tail_args(x, residual, activation)
     return ops.call(ops.spatial_attention, x, weight, bias, maps, gate, tie, residual, activation,
-                    backends.resolve(backend, x))[0]
+                    *_prologue_args(x, in_scale, in_shift), backends.resolve(backend, x))[0]
 
 
 def cbam(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor | None, b2: Tensor | None,
          spatial_weight: Tensor, spatial_bias: Tensor | None = None, *, kind: str = "mlp",
          pool: str = "avg+max", act: str = "relu", gate: str = "sigmoid", padding: str = "zeros",
          maps: str = "max_mean", spatial_gate: str = "sigmoid", tie: str = "first",
-         residual: Tensor | None = None, activation: str | None = None, backend: str = "auto") -> Tensor:
+         residual: Tensor | None = None, activation: str | None = None, in_scale: Tensor | None = None,
+         in_shift: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Channel attention then spatial attention, fused: the channel-scaled tensor is never stored.
-    `tie` (as in `channel_attention`) rules both maxima; the tail as in `channel_attention`."""
+    `tie` (as in `channel_attention`) rules both maxima; the tail and the prologue as in
+    `channel_attention`."""
     _channel_args(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie)
     _spatial_args(x, spatial_weight, spatial_bias, maps, spatial_gate, tie, "spatial_weight", "spatial_bias",
                   "spatial_gate")
     if onnx_exporting():
         _tail_args(x, residual, activation)
+        _prologue_args(x, in_scale, in_shift)
         return R.cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind=kind, pool=pool, act=act, gate_kind=gate,
                       padding=padding, maps=maps, spatial_gate=spatial_gate, tie=tie, residual=residual,
-                      activation=activation)
+                      activation=activation, in_scale=in_scale, in_shift=in_shift)
     x = native_layout(x)
     residual, activation = _tail_args(x, residual, activation)
     return ops.call(ops.cbam, x, w1, b1, w2, b2, spatial_weight, spatial_bias, kind, pool, act, gate, padding,
-                    maps, spatial_gate, tie, residual, activation, backends.resolve(backend, x))[0]
+                    maps, spatial_gate, tie, residual, activation, *_prologue_args(x, in_scale, in_shift),
+                    backends.resolve(backend, x))[0]
 
 
 def spatial_pool(x: Tensor, *, tie: str = "first", backend: str = "auto") -> Tensor:

@@ -3,7 +3,8 @@
 
 Every fused block's forward also takes the tail of a residual block, `block(x, residual=shortcut,
 activation="relu")` = `relu(block(x) + shortcut)`, computed in the pass that writes the output
-(`attnfused.functional.channel_attention`).
+(`attnfused.functional.channel_attention`), and the prologue, `block(x, in_scale=, in_shift=)` =
+`block(x * in_scale[c] + in_shift[c])`, an eval-mode BatchNorm before the block read in x's place.
 """
 from __future__ import annotations
 
@@ -72,12 +73,13 @@ class SEBlock(_FusedMixin, ref.SEBlock):
     def max_tie(self):
         return None if self.mode == "avg" else "first"
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
                                    kind="mlp", pool=self.mode, residual=residual, activation=activation,
+                                   in_scale=in_scale, in_shift=in_shift,
                                    backend=self.backend)
 
 
@@ -88,12 +90,13 @@ class ECABlock(_FusedMixin, ref.ECABlock):
         super().__init__(channels, gamma, b)
         self._set_backend(backend)
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg", residual=residual,
-                                   activation=activation, backend=self.backend)
+                                   activation=activation, in_scale=in_scale, in_shift=in_shift,
+                                   backend=self.backend)
 
 
 class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
@@ -101,12 +104,13 @@ class ChannelAttentionFC(_FusedMixin, ref.ChannelAttentionFC):
         super().__init__(channels, ratio)
         self._set_backend(backend)
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.fc_layers[0].weight, None, self.fc_layers[2].weight, None,
                                    kind="mlp", pool="avg+max", residual=residual, activation=activation,
+                                   in_scale=in_scale, in_shift=in_shift,
                                    backend=self.backend)
 
 
@@ -115,12 +119,13 @@ class ChannelAttentionConv(_FusedMixin, ref.ChannelAttentionConv):
         super().__init__(channels, gamma, b)
         self._set_backend(backend)
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         _checks.check_input(x, self.channels)
         return F.channel_attention(x, self.conv.weight, kind="conv", pool="avg+max", residual=residual,
-                                   activation=activation, backend=self.backend)
+                                   activation=activation, in_scale=in_scale, in_shift=in_shift,
+                                   backend=self.backend)
 
 
 class SpatialAttention(_FusedMixin, ref.SpatialAttention):
@@ -128,11 +133,12 @@ class SpatialAttention(_FusedMixin, ref.SpatialAttention):
         super().__init__(k)
         self._set_backend(backend)
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         _checks.check_input(x)
         return F.spatial_attention(x, self.conv.weight, maps="max_mean", residual=residual, activation=activation,
+                                   in_scale=in_scale, in_shift=in_shift,
                                    backend=self.backend)
 
 
@@ -151,9 +157,9 @@ class CBAMBlock(_FusedMixin, ref.CBAMBlock):
         return (f"channel_attention_mode={self.channel_attention_mode!r}, backend={self.backend!r}"
                 + _compile_as_repr(self))
 
-    def forward(self, x, residual=None, activation=None):
+    def forward(self, x, residual=None, activation=None, in_scale=None, in_shift=None):
         if compiles_original(self):  # (its children are fused modules: set_compile_as sets them alike)
-            return F.unfused_tail(super().forward(x), residual, activation)
+            return F.unfused_tail(super().forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
         ch = self.channel_attention_block
         _checks.check_input(x, ch.channels)
         if self.channel_attention_mode == "FC":
@@ -161,4 +167,5 @@ class CBAMBlock(_FusedMixin, ref.CBAMBlock):
         else:
             w1, w2, kind = ch.conv.weight, None, "conv"
         return F.cbam(x, w1, None, w2, None, self.spatial_attention_block.conv.weight, kind=kind,
-                      pool="avg+max", maps="max_mean", residual=residual, activation=activation, backend=self.backend)
+                      pool="avg+max", maps="max_mean", residual=residual, activation=activation, in_scale=in_scale,
+                      in_shift=in_shift, backend=self.backend)

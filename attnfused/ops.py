@@ -5,22 +5,31 @@ Every op takes `backend` (a concrete name; `attnfused.functional` resolves "auto
 runs that backend's kernel from the registry. Option arguments are the strings listed
 in `attnfused._options`. Contracts (acc = float32, float64 for float64 x):
 
-- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding, tie, residual?, activation)`
+- `channel_attention(x, w1, b1?, w2?, b2?, kind, pool, act, gate, padding, tie, residual?, activation,
+  in_scale?, in_shift?)`
   -> `(y, pooled [N,2,C] acc = (avg, max), argmax [N,C] int64 = flat h*W+w of the first max,
   hidden)`. For pool "avg" nothing reads the max: pooled[:, 1] and argmax are zeros (not computed).
   kind "mlp": w1 [Cr,C], b1 [Cr]?, w2 [C,Cr], b2 [C]?; kind "conv": w1 [1,1,k], others None.
   `hidden`: kind "mlp": [N, P*Cr] acc = each sample's first-layer pre-activations, P rows of Cr
   (P = 2 for pool "avg+max", else 1); kind "conv": an empty tensor (`hidden_shape`). Every backend
   returns it; a backward may read it or recompute it from `pooled`.
-- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie, residual?, activation)`
+- `spatial_attention(x, weight [1,M,k,k], bias [1]?, maps, gate, tie, residual?, activation, in_scale?,
+  in_shift?)`
   -> `(y, smaps [N,2,H,W] acc = (max, mean) over C, sargmax [N,H,W] int64 = channel of the max)`.
 - `cbam(x, w1, b1?, w2?, b2?, sweight, sbias?, kind, pool, act, gate, padding, maps, sgate, tie, residual?,
-  activation)` -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps taken of x1 = x * s.
+  activation, in_scale?, in_shift?)` -> `(y, pooled, argmax, smaps, sargmax, hidden)`, the spatial maps
+  taken of x1 = x * s.
 - The forward ops' tail: `y = activation(attention(x) + residual)`, computed in the pass that writes y
   (`residual` None or x's shape, dtype and strides; `activation` "none" or "relu",
   `attnfused._options.TAIL_ACTIVATIONS`). The backward ops know nothing of it: the autograd formula
   turns y's gradient into the residual's, `dy * (y > 0)` for "relu" (one pass, from the saved output
   y; never the residual), and passes that to the backward op as its `grad_y`.
+- The forward ops' prologue: with `in_scale` and `in_shift` ([C], the accumulation dtype, contiguous;
+  both or neither) the op reads `x' = x * in_scale[c] + in_shift[c]` (an eval-mode BatchNorm's output,
+  rounded to x's dtype as the BatchNorm rounds it: `reference.functional.prologue`) wherever it reads
+  x, and its saved outputs are x''s. The backward ops know nothing of it either: the autograd formula
+  forms x' again from the saved x (one pass), runs the backward op on it, and turns x''s gradient g
+  into x's (`g * in_scale`), in_scale's (`sum g * x`) and in_shift's (`sum g`).
 - `spatial_pool(x, tie)` -> `(smaps, sargmax)` and `spatial_scale(x, t [N,H,W], residual?, activation)` ->
   `x * t` (then the tail): the two halves of spatial attention for when ordinary ops run between them
   (BatchNorm in training).
@@ -54,6 +63,7 @@ from torch.autograd import forward_ad as _fwAD
 from . import backends
 from ._options import pool_inputs
 from .reference.functional import acc_dtype  # the one accumulation-dtype rule
+from .reference.functional import prologue as _prologue
 
 _LIB = "attnfused"
 
@@ -262,8 +272,35 @@ def _tail_backward(ctx, grad_y: Tensor, y: Optional[Tensor], x: Tensor) -> Tenso
 
 
 def _tail_grads(ctx, grad: Tensor) -> tuple:
-    """The gradients of the forward op's last inputs (residual, activation, backend)."""
-    return (grad if ctx.has_residual else None, None, None)
+    """The gradients of the tail's inputs (residual, activation)."""
+    return (grad if ctx.has_residual else None, None)
+
+
+# ----------------------------------------------------------------------------- the prologue's autograd
+
+def _prologue_setup(ctx, in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> tuple:
+    """Notes which of the prologue's inputs want a gradient; returns them, to be saved."""
+    ctx.prologue_grads = (in_scale is not None and in_scale.requires_grad,
+                          in_shift is not None and in_shift.requires_grad)
+    return in_scale, in_shift
+
+
+def _prologue_input(x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> Tensor:
+    """What the forward kernels read: x' = x * in_scale + in_shift (rounded to x's dtype, laid out
+    like x), or x itself."""
+    return x if in_scale is None else same_strides_as(_prologue(x, in_scale, in_shift), x)
+
+
+def _prologue_grads(ctx, grad: Tensor, x: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor]) -> tuple:
+    """x''s gradient `grad` back through the prologue: the gradients of x, in_scale and in_shift (sums
+    over N, H and W in the accumulation dtype; None where not wanted)."""
+    if in_scale is None:
+        return grad, None, None
+    g = grad.to(_acc(x))
+    want_scale, want_shift = ctx.prologue_grads
+    g_scale = (g * x.to(g.dtype)).sum((0, 2, 3)).to(in_scale.dtype) if want_scale else None
+    g_shift = g.sum((0, 2, 3)).to(in_shift.dtype) if want_shift else None
+    return same_strides_as((g * in_scale.to(g.dtype)[:, None, None]).to(x.dtype), x), g_scale, g_shift
 
 
 # ----------------------------------------------------------------------------- channel attention
@@ -271,9 +308,10 @@ def _tail_grads(ctx, grad: Tensor) -> tuple:
 @torch.library.custom_op(f"{_LIB}::channel_attention", mutates_args=())
 def channel_attention(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
                       kind: str, pool: str, act: str, gate: str, padding: str, tie: str, residual: Optional[Tensor],
-                      activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      activation: str, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(_forward_kernel(backend, "channel_attention", x, w1, b1, w2, b2, kind, pool, act, gate, padding,
-                                 tie, residual, activation))
+                                 tie, residual, activation, in_scale, in_shift))
 
 
 def _channel_saved_fake(x, w1, kind, pool):
@@ -283,7 +321,7 @@ def _channel_saved_fake(x, w1, kind, pool):
 
 
 @channel_attention.register_fake
-def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation, backend):
+def _(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation, in_scale, in_shift, backend):
     return (torch.empty_like(x), *_channel_saved_fake(x, w1, kind, pool))
 
 
@@ -303,18 +341,20 @@ def _(grad_y, x, pooled, argmax, hidden, w1, b1, w2, b2, kind, pool, act, gate, 
 
 
 def _channel_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, *opts, residual, activation, ctx.backend = inputs
+    x, w1, b1, w2, b2, *opts, residual, activation, in_scale, in_shift, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, *output[1:4], w1, b1, w2, b2, _tail_setup(ctx, residual, activation, output[0]))
+    ctx.save_for_backward(x, *output[1:4], w1, b1, w2, b2, _tail_setup(ctx, residual, activation, output[0]),
+                          *_prologue_setup(ctx, in_scale, in_shift))
 
 
 def _channel_backward(ctx, grad_y, *_saved_grads):
-    x, pooled, argmax, hidden, w1, b1, w2, b2, y = ctx.saved_tensors
+    x, pooled, argmax, hidden, w1, b1, w2, b2, y, in_scale, in_shift = ctx.saved_tensors
     g = _tail_backward(ctx, grad_y, y, x)
-    gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, g, x, pooled, argmax, hidden, w1, b1,
-                                          w2, b2, *ctx.opts)
+    gx, gw1, gb1, gw2, gb2 = _backward_op(ctx, channel_attention_backward, g, _prologue_input(x, in_scale, in_shift),
+                                          pooled, argmax, hidden, w1, b1, w2, b2, *ctx.opts)
+    gx, g_scale, g_shift = _prologue_grads(ctx, gx, x, in_scale, in_shift)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2)) \
-        + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
+        + (None,) * len(ctx.opts) + _tail_grads(ctx, g) + (g_scale, g_shift, None)
 
 
 _register_autograd(channel_attention, _channel_backward, _channel_setup)
@@ -324,9 +364,10 @@ _register_autograd(channel_attention, _channel_backward, _channel_setup)
 
 @torch.library.custom_op(f"{_LIB}::spatial_attention", mutates_args=())
 def spatial_attention(x: Tensor, weight: Tensor, bias: Optional[Tensor], maps: str, gate: str, tie: str,
-                      residual: Optional[Tensor], activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      residual: Optional[Tensor], activation: str, in_scale: Optional[Tensor],
+                      in_shift: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(_forward_kernel(backend, "spatial_attention", x, weight, bias, maps, gate, tie, residual,
-                                 activation))
+                                 activation, in_scale, in_shift))
 
 
 def _spatial_saved_fake(x):
@@ -335,7 +376,7 @@ def _spatial_saved_fake(x):
 
 
 @spatial_attention.register_fake
-def _(x, weight, bias, maps, gate, tie, residual, activation, backend):
+def _(x, weight, bias, maps, gate, tie, residual, activation, in_scale, in_shift, backend):
     return (torch.empty_like(x), *_spatial_saved_fake(x))
 
 
@@ -353,16 +394,20 @@ def _(grad_y, x, smaps, sargmax, weight, bias, maps, gate, tie, backend):
 
 
 def _spatial_setup(ctx, inputs, output):
-    x, weight, bias, *opts, residual, activation, ctx.backend = inputs
+    x, weight, bias, *opts, residual, activation, in_scale, in_shift, ctx.backend = inputs
     ctx.opts = opts
-    ctx.save_for_backward(x, output[1], output[2], weight, bias, _tail_setup(ctx, residual, activation, output[0]))
+    ctx.save_for_backward(x, output[1], output[2], weight, bias, _tail_setup(ctx, residual, activation, output[0]),
+                          *_prologue_setup(ctx, in_scale, in_shift))
 
 
 def _spatial_backward(ctx, grad_y, _g1, _g2):
-    x, smaps, sargmax, weight, bias, y = ctx.saved_tensors
+    x, smaps, sargmax, weight, bias, y, in_scale, in_shift = ctx.saved_tensors
     g = _tail_backward(ctx, grad_y, y, x)
-    gx, gw, gb = _backward_op(ctx, spatial_attention_backward, g, x, smaps, sargmax, weight, bias, *ctx.opts)
-    return (gx, gw, _none_if_empty(bias, gb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
+    gx, gw, gb = _backward_op(ctx, spatial_attention_backward, g, _prologue_input(x, in_scale, in_shift), smaps,
+                              sargmax, weight, bias, *ctx.opts)
+    gx, g_scale, g_shift = _prologue_grads(ctx, gx, x, in_scale, in_shift)
+    return (gx, gw, _none_if_empty(bias, gb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g) \
+        + (g_scale, g_shift, None)
 
 
 _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
@@ -373,15 +418,15 @@ _register_autograd(spatial_attention, _spatial_backward, _spatial_setup)
 @torch.library.custom_op(f"{_LIB}::cbam", mutates_args=())
 def cbam(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Optional[Tensor], b2: Optional[Tensor],
          sweight: Tensor, sbias: Optional[Tensor], kind: str, pool: str, act: str, gate: str, padding: str,
-         maps: str, sgate: str, tie: str, residual: Optional[Tensor], activation: str,
-         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+         maps: str, sgate: str, tie: str, residual: Optional[Tensor], activation: str, in_scale: Optional[Tensor],
+         in_shift: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_forward_kernel(backend, "cbam", x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate,
-                                 padding, maps, sgate, tie, residual, activation))
+                                 padding, maps, sgate, tie, residual, activation, in_scale, in_shift))
 
 
 @cbam.register_fake
 def _(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, residual, activation,
-      backend):
+      in_scale, in_shift, backend):
     pooled, argmax, hidden = _channel_saved_fake(x, w1, kind, pool)
     return (torch.empty_like(x), pooled, argmax, *_spatial_saved_fake(x), hidden)
 
@@ -404,19 +449,22 @@ def _(grad_y, x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight
 
 
 def _cbam_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, sweight, sbias, *opts, residual, activation, ctx.backend = inputs
+    x, w1, b1, w2, b2, sweight, sbias, *opts, residual, activation, in_scale, in_shift, ctx.backend = inputs
     ctx.opts = opts
     ctx.save_for_backward(x, *output[1:6], w1, b1, w2, b2, sweight, sbias,
-                          _tail_setup(ctx, residual, activation, output[0]))
+                          _tail_setup(ctx, residual, activation, output[0]), *_prologue_setup(ctx, in_scale, in_shift))
 
 
 def _cbam_backward(ctx, grad_y, *_saved_grads):
-    x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, y = ctx.saved_tensors
+    x, pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight, sbias, y, in_scale, in_shift = \
+        ctx.saved_tensors
     g = _tail_backward(ctx, grad_y, y, x)
-    gx, gw1, gb1, gw2, gb2, gsw, gsb = _backward_op(ctx, cbam_backward, g, x, pooled, argmax, smaps, sargmax,
-                                                    hidden, w1, b1, w2, b2, sweight, sbias, *ctx.opts)
+    gx, gw1, gb1, gw2, gb2, gsw, gsb = _backward_op(ctx, cbam_backward, g, _prologue_input(x, in_scale, in_shift),
+                                                    pooled, argmax, smaps, sargmax, hidden, w1, b1, w2, b2, sweight,
+                                                    sbias, *ctx.opts)
+    gx, g_scale, g_shift = _prologue_grads(ctx, gx, x, in_scale, in_shift)
     return (gx, gw1, _none_if_empty(b1, gb1), _none_if_empty(w2, gw2), _none_if_empty(b2, gb2), gsw,
-            _none_if_empty(sbias, gsb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g)
+            _none_if_empty(sbias, gsb)) + (None,) * len(ctx.opts) + _tail_grads(ctx, g) + (g_scale, g_shift, None)
 
 
 _register_autograd(cbam, _cbam_backward, _cbam_setup)
@@ -486,7 +534,7 @@ def _scale_backward(ctx, grad_y):
     x, t, y = ctx.saved_tensors
     g = _tail_backward(ctx, grad_y, y, x)
     gx, gt = _backward_op(ctx, spatial_scale_backward, g, x, t)
-    return (gx, gt) + _tail_grads(ctx, g)
+    return (gx, gt) + _tail_grads(ctx, g) + (None,)
 
 
 _register_autograd(spatial_scale, _scale_backward, _scale_setup)

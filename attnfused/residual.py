@@ -4,7 +4,10 @@ A ResNet block ends `relu(attention(out) + shortcut)`: eager PyTorch runs the ad
 more passes over an activation-sized tensor. `attnfused.convert(model, fuse_tail=True)` gives each such
 block whose attention it converted a forward that hands the shortcut and the relu to the fused module
 (`attention(out, residual=shortcut, activation="relu")`), which computes them in the pass that writes
-its output. Only the block's class changes, to a subclass defined here with that forward: every
+its output. While the BatchNorm that feeds the attention module (bn3, bn2) is in eval mode (running
+statistics), the forward also hands that BatchNorm's per-channel affine to the fused module as its
+prologue (`in_scale`, `in_shift`), which reads the conv's output through it: the BatchNorm needs no
+pass of its own. In training mode the BatchNorm runs as it is. Only the block's class changes, to a subclass defined here with that forward: every
 submodule, parameter and buffer stays where it was (the `state_dict` is unchanged), and the model
 still deep-copies, pickles and `torch.save`s (a subclass is made on first use, also when pickle asks
 for it by name in a new process).
@@ -24,7 +27,8 @@ import dataclasses
 import importlib
 from typing import Callable, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from . import modules as fused_modules
 from .variants import _FusedVariant
@@ -42,42 +46,64 @@ def _drop_path_is_off(dp) -> bool:
     return dp is None or type(dp) is nn.Identity or not dp.training or getattr(dp, "drop_prob", 1.0) == 0.0
 
 
-def _timm_tail(self, x, shortcut, attn, act):
-    """timm's `x = attn(x); x = drop_path(x); x += shortcut; x = act(x)`, the tail inside attn's pass
-    unless drop_path drops this call."""
+def batchnorm_affine(bn: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
+    """An eval-mode `nn.BatchNorm2d`'s output as a per-channel affine of its input, (scale, shift) in
+    float32 (`weight / sqrt(running_var + eps)`, `bias - running_mean * scale`; gradients flow to the
+    weight and bias), or None where it normalises by batch statistics (training mode, or no running
+    statistics) or is not a plain BatchNorm2d."""
+    if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.float() * scale
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = bn.bias.float() + shift
+    return scale, shift
+
+
+def _norm_attend(bn: nn.Module, attn: nn.Module, x: Tensor, **tail) -> Tensor:
+    """`attn(bn(x), **tail)`, the BatchNorm read by attn's passes (its prologue) while in eval mode."""
+    affine = batchnorm_affine(bn)
+    if affine is None:
+        return attn(bn(x), **tail)
+    return attn(x, **tail, in_scale=affine[0], in_shift=affine[1])
+
+
+def _timm_tail(self, x, shortcut, bn, attn, act):
+    """timm's `x = bn(x); x = attn(x); x = drop_path(x); x += shortcut; x = act(x)`, the tail inside
+    attn's pass unless drop_path drops this call, and an eval-mode bn as attn's prologue."""
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
     if not _drop_path_is_off(self.drop_path):
-        x = self.drop_path(attn(x))
+        x = self.drop_path(_norm_attend(bn, attn, x))
         x += shortcut
         return act(x)
     # `x += shortcut` rounds the sum to x's dtype: so does the fused op, given the shortcut in it
-    return attn(x, residual=shortcut.to(x.dtype), activation="relu")
+    return _norm_attend(bn, attn, x, residual=shortcut.to(x.dtype), activation="relu")
 
 
 def _timm_bottleneck_forward(self, x):
     shortcut = x
     x = self.act1(self.bn1(self.conv1(x)))
     x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-    x = self.bn3(self.conv3(x))
-    return _timm_tail(self, x, shortcut, self.se, self.act3)
+    return _timm_tail(self, self.conv3(x), shortcut, self.bn3, self.se, self.act3)
 
 
 def _timm_basic_forward(self, x):
     shortcut = x
     x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-    x = self.bn2(self.conv2(x))
-    return _timm_tail(self, x, shortcut, self.se, self.act2)
+    return _timm_tail(self, self.conv2(x), shortcut, self.bn2, self.se, self.act2)
 
 
 def _torchvision_bottleneck_forward(self, x):
     identity = x
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3[0](self.conv3(out))
     if self.downsample is not None:
         identity = self.downsample(x)
-    return self.bn3[1](out, residual=identity.to(out.dtype), activation="relu")
+    out = self.conv3(out)
+    return _norm_attend(self.bn3[0], self.bn3[1], out, residual=identity.to(out.dtype), activation="relu")
 
 
 def _timm_check(attn: str, act: str) -> Callable[[nn.Module], Optional[str]]:
@@ -111,15 +137,16 @@ class _Block:
     forward: Callable
     check: Callable[[nn.Module], Optional[str]]  # why a block cannot take the fused forward (None: it can)
     attention: str  # the path of its attention module
+    norm: str  # the path of the BatchNorm before it (read as its prologue in eval mode)
 
 
 _BLOCKS = {
     "TimmBottleneckTail": _Block("timm.models.resnet", "Bottleneck", _timm_bottleneck_forward,
-                                 _timm_check("se", "act3"), "se"),
+                                 _timm_check("se", "act3"), "se", "bn3"),
     "TimmBasicBlockTail": _Block("timm.models.resnet", "BasicBlock", _timm_basic_forward,
-                                 _timm_check("se", "act2"), "se"),
+                                 _timm_check("se", "act2"), "se", "bn2"),
     "TorchvisionBottleneckTail": _Block("torchvision.models.resnet", "Bottleneck", _torchvision_bottleneck_forward,
-                                        _torchvision_check, "bn3.1"),
+                                        _torchvision_check, "bn3.1", "bn3.0"),
 }
 
 
@@ -148,18 +175,22 @@ def _originals() -> dict[type, str]:
     return {cls: name for name, spec in _BLOCKS.items() for cls in _classes({spec.module: (spec.cls,)})}
 
 
-def fuse_tail(model: nn.Module) -> list[tuple[str, type, Optional[str], str]]:
+def fuse_tail(model: nn.Module) -> list[tuple[str, type, Optional[str], str, str]]:
     """Gives every supported block of `model` (whose attention was converted) the fused forward, in
-    place. Returns (path, the block's original class, the new class name or None, why not) per
-    supported block met."""
+    place. Returns (path, the block's original class, the new class name or None, why not, what the
+    new forward fuses) per supported block met."""
     originals = _originals()
     out = []
     for path, m in model.named_modules():
         name = originals.get(type(m))
         if name is None:
             continue
-        why = _BLOCKS[name].check(m)
-        out.append((path, type(m), None if why else name, why or ""))
+        spec = _BLOCKS[name]
+        why = spec.check(m)
+        norm = m.get_submodule(spec.norm)
+        fuses = "tail fused" + (f"; {spec.norm} in eval mode as the prologue" if type(norm) is nn.BatchNorm2d
+                                else f"; {spec.norm} ({type(norm).__name__}) runs as it is")
+        out.append((path, type(m), None if why else name, why or "", "" if why else fuses))
         if why is None:
             m.__class__ = _tail_class(name)
     return out

@@ -241,11 +241,11 @@ class _FusedVariant(nn.Module):
             return sp.tie
         return ch.tie if ch is not None and ch.pool != "avg" else None
 
-    def _original_forward(self, x: Tensor, residual=None, activation=None) -> Tensor:
-        """The original module's forward, then the tail (if any) in plain PyTorch."""
+    def _original_forward(self, x: Tensor, residual=None, activation=None, in_scale=None, in_shift=None) -> Tensor:
+        """The prologue (if any), the original module's forward, then the tail (if any) in plain PyTorch."""
         self._source.training = self.training
         # not __call__: its hooks are this module's, and run once
-        return F.unfused_tail(self._source.forward(x), residual, activation)
+        return F.unfused_tail(self._source.forward(F.unfused_prologue(x, in_scale, in_shift)), residual, activation)
 
     def _runs_original(self) -> bool:
         """Under torch.onnx.export (standard operators only), and under torch.compile with
@@ -262,12 +262,13 @@ class _FusedChannel(_FusedVariant):
         config.validate(self)
         self.channel_config = config
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None,
+                in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x, residual, activation)
+            return self._original_forward(x, residual, activation, in_scale, in_shift)
         cfg = self.channel_config
         return F.channel_attention(x, *cfg.tensors(self), **cfg.options(), residual=residual, activation=activation,
-                                   backend=self.backend)
+                                   in_scale=in_scale, in_shift=in_shift, backend=self.backend)
 
 
 class FusedChannelMLP(_FusedChannel):
@@ -301,16 +302,18 @@ class FusedSpatial(_FusedVariant):
         self.spatial_config = SpatialConfig(conv, bn, maps, gate, tie)
         self.spatial_config.validate(self)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None,
+                in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x, residual, activation)
+            return self._original_forward(x, residual, activation, in_scale, in_shift)
         cfg = self.spatial_config
         if cfg.uses_batch_stats(self):
             _checks.check_input(x)
-            return cfg.apply_unfolded(self, x, self.backend, residual, activation)
+            return cfg.apply_unfolded(self, F.unfused_prologue(x, in_scale, in_shift), self.backend, residual,
+                                      activation)
         w, b = cfg.folded(self)
         return F.spatial_attention(x, w, b, maps=cfg.maps, gate=cfg.gate, tie=cfg.tie, residual=residual,
-                                   activation=activation, backend=self.backend)
+                                   activation=activation, in_scale=in_scale, in_shift=in_shift, backend=self.backend)
 
 
 class FusedCbam(_FusedVariant):
@@ -325,14 +328,16 @@ class FusedCbam(_FusedVariant):
                              f"{spatial.tie!r}")
         self.channel_config, self.spatial_config = channel, spatial
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None,
+                in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None) -> Tensor:
         if self._runs_original():
-            return self._original_forward(x, residual, activation)
+            return self._original_forward(x, residual, activation, in_scale, in_shift)
         ch, sp = self.channel_config, self.spatial_config
         if sp.uses_batch_stats(self):
-            x1 = F.channel_attention(x, *ch.tensors(self), **ch.options(), backend=self.backend)
+            x1 = F.channel_attention(x, *ch.tensors(self), **ch.options(), in_scale=in_scale, in_shift=in_shift,
+                                     backend=self.backend)
             return sp.apply_unfolded(self, x1, self.backend, residual, activation)
         opts = ch.options()
         sw, sb = sp.folded(self)
         return F.cbam(x, *ch.tensors(self), sw, sb, **opts, maps=sp.maps, spatial_gate=sp.gate, residual=residual,
-                      activation=activation, backend=self.backend)
+                      activation=activation, in_scale=in_scale, in_shift=in_shift, backend=self.backend)

@@ -134,6 +134,7 @@ struct Tail {
   const T* residual_ptr() const { return residual ? residual->const_data_ptr<T>() : nullptr; }
   // The tail on an output written without it (kernels that do not fuse it): two in-place passes.
   void apply_after(at::Tensor& y) const {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's own ATen calls
     if (residual) y.add_(*residual);
     if (relu) y.relu_();
   }
@@ -145,6 +146,7 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* n
   TORCH_CHECK_VALUE(w.device() == x.device(), name, " must be on ", x.device(), ", got ", w.device());
   TORCH_CHECK_VALUE(w.sizes() == shape, name, " must have shape ", shape, ", got ", w.sizes());
 }
+
 
 // Channel-attention weights for x (kind mlp: w1 [Cr, C], b1 [Cr]?, w2 [C, Cr], b2 [C]?; kind conv:
 // w1 [1, 1, k] with k odd, no others). Returns Cr (mlp) or k (conv).
@@ -196,6 +198,56 @@ inline void check_saved(const at::Tensor& t, const at::Tensor& x, const char* na
 inline at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The forward ops' prologue (attnfused/ops.py): with in_scale and in_shift ([C], the accumulation
+// dtype, contiguous, on x's device; both or neither) the op reads x' = x * in_scale[c] + in_shift[c]
+// in x's place, the product then the sum in the accumulation dtype, rounded to x's dtype (as an
+// eval-mode BatchNorm's output; reference.functional.prologue).
+struct Prologue {
+  std::optional<at::Tensor> scale, shift;
+
+  Prologue(const at::Tensor& x, const std::optional<at::Tensor>& scale_, const std::optional<at::Tensor>& shift_)
+      : scale(scale_), shift(shift_) {
+    TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), scale ? "in_shift" : "in_scale",
+                      " must be given with ", scale ? "in_scale" : "in_shift", " (the input's per-channel affine)");
+    if (!scale) return;
+    for (const auto& [t, name] : {std::pair{&*scale, "in_scale"}, std::pair{&*shift, "in_shift"}}) {
+      check_weight(*t, x, name, {x.size(1)});
+      TORCH_CHECK_TYPE(t->scalar_type() == acc_dtype(x), name, " must have dtype ", acc_dtype(x), " for ",
+                       x.scalar_type(), " input, got ", t->scalar_type());
+      TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+    }
+  }
+  bool any() const { return scale.has_value(); }
+  template <typename T>
+  const T* scale_ptr() const { return scale ? scale->const_data_ptr<T>() : nullptr; }
+  template <typename T>
+  const T* shift_ptr() const { return shift ? shift->const_data_ptr<T>() : nullptr; }
+  // x' written into out (shaped and laid out like x): torch's own mul and add, so that the autograd
+  // formula's x' (the same two ops in Python) is bit-identical to the forward's.
+  void apply_into(const at::Tensor& x, at::Tensor out) const {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's own ATen calls
+    const auto C = x.size(1);
+    const at::Tensor sc = scale->view({1, C, 1, 1}), sh = shift->view({1, C, 1, 1});
+    if (x.scalar_type() == acc_dtype(x)) {
+      at::mul_out(out, x, sc).add_(sh);
+    } else {
+      out.copy_(at::mul(x, sc).add_(sh));  // in the accumulation dtype, rounded once by the copy
+    }
+  }
+  // x' as a tensor of x's shape, dtype and strides (kernels that do not fuse it: one pass), or x.
+  at::Tensor applied(const at::Tensor& x) const {
+    if (!scale) return x;
+    at::Tensor out = at::empty_like(x);
+    apply_into(x, out);
+    return out;
+  }
+  // x' of samples [n0, n0 + count) into the same samples of out, the op's output (its first pass
+  // then reads them from there while they are in cache, and its last pass overwrites them).
+  void stage(const at::Tensor& x, at::Tensor& out, int64_t n0, int64_t count) const {
+    apply_into(x.narrow(0, n0, count), out.narrow(0, n0, count));
+  }
+};
 
 // The small tensors a forward saves for its backward (attnfused/ops.py's contracts): pooled
 // [N, 2, C] and smaps [N, 2, H, W] in the accumulation dtype, argmax [N, C] and sargmax [N, H, W] int64.

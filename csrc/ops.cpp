@@ -32,18 +32,18 @@ std::string build_info() {
 
 TORCH_LIBRARY(attnfused_C, m) {
   m.def("channel_attention(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, "
-        "str act, str gate, str padding, str tie, Tensor? residual=None, str activation=\"none\") "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "str act, str gate, str padding, str tie, Tensor? residual=None, str activation=\"none\", "
+        "Tensor? in_scale=None, Tensor? in_shift=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_attention_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor hidden, "
         "Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, str kind, str pool, str act, str gate, str padding, str tie) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("spatial_attention(Tensor x, Tensor weight, Tensor? bias, str maps, str gate, str tie, Tensor? residual=None, "
-        "str activation=\"none\") -> (Tensor, Tensor, Tensor)");
+        "str activation=\"none\", Tensor? in_scale=None, Tensor? in_shift=None) -> (Tensor, Tensor, Tensor)");
   m.def("spatial_attention_backward(Tensor grad_y, Tensor x, Tensor smaps, Tensor sargmax, Tensor weight, "
         "Tensor? bias, str maps, str gate, str tie) -> (Tensor, Tensor, Tensor)");
   m.def("cbam(Tensor x, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, "
         "str pool, str act, str gate, str padding, str maps, str sgate, str tie, Tensor? residual=None, "
-        "str activation=\"none\") "
+        "str activation=\"none\", Tensor? in_scale=None, Tensor? in_shift=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cbam_backward(Tensor grad_y, Tensor x, Tensor pooled, Tensor argmax, Tensor smaps, Tensor sargmax, "
         "Tensor hidden, Tensor w1, Tensor? b1, Tensor? w2, Tensor? b2, Tensor sweight, Tensor? sbias, str kind, "

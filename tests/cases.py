@@ -39,6 +39,10 @@ class Case:
             if shape is None:
                 raise ValueError(f"{self} takes a residual: give weights() x's shape")
             w["residual"] = rand(*shape, dtype=dtype)
+        if o.get("prologue"):  # an eval-mode BatchNorm's scale (either sign, away from 0) and shift
+            sign = torch.where(torch.rand(C, dtype=torch.float64) < 0.8, 1.0, -1.0)
+            w["in_scale"] = ((0.5 + torch.rand(C, dtype=torch.float64)) * sign).to(dtype)
+            w["in_shift"] = rand(C, dtype=dtype, scale=0.5)
         if self.op in ("channel", "cbam"):
             if o["kind"] == "mlp":
                 hidden = max(1, C // 2)
@@ -59,8 +63,9 @@ class Case:
         """The fused functional call (backend given) or the float64 oracle (backend None)."""
         o = self.o
         ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"), tie=o["tie"],
-                  residual=w.get("residual"), activation=o.get("activation"))
-        tail = {k: ch[k] for k in ("residual", "activation")}
+                  residual=w.get("residual"), activation=o.get("activation"), in_scale=w.get("in_scale"),
+                  in_shift=w.get("in_shift"))
+        tail = {k: ch[k] for k in ("residual", "activation", "in_scale", "in_shift")}
         if self.op == "channel":
             if backend is None:
                 return R.channel_attention(x, w["w1"], w["b1"], w["w2"], w["b2"], gate_kind=o["gate"], **ch)
@@ -121,6 +126,18 @@ TAIL_CASES = [with_tail(CHANNEL_CASES[0], True, "relu"), with_tail(CHANNEL_CASES
               with_tail(SPATIAL_CASES[1], True, None), with_tail(CBAM_CASES[4], True, "relu"),
               with_tail(CBAM_CASES[3], False, "relu")]
 assert {c.o["padding"] for c in CHANNEL_CASES} == set(CONV_PADDINGS)
+
+
+
+def with_prologue(case: Case) -> Case:
+    """`case` with the input's per-channel affine (an eval-mode BatchNorm's) read in x's place."""
+    return _case(case.op, **case.o, prologue=True)
+
+
+# The prologue on each op and tie rule, with and without a max and the tail
+PROLOGUE_CASES = [with_prologue(CHANNEL_CASES[0]), with_prologue(CHANNEL_CASES[3]), with_prologue(CHANNEL_CASES[10]),
+                  with_prologue(SPATIAL_CASES[0]), with_prologue(SPATIAL_CASES[1]), with_prologue(CBAM_CASES[2]),
+                  with_prologue(CBAM_CASES[5]), with_prologue(TAIL_CASES[0]), with_prologue(TAIL_CASES[5])]
 
 # (N, C, H, W): odd channel counts, 1x1 and non-square maps (issue 2)
 SHAPES = [(2, 37, 17, 3), (3, 1, 4, 5), (2, 3, 1, 1), (1, 8, 6, 6)]
@@ -327,9 +344,9 @@ def check_pooled_contract(backend, lay="nchw", device="cpu"):
     for pool in CHANNEL_POOLS:
         copts = ("mlp", pool, "relu", "sigmoid", "zeros")
         wts = tuple(v.to(device) if v is not None else None for v in (w1, b1, w2, None))
-        saved = (ops.channel_attention(x.to(device), *wts, *copts, "first", None, "none", backend)[1:],
+        saved = (ops.channel_attention(x.to(device), *wts, *copts, "first", None, "none", None, None, backend)[1:],
                  ops.cbam(x.to(device), *wts, sw.to(device), None, *copts, "max_mean", "sigmoid", "first", None,
-                          "none", backend)[1:])
+                          "none", None, None, backend)[1:])
         for pooled, argmax, *_, hidden in saved:
             pooled, argmax, hidden = pooled.cpu(), argmax.cpu(), hidden.cpu()
             assert rel_err(pooled[:, 0], mean) <= TOLERANCE[torch.float32], pool
@@ -340,12 +357,12 @@ def check_pooled_contract(backend, lay="nchw", device="cpu"):
             assert hidden.dtype == pooled.dtype and hidden.shape == (2, 3 * (2 if pool == "avg+max" else 1)), pool
             assert rel_err(hidden, mlp_pre_activations(pooled, w1, b1, pool)) <= TOLERANCE[torch.float32], pool
     conv = ops.channel_attention(x.to(device), rand(1, 1, 3).to(device), None, None, None, "conv", "avg+max",
-                                 "relu", "sigmoid", "zeros", "first", None, "none", backend)
+                                 "relu", "sigmoid", "zeros", "first", None, "none", None, None, backend)
     assert conv[-1].shape == (0,), "hidden is empty for the conv"
 
 
 OPCHECK_CASES = (CHANNEL_CASES[5], CHANNEL_CASES[9], SPATIAL_CASES[1], CBAM_CASES[3], TAIL_CASES[0], TAIL_CASES[4],
-                 TAIL_CASES[5])
+                 TAIL_CASES[5], PROLOGUE_CASES[1], PROLOGUE_CASES[4], PROLOGUE_CASES[8])
 
 
 def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
@@ -358,7 +375,7 @@ def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
     for case in cases:
         o, w = case.o, _to(case.weights(C, shape=x.shape), dtype=torch.float32, device=device)
         copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
-        tail = (w.get("residual"), o.get("activation") or "none")  # the forward's last inputs
+        tail = (w.get("residual"), o.get("activation") or "none", w.get("in_scale"), w.get("in_shift"))  # the last inputs
         if case.op == "channel":
             wts = (w["w1"], w["b1"], w["w2"], w["b2"])
             saved = ops.channel_attention(x, *wts, *copts, o["tie"], *tail, saver)[1:]

@@ -85,19 +85,20 @@ def _triton_cases(dtype, memory_format):
     sp = ("max_mean", "sigmoid")
 
     def channel(x, w1, b1, w2, b2, residual=None, *, tie, activation="none"):
-        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, "triton")
+        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, None, None, "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
 
     def eca(x, cw, tie):
-        y, *saved = ops.channel_attention(x, cw, None, None, None, "conv", *ch, tie, None, "none", "triton")
+        y, *saved = ops.channel_attention(x, cw, None, None, None, "conv", *ch, tie, None, "none", None, None, "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, cw, None, None, None, "conv", *ch, tie, "triton")
 
     def spatial(x, sw, sb, tie):
-        y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, None, "none", "triton")
+        y, *saved = ops.spatial_attention(x, sw, sb, *sp, tie, None, "none", None, None, "triton")
         return y, *ops.spatial_attention_backward(y, x, *saved, sw, sb, *sp, tie, "triton")
 
     def cbam(x, w1, w2, sw, residual=None, *, tie, activation="none"):
-        y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, residual, activation, "triton")
+        y, *saved = ops.cbam(x, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, residual, activation, None, None,
+                             "triton")
         return y, *ops.cbam_backward(y, x, *saved, w1, None, w2, None, sw, None, "mlp", *ch, *sp, tie, "triton")
 
     def halves(x, tie):
@@ -148,7 +149,7 @@ def test_triton_ops_compile_to_their_kernels(dtype, memory_format, monkeypatch):
 
         x = torch.randn(2, 8, 5, 5, device="cuda")
         w = torch.randn(1, 1, 3, device="cuda")
-        opts = ("conv", "avg+max", "relu", "sigmoid", "zeros", "first", None, "none")
+        opts = ("conv", "avg+max", "relu", "sigmoid", "zeros", "first", None, "none", None, None)
         _, graph = _traced_graph(lambda x, w: attnfused.ops.channel_attention(x, w, None, None, None, *opts, "cuda"),
                                  x, w)
         kernels, opaque = _kernels_and_ops(graph)

@@ -317,7 +317,7 @@ def test_past_2_31_elements(lay):
     o = case.o
     y, pooled, argmax, _hidden = torch.ops.attnfused.channel_attention(
         x, w["w1"], w["b1"], w["w2"], w["b2"], o["kind"], o["pool"], o["act"], o["gate"], o["padding"], "first", None,
-        "none", BACKEND)
+        "none", None, None, BACKEND)
     assert y.stride() == x.stride()
     for n in range(shape[0]):
         for c in range(shape[1]):

@@ -255,8 +255,9 @@ def grads_out(refs, grads):
 # ----------------------------------------------------------------------------- ops
 
 @register(NAME, "channel_attention")
-def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation):
-    xa = acc(x)
+def channel_attention(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie, residual, activation, in_scale,
+                      in_shift):
+    xa = acc(R.prologue(x, in_scale, in_shift))
     pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     y = like(x, R.tail(xa * s[:, :, None, None], residual, activation))
@@ -275,8 +276,8 @@ def channel_attention_backward(grad_y, x, pooled, argmax, _hidden, w1, b1, w2, b
 
 
 @register(NAME, "spatial_attention")
-def spatial_attention(x, weight, bias, maps, gate, tie, residual, activation):
-    xa = acc(x)
+def spatial_attention(x, weight, bias, maps, gate, tie, residual, activation, in_scale, in_shift):
+    xa = acc(R.prologue(x, in_scale, in_shift))
     smaps, sargmax = spatial_pool_core(xa, tie)
     _, _, t = spatial_gate_values(smaps, weight, bias, maps, gate)
     return like(x, R.tail(xa * t[:, None], residual, activation)), smaps, sargmax
@@ -292,8 +293,9 @@ def spatial_attention_backward(grad_y, x, smaps, sargmax, weight, bias, maps, ga
 
 
 @register(NAME, "cbam")
-def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, residual, activation):
-    xa = acc(x)
+def cbam(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie, residual, activation,
+         in_scale, in_shift):
+    xa = acc(R.prologue(x, in_scale, in_shift))
     pooled, argmax = channel_pool(xa, pool, tie)
     _, s = channel_gate_values(pooled, w1, b1, w2, b2, kind, pool, act, gate, padding)
     x1 = xa * s[:, :, None, None]  # never stored by the fused kernels

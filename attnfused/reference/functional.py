@@ -111,9 +111,22 @@ def tail(v: torch.Tensor, residual=None, activation=None) -> torch.Tensor:
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
+def prologue(x: torch.Tensor, scale=None, shift=None) -> torch.Tensor:
+    """The input's per-channel affine `x * scale[c] + shift[c]` (an eval-mode BatchNorm's), computed in
+    the accumulation dtype, a product then a sum, and rounded to x's dtype, as a BatchNorm's output
+    is: what the fused ops read where they take `in_scale` and `in_shift`. x itself without them."""
+    if scale is None:
+        return x
+    acc = acc_dtype(x.dtype)
+    return (x.to(acc) * scale.to(acc)[:, None, None] + shift.to(acc)[:, None, None]).to(x.dtype)
+
+
 def channel_attention(x, w1, b1=None, w2=None, b2=None, *, kind="mlp", pool="avg", act="relu",
-                      gate_kind="sigmoid", padding="zeros", tie="first", residual=None, activation=None):
-    """y = activation(x * gate(f(pool(x)))[n, c] + residual) (the tail optional)."""
+                      gate_kind="sigmoid", padding="zeros", tie="first", residual=None, activation=None,
+                      in_scale=None, in_shift=None):
+    """y = activation(x' * gate(f(pool(x')))[n, c] + residual), x' = prologue(x, in_scale, in_shift)
+    (the prologue and the tail optional)."""
+    x = prologue(x, in_scale, in_shift)
     avg, mx = pool_space(x, tie)
     s = gate(channel_logits(avg, mx, w1, b1, w2, b2, kind=kind, pool=pool, act=act, padding=padding),
              gate_kind)
@@ -139,8 +152,10 @@ def spatial_logits(mean, mx, weight, bias, maps: str):
 
 
 def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmoid", tie="first", residual=None,
-                      activation=None):
-    """y = activation(x * gate(conv2d(maps(x)))[n, h, w] + residual) (the tail optional)."""
+                      activation=None, in_scale=None, in_shift=None):
+    """y = activation(x' * gate(conv2d(maps(x')))[n, h, w] + residual), x' as in `channel_attention`
+    (the prologue and the tail optional)."""
+    x = prologue(x, in_scale, in_shift)
     mean, mx = pool_channels(x, tie)
     t = gate(spatial_logits(mean, mx, weight, bias, maps), gate_kind)
     return tail(x.to(t.dtype) * t[:, None], residual, activation).to(x.dtype)
@@ -148,10 +163,10 @@ def spatial_attention(x, weight, bias=None, *, maps="max_mean", gate_kind="sigmo
 
 def cbam(x, w1, b1, w2, b2, spatial_weight, spatial_bias=None, *, kind="mlp", pool="avg+max",
          act="relu", gate_kind="sigmoid", padding="zeros", maps="max_mean", spatial_gate="sigmoid", tie="first",
-         residual=None, activation=None):
-    """Channel attention, then spatial attention on its output (one tie rule for both maxima), then the
-    tail (optional)."""
+         residual=None, activation=None, in_scale=None, in_shift=None):
+    """The prologue (optional), channel attention, then spatial attention on its output (one tie rule for
+    both maxima), then the tail (optional)."""
     x1 = channel_attention(x, w1, b1, w2, b2, kind=kind, pool=pool, act=act, gate_kind=gate_kind,
-                           padding=padding, tie=tie)
+                           padding=padding, tie=tie, in_scale=in_scale, in_shift=in_shift)
     return spatial_attention(x1, spatial_weight, spatial_bias, maps=maps, gate_kind=spatial_gate, tie=tie,
                              residual=residual, activation=activation)

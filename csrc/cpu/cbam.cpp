@@ -33,7 +33,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     const Tensor& sweight, const OptTensor& sbias, c10::string_view kind, c10::string_view pool,
     c10::string_view act, c10::string_view gate, c10::string_view padding, c10::string_view maps,
-    c10::string_view sgate, c10::string_view tie, const OptTensor& residual, c10::string_view activation) {
+    c10::string_view sgate, c10::string_view tie, const OptTensor& residual, c10::string_view activation,
+    const OptTensor& in_scale, const OptTensor& in_shift) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   (void)parse_tie(tie);  // the forward is the same under both rules
@@ -41,6 +42,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
   const Gate sg = parse_gate(sgate, "sgate");
   const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
   const Tail tail(x, residual, activation);
+  const Prologue pro(x, in_scale, in_shift);
   const SpatialConvWeights sw(x, sweight, sbias, mp, "sweight", "sbias");
   const int64_t k = sw.k;
   const Dims d = dims_of(x);
@@ -54,11 +56,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
   Tensor hidden = hidden_output(x, w, o);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbam_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
     acc_t* pp = pooled.data_ptr<acc_t>();
     acc_t* ph = hidden.numel() ? hidden.data_ptr<acc_t>() : nullptr;
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
+      const scalar_t* px = x.const_data_ptr<scalar_t>();  // x, or its prologue staged in y
+      if (pro.any()) pro.stage(x, y, n0, d1.N), px = y.const_data_ptr<scalar_t>();
       pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
                  o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);

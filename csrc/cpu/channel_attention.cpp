@@ -24,12 +24,14 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     const Tensor& x, const Tensor& w1, const OptTensor& b1, const OptTensor& w2, const OptTensor& b2,
     c10::string_view kind, c10::string_view pool, c10::string_view act, c10::string_view gate,
-    c10::string_view padding, c10::string_view tie, const OptTensor& residual, c10::string_view activation) {
+    c10::string_view padding, c10::string_view tie, const OptTensor& residual, c10::string_view activation,
+    const OptTensor& in_scale, const OptTensor& in_shift) {
   check_input(x);
   const auto o = parse_channel_options(kind, pool, act, gate, padding);
   (void)parse_tie(tie);  // the forward is the same under both rules
   const ChannelWeights w(x, w1, b1, w2, b2, o.kind);
   const Tail tail(x, residual, activation);
+  const Prologue pro(x, in_scale, in_shift);
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
   Tensor y = at::empty_like(x);
@@ -44,9 +46,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
-      pool_space(px + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
+      const scalar_t* xs = px;  // x, or its prologue staged in y
+      if (pro.any()) pro.stage(x, y, n0, d1.N), xs = y.const_data_ptr<scalar_t>();
+      pool_space(xs + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);
-      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, px + off, d1, nullptr, nullptr,
+      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, xs + off, d1, nullptr, nullptr,
                                                        f.S.data() + n0 * d.C, nullptr, nullptr, NoHot(),
                                                        stream_output<scalar_t>(d), OutTail<scalar_t>(tail).at(off));
     });

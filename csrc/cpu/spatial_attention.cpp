@@ -23,13 +23,15 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, const Tensor& weight,
                                                             const OptTensor& bias, c10::string_view maps,
                                                             c10::string_view gate, c10::string_view tie,
-                                                            const OptTensor& residual, c10::string_view activation) {
+                                                            const OptTensor& residual, c10::string_view activation,
+                                                            const OptTensor& in_scale, const OptTensor& in_shift) {
   check_input(x);
   (void)parse_tie(tie);  // the forward is the same under both rules
   const Maps mp = parse_maps(maps);
   const Gate g = parse_gate(gate);
   const SpatialConvWeights sw(x, weight, bias, mp);
   const Tail tail(x, residual, activation);
+  const Prologue pro(x, in_scale, in_shift);
   const int64_t k = sw.k;
   const Dims d = dims_of(x);
   const auto acc = acc_dtype(x);
@@ -40,7 +42,9 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
-      spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), d, nullptr, wa.const_data_ptr<acc_t>(),
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();  // x, or its prologue staged in y
+      if (pro.any()) pro.stage(x, y, n0, d1.N), xs = y.const_data_ptr<scalar_t>();
+      spatial_forward_samples<scalar_t>(xs, d, nullptr, wa.const_data_ptr<acc_t>(),
                                         ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(),
                                         sargmax.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), n0, d1,
                                         OutTail<scalar_t>(tail));

@@ -17,13 +17,15 @@ namespace cuda {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cuda(
-    const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+    const at::Tensor& x_in, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, c10::string_view kind,
     c10::string_view pool, c10::string_view act, c10::string_view gate, c10::string_view padding,
-    c10::string_view tie, const c10::optional<at::Tensor>& residual, c10::string_view activation) {
-  check_cuda_input(x);
+    c10::string_view tie, const c10::optional<at::Tensor>& residual, c10::string_view activation,
+    const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift) {
+  check_cuda_input(x_in);
   (void)parse_tie(tie);  // the forward is the same under both rules
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = Prologue(x_in, in_scale, in_shift).applied(x_in);  // (not fused: one pass)
   const ChannelWeights cw(x, w1, b1, w2, b2, kind, pool, act, gate, padding);
   const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);

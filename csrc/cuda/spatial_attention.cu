@@ -10,15 +10,15 @@ namespace attnfused {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                      const c10::optional<at::Tensor>& bias,
-                                                                      c10::string_view maps, c10::string_view gate,
-                                                                      c10::string_view tie,
-                                                                      const c10::optional<at::Tensor>& residual,
-                                                                      c10::string_view activation) {
-  check_cuda_input(x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, c10::string_view maps,
+    c10::string_view gate, c10::string_view tie, const c10::optional<at::Tensor>& residual,
+    c10::string_view activation, const c10::optional<at::Tensor>& in_scale,
+    const c10::optional<at::Tensor>& in_shift) {
+  check_cuda_input(x_in);
   (void)parse_tie(tie);  // the forward is the same under both rules
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = Prologue(x_in, in_scale, in_shift).applied(x_in);  // (not fused: one pass)
   const SpatialWeights sw(x, weight, bias, maps, gate);
   const Tail tail(x, residual, activation);
   auto y = at::empty_like(x);

@@ -107,11 +107,24 @@ def channels_last_as_nchw(op: str, kernel: Callable) -> Callable:
     return run
 
 
+# the forward ops whose last two arguments are the prologue's (in_scale, in_shift), after the tail's
+PROLOGUE = ("channel_attention", "spatial_attention", "cbam")
+
+
 def tail_ignored(op: str, kernel: Callable) -> Callable:
-    """A forward's tail (its last two arguments: the residual and the activation) not applied."""
+    """A forward's tail (the residual and the activation, its last arguments but the prologue's) not
+    applied."""
     if op not in FORWARD:
         return kernel
-    return lambda *a: kernel(*a[:-2], None, "none")
+    at = -4 if op in PROLOGUE else -2
+    return lambda *a: kernel(*a[:at], None, "none", *a[len(a) + at + 2:])
+
+
+def prologue_ignored(op: str, kernel: Callable) -> Callable:
+    """A forward's prologue (in_scale and in_shift, its last two arguments) not applied: x read as it is."""
+    if op not in PROLOGUE:
+        return kernel
+    return lambda *a: kernel(*a[:-2], None, None)
 
 
 def half_output_zeros(op: str, kernel: Callable) -> Callable:
@@ -123,7 +136,7 @@ def half_output_zeros(op: str, kernel: Callable) -> Callable:
 
 # the mutants tests/test_mutation.py runs; BY_HAND, more to run by hand against other tests
 MUTANTS = {f.__name__: f for f in (half_output_1pct, grad_x_3x, float64_in_float32, weight_grad_zeroed,
-                                   max_grad_wrong_index, channels_last_as_nchw, tail_ignored)}
+                                   max_grad_wrong_index, channels_last_as_nchw, tail_ignored, prologue_ignored)}
 BY_HAND = {f.__name__: f for f in (half_output_zeros,)}
 
 

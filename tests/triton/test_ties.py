@@ -170,7 +170,7 @@ def test_cbam_ties_only_after_the_gate(device):
     xf = x.float().to(device)
     out = torch.ops.attnfused.cbam(xf, wf["w1"], wf["b1"], wf["w2"], wf["b2"], wf["sw"], wf["sb"], o["kind"],
                                    o["pool"], o["act"], o["gate"], o["padding"], o["maps"], o["sgate"], "split", None,
-                                   "none", B)
+                                   "none", None, None, B)
     pooled, smaps = out[1], out[3]
     s = channel_gate(pooled, wf["w1"], wf["b1"], wf["w2"], wf["b2"], o["kind"], o["pool"], o["act"], o["gate"],
                      o["padding"])[0].cpu()

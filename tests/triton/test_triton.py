@@ -125,7 +125,7 @@ def test_saved_tensors_match_reference_backend(lay, device):
     x = layout(rand(*SHAPE, dtype=torch.float32), lay)
     w = {k: None if v is None else v.float() for k, v in case.weights(SHAPE[1]).items()}
     args = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], o["kind"], o["pool"], o["act"], o["gate"],
-            o["padding"], o["maps"], o["sgate"], o["tie"], None, "none")
+            o["padding"], o["maps"], o["sgate"], o["tie"], None, "none", None, None)
     ref = torch.ops.attnfused.cbam(x, *args, "reference")
     dev_args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     out = torch.ops.attnfused.cbam(x.to(device), *dev_args, B)
@@ -153,7 +153,7 @@ def test_ops_take_any_strides(device):
 
     def run(x, g, w, backend):
         ws = [None if w[k] is None else w[k].to(x.device) for k in ("w1", "b1", "w2", "b2", "sw", "sb")]
-        out = torch.ops.attnfused.cbam(x, *ws, *opts, None, "none", backend)
+        out = torch.ops.attnfused.cbam(x, *ws, *opts, None, "none", None, None, backend)
         grads = torch.ops.attnfused.cbam_backward(g, x, *out[1:], *ws, *opts, backend)
         return [t.cpu() for t in (*out, *grads)]
 

@@ -10,13 +10,14 @@ import torch
 
 from ._common import device_guard, is_split
 from .channel import channel_gate, channel_pool, channel_small_backward, weight_grads
-from .reduce import apply, reduce, tail
+from .reduce import apply, prologue, reduce, tail
 from .spatial import spatial_gate, spatial_small_backward
 
 
 def cbam_forward(x, w1, b1, w2, b2, sweight, sbias, kind, pool, act, gate, padding, maps, sgate, tie="first",
-                 residual=None, activation="none"):
+                 residual=None, activation="none", in_scale=None, in_shift=None):
     is_split(tie)  # checked; the forward is the same under both rules
+    x = prologue(x, in_scale, in_shift)
     out_tail = tail(x, residual, activation)
     with device_guard(x):
         N, C, H, W = x.shape

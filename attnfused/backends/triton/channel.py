@@ -13,7 +13,7 @@ import triton.language as tl
 from ..._options import pool_inputs
 from ._common import (ACTS, GATES, INNER_T, INTERPRET, PADDINGS, POOLS, act_fn, act_grad_fn, code, device_guard,
                       gate_fn, gate_grad_fn, is_split, launch, programs_wanted, run_push, splits_for)
-from .reduce import apply, reduce, sum_over_batch, tail
+from .reduce import apply, prologue, reduce, sum_over_batch, tail
 
 
 # ----------------------------------------------------------------------------- small kernels
@@ -500,8 +500,9 @@ def channel_pool(x, pool):
 
 
 def channel_attention_forward(x, w1, b1, w2, b2, kind, pool, act, gate, padding, tie="first", residual=None,
-                              activation="none"):
+                              activation="none", in_scale=None, in_shift=None):
     is_split(tie)  # checked; the forward is the same under both rules
+    x = prologue(x, in_scale, in_shift)
     out_tail = tail(x, residual, activation)
     with device_guard(x):
         pooled, argmax = channel_pool(x, pool)

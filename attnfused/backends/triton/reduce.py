@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..._options import TAIL_ACTIVATIONS, check_choice
+from ...reference.functional import prologue as prologue_ref
 from ._common import (INNER_T, INTERPRET, IDX_NONE_T, argmax_combine, argmax_rows, cascade_push, cascade_total,
                       geometry, launch, programs_wanted, run_push, splits_for)
 
@@ -384,6 +385,21 @@ _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.
 _apply_autotuned = triton.autotune(_APPLY_CONFIGS, key=["C", "P", "sxc", "FLAT", "BWD", "CH_SPLIT", "SP_SPLIT",
                                                         "HAS_RES"],
                                    **_CACHE)(_apply_kernel)
+
+
+def prologue(x: torch.Tensor, in_scale, in_shift) -> torch.Tensor:
+    """x' = x * in_scale[c] + in_shift[c] (attnfused.ops' prologue; not fused here: one pass), laid out
+    like x, after checking both: given together, (C,) float32 on x's device."""
+    if in_scale is None and in_shift is None:
+        return x
+    for name, t in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if t is None or t.shape != (x.shape[1],) or t.dtype != torch.float32 or t.device != x.device \
+                or not t.is_contiguous():
+            got = "None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+            raise ValueError(f"{name} must be a contiguous ({x.shape[1]},) float32 tensor on {x.device} with its "
+                             f"partner (the input's per-channel affine), got {got}")
+    v = prologue_ref(x, in_scale, in_shift)
+    return v if v.stride() == x.stride() else torch.empty_like(x).copy_(v)
 
 
 def tail(x: torch.Tensor, residual, activation: str) -> dict:

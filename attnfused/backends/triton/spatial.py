@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import (GATES, INNER_T, INTERPRET, MAPS, code, device_guard, gate_fn, gate_grad_fn, is_split,
                       launch, run_push, splits_for)
 from .channel import weight_grads
-from .reduce import apply, reduce, sum_over_batch, tail
+from .reduce import apply, prologue, reduce, sum_over_batch, tail
 
 
 @triton.jit
@@ -222,8 +222,10 @@ def spatial_pool(x, tie="first"):
     return smaps, sargmax
 
 
-def spatial_attention_forward(x, weight, bias, maps, gate, tie="first", residual=None, activation="none"):
+def spatial_attention_forward(x, weight, bias, maps, gate, tie="first", residual=None, activation="none",
+                              in_scale=None, in_shift=None):
     is_split(tie)
+    x = prologue(x, in_scale, in_shift)
     out_tail = tail(x, residual, activation)
     with device_guard(x):
         smaps, sargmax = spatial_pool(x)
