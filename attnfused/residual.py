@@ -48,17 +48,18 @@ def _drop_path_is_off(dp) -> bool:
 
 def batchnorm_affine(bn: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
     """An eval-mode `nn.BatchNorm2d`'s output as a per-channel affine of its input, (scale, shift) in
-    float32 (`weight / sqrt(running_var + eps)`, `bias - running_mean * scale`; gradients flow to the
-    weight and bias), or None where it normalises by batch statistics (training mode, or no running
-    statistics) or is not a plain BatchNorm2d."""
+    float32, or float64 for a float64 BatchNorm (`weight / sqrt(running_var + eps)`, `bias -
+    running_mean * scale`; gradients flow to the weight and bias), or None where it normalises by
+    batch statistics (training mode, or no running statistics) or is not a plain BatchNorm2d."""
     if type(bn) is not nn.BatchNorm2d or bn.training or bn.running_var is None:
         return None
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
     if bn.weight is not None:
-        scale = bn.weight.float() * scale
-    shift = -bn.running_mean.float() * scale
+        scale = bn.weight.to(acc) * scale
+    shift = -bn.running_mean.to(acc) * scale
     if bn.bias is not None:
-        shift = bn.bias.float() + shift
+        shift = bn.bias.to(acc) + shift
     return scale, shift
 
 

@@ -442,6 +442,31 @@ def test_fuse_tail_replaces_only_the_forward(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt")], check=True)
 
 
+@pytest.mark.parametrize("name", ["timm_seresnet18", "tv_resnet_cbam_after_bn3"])
+def test_eval_batchnorm_is_the_attentions_prologue(name):
+    """In eval mode a converted block hands the BatchNorm before its attention to the fused module as its
+    prologue: the forward runs one batch_norm fewer per block (the profiler), and its output and the
+    gradients of the input and of every parameter (those BatchNorms' weight and bias among them) are
+    the original's (assert_same_training, float64); in training mode every BatchNorm runs. The report
+    says which BatchNorm the attention reads."""
+    model = randomize_(REAL_MODELS[name]()).to(DT)
+    fused, entries = attnfused.convert(model, report=True)
+    tails = [e for e in entries if e.tail]
+    norm = "bn2" if name.startswith("timm") else "bn3.0"
+    assert tails and all(f"{norm} in eval mode as the prologue" in str(e) for e in tails), [str(e) for e in tails]
+    x = torch.randn(REAL_MODEL_INPUT, dtype=DT)
+
+    def batch_norms(m):
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            m(x)
+        return sum(e.name == "aten::batch_norm" for e in prof.events())
+
+    for mode, fewer in (("eval", len(tails)), ("train", 0)):
+        model.train(mode == "train"), fused.train(mode == "train")
+        assert batch_norms(fused) == batch_norms(model) - fewer, mode
+    assert_same_training(model, fused, x, modes=("eval",))
+
+
 def test_tails_left_alone_say_why():
     """fuse_tail=False changes no block; a block whose attention stays, or whose activation is not a
     ReLU, keeps its class, and the report says why."""

@@ -73,11 +73,11 @@ def _run_empty_case(op, shape, layout, dtype):
             opts = (kind, "avg+max", "relu", "sigmoid", "zeros")
             cargs = (cw["w1"], cw.get("b1"), cw.get("w2"), cw.get("b2"))
             if op == "channel_attention":
-                out = OPS.channel_attention(x, *cargs, *opts, tie, None, "none", "cpu")
+                out = OPS.channel_attention(x, *cargs, *opts, tie, None, "none", None, None, "cpu")
                 leaves = {k: v for k, v in cw.items()}
             else:
                 out = OPS.cbam(x, *cargs, spatial["sweight"], spatial["sbias"], *opts, "max_mean", "sigmoid", tie,
-                               None, "none", "cpu")
+                               None, "none", None, None, "cpu")
                 leaves = {**cw, **spatial}
                 _check_small("smaps", out[3], (N, 2, H, W), acc)
                 _check_small("sargmax", out[4], (N, H, W), torch.int64)
@@ -90,7 +90,7 @@ def _run_empty_case(op, shape, layout, dtype):
             _check_weight_grads(grads[1:], leaves)
     elif op == "spatial_attention":
         out = OPS.spatial_attention(x, spatial["sweight"], spatial["sbias"], "max_mean", "sigmoid", "split", None,
-                                    "none", "cpu")
+                                    "none", None, None, "cpu")
         _check_like_x("y", out[0], x0)
         _check_small("smaps", out[1], (N, 2, H, W), acc)
         _check_small("sargmax", out[2], (N, H, W), torch.int64)
@@ -201,7 +201,8 @@ def test_pooled_over_space_large(layout):
     C = x.shape[1]
     w1 = torch.randn(4, C) / 4
     w2 = torch.randn(C, 4) / 2
-    args = (x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "first", None, "none", "cpu")
+    args = (x, w1, None, w2, None, "mlp", "avg+max", "relu", "sigmoid", "zeros", "first", None, "none", None, None,
+            "cpu")
     y, pooled, argmax, _ = OPS.channel_attention(*args)
     del y
     mean64 = _per_channel(lambda t: t.mean((1, 2)), x)  # the terms are positive: sum |x| = sum x
@@ -299,7 +300,7 @@ def test_cbam_large(layout):
     ch = block.channel_attention_block
     out = OPS.cbam(x.detach(), ch.fc_layers[0].weight, None, ch.fc_layers[2].weight, None,
                    block.spatial_attention_block.conv.weight, None, "mlp", "avg+max", "relu", "sigmoid", "zeros",
-                   "max_mean", "sigmoid", "first", None, "none", "cpu")
+                   "max_mean", "sigmoid", "first", None, "none", None, None, "cpu")
     mean64 = x64.detach().mean((2, 3))
     err = ((out[1][:, 0].double() - mean64).abs() / mean64).max().item()
     assert err <= SUM_TOL, f"CBAM's pooled mean over 1024 x 1024 ({layout}): relative error {err:.2e}"
