@@ -325,7 +325,7 @@ def set_compile_as(model: nn.Module, compile_as: str) -> nn.Module:
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False,
             include: Optional[Callable[[str, nn.Module], bool]] = None, compile_as: str = "kernels",
-            fuse_tail: bool = True):
+            fuse_tail: bool = True, fuse_norm: bool = True):
     """Swap every supported attention module of `model` for a fused one with the same weights.
 
     Args:
@@ -346,8 +346,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
             `relu(out + shortcut)` to the fused module, which computes it in the pass that writes its
             output (`attnfused.residual`), and while the BatchNorm before the attention (bn3, bn2) is
             in eval mode they hand its affine to the fused module as its prologue (`in_scale`,
-            `in_shift`: the BatchNorm needs no pass of its own); the report lists each such block,
-            and why one was not.
+            `in_shift`: the BatchNorm needs no pass of its own; `fuse_norm=False` keeps it a
+            BatchNorm call); the report lists each such block, what it fuses, and why one was not.
 
     Returns:
         the converted model, or `(model, entries)` when `report` is true.
@@ -356,8 +356,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_backend(backend)
     check_compile_as(compile_as)
-    if not isinstance(fuse_tail, bool):
-        raise TypeError(f"fuse_tail must be a bool, got {type(fuse_tail).__name__}")
+    for name, flag in (("fuse_tail", fuse_tail), ("fuse_norm", fuse_norm)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if include is not None and not callable(include):
         raise TypeError(f"include must be a callable (path, module) -> bool or None, got {type(include).__name__}")
     if not inplace:
@@ -408,7 +409,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
 
     model = visit(model, "")
     if fuse_tail:
-        for path, cls, new, why, fuses in residual.fuse_tail(model):
+        for path, cls, new, why, fuses in residual.fuse_tail(model, fuse_norm):
             entries.append(ConvertEntry(path, _qualname(cls), new, f"tail not fused: {why}" if why else "",
                                         tail=True, fuses=fuses))
     return (model, entries) if report else model

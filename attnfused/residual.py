@@ -7,10 +7,11 @@ block whose attention it converted a forward that hands the shortcut and the rel
 its output. While the BatchNorm that feeds the attention module (bn3, bn2) is in eval mode (running
 statistics), the forward also hands that BatchNorm's per-channel affine to the fused module as its
 prologue (`in_scale`, `in_shift`), which reads the conv's output through it: the BatchNorm needs no
-pass of its own. In training mode the BatchNorm runs as it is. Only the block's class changes, to a subclass defined here with that forward: every
-submodule, parameter and buffer stays where it was (the `state_dict` is unchanged), and the model
-still deep-copies, pickles and `torch.save`s (a subclass is made on first use, also when pickle asks
-for it by name in a new process).
+pass of its own (`convert(..., fuse_norm=False)` keeps it a call of its own). In training mode the
+BatchNorm runs as it is. Only the block's class changes, to a subclass defined here with that
+forward: every submodule, parameter and buffer stays where it was (the `state_dict` is unchanged),
+and the model still deep-copies, pickles and `torch.save`s (a subclass is made on first use, also
+when pickle asks for it by name in a new process).
 
 The blocks (exact types; a subclass of them may change the forward, so it is left alone):
 
@@ -63,9 +64,14 @@ def batchnorm_affine(bn: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
     return scale, shift
 
 
-def _norm_attend(bn: nn.Module, attn: nn.Module, x: Tensor, **tail) -> Tensor:
+# the attribute convert sets on a block it gives the fused forward: whether that forward hands an
+# eval-mode BatchNorm to the attention as its prologue (convert's `fuse_norm`)
+FUSE_NORM = "_attnfused_fuse_norm"
+
+
+def _norm_attend(self, bn: nn.Module, attn: nn.Module, x: Tensor, **tail) -> Tensor:
     """`attn(bn(x), **tail)`, the BatchNorm read by attn's passes (its prologue) while in eval mode."""
-    affine = batchnorm_affine(bn)
+    affine = batchnorm_affine(bn) if getattr(self, FUSE_NORM, True) else None
     if affine is None:
         return attn(bn(x), **tail)
     return attn(x, **tail, in_scale=affine[0], in_shift=affine[1])
@@ -77,11 +83,11 @@ def _timm_tail(self, x, shortcut, bn, attn, act):
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
     if not _drop_path_is_off(self.drop_path):
-        x = self.drop_path(_norm_attend(bn, attn, x))
+        x = self.drop_path(_norm_attend(self, bn, attn, x))
         x += shortcut
         return act(x)
     # `x += shortcut` rounds the sum to x's dtype: so does the fused op, given the shortcut in it
-    return _norm_attend(bn, attn, x, residual=shortcut.to(x.dtype), activation="relu")
+    return _norm_attend(self, bn, attn, x, residual=shortcut.to(x.dtype), activation="relu")
 
 
 def _timm_bottleneck_forward(self, x):
@@ -104,7 +110,7 @@ def _torchvision_bottleneck_forward(self, x):
     if self.downsample is not None:
         identity = self.downsample(x)
     out = self.conv3(out)
-    return _norm_attend(self.bn3[0], self.bn3[1], out, residual=identity.to(out.dtype), activation="relu")
+    return _norm_attend(self, self.bn3[0], self.bn3[1], out, residual=identity.to(out.dtype), activation="relu")
 
 
 def _timm_check(attn: str, act: str) -> Callable[[nn.Module], Optional[str]]:
@@ -176,10 +182,11 @@ def _originals() -> dict[type, str]:
     return {cls: name for name, spec in _BLOCKS.items() for cls in _classes({spec.module: (spec.cls,)})}
 
 
-def fuse_tail(model: nn.Module) -> list[tuple[str, type, Optional[str], str, str]]:
+def fuse_tail(model: nn.Module, fuse_norm: bool = True) -> list[tuple[str, type, Optional[str], str, str]]:
     """Gives every supported block of `model` (whose attention was converted) the fused forward, in
-    place. Returns (path, the block's original class, the new class name or None, why not, what the
-    new forward fuses) per supported block met."""
+    place; with `fuse_norm`, that forward reads an eval-mode BatchNorm before the attention as its
+    prologue (an attribute of the block says so: it pickles with it). Returns (path, the block's original class, the new class name or None, why not, what
+    the new forward fuses) per supported block met."""
     originals = _originals()
     out = []
     for path, m in model.named_modules():
@@ -189,9 +196,11 @@ def fuse_tail(model: nn.Module) -> list[tuple[str, type, Optional[str], str, str
         spec = _BLOCKS[name]
         why = spec.check(m)
         norm = m.get_submodule(spec.norm)
-        fuses = "tail fused" + (f"; {spec.norm} in eval mode as the prologue" if type(norm) is nn.BatchNorm2d
+        read = fuse_norm and type(norm) is nn.BatchNorm2d
+        fuses = "tail fused" + (f"; {spec.norm} in eval mode as the prologue" if read
                                 else f"; {spec.norm} ({type(norm).__name__}) runs as it is")
         out.append((path, type(m), None if why else name, why or "", "" if why else fuses))
         if why is None:
             m.__class__ = _tail_class(name)
+            setattr(m, FUSE_NORM, fuse_norm)
     return out

@@ -54,6 +54,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("fused-untailed", fused=True, convert_kwargs=(("fuse_tail", False),), default=False),
     Provider("fused+compile-untailed", fused=True, compile_mode="default", convert_kwargs=(("fuse_tail", False),),
              default=False),
+    # the BatchNorm before the attention stays its own call (what reading it as the prologue saves)
+    Provider("fused-separate-bn", fused=True, convert_kwargs=(("fuse_norm", False),), default=False),
+    Provider("fused+compile-separate-bn", fused=True, compile_mode="default", convert_kwargs=(("fuse_norm", False),),
+             default=False),
 )}
 DEFAULT_PROVIDERS = [name for name, p in PROVIDERS.items() if p.default]
 
@@ -150,6 +154,8 @@ def convert(model: nn.Module, backend: str, convert_kwargs: dict) -> tuple[nn.Mo
     tails = [e for e in entries if e.tail]
     if tails:
         note += f", {sum(e.converted for e in tails)}/{len(tails)} block tails"
+        norms = sum("as the prologue" in e.fuses for e in tails)
+        note += f" ({norms} with the BatchNorm before the attention as its prologue in eval mode)" if norms else ""
     left = next((e for e in entries if not e.converted), None)
     if left is not None:
         note += f" (left: {left})"

@@ -242,11 +242,6 @@ struct Prologue {
     apply_into(x, out);
     return out;
   }
-  // x' of samples [n0, n0 + count) into the same samples of out, the op's output (its first pass
-  // then reads them from there while they are in cache, and its last pass overwrites them).
-  void stage(const at::Tensor& x, at::Tensor& out, int64_t n0, int64_t count) const {
-    apply_into(x.narrow(0, n0, count), out.narrow(0, n0, count));
-  }
 };
 
 // The small tensors a forward saves for its backward (attnfused/ops.py's contracts): pooled

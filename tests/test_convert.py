@@ -465,6 +465,12 @@ def test_eval_batchnorm_is_the_attentions_prologue(name):
         model.train(mode == "train"), fused.train(mode == "train")
         assert batch_norms(fused) == batch_norms(model) - fewer, mode
     assert_same_training(model, fused, x, modes=("eval",))
+    # fuse_norm=False: the tail still fused, every BatchNorm its own call
+    separate, entries = attnfused.convert(model.eval(), report=True, fuse_norm=False)
+    assert all(e.converted and f"{norm} (BatchNorm2d) runs as it is" in str(e) for e in entries if e.tail)
+    assert batch_norms(separate) == batch_norms(model)
+    with pytest.raises(TypeError, match="fuse_norm must be a bool"):
+        attnfused.convert(model, fuse_norm=1)
 
 
 def test_tails_left_alone_say_why():

@@ -14,8 +14,8 @@ import torch
 import attnfused
 from attnfused.backends import reference as ref_backend
 from tests._util import GRAD_TOLERANCE, TOLERANCE, layout, rand, rand_distinct, rel_err
-from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, TAIL_CASES, check_against_oracle,
-                         check_empty_batch, check_opcheck_every_op, check_pooled_contract,
+from tests.cases import (ALL_CASES, CBAM_CASES, CHANNEL_CASES, PROLOGUE_CASES, SPATIAL_CASES, TAIL_CASES,
+                         check_against_oracle, check_empty_batch, check_opcheck_every_op, check_pooled_contract,
                          grad_leaves)
 
 BACKEND = "cuda"
@@ -75,6 +75,16 @@ def test_parity_all_options(case, dtype, lay, path):
 def test_parity_tail(case, dtype, lay, path):
     """The block's tail: in the new path's last pass where there is a residual, after the pass elsewhere."""
     _check(case, SMALL_SHAPE[dtype], dtype, lay)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("case", PROLOGUE_CASES, ids=str)
+def test_parity_prologue(case, lay, path):
+    """The input's per-channel affine: formed in one pass before the kernels on every CUDA path; x's,
+    in_scale's, in_shift's and every weight's gradients against the oracle (float32: in half precision
+    x' is rounded, which the oracle is not; tests/test_prologue.py checks that on CPU)."""
+    _check(case, SMALL_SHAPE[torch.float32], torch.float32, lay)
 
 
 @pytest.mark.parametrize("lay", LAYOUTS)

@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <vector>
 
 #include "common.h"
 #include "cpu/vec_io.h"
@@ -81,6 +83,45 @@ void for_samples(const Dims& d, const F& f) {
     next_samples = NextSamples{};
   });
 }
+
+// A thread keeps its staging buffer (GroupInput) from call to call up to this size; a larger group
+// (one sample past it, or a whole batch run pass by pass) gets a buffer of its own for the call.
+constexpr int64_t kStageKeepBytes = int64_t(16) << 20;
+
+// What a forward's passes read for the samples [n0, n0 + count) of x: x itself, or with a prologue
+// (common.h) x' of those samples, staged by the calling thread in a buffer of its own: the group's
+// passes then read x' from cache (for_samples sizes a group to stay there), and x is read from memory
+// once, by the staging. The staging is torch's own mul and add (Prologue::apply_into), so the
+// backward forms the very same x'. get() points at the group's first sample, laid out as in x.
+template <typename scalar_t>
+class GroupInput {
+ public:
+  GroupInput(const Prologue& pro, const at::Tensor& x, int64_t n0, int64_t count) {
+    const int64_t sample = x.numel() / std::max<int64_t>(1, x.size(0));
+    ptr_ = x.const_data_ptr<scalar_t>() + n0 * sample;
+    if (!pro.any() || count == 0) return;
+    const at::Tensor xs = x.narrow(0, n0, count);
+    const int64_t bytes = xs.numel() * int64_t(sizeof(scalar_t));
+    void* buf;
+    if (bytes <= kStageKeepBytes) {
+      thread_local std::vector<char> keep;  // grows to the thread's largest group, then is reused
+      constexpr int64_t kAlign = 64;
+      if (int64_t(keep.size()) < bytes + kAlign) keep.resize(bytes + kAlign);
+      const auto at = reinterpret_cast<uintptr_t>(keep.data());
+      buf = keep.data() + (kAlign - at % kAlign) % kAlign;
+    } else {
+      own_ = at::empty_like(xs);
+      buf = own_.data_ptr();
+    }
+    pro.apply_into(xs, at::from_blob(buf, xs.sizes(), xs.strides(), xs.options()));
+    ptr_ = static_cast<const scalar_t*>(buf);
+  }
+  const scalar_t* get() const { return ptr_; }
+
+ private:
+  const scalar_t* ptr_;
+  at::Tensor own_;
+};
 
 inline Dims dims_of(const at::Tensor& x) {
   Dims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3), is_channels_last(x)};

@@ -60,12 +60,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     acc_t* ph = hidden.numel() ? hidden.data_ptr<acc_t>() : nullptr;
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
-      const scalar_t* px = x.const_data_ptr<scalar_t>();  // x, or its prologue staged in y
-      if (pro.any()) pro.stage(x, y, n0, d1.N), px = y.const_data_ptr<scalar_t>();
-      pool_space(px + n0 * d.sample(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C,
-                 o.pool != Pool::AVG);
+      const GroupInput<scalar_t> xg(pro, x, n0, d1.N);  // x, or its prologue's x'
+      pool_space(xg.get(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);
-      spatial_forward_samples<scalar_t>(px, d, f.S.data(), swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp,
+      spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), xg.get(), d, f.S.data(),
+                                        swa.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(sba), mp,
                                         sg, k, smaps.data_ptr<acc_t>(), sargmax.data_ptr<int64_t>(),
                                         y.data_ptr<scalar_t>(), n0, d1, OutTail<scalar_t>(tail));
     });

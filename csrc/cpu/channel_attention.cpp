@@ -46,11 +46,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
-      const scalar_t* xs = px;  // x, or its prologue staged in y
-      if (pro.any()) pro.stage(x, y, n0, d1.N), xs = y.const_data_ptr<scalar_t>();
-      pool_space(xs + off, d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
+      const GroupInput<scalar_t> xg(pro, x, n0, d1.N);  // x, or its prologue's x'
+      pool_space(xg.get(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);
-      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, xs + off, d1, nullptr, nullptr,
+      apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, xg.get(), d1, nullptr, nullptr,
                                                        f.S.data() + n0 * d.C, nullptr, nullptr, NoHot(),
                                                        stream_output<scalar_t>(d), OutTail<scalar_t>(tail).at(off));
     });

@@ -71,9 +71,11 @@ void spatial_forward_sweep(const scalar_t* xn, const Dims& d, const acc_type<sca
 
 // Spatial attention's passes on x1 = x * S[n, c] (S optional: plain x) for samples
 // [n0, n0 + d1.N): smaps [N, 2, HW] and sargmax [N, HW] of x1, the conv and gate t, and out = x1 * t
-// (then the tail, its residual indexed like out). Pointers are the whole batch's.
+// (then the tail, its residual indexed like out). xg: what the passes read for those samples (from
+// their first: x's, or a prologue's x', GroupInput); the other pointers are the whole batch's, x's
+// too (the sweep fetches the next samples' x ahead).
 template <typename scalar_t>
-void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<scalar_t>* S,
+void spatial_forward_samples(const scalar_t* x, const scalar_t* xg, const Dims& d, const acc_type<scalar_t>* S,
                              const acc_type<scalar_t>* weight, const acc_type<scalar_t>* bias, Maps maps, Gate gate,
                              int64_t k, acc_type<scalar_t>* smaps, int64_t* sargmax, scalar_t* out, int64_t n0,
                              const Dims& d1, const OutTail<scalar_t>& tail) {
@@ -88,14 +90,14 @@ void spatial_forward_samples(const scalar_t* x, const Dims& d, const acc_type<sc
     const bool fetch = d.sample() * int64_t(sizeof(scalar_t)) > kGroupBytes;
     const int64_t share = fetch ? next.count * d.sample() / d1.N : 0;
     for (int64_t n = n0; n < n0 + d1.N; ++n)
-      spatial_forward_sweep(x + n * d.sample(), d, S ? S + n * d.C : nullptr, weight, bias, maps, gate, k,
+      spatial_forward_sweep(xg + (n - n0) * d.sample(), d, S ? S + n * d.C : nullptr, weight, bias, maps, gate, k,
                             smaps + n * 2 * d.HW, sargmax + n * d.HW, out + n * d.sample(), stream,
                             x + next.n0 * d.sample() + (n - n0) * share, share * int64_t(sizeof(scalar_t)),
                             tail.at(n * d.sample()));
     return;
   }
   std::vector<acc_t> z(d1.N * d.HW), t(d1.N * d.HW);
-  const scalar_t* xn = x + n0 * d.sample();
+  const scalar_t* xn = xg;
   const acc_t* Sn = S ? S + n0 * d.C : nullptr;
   acc_t* smn = smaps + n0 * 2 * d.HW;
   pool_channels<scalar_t>(xn, d1, Sn, smn, sargmax + n0 * d.HW);

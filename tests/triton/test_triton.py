@@ -20,7 +20,7 @@ from attnfused.reference import functional as R
 from attnfused.accuracy import bound
 from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, layout, rand, rand_distinct, rel_err
 from tests import cases
-from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, SPATIAL_CASES, TAIL_CASES
+from tests.cases import ALL_CASES, CBAM_CASES, CHANNEL_CASES, PROLOGUE_CASES, SPATIAL_CASES, TAIL_CASES
 from tests.triton._env import DEVICES, INTERPRET, dtypes
 
 B = "triton"
@@ -52,6 +52,15 @@ def test_tail(case, lay, device):
     if lay == "channels_last":
         for dtype in dtypes(device)[1:]:
             check_against_oracle(case, HALF_SHAPE, device, dtype, lay)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("case", [PROLOGUE_CASES[1], PROLOGUE_CASES[4], PROLOGUE_CASES[8]], ids=str)
+def test_prologue(case, lay, device):
+    """The input's per-channel affine (x' formed in one pass before the kernels): the gradients of x,
+    in_scale, in_shift and every weight against the oracle, in each layout."""
+    check_against_oracle(case, SMALL, device, lay=lay)
 
 
 @pytest.mark.parametrize("device", DEVICES)
