@@ -223,8 +223,8 @@ struct Prologue {
   const T* scale_ptr() const { return scale ? scale->const_data_ptr<T>() : nullptr; }
   template <typename T>
   const T* shift_ptr() const { return shift ? shift->const_data_ptr<T>() : nullptr; }
-  // x' written into out (shaped and laid out like x): torch's own mul and add, so that the autograd
-  // formula's x' (the same two ops in Python) is bit-identical to the forward's.
+  // x' written into out (shaped and laid out like x): torch's own mul and add, as the autograd
+  // formula forms x' again (the CPU kernels' own loop, cpu/batch.h affine_rows, rounds as they do).
   void apply_into(const at::Tensor& x, at::Tensor out) const {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's own ATen calls
     const auto C = x.size(1);

@@ -2,9 +2,10 @@
 read by the block in x's place), on the backends that run here (reference, cpu; the Triton backend's
 in tests/triton, the CUDA backend's in test_cuda_backend): the forward and the gradients of x,
 in_scale, in_shift and every weight against the float64 oracle in each layout and dtype, in both CPU
-pass orders; bit-identical reruns; no pass of its own over the whole batch on the CPU; what the
-backward keeps (x, never x'); torch.compile; gradcheck; bad arguments. opcheck of the ops with a
-prologue runs in every backend's opcheck sweep (tests.cases.OPCHECK_CASES)."""
+pass orders; bit-identical reruns; x' formed inside the CPU kernels, bit-identical to the one the
+backward forms again; what the backward keeps (x, never x'); torch.compile; gradcheck; bad
+arguments. opcheck of the ops with a prologue runs in every backend's opcheck sweep
+(tests.cases.OPCHECK_CASES)."""
 from __future__ import annotations
 
 import pytest
@@ -80,17 +81,41 @@ def test_cpu_prologue_in_both_pass_orders(case, lay, per_sample, monkeypatch):
 
 @CPU_ONLY
 @pytest.mark.parametrize("case", [PROLOGUE_CASES[0], PROLOGUE_CASES[5], PROLOGUE_CASES[8]], ids=str)
-def test_cpu_prologue_has_no_pass_of_its_own(case, monkeypatch):
-    """Sample by sample, the CPU kernels stage x' one group of samples at a time in the output's memory
-    and read it from there while in cache: the profiler sees the affine's mul and add on one group's
-    slice at a time, never on the whole batch."""
-    monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", "1")
+def test_cpu_prologue_runs_inside_the_kernel(case):
+    """The CPU kernels form x' themselves (a group of samples at a time, read again from cache): the
+    profiler, which records every ATen op (those a kernel calls too), sees no elementwise op on a
+    tensor of x's size in the forward."""
     x, w = _inputs(case, (4, 16, 6, 6), "channels_last")
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                  record_shapes=True) as prof:
         case.run(x, w, "cpu")
-    muls = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::mul", "aten::mul_", "aten::mul_out")]
-    assert muls and all(s[0] == 1 for s in muls if len(s) == 4), muls
+    big = [e.name for e in prof.events() if e.name in ("aten::mul", "aten::mul_", "aten::add", "aten::add_",
+                                                        "aten::addcmul", "aten::batch_norm")
+           and any(len(s) == 4 for s in e.input_shapes)]
+    assert not big, big
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("per_sample", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lay", ["nchw", "channels_last"])
+def test_cpu_prologue_is_the_backwards(lay, dtype, per_sample, monkeypatch):
+    """The x' the CPU forward reads is, bit for bit, the one the autograd formula forms again for the
+    backward (torch's mul, then add): every channel's max and every position's max over channels,
+    each an element of x', equal those of reference.functional.prologue (the "split" rule finds the
+    elements equal to the saved max in the backward's x')."""
+    monkeypatch.setenv("ATTNFUSED_CPU_PER_SAMPLE", per_sample)
+    C = 21  # vector bodies and tails along a channels_last row
+    x = layout(rand(4, C, 5, 7, dtype=dtype), lay)
+    scale, shift = rand(C, dtype=R.acc_dtype(dtype)), rand(C, dtype=R.acc_dtype(dtype))
+    xp = R.prologue(x, scale, shift).to(R.acc_dtype(dtype))
+    ops = torch.ops.attnfused
+    _, pooled, _, _ = ops.channel_attention(x, rand(1, 1, 3, dtype=x.dtype), None, None, None, "conv", "max", "relu",
+                                            "sigmoid", "zeros", "first", None, "none", scale, shift, "cpu")
+    assert torch.equal(pooled[:, 1], xp.amax((2, 3)))
+    _, smaps, _ = ops.spatial_attention(x, rand(1, 2, 3, 3, dtype=x.dtype), None, "max_mean", "sigmoid", "first",
+                                        None, "none", scale, shift, "cpu")
+    assert torch.equal(smaps[:, 0], xp.amax(1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

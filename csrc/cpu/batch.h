@@ -88,20 +88,55 @@ void for_samples(const Dims& d, const F& f) {
 // (one sample past it, or a whole batch run pass by pass) gets a buffer of its own for the call.
 constexpr int64_t kStageKeepBytes = int64_t(16) << 20;
 
+// v as computed, rounded: the barrier keeps the compiler from contracting v with a following add
+// into one FMA (one rounding), where torch's mul and add, which the backward runs, round twice.
+template <typename T>
+inline T rounded(T v) {
+#if defined(__GNUC__)
+  asm volatile("" : "+m"(v));
+#endif
+  return v;
+}
+
+// out[r, :] = x[r, :] * scale + shift over `rows` rows of `len` elements, the product rounded
+// before the sum as torch's mul then add round it (Prologue::apply_into), then to scalar_t as
+// torch's conversion rounds: bit-identical to the autograd formula's x'. Channel of row r (NCHW) or
+// of element j of a row (channels_last).
+template <typename scalar_t>
+void affine_rows(const scalar_t* x, scalar_t* out, const Dims& d, int64_t rows, const acc_type<scalar_t>* scale,
+                 const acc_type<scalar_t>* shift) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t V = IO::kSize;
+  const int64_t L = d.row_len();
+  at::parallel_for(0, rows, grain_rows(L), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* p = x + r * L;
+      scalar_t* q = out + r * L;
+      const int64_t c = r % d.C;  // NCHW: the row's channel
+      for (int64_t j = 0; j < L; j += V) {
+        const int64_t n = std::min(V, L - j);
+        const Vec a = d.cl ? Vec::loadu(scale + j, n) : Vec(scale[c]);
+        const Vec b = d.cl ? Vec::loadu(shift + j, n) : Vec(shift[c]);
+        IO::store(q + j, rounded(IO::load(p + j, n) * a) + b, n);
+      }
+    }
+  });
+}
+
 // What a forward's passes read for the samples [n0, n0 + count) of x: x itself, or with a prologue
-// (common.h) x' of those samples, staged by the calling thread in a buffer of its own: the group's
-// passes then read x' from cache (for_samples sizes a group to stay there), and x is read from memory
-// once, by the staging. The staging is torch's own mul and add (Prologue::apply_into), so the
-// backward forms the very same x'. get() points at the group's first sample, laid out as in x.
+// (common.h) x' of those samples, staged by the calling thread in a buffer of its own that it keeps
+// (affine_rows): the group's passes then read x' from cache (for_samples sizes a group to stay
+// there), and x is read from memory once, by the staging. get() points at the group's first
+// sample, laid out as in x.
 template <typename scalar_t>
 class GroupInput {
  public:
-  GroupInput(const Prologue& pro, const at::Tensor& x, int64_t n0, int64_t count) {
-    const int64_t sample = x.numel() / std::max<int64_t>(1, x.size(0));
-    ptr_ = x.const_data_ptr<scalar_t>() + n0 * sample;
+  GroupInput(const Prologue& pro, const at::Tensor& x, const Dims& d, int64_t n0, int64_t count) {
+    ptr_ = x.const_data_ptr<scalar_t>() + n0 * d.sample();
     if (!pro.any() || count == 0) return;
-    const at::Tensor xs = x.narrow(0, n0, count);
-    const int64_t bytes = xs.numel() * int64_t(sizeof(scalar_t));
+    const int64_t bytes = count * d.sample() * int64_t(sizeof(scalar_t));
     void* buf;
     if (bytes <= kStageKeepBytes) {
       thread_local std::vector<char> keep;  // grows to the thread's largest group, then is reused
@@ -110,10 +145,11 @@ class GroupInput {
       const auto at = reinterpret_cast<uintptr_t>(keep.data());
       buf = keep.data() + (kAlign - at % kAlign) % kAlign;
     } else {
-      own_ = at::empty_like(xs);
+      own_ = at::empty({bytes}, x.options().dtype(at::kByte));
       buf = own_.data_ptr();
     }
-    pro.apply_into(xs, at::from_blob(buf, xs.sizes(), xs.strides(), xs.options()));
+    affine_rows<scalar_t>(ptr_, static_cast<scalar_t*>(buf), d, count * d.rows(),
+                          pro.scale_ptr<acc_type<scalar_t>>(), pro.shift_ptr<acc_type<scalar_t>>());
     ptr_ = static_cast<const scalar_t*>(buf);
   }
   const scalar_t* get() const { return ptr_; }

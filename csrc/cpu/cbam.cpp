@@ -60,7 +60,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cbam_kernel(
     acc_t* ph = hidden.numel() ? hidden.data_ptr<acc_t>() : nullptr;
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
-      const GroupInput<scalar_t> xg(pro, x, n0, d1.N);  // x, or its prologue's x'
+      const GroupInput<scalar_t> xg(pro, x, d, n0, d1.N);  // x, or its prologue's x'
       pool_space(xg.get(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);
       spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), xg.get(), d, f.S.data(),

@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> channel_attention_kernel(
     ChannelSmall<acc_t> f(w, o, d.N);
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
       const int64_t off = n0 * d.sample();
-      const GroupInput<scalar_t> xg(pro, x, n0, d1.N);  // x, or its prologue's x'
+      const GroupInput<scalar_t> xg(pro, x, d, n0, d1.N);  // x, or its prologue's x'
       pool_space(xg.get(), d1, pp + n0 * 2 * d.C, argmax.data_ptr<int64_t>() + n0 * d.C, o.pool != Pool::AVG);
       f.forward(pp, n0, d1.N, ph);
       apply<scalar_t, true, false, false, true, false>(y.data_ptr<scalar_t>() + off, xg.get(), d1, nullptr, nullptr,

@@ -42,7 +42,7 @@ std::tuple<Tensor, Tensor, Tensor> spatial_attention_kernel(const Tensor& x, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     for_samples<scalar_t>(d, [&](int64_t n0, const Dims& d1) {
-      const GroupInput<scalar_t> xg(pro, x, n0, d1.N);  // x, or its prologue's x'
+      const GroupInput<scalar_t> xg(pro, x, d, n0, d1.N);  // x, or its prologue's x'
       spatial_forward_samples<scalar_t>(x.const_data_ptr<scalar_t>(), xg.get(), d, nullptr,
                                         wa.const_data_ptr<acc_t>(),
                                         ptr_or_null<acc_t>(ba), mp, g, k, smaps.data_ptr<acc_t>(),
