@@ -15,9 +15,9 @@ module, shared the same way.
 
 Residual blocks (timm's ResNet `Bottleneck` and `BasicBlock`, torchvision's `Bottleneck` with the
 attention after bn3) whose attention was converted also get the block's tail, `relu(out + shortcut)`,
-computed in the attention's output pass (`fuse_tail`, `attnfused.residual`), and the eval-mode
-BatchNorm before the attention read by the attention's passes: the report has an entry for each such
-block too.
+computed in the attention's output pass (`fuse_tail`, `attnfused.residual`), and on request
+(`fuse_norm`) the eval-mode BatchNorm before the attention read by the attention's passes: the
+report has an entry for each such block too.
 
 timm and torchvision are not dependencies: their classes are looked up only when the package
 has already been imported (a model made of their modules has imported it).
@@ -325,7 +325,7 @@ def set_compile_as(model: nn.Module, compile_as: str) -> nn.Module:
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False,
             include: Optional[Callable[[str, nn.Module], bool]] = None, compile_as: str = "kernels",
-            fuse_tail: bool = True, fuse_norm: bool = True):
+            fuse_tail: bool = True, fuse_norm: bool = False):
     """Swap every supported attention module of `model` for a fused one with the same weights.
 
     Args:
@@ -344,10 +344,13 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         fuse_tail: residual blocks whose attention was converted (timm's ResNet `Bottleneck` and
             `BasicBlock`, torchvision's `Bottleneck` with the attention after bn3) hand their
             `relu(out + shortcut)` to the fused module, which computes it in the pass that writes its
-            output (`attnfused.residual`), and while the BatchNorm before the attention (bn3, bn2) is
-            in eval mode they hand its affine to the fused module as its prologue (`in_scale`,
-            `in_shift`: the BatchNorm needs no pass of its own; `fuse_norm=False` keeps it a
-            BatchNorm call); the report lists each such block, what it fuses, and why one was not.
+            output (`attnfused.residual`); the report lists each such block, what it fuses, and why
+            one was not.
+        fuse_norm: those blocks also hand the BatchNorm before the attention (bn3, bn2), while it is
+            in eval mode, to the fused module as its prologue (`in_scale`, `in_shift`), which reads
+            the conv's output through it. Off by default: on the CPU measured so far it is no faster
+            than the BatchNorm's own pass (README, Results), and the GPU backends still form it in a
+            pass of their own.
 
     Returns:
         the converted model, or `(model, entries)` when `report` is true.

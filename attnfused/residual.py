@@ -4,11 +4,11 @@ A ResNet block ends `relu(attention(out) + shortcut)`: eager PyTorch runs the ad
 more passes over an activation-sized tensor. `attnfused.convert(model, fuse_tail=True)` gives each such
 block whose attention it converted a forward that hands the shortcut and the relu to the fused module
 (`attention(out, residual=shortcut, activation="relu")`), which computes them in the pass that writes
-its output. While the BatchNorm that feeds the attention module (bn3, bn2) is in eval mode (running
-statistics), the forward also hands that BatchNorm's per-channel affine to the fused module as its
-prologue (`in_scale`, `in_shift`), which reads the conv's output through it: the BatchNorm needs no
-pass of its own (`convert(..., fuse_norm=False)` keeps it a call of its own). In training mode the
-BatchNorm runs as it is. Only the block's class changes, to a subclass defined here with that
+its output. With `convert(..., fuse_norm=True)`, while the BatchNorm that feeds the attention module
+(bn3, bn2) is in eval mode (running statistics), the forward also hands that BatchNorm's per-channel
+affine to the fused module as its prologue (`in_scale`, `in_shift`), which reads the conv's output
+through it, so that the BatchNorm needs no pass of its own. In training mode the BatchNorm runs as
+it is. Only the block's class changes, to a subclass defined here with that
 forward: every submodule, parameter and buffer stays where it was (the `state_dict` is unchanged),
 and the model still deep-copies, pickles and `torch.save`s (a subclass is made on first use, also
 when pickle asks for it by name in a new process).
@@ -71,7 +71,7 @@ FUSE_NORM = "_attnfused_fuse_norm"
 
 def _norm_attend(self, bn: nn.Module, attn: nn.Module, x: Tensor, **tail) -> Tensor:
     """`attn(bn(x), **tail)`, the BatchNorm read by attn's passes (its prologue) while in eval mode."""
-    affine = batchnorm_affine(bn) if getattr(self, FUSE_NORM, True) else None
+    affine = batchnorm_affine(bn) if getattr(self, FUSE_NORM, False) else None
     if affine is None:
         return attn(bn(x), **tail)
     return attn(x, **tail, in_scale=affine[0], in_shift=affine[1])
@@ -182,7 +182,7 @@ def _originals() -> dict[type, str]:
     return {cls: name for name, spec in _BLOCKS.items() for cls in _classes({spec.module: (spec.cls,)})}
 
 
-def fuse_tail(model: nn.Module, fuse_norm: bool = True) -> list[tuple[str, type, Optional[str], str, str]]:
+def fuse_tail(model: nn.Module, fuse_norm: bool = False) -> list[tuple[str, type, Optional[str], str, str]]:
     """Gives every supported block of `model` (whose attention was converted) the fused forward, in
     place; with `fuse_norm`, that forward reads an eval-mode BatchNorm before the attention as its
     prologue (an attribute of the block says so: it pickles with it). Returns (path, the block's original class, the new class name or None, why not, what

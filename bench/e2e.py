@@ -8,8 +8,8 @@ under each provider:
   fused+compile      the converted model, then torch.compile
   fused(+compile)-untailed  the same, converted with fuse_tail=False (the residual blocks' add and
                      relu as their own ops: what the tail in the attention's pass saves; not by default)
-  fused(+compile)-separate-bn  the same, converted with fuse_norm=False (the BatchNorm before the
-                     attention as its own call in eval mode: what its prologue saves; not by default)
+  fused(+compile)-bn-prologue  the same, converted with fuse_norm=True (the eval-mode BatchNorm
+                     before the attention read as its prologue: what that saves; not by default)
   compile-ro         torch.compile(mode="reduce-overhead") of the original (CUDA graphs; GPU only)
   fused+compile-ro   the converted model under mode="reduce-overhead" (GPU only)
 Models: torchvision's ResNet-50 with SE, ECA or CBAM after every bottleneck's bn3 (on the residual

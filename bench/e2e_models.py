@@ -54,9 +54,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("fused-untailed", fused=True, convert_kwargs=(("fuse_tail", False),), default=False),
     Provider("fused+compile-untailed", fused=True, compile_mode="default", convert_kwargs=(("fuse_tail", False),),
              default=False),
-    # the BatchNorm before the attention stays its own call (what reading it as the prologue saves)
-    Provider("fused-separate-bn", fused=True, convert_kwargs=(("fuse_norm", False),), default=False),
-    Provider("fused+compile-separate-bn", fused=True, compile_mode="default", convert_kwargs=(("fuse_norm", False),),
+    # the eval-mode BatchNorm before the attention read as its prologue (convert's fuse_norm)
+    Provider("fused-bn-prologue", fused=True, convert_kwargs=(("fuse_norm", True),), default=False),
+    Provider("fused+compile-bn-prologue", fused=True, compile_mode="default", convert_kwargs=(("fuse_norm", True),),
              default=False),
 )}
 DEFAULT_PROVIDERS = [name for name, p in PROVIDERS.items() if p.default]

@@ -444,13 +444,13 @@ def test_fuse_tail_replaces_only_the_forward(tmp_path):
 
 @pytest.mark.parametrize("name", ["timm_seresnet18", "tv_resnet_cbam_after_bn3"])
 def test_eval_batchnorm_is_the_attentions_prologue(name):
-    """In eval mode a converted block hands the BatchNorm before its attention to the fused module as its
-    prologue: the forward runs one batch_norm fewer per block (the profiler), and its output and the
+    """With fuse_norm=True, in eval mode a converted block hands the BatchNorm before its attention to
+    the fused module as its prologue: the forward runs one batch_norm fewer per block (the profiler), and its output and the
     gradients of the input and of every parameter (those BatchNorms' weight and bias among them) are
     the original's (assert_same_training, float64); in training mode every BatchNorm runs. The report
     says which BatchNorm the attention reads."""
     model = randomize_(REAL_MODELS[name]()).to(DT)
-    fused, entries = attnfused.convert(model, report=True)
+    fused, entries = attnfused.convert(model, report=True, fuse_norm=True)
     tails = [e for e in entries if e.tail]
     norm = "bn2" if name.startswith("timm") else "bn3.0"
     assert tails and all(f"{norm} in eval mode as the prologue" in str(e) for e in tails), [str(e) for e in tails]
@@ -465,8 +465,8 @@ def test_eval_batchnorm_is_the_attentions_prologue(name):
         model.train(mode == "train"), fused.train(mode == "train")
         assert batch_norms(fused) == batch_norms(model) - fewer, mode
     assert_same_training(model, fused, x, modes=("eval",))
-    # fuse_norm=False: the tail still fused, every BatchNorm its own call
-    separate, entries = attnfused.convert(model.eval(), report=True, fuse_norm=False)
+    # fuse_norm=False (the default): the tail still fused, every BatchNorm its own call
+    separate, entries = attnfused.convert(model.eval(), report=True)
     assert all(e.converted and f"{norm} (BatchNorm2d) runs as it is" in str(e) for e in entries if e.tail)
     assert batch_norms(separate) == batch_norms(model)
     with pytest.raises(TypeError, match="fuse_norm must be a bool"):
