@@ -185,8 +185,9 @@ def _originals() -> dict[type, str]:
 def fuse_tail(model: nn.Module, fuse_norm: bool = False) -> list[tuple[str, type, Optional[str], str, str]]:
     """Gives every supported block of `model` (whose attention was converted) the fused forward, in
     place; with `fuse_norm`, that forward reads an eval-mode BatchNorm before the attention as its
-    prologue (an attribute of the block says so: it pickles with it). Returns (path, the block's original class, the new class name or None, why not, what
-    the new forward fuses) per supported block met."""
+    prologue (an attribute of the block says so: it pickles with it). Returns (path, the block's
+    original class, the new class name or None, why not, what the new forward fuses) per supported
+    block met."""
     originals = _originals()
     out = []
     for path, m in model.named_modules():

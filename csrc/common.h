@@ -147,7 +147,6 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* n
   TORCH_CHECK_VALUE(w.sizes() == shape, name, " must have shape ", shape, ", got ", w.sizes());
 }
 
-
 // Channel-attention weights for x (kind mlp: w1 [Cr, C], b1 [Cr]?, w2 [C, Cr], b2 [C]?; kind conv:
 // w1 [1, 1, k] with k odd, no others). Returns Cr (mlp) or k (conv).
 inline int64_t check_channel_weights(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,

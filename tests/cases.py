@@ -65,7 +65,7 @@ class Case:
         ch = dict(kind=o.get("kind"), pool=o.get("pool"), act=o.get("act"), padding=o.get("padding"), tie=o["tie"],
                   residual=w.get("residual"), activation=o.get("activation"), in_scale=w.get("in_scale"),
                   in_shift=w.get("in_shift"))
-        tail = {k: ch[k] for k in ("residual", "activation", "in_scale", "in_shift")}
+        around = {k: ch[k] for k in ("residual", "activation", "in_scale", "in_shift")}  # the tail, the prologue
         if self.op == "channel":
             if backend is None:
                 return R.channel_attention(x, w["w1"], w["b1"], w["w2"], w["b2"], gate_kind=o["gate"], **ch)
@@ -74,9 +74,9 @@ class Case:
         if self.op == "spatial":
             if backend is None:
                 return R.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate_kind=o["sgate"], tie=o["tie"],
-                                           **tail)
+                                           **around)
             return F.spatial_attention(x, w["sw"], w["sb"], maps=o["maps"], gate=o["sgate"], tie=o["tie"],
-                                       backend=backend, **tail)
+                                       backend=backend, **around)
         if backend is None:
             return R.cbam(x, w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"], gate_kind=o["gate"],
                           maps=o["maps"], spatial_gate=o["sgate"], **ch)
@@ -126,7 +126,6 @@ TAIL_CASES = [with_tail(CHANNEL_CASES[0], True, "relu"), with_tail(CHANNEL_CASES
               with_tail(SPATIAL_CASES[1], True, None), with_tail(CBAM_CASES[4], True, "relu"),
               with_tail(CBAM_CASES[3], False, "relu")]
 assert {c.o["padding"] for c in CHANNEL_CASES} == set(CONV_PADDINGS)
-
 
 
 def with_prologue(case: Case) -> Case:
@@ -375,22 +374,23 @@ def op_samples(backend, device="cpu", C=6, saved_by=None, cases=OPCHECK_CASES):
     for case in cases:
         o, w = case.o, _to(case.weights(C, shape=x.shape), dtype=torch.float32, device=device)
         copts = (o.get("kind"), o.get("pool"), o.get("act"), o.get("gate"), o.get("padding"))
-        tail = (w.get("residual"), o.get("activation") or "none", w.get("in_scale"), w.get("in_shift"))  # the last inputs
+        # the forward's last inputs: the tail's, then the prologue's
+        last = (w.get("residual"), o.get("activation") or "none", w.get("in_scale"), w.get("in_shift"))
         if case.op == "channel":
             wts = (w["w1"], w["b1"], w["w2"], w["b2"])
-            saved = ops.channel_attention(x, *wts, *copts, o["tie"], *tail, saver)[1:]
-            yield ops.channel_attention.default, (x, *wts, *copts, o["tie"], *tail, backend)
+            saved = ops.channel_attention(x, *wts, *copts, o["tie"], *last, saver)[1:]
+            yield ops.channel_attention.default, (x, *wts, *copts, o["tie"], *last, backend)
             yield ops.channel_attention_backward.default, (g, x, *saved, *wts, *copts, o["tie"], backend)
         elif case.op == "spatial":
             sopts = (o["maps"], o["sgate"], o["tie"])
-            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, *tail, saver)[1:]
-            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, *tail, backend)
+            saved = ops.spatial_attention(x, w["sw"], w["sb"], *sopts, *last, saver)[1:]
+            yield ops.spatial_attention.default, (x, w["sw"], w["sb"], *sopts, *last, backend)
             yield ops.spatial_attention_backward.default, (g, x, *saved, w["sw"], w["sb"], *sopts, backend)
         else:
             wts = (w["w1"], w["b1"], w["w2"], w["b2"], w["sw"], w["sb"])
             opts = (*copts, o["maps"], o["sgate"], o["tie"])
-            saved = ops.cbam(x, *wts, *opts, *tail, saver)[1:]
-            yield ops.cbam.default, (x, *wts, *opts, *tail, backend)
+            saved = ops.cbam(x, *wts, *opts, *last, saver)[1:]
+            yield ops.cbam.default, (x, *wts, *opts, *last, backend)
             yield ops.cbam_backward.default, (g, x, *saved, *wts, *opts, backend)
     for tie in TIE_RULES:
         smaps, sargmax = ops.spatial_pool(x, tie, saver)

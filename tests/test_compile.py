@@ -85,7 +85,8 @@ def _triton_cases(dtype, memory_format):
     sp = ("max_mean", "sigmoid")
 
     def channel(x, w1, b1, w2, b2, residual=None, *, tie, activation="none"):
-        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, None, None, "triton")
+        y, *saved = ops.channel_attention(x, w1, b1, w2, b2, "mlp", *ch, tie, residual, activation, None, None,
+                                          "triton")
         return y, *ops.channel_attention_backward(y, x, *saved, w1, b1, w2, b2, "mlp", *ch, tie, "triton")
 
     def eca(x, cw, tie):

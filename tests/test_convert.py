@@ -445,10 +445,10 @@ def test_fuse_tail_replaces_only_the_forward(tmp_path):
 @pytest.mark.parametrize("name", ["timm_seresnet18", "tv_resnet_cbam_after_bn3"])
 def test_eval_batchnorm_is_the_attentions_prologue(name):
     """With fuse_norm=True, in eval mode a converted block hands the BatchNorm before its attention to
-    the fused module as its prologue: the forward runs one batch_norm fewer per block (the profiler), and its output and the
-    gradients of the input and of every parameter (those BatchNorms' weight and bias among them) are
-    the original's (assert_same_training, float64); in training mode every BatchNorm runs. The report
-    says which BatchNorm the attention reads."""
+    the fused module as its prologue: the forward runs one batch_norm fewer per block (the
+    profiler), and its output and the gradients of the input and of every parameter (those
+    BatchNorms' weight and bias among them) are the original's (assert_same_training, float64); in
+    training mode every BatchNorm runs. The report says which BatchNorm the attention reads."""
     model = randomize_(REAL_MODELS[name]()).to(DT)
     fused, entries = attnfused.convert(model, report=True, fuse_norm=True)
     tails = [e for e in entries if e.tail]

@@ -90,6 +90,7 @@ constexpr int64_t kStageKeepBytes = int64_t(16) << 20;
 
 // v as computed, rounded: the barrier keeps the compiler from contracting v with a following add
 // into one FMA (one rounding), where torch's mul and add, which the backward runs, round twice.
+// (MSVC does not contract across statements.)
 template <typename T>
 inline T rounded(T v) {
 #if defined(__GNUC__)
@@ -106,7 +107,6 @@ template <typename scalar_t>
 void affine_rows(const scalar_t* x, scalar_t* out, const Dims& d, int64_t rows, const acc_type<scalar_t>* scale,
                  const acc_type<scalar_t>* shift) {
   using IO = VecIO<scalar_t>;
-  using acc_t = acc_type<scalar_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t V = IO::kSize;
   const int64_t L = d.row_len();

@@ -276,7 +276,8 @@ const Term<acc_t, false>* spatial_gate_backward(const SpatialArgs<acc_t>& g, con
   auto* terms = static_cast<Term<acc_t, false>*>(s.carve(items * int64_t(sizeof(Term<acc_t, false>))));
   _spatial_terms<acc_t><<<item_blocks(items), kThreads, 0, stream>>>(N, g, terms);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  _spatial_dweight<acc_t><<<item_blocks(N * (g.M * g.k * g.k + 1) * 32), kThreads, 0, stream>>>(N, g);  // a warp per (n, o)
+  // a warp per (n, o)
+  _spatial_dweight<acc_t><<<item_blocks(N * (g.M * g.k * g.k + 1) * 32), kThreads, 0, stream>>>(N, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return terms;
 }
