@@ -8,10 +8,11 @@ its output. With `convert(..., fuse_norm=True)`, while the BatchNorm that feeds 
 (bn3, bn2) is in eval mode (running statistics), the forward also hands that BatchNorm's per-channel
 affine to the fused module as its prologue (`in_scale`, `in_shift`), which reads the conv's output
 through it, so that the BatchNorm needs no pass of its own. In training mode the BatchNorm runs as
-it is. Only the block's class changes, to a subclass defined here with that
-forward: every submodule, parameter and buffer stays where it was (the `state_dict` is unchanged),
-and the model still deep-copies, pickles and `torch.save`s (a subclass is made on first use, also
-when pickle asks for it by name in a new process).
+it is. Only the block's class changes, to a subclass defined here with that forward (and an
+attribute of the block says whether it reads the BatchNorm so): every submodule, parameter and
+buffer stays where it was (the `state_dict` is unchanged), and the model still deep-copies, pickles
+and `torch.save`s (a subclass is made on first use, also when pickle asks for it by name in a new
+process).
 
 The blocks (exact types; a subclass of them may change the forward, so it is left alone):
 
@@ -79,7 +80,8 @@ def _norm_attend(self, bn: nn.Module, attn: nn.Module, x: Tensor, **tail) -> Ten
 
 def _timm_tail(self, x, shortcut, bn, attn, act):
     """timm's `x = bn(x); x = attn(x); x = drop_path(x); x += shortcut; x = act(x)`, the tail inside
-    attn's pass unless drop_path drops this call, and an eval-mode bn as attn's prologue."""
+    attn's pass unless drop_path drops this call (and, with fuse_norm, an eval-mode bn read as attn's
+    prologue)."""
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
     if not _drop_path_is_off(self.drop_path):
