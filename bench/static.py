@@ -292,7 +292,7 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
                 PassUse("next bwd dxST", f"{last}6, false>", "apply", reads=1, writes=1),
                 # spatial attention's backward (spatial_backward): the pool over channels of dy * x
                 # (as spatial_scale's, DOT) and this last pass
-                PassUse("next sa bwd dx", f"{last}5, false>", "apply", reads=1, writes=1)]
+                PassUse("next sa dx", f"{last}5, false>", "apply", reads=1, writes=1)]
     if op != "se":
         return []
     if cl:

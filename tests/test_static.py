@@ -257,9 +257,10 @@ def test_end_to_end_on_the_built_library():
     for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
     # the new path's channel forward (its last pass also with the tail's residual) and backward passes
-    # at stage 1 in both layouts, and CBAM's three forward passes in channels_last, none flagged
+    # at stage 1 in both layouts, and in channels_last CBAM's three forward and three backward passes
+    # and spatial attention's dx pass, none flagged
     channel = ("fwd pool", "fwd scale", "fwd scale+res", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
-    cbam = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res")
+    cbam = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res", "bwd sdot", "bwd cdot", "bwd dxST", "sa dx")
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
         [f"next {p} {lay}" for p in channel for lay in ("cl", "nchw")] + [f"next {p} cl" for p in cbam]), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
