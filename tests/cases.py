@@ -150,6 +150,43 @@ def grad_leaves(x, w: dict):
     return names, [x] + [w[k] for k in names]
 
 
+def case_inputs(case, shape, lay="nchw", dtype=torch.float32):
+    """Fresh x and `case`'s other inputs (weights; a residual laid out like x), each wanting a gradient."""
+    x = layout(rand(*shape, dtype=dtype), lay).requires_grad_()
+    w = {k: None if v is None else (layout(v, lay) if k == "residual" else v).requires_grad_()
+         for k, v in case.weights(shape[1], dtype=dtype, shape=shape).items()}
+    return x, w
+
+
+def check_gradcheck(case, backend, shape=(2, 5, 4, 3)):
+    """torch.autograd.gradcheck of `backend`'s fused call in float64, over x and every other input."""
+    x, w = case_inputs(case, shape, dtype=torch.float64)
+    names, leaves = grad_leaves(x, w)
+
+    def run(*leaves):
+        return case.run(leaves[0], {**w, **dict(zip(names, leaves[1:]))}, backend)
+
+    assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-7)
+
+
+def check_compiled_matches_eager(case, shape, backend="cpu"):
+    """torch.compile(fullgraph=True) of the fused call (channels_last): the op's fake implementation and
+    autograd formula give eager's output and gradients, bit for bit."""
+    x, w = case_inputs(case, shape, "channels_last")
+    g = torch.randn_like(x)
+
+    def step(run):
+        out = run(x, w)
+        return [out, *torch.autograd.grad(out, grad_leaves(x, w)[1], g)]
+
+    def forward(x, w):
+        return case.run(x, w, backend)
+
+    torch._dynamo.reset()
+    for a, b in zip(step(forward), step(torch.compile(forward, fullgraph=True, backend="aot_eager"))):
+        assert torch.equal(a, b)
+
+
 def _to(w: dict, **kw) -> dict:
     return {k: None if v is None else v.to(**kw) for k, v in w.items()}
 

@@ -15,7 +15,8 @@ from attnfused import functional as F
 from attnfused.backends import unavailable_reason
 from attnfused.reference import functional as R
 from tests._util import GRAD_TOLERANCE, LAYOUTS, TOLERANCE, autocast_for, layout, rand, rel_err
-from tests.cases import PROLOGUE_CASES, check_against_oracle, check_deterministic, grad_leaves
+from tests.cases import (PROLOGUE_CASES, case_inputs, check_against_oracle, check_compiled_matches_eager,
+                         check_deterministic, check_gradcheck)
 
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, "cpu") is None]
 SHAPE = (2, 19, 6, 5)  # as tests/test_tail.py: vector bodies and tails along both runs
@@ -23,10 +24,7 @@ CPU_ONLY = pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension i
 
 
 def _inputs(case, shape=SHAPE, lay="nchw", dtype=torch.float32):
-    x = layout(rand(*shape, dtype=dtype), lay).requires_grad_()
-    w = {k: None if v is None else (layout(v, lay) if k == "residual" else v).requires_grad_()
-         for k, v in case.weights(shape[1], dtype=dtype, shape=shape).items()}
-    return x, w
+    return case_inputs(case, shape, lay, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -155,33 +153,14 @@ def test_prologue_equals_batchnorm_then_block(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [PROLOGUE_CASES[1], PROLOGUE_CASES[3], PROLOGUE_CASES[8]], ids=str)
 def test_gradcheck_float64(case, backend):
-    x, w = _inputs(case, (2, 5, 4, 3), dtype=torch.float64)
-    names, leaves = grad_leaves(x, w)
-
-    def run(*leaves):
-        return case.run(leaves[0], {**w, **dict(zip(names, leaves[1:]))}, backend)
-
-    assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-7)
+    check_gradcheck(case, backend)
 
 
 @CPU_ONLY
 def test_compiled_prologue_matches_eager():
     """torch.compile(fullgraph=True) of a call with the prologue: the op's fake implementation and
     autograd formula give eager's bits."""
-    case = PROLOGUE_CASES[8]
-    x, w = _inputs(case, lay="channels_last")
-    g = torch.randn_like(x)
-
-    def step(run):
-        out = run(x, w)
-        return [out, *torch.autograd.grad(out, grad_leaves(x, w)[1], g)]
-
-    def forward(x, w):
-        return case.run(x, w, "cpu")
-
-    torch._dynamo.reset()
-    for a, b in zip(step(forward), step(torch.compile(forward, fullgraph=True, backend="aot_eager"))):
-        assert torch.equal(a, b)
+    check_compiled_matches_eager(PROLOGUE_CASES[8], SHAPE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

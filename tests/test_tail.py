@@ -13,7 +13,8 @@ import torch
 from attnfused import functional as F
 from attnfused.backends import unavailable_reason
 from tests._util import LAYOUTS, TOLERANCE, layout, rand, rel_err
-from tests.cases import TAIL_CASES, check_against_oracle, check_deterministic, grad_leaves
+from tests.cases import (TAIL_CASES, case_inputs, check_against_oracle, check_compiled_matches_eager,
+                         check_deterministic, check_gradcheck, grad_leaves)
 
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, "cpu") is None]
 # C = 19 and H*W = 30: vector bodies and tails along both runs; NCHW rows that end inside a cache line
@@ -23,10 +24,7 @@ CPU_ONLY = pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension i
 
 
 def _inputs(case, shape=SHAPE, lay="nchw", dtype=torch.float32):
-    x = layout(rand(*shape, dtype=dtype), lay).requires_grad_()
-    w = {k: None if v is None else (layout(v, lay) if k == "residual" else v).requires_grad_()
-         for k, v in case.weights(shape[1], dtype=dtype, shape=shape).items()}
-    return x, w
+    return case_inputs(case, shape, lay, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -120,33 +118,14 @@ def test_residual_in_another_layout(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [TAIL_CASES[0], TAIL_CASES[3], TAIL_CASES[5]], ids=str)
 def test_gradcheck_float64(case, backend):
-    x, w = _inputs(case, (2, 5, 4, 3), dtype=torch.float64)
-    names, leaves = grad_leaves(x, w)
-
-    def run(*leaves):
-        return case.run(leaves[0], {**w, **dict(zip(names, leaves[1:]))}, backend)
-
-    assert torch.autograd.gradcheck(run, tuple(leaves), eps=1e-6, atol=1e-7)
+    check_gradcheck(case, backend)
 
 
 @CPU_ONLY
 def test_compiled_tail_matches_eager():
     """torch.compile(fullgraph=True) of a call with the tail: the op's fake implementation and autograd
     formula (the output saved for relu's mask) give eager's bits."""
-    case = TAIL_CASES[5]
-    x, w = _inputs(case, lay="channels_last")
-    g = torch.randn_like(x)
-
-    def step(run):
-        out = run(x, w)
-        return [out, *torch.autograd.grad(out, grad_leaves(x, w)[1], g)]
-
-    def forward(x, w):
-        return case.run(x, w, "cpu")
-
-    torch._dynamo.reset()
-    for a, b in zip(step(forward), step(torch.compile(forward, fullgraph=True, backend="aot_eager"))):
-        assert torch.equal(a, b)
+    check_compiled_matches_eager(TAIL_CASES[5], SHAPE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
