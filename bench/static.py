@@ -89,6 +89,7 @@ SOURCE_FACTS = {
         r"grid = tiles < slots \? tiles : slots;",
     ],
     "csrc/cuda/next_pool.cuh": [r"return J == Job::SUM \? kLoads : 2;"],
+    "csrc/cuda/next_last.cuh": [r"return P == Last::DX_ST \? 2 : kLoads;"],
     "csrc/cuda/next_channel.cu": [  # covers(): which shapes run the new kernels, and with which pool
         r"const bool fits = cl \? C % V == 0",
         r": HW % V == 0 \|\| \(over == Over::SPACE && HW >= V && TilePlan::covers\(HW, static_cast<int>\(V\)\)\);",
@@ -144,6 +145,7 @@ def plan_reduce(N: int, A: int, B: int, direction: str, vec: int, sms: int = SMS
 
 
 KLOADS = 4  # kLoads in next_plan.h
+COLUMNS_LOADS_ST = 2  # columns_loads<Last::DX_ST>() in next_last.cuh
 
 
 def pow2_lanes(vecs: int) -> int:
@@ -220,6 +222,7 @@ class PassUse:
     reads: int = 1  # tensors of x's size read
     writes: int = 0
     over_channels: bool = False  # a pool over channels (the new path's pools with C and H*W swapped)
+    trip_vectors: int = 0  # 16-byte vectors of each streamed tensor a hot-loop trip reads (0: from the SASS)
 
 
 def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
@@ -267,10 +270,11 @@ def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int 
 def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
     """The new path's kernels ($ATTNFUSED_CUDA_KERNELS=next) for the op on this shape: the channel
     attention forward (se: pool avg only) and backward under both tie rules ("split": a pool with a
-    max), where next_channel.cu covers it; for cbam, so far, the forward in channels_last: the
-    channel pool, the pool of x * s over channels (the rows kernel with C and H*W swapped, each
-    channel weighted), and the last pass y = x * s * t. The forwards' last pass also with the tail's
-    residual (+res: one more stream read)."""
+    max), where next_channel.cu covers it; for cbam, in channels_last the forward (the channel
+    pool, the pool of x * s over channels: the rows kernel with C and H*W swapped, each channel
+    weighted; the last pass y = x * s * t) and the CBAM and spatial attention backwards; in NCHW
+    the backwards (the forward runs today's kernels there). The forwards' last pass also with the
+    tail's residual (+res: one more stream read)."""
     v, HW = 16 // elem, H * W
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
@@ -279,8 +283,21 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4, SCALED_DOT 5, DOT_POS 6 (next_pool.cuh);
     # Last: SCALE 0, DX 1, DX_SPLIT 2, SCALE_T 3, SCALE_ST 4, DX_T 5, DX_ST 6, then ADD (the forward's
     # tail with a residual) (next_last.cuh)
+    if op == "cbam" and not cl:  # the backwards where H*W is a whole number of vectors (cbam_backward)
+        if HW % v:
+            return []
+        cols = f"void {ns}_scale_columns<{T}, {v}, ({ns}Last)"
+        # the last passes: a thread holds its positions' terms down R channels, columns_loads()
+        # vectors of dy a trip (next_last.cuh); the dot with position terms: _pool_across
+        return [PassUse("next bwd sdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)5>", "columns", reads=2,
+                        over_channels=True),
+                PassUse("next bwd cdot", f"void {ns}_pool_across<{T}, {v}>", "columns", reads=2, over_channels=True),
+                PassUse("next bwd dxST", f"{cols}6>", "columns", reads=1, writes=1, over_channels=True,
+                        trip_vectors=COLUMNS_LOADS_ST),
+                PassUse("next sa dx", f"{cols}5>", "columns", reads=1, writes=1, over_channels=True,
+                        trip_vectors=KLOADS)]
     if op == "cbam":  # channels_last, C a whole number of vectors (cbam_forward, cbam_backward)
-        if not cl or C % v:
+        if C % v:
             return []
         return [PassUse("next fwd cpool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)1>", "columns"),
                 PassUse("next fwd spool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)4>", "rows", over_channels=True),
@@ -488,7 +505,9 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         # bytes a thread reads per hot-loop trip and per row; a row's own work spread over its trips.
         # An apply trip reads one vector of each streamed tensor (its other loads are per-channel
         # values); elsewhere every load of the stream width is the streamed tensors'.
-        per_trip = max(1, vec * elem * use.reads if use.kind == "apply" else hot.stream_loads * hot.stream_width)
+        # A trip_vectors pass also loads per-channel values of the stream's width in the loop.
+        trip = use.trip_vectors or (1 if use.kind == "apply" else 0)
+        per_trip = max(1, trip * vec * elem * use.reads if trip else hot.stream_loads * hot.stream_width)
         row_bytes = plan["KB"] * vec * elem * use.reads if use.kind in ("reduce", "rows", "columns") else per_trip
         trips = max(1.0, row_bytes / per_trip)
         shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0

@@ -179,21 +179,27 @@ def test_bit_identical_twice(case, dtype, lay, path):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 @pytest.mark.parametrize("case", [CHANNEL_CASES[4], SPATIAL_CASES[0], SPATIAL_CASES[5], CBAM_CASES[2], CBAM_CASES[8]],
                          ids=str)
-def test_next_path_runs(case, dtype, monkeypatch, capfd):
-    """Where the new kernels cover the inputs (channels_last, C a whole number of 16-byte vectors,
-    tie rule "first"), both directions run them, not the validated kernels they fall back to
-    elsewhere: each call's plan is printed under $ATTNFUSED_CUDA_DEBUG=1. And their results match
-    the float64 oracle (the parity tests compare the values; this one proves which kernels made them)."""
+@pytest.mark.parametrize("lay", LAYOUTS)
+def test_next_path_runs(case, dtype, lay, monkeypatch, capfd):
+    """Where the new kernels cover the inputs (channels_last with C, NCHW with H*W a whole number of
+    16-byte vectors; tie rule "first"), both directions run them, not the validated kernels they
+    fall back to elsewhere (NCHW CBAM's forward, for now): each call's plan is printed under
+    $ATTNFUSED_CUDA_DEBUG=1. And their results match the float64 oracle (the parity tests compare
+    the values; this one proves which kernels made them)."""
     monkeypatch.setenv("ATTNFUSED_CUDA_KERNELS", "next")
     monkeypatch.setenv("ATTNFUSED_CUDA_DEBUG", "1")
-    x = layout(rand(4, 64, 14, 14, dtype=dtype, device="cuda"), "channels_last")
+    shape = (4, 64, 14, 14) if lay == "channels_last" else (4, 64, 16, 16)
+    x = layout(rand(*shape, dtype=dtype, device="cuda"), lay)
     w = {k: None if v is None else v.float().cuda() for k, v in case.weights(64).items()}
     capfd.readouterr()
-    _train_step(case, x, w, layout(rand(4, 64, 14, 14, dtype=dtype, device="cuda"), "channels_last"))
+    _train_step(case, x, w, layout(rand(*shape, dtype=dtype, device="cuda"), lay))
     err = capfd.readouterr().err
-    for direction in ("forward", "backward"):
+    directions = ("backward",) if case.op == "cbam" and lay == "nchw" else ("forward", "backward")
+    for direction in directions:
         assert f"attnfused next {case.op}_{direction} " in err, err
-    _check(case, (4, 64, 14, 14), dtype, "channels_last")
+    if lay == "nchw" and case.op in ("cbam", "spatial"):  # a position's terms held down a column of channels
+        assert "columns VEC=" in err, err
+    _check(case, shape, dtype, lay)
 
 
 @pytest.mark.cuda

@@ -176,6 +176,15 @@ def test_next_path_tiles_plan():
     assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == \
         ["columns", "apply", "apply", "columns", "apply", "columns", "apply"]
     assert static.next_passes("se", 2, 2, 2, False, "c10::Half", 2) == [], "H*W < 8: a vector meets > 2 rows"
+    # NCHW CBAM: the backwards' passes where H*W is a whole number of vectors (positions' terms held
+    # down columns of channels), never the forward's
+    nchw = static.next_passes("cbam", 512, 28, 28, False, "c10::Half", 2)
+    assert [(u.label, u.kind, u.over_channels) for u in nchw] == [
+        ("next bwd sdot", "columns", True), ("next bwd cdot", "columns", True), ("next bwd dxST", "columns", True),
+        ("next sa dx", "columns", True)]
+    assert "_pool_across<c10::Half, 8>" in nchw[1].kernel and "_scale_columns<" in nchw[2].kernel
+    assert static.next_passes("cbam", 1024, 14, 14, False, "c10::Half", 2) == [], "196 is no whole number of vectors"
+    assert len(static.next_passes("cbam", 1024, 14, 14, False, "float", 4)) == 4
 
 
 def test_occupancy():
@@ -257,12 +266,14 @@ def test_end_to_end_on_the_built_library():
     for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
     # the new path's channel forward (its last pass also with the tail's residual) and backward passes
-    # at stage 1 in both layouts, and in channels_last CBAM's three forward and three backward passes
-    # and spatial attention's dx pass, none flagged
+    # at stage 1 in both layouts, CBAM's three backward passes and spatial attention's dx pass in both
+    # layouts, and in channels_last CBAM's three forward passes, none flagged
     channel = ("fwd pool", "fwd scale", "fwd scale+res", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
-    cbam = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res", "bwd sdot", "bwd cdot", "bwd dxST", "sa dx")
+    cbam_fwd = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res")
+    cbam_bwd = ("bwd sdot", "bwd cdot", "bwd dxST", "sa dx")
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
-        [f"next {p} {lay}" for p in channel for lay in ("cl", "nchw")] + [f"next {p} cl" for p in cbam]), out
+        [f"next {p} {lay}" for p in channel + cbam_bwd for lay in ("cl", "nchw")] +
+        [f"next {p} cl" for p in cbam_fwd]), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 

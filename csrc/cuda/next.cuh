@@ -87,9 +87,9 @@ bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWe
 
 // Spatial attention backward (tie rule "first"): a pass summing dy * x over channels -> the gate
 // again from the saved maps, back through it and the conv over all samples -> a pass writing dx =
-// dy * t + dmean / C + [c == sargmax] dmax. Fills dx and gw (dweight, dbias; dbias empty without a
-// bias) and returns true, or returns false for NCHW x (a position's terms would be read once per
-// element there) and where spatial_pool would (dy and dx aligned too).
+// dy * t + dmean / C + [c == sargmax] dmax (NCHW: a thread holds its positions' terms for several
+// channels). Fills dx and gw (dweight, dbias; dbias empty without a bias) and returns true, or
+// returns false where spatial_pool would (dy and dx aligned too).
 bool spatial_backward(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
                       const at::Tensor& sargmax, at::Tensor& dx, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias, std::vector<at::Tensor>& gw);
@@ -97,7 +97,8 @@ bool spatial_backward(const at::Tensor& dy, const at::Tensor& x, const SpatialWe
 // CBAM backward (tie rule "first"): the channel gate again; a pass over dy and x summing dy * x * s
 // over channels -> the spatial half's backward; a pass over dy and x summing dx1 * x over space
 // (dx1 = dy * t + dmean / C + [c == sargmax] dmax, the spatial half's input gradient) -> the
-// channel half's backward; a pass writing dx = dx1 * s + davg / HW + [hw == argmax] dmax_c. Fills
+// channel half's backward; a pass writing dx = dx1 * s + davg / HW + [hw == argmax] dmax_c. In
+// NCHW the second and third passes hold a thread's positions' terms for several channels. Fills
 // dx, gc.g and gs and returns true, or returns false where spatial_backward would.
 bool cbam_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw,
                    const at::Tensor& pooled, const at::Tensor& argmax, const at::Tensor& smaps,

@@ -1,8 +1,8 @@
 // The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
 // ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), the spatial forwards (spatial_pool, and
 // spatial attention: max, mean and argmax over channels by the same passes with C and H*W swapped,
-// then the conv and gate, then y = x * t), CBAM's forward, and the spatial attention and CBAM
-// backwards in channels_last. No per-sample math inside a streaming pass.
+// then the conv and gate, then y = x * t), CBAM's forward (channels_last), and the spatial attention
+// and CBAM backwards. No per-sample math inside a streaming pass.
 //   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
 //             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
 //   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
@@ -57,8 +57,9 @@ struct Pooling {
 // K = H*W). The two are the same kernels with the roles of C and H*W swapped: the summed axis is a
 // row of contiguous vectors (space in NCHW, channels in channels_last) or a column of them (space
 // in channels_last, channels in NCHW). Short NCHW rows over space go through tiles. w (SCALED_MAX,
-// SCALED_DOT; rows only): [N, summed length] weights, x * w pooled (CBAM: x * s over channels).
-// pt (DOT_POS; columns only): [N, H*W] position terms, x * (dy * t + pc + [c == ai] qc) summed.
+// SCALED_DOT): [N, summed length] weights, x * w pooled (CBAM: x * s over channels; the max of
+// x * w along rows only). pt (DOT_POS, over space): [N, H*W] position terms, x * (dy * t + pc +
+// [c == ai] qc) summed (NCHW: _pool_across, partials per (n, c, column block)).
 template <typename T, int V, Job J>
 Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch& s, const at::Tensor& dy = at::Tensor(),
                                          const at::Tensor& mref = at::Tensor(),
@@ -91,10 +92,10 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched("pool_columns", pl, pl.grid);
-    if constexpr (scaled(J)) {  // (none compiled: see _pool_columns)
-      TORCH_CHECK(false, "attnfused: the new kernels pool x * w along rows only");
+    if constexpr (J == Job::SCALED_MAX) {  // (none compiled: see _pool_columns)
+      TORCH_CHECK(false, "attnfused: the new kernels take the max of x * w along rows only");
     } else {
-      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pt, pl, pp);
+      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pt, pl, pp);
     }
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
     TORCH_CHECK(space && !scaled(J) && !positioned(J),
@@ -108,17 +109,20 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
                " tiles=" + std::to_string(pl.tiles) + " grid=" + std::to_string(pl.grid);
     if constexpr (!scaled(J) && !positioned(J))  // (no tiles compiled for the weighted pools)
       _pool_tiles<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, pl, pp);
+  } else if constexpr (positioned(J)) {  // NCHW rows whose elements each need their position's terms
+    const ColumnPlan pl(N, HW, C, V, sms);  // (positions as the columns, channels as the rows)
+    alloc(N * C * pl.nbc);
+    pp.chunks = pl.nbc;
+    pp.n_stride = C * pl.nbc, pp.c_stride = pl.nbc, pp.k_stride = 1;
+    launched("pool_across", pl, pl.grid);
+    _pool_across<T, V><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pt, pl, pp);
   } else {
     const RowPlan pl(N, C, HW, V, sms);
     alloc(N * C * pl.chunks);
     pp.chunks = pl.chunks;
     pp.n_stride = C * pl.chunks, pp.c_stride = pl.chunks, pp.k_stride = 1;
     launched("pool_rows", pl, pl.grid);
-    if constexpr (positioned(J)) {  // (none compiled: see _pool_rows)
-      TORCH_CHECK(false, "attnfused: the new kernels pool with position terms down columns only");
-    } else {
-      _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pl, pp);
-    }
+    _pool_rows<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pl, pp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -126,7 +130,7 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
 
 // The last pass over flat 16-byte vectors (V) in either layout (next_last.cuh): y = x * s[n, c],
 // or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too; DX_T, DX_ST
-// from per-position terms, channels_last only). A forward with a residual (ct.res) takes the tail
+// from per-position terms, in NCHW by _scale_columns). A forward with a residual (ct.res) takes the tail
 // in the same pass.
 template <typename T, int V, Last P>
 std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
@@ -168,8 +172,15 @@ std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc
   } else if constexpr (P == Last::SCALE_T || P == Last::SCALE_ST) {  // a map per position: whole rows only
     TORCH_CHECK(HW % V == 0, "attnfused: the new last pass scales by a map only rows of whole vectors");
     small ? go(ROWS{}, I32{}) : go(ROWS{}, I64{});
-  } else if constexpr (P == Last::DX_T || P == Last::DX_ST) {
-    TORCH_CHECK(false, "attnfused: the new spatial backward's last pass is channels_last only");
+  } else if constexpr (P == Last::DX_T || P == Last::DX_ST) {  // a position's terms held for R channels
+    TORCH_CHECK(HW % V == 0, "attnfused: the new spatial backward's last pass runs rows of whole vectors");
+    const ColumnPlan pl(N, HW, C, V, num_sms());  // (positions as the columns, channels as the rows)
+    TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
+    _scale_columns<T, V, P><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(x.data_ptr<T>(), y.data_ptr<T>(),
+                                                                                     ct, pl);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return std::string(P == Last::DX_T ? " | dx_t columns VEC=" : " | dx_st columns VEC=") + std::to_string(V) +
+           " TX=" + std::to_string(pl.TX) + " R=" + std::to_string(pl.R) + " grid=" + std::to_string(pl.grid);
   } else {
     small ? go(WIDE{}, I32{}) : go(WIDE{}, I64{});
   }
@@ -426,7 +437,7 @@ void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Spati
   if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
-// Spatial attention's backward (channels_last; tie rule "first"): sum_c dy * x (pass 1), the gate
+// Spatial attention's backward (tie rule "first"): sum_c dy * x (pass 1), the gate
 // again and back through it and the conv, then dx = dy * t + pc + [c == sargmax] qc (pass 2).
 template <typename T, int V>
 void spatial_backward_vec(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
@@ -447,7 +458,7 @@ void spatial_backward_vec(const at::Tensor& dy, const at::Tensor& x, const Spati
   if (debug()) std::fprintf(stderr, "attnfused next spatial_backward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
-// CBAM's backward (channels_last; tie rule "first"), x1 = x * s never stored:
+// CBAM's backward (tie rule "first"), x1 = x * s never stored:
 //   the channel gate again (s); pass 1 (dy, x): sum_c dy * x1 per position -> the spatial half's
 //   backward: its per-position terms and weight gradients; pass 2 (dy, x): sum_hw dx1 * x per
 //   channel, dx1 = dy * t + pc + [c == sargmax] qc -> the channel half's backward; pass 3 (dy):
@@ -482,7 +493,7 @@ void cbam_backward_vec(const at::Tensor& dy, const at::Tensor& x, const ChannelW
 bool spatial_backward(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
                       const at::Tensor& sargmax, at::Tensor& dx, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias, std::vector<at::Tensor>& gw) {
-  if (!is_channels_last(x) || !covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
+  if (!covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::spatial_backward", [&] {
     spatial_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, sw, smaps, sargmax, dx, weight, bias, gw);
   });
@@ -493,7 +504,7 @@ bool cbam_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeigh
                    const at::Tensor& pooled, const at::Tensor& argmax, const at::Tensor& smaps,
                    const at::Tensor& sargmax, at::Tensor& dx, WeightGrads& gc, const at::Tensor& sweight,
                    const c10::optional<at::Tensor>& sbias, std::vector<at::Tensor>& gs) {
-  if (!is_channels_last(x) || !covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
+  if (!covers(x, {&x, &dy, &dx}, Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::cbam_backward", [&] {
     cbam_backward_vec<scalar_t, 16 / sizeof(scalar_t)>(dy, x, cw, sw, pooled, argmax, smaps, sargmax, dx, gc, sweight,
                                                        sbias, gs);

@@ -13,8 +13,8 @@ namespace next {
 // y = x * (s[n, c] * t[n, hw]) (SCALE_ST, CBAM). Backward (reading dy in x's place):
 // dx = dy * s + ph + [hw == argmax] qh (DX, tie rule "first"), or dx = dy * s + ph + (qh / count) *
 // [x == max] (DX_SPLIT: x streamed too); spatial attention's dx = dy * t + pc + [c == sargmax] qc
-// (DX_T), CBAM's dx = (dy * t + pc + [c == sargmax] qc) * s + ph + [hw == argmax] qh (DX_ST; both
-// channels_last only). A forward with ADD then takes the block's tail in the same pass: y +
+// (DX_T), CBAM's dx = (dy * t + pc + [c == sargmax] qc) * s + ph + [hw == argmax] qh (DX_ST; in
+// NCHW both run as _scale_columns). A forward with ADD then takes the block's tail in the same pass: y +
 // residual (streamed beside x), relu if ct.relu (a select: no branch).
 enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST, DX_T, DX_ST };
 
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool BWD = P == Last::DX || P == Last::DX_SPLIT || PT, SPLIT = P == Last::DX_SPLIT;
   constexpr bool POS = P == Last::SCALE_T || P == Last::SCALE_ST, CHS = P == Last::SCALE || P == Last::SCALE_ST;
   static_assert(!(ADD && BWD), "the tail is a forward's");
-  static_assert(!PT || MODE == ScaleRows::CL, "the spatial half's dx: channels_last only");
+  static_assert(!PT || MODE == ScaleRows::CL, "the spatial half's dx in NCHW: _scale_columns");
   const T* __restrict__ xs = static_cast<const T*>(ct.x);
   const T* __restrict__ rs = static_cast<const T*>(ct.res);
   for (index_t i = blockIdx.x * static_cast<index_t>(kThreads) + threadIdx.x; i < nvec;
@@ -186,6 +186,98 @@ __global__ void __launch_bounds__(kThreads)
       }
       if constexpr (ADD) out = relu_if(out + static_cast<acc_t>(rs[e]), ct.relu);
       y[e] = static_cast<T>(out);
+    }
+  }
+}
+
+// The spatial half's dx from its per-position terms pt and (DX_ST) the channel's Term ch, each
+// element as _scale's channels_last branch computes it; SHARE: with the position's max share
+// ([c == sargmax] qc; without it, pt.qh and pt.ai are not read).
+template <Last P, bool SHARE, typename acc_t>
+__device__ __forceinline__ acc_t spatial_dx(acc_t dy, const Term<acc_t, false>& pt, const Term<acc_t, false>& ch,
+                                            int c, int hw) {
+  const acc_t pc = SHARE ? pt.ph + max_share<acc_t, int>(pt, c, acc_t(0)) : pt.ph;
+  if constexpr (P == Last::DX_ST)
+    return dy * (pt.s * ch.s) + (pc * ch.s + ch.ph + max_share<acc_t, int>(ch, hw, acc_t(0)));
+  else
+    return dy * pt.s + pc;
+}
+
+// Vectors of dy in flight per thread in _scale_columns: DX_ST's channel Terms (loaded first, one per
+// row) leave room for two in 64 registers (with four, ptxas issued them two by two and spilled).
+template <Last P>
+constexpr int columns_loads() {
+  return P == Last::DX_ST ? 2 : kLoads;
+}
+
+// NCHW (H*W % VEC == 0): the spatial half's dx (DX_T, DX_ST). Along flat vectors a position's terms
+// would be read once per element (VEC 16-byte terms per vector of dy); here, in the columns'
+// geometry (a ColumnPlan over channels: positions are the columns), a thread holds its VEC
+// positions' t and pc and walks its R channels in order, columns_loads() vectors of dy at a time; DX_ST
+// reads each channel's Term (one 16-byte load, the same address across the row's lanes). A
+// position's max share ([c == sargmax] qc) falls on one channel: after the walk, the thread writes
+// again each of its positions' element at that channel where the walk covered it (at most VEC
+// elements per R x VEC), so that the loop holds two values per position, not four, and fits 64
+// registers without a spill.
+template <typename T, int VEC, Last P>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _scale_columns(const T* __restrict__ dy, T* __restrict__ dx, ChannelTerms<at::acc_type<T, true>, P> ct,
+                   ColumnPlan pl) {
+  static_assert(P == Last::DX_T || P == Last::DX_ST, "the spatial half's dx");
+  using acc_t = at::acc_type<T, true>;
+  using PosTerm = Term<acc_t, false>;
+  const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
+  int64_t chunk, bc, n;
+  block_of(pl.chunks, pl.nbc, chunk, bc, n);
+  const int64_t cv = bc * pl.TX + tx;  // pl.C: positions (the columns), pl.HW: channels (the rows)
+  if (cv >= pl.cvecs) return;
+  const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+  const int r1 = static_cast<int>(::min(int64_t(r0) + pl.R, pl.HW));
+  const int64_t hw0 = cv * VEC;
+  const PosTerm* pts = ct.pt + n * pl.C + hw0;
+  acc_t ts[VEC], tp[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const PosTerm t = pts[k];
+    ts[k] = t.s, tp[k] = t.ph;
+  }
+  const PosTerm* chs = P == Last::DX_ST ? ct.t + n * pl.HW : nullptr;
+  // the channel's Term (DX_ST; one 16-byte load), else unread
+  auto channel = [&](int c) { return P == Last::DX_ST ? chs[c] : PosTerm{}; };
+  const int64_t o0 = n * pl.HW * pl.C + hw0;
+  const int h0 = static_cast<int>(hw0);  // (H*W < 2^31: covers())
+  auto write = [&](const Vec<T, VEC>& dv, int c, const PosTerm& ch) {
+    Vec<T, VEC> ov;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      ov.v[k] = static_cast<T>(spatial_dx<P, false>(static_cast<acc_t>(dv.v[k]), PosTerm{ts[k], tp[k], acc_t(0), 0},
+                                                    ch, c, h0 + k));
+    *reinterpret_cast<Vec<T, VEC>*>(dx + o0 + int64_t(c) * pl.C) = ov;
+  };
+  constexpr int L = columns_loads<P>();
+  int r = r0;
+  for (; r + L <= r1; r += L) {  // marker: hot loop (scale_columns)
+    PosTerm ch[L];  // the rows' channel Terms first (cache hits), then dy's vectors together
+#pragma unroll
+    for (int u = 0; u < L; ++u) ch[u] = channel(r + u);
+    Vec<T, VEC> dv[L];
+    const T* at[L];
+#pragma unroll
+    for (int u = 0; u < L; ++u) at[u] = dy + o0 + int64_t(r + u) * pl.C;
+    load_vecs<L>(dv, at);
+#pragma unroll
+    for (int u = 0; u < L; ++u) write(dv[u], r + u, ch[u]);
+  }
+#pragma unroll 1
+  for (; r < r1; ++r) write(load_vec<T, VEC>(dy + o0 + int64_t(r) * pl.C), r, channel(r));
+  // each position's element at its channel of the max, if this walk covered it, with the share
+  // (written after the same thread's vector store of it above)
+#pragma unroll 1
+  for (int k = 0; k < VEC; ++k) {
+    const PosTerm t = pts[k];
+    if (t.ai >= r0 && t.ai < r1) {
+      const int64_t e = o0 + int64_t(t.ai) * pl.C + k;
+      dx[e] = static_cast<T>(spatial_dx<P, true>(static_cast<acc_t>(dy[e]), t, channel(t.ai), t.ai, h0 + k));
     }
   }
 }

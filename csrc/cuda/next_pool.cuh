@@ -40,9 +40,10 @@ enum class Job {
   DOT_COUNT,   // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
   SCALED_MAX,  // the sum, max and argmax of x * w, w [N, L] per element of the summed axis (CBAM's
                // x1 = x * s pooled over channels; the product in acc_t, unrounded)
-  SCALED_DOT,  // the sum of dy * (x * w), w as for SCALED_MAX (CBAM's backward: sum_c dy * x1; rows only)
+  SCALED_DOT,  // the sum of dy * (x * w), w as for SCALED_MAX (CBAM's backward: sum_c dy * x1)
   DOT_POS,     // the sum of x * (dy * t + pc + [c == ai] qc), one Term (t, pc, qc, ai) per position
-               // (CBAM's backward: sum_hw dx1 * x, dx1 the spatial half's input gradient; columns only)
+               // (CBAM's backward: sum_hw dx1 * x, dx1 the spatial half's input gradient; columns in
+               // channels_last, _pool_across in NCHW)
 };
 constexpr bool maxed(Job j) { return j == Job::SUM_MAX || j == Job::SCALED_MAX; }
 constexpr bool scaled(Job j) { return j == Job::SCALED_MAX || j == Job::SCALED_DOT; }
@@ -180,6 +181,11 @@ struct Slots {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) sum[v] += static_cast<acc_t>(dv.v[v]) * (static_cast<acc_t>(xv.v[v]) * wv.v[v]);
   }
+  // dy * (x * w), one weight for every slot (SCALED_DOT down columns: the row's channel weight)
+  __device__ __forceinline__ void take_dot_scaled(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, acc_t w) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sum[v] += static_cast<acc_t>(dv.v[v]) * (static_cast<acc_t>(xv.v[v]) * w);
+  }
   // x * (dy * t + pc + [c == ai] qc) (DOT_POS): pt the row's position terms, slot v channel c0 + v
   __device__ __forceinline__ void take_dot_pos(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv,
                                                const Term<acc_t, false>& pt, int c0) {
@@ -202,28 +208,36 @@ __device__ __forceinline__ Vec<acc_t, VEC> weights(const acc_t* w, int64_t at) {
 template <int L, bool DOT, typename T, int VEC>
 __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv)[L], const T* const (&at)[L],
                                           const T* x, const T* dy) {
-  load_vecs<L>(xv, at);
-  if constexpr (DOT) {
-    const T* atd[L];
+  if constexpr (L == 1 && DOT) {  // one vector of each, issued together
+    Vec<T, VEC> both[2];
+    const T* const p[2] = {at[0], dy + (at[0] - x)};
+    load_vecs<2>(both, p);
+    xv[0] = both[0], dv[0] = both[1];
+  } else {
+    load_vecs<L>(xv, at);
+    if constexpr (DOT) {
+      const T* atd[L];
 #pragma unroll
-    for (int u = 0; u < L; ++u) atd[u] = dy + (at[u] - x);
-    load_vecs<L>(dv, atd);
+      for (int u = 0; u < L; ++u) atd[u] = dy + (at[u] - x);
+      load_vecs<L>(dv, atd);
+    }
   }
 }
 
 // channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
 // over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
 // kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
-// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null; pt:
-// [N, HW] the positions' terms (DOT_POS), else null. No weighted pool (SCALED_MAX) here: its
+// writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null; w:
+// [N, HW] a weight per row (SCALED_DOT: NCHW CBAM's sum over channels of dy * x * s), else null;
+// pt: [N, HW] the positions' terms (DOT_POS), else null. No weighted max (SCALED_MAX) here: its
 // weights and products need more than 64 registers with two loads in flight (ptxas issued the
-// second after the first one's use), so NCHW CBAM stays on today's kernels.
+// second after the first one's use), so NCHW CBAM's forward stays on today's kernels.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
-                  const Term<at::acc_type<T, true>, false>* __restrict__ pt, ColumnPlan pl,
-                  PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(!scaled(J), "the weighted pool runs along rows only");
+                  const at::acc_type<T, true>* __restrict__ w, const Term<at::acc_type<T, true>, false>* __restrict__ pt,
+                  ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(J != Job::SCALED_MAX, "the weighted max runs along rows only");
   constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
@@ -254,6 +268,8 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) {
         if constexpr (positioned(J))
           sl.take_dot_pos(xv[u], dv[u], pt[n * pl.HW + r + u], static_cast<int>(cv * VEC));
+        else if constexpr (scaled(J))
+          sl.take_dot_scaled(xv[u], dv[u], w[n * pl.HW + r + u]);
         else if constexpr (DOT)
           sl.take_dot(xv[u], dv[u], mr);
         else
@@ -263,6 +279,8 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     for (; r < r1; ++r, p += pl.C) {
       if constexpr (positioned(J))
         sl.take_dot_pos(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), pt[n * pl.HW + r], static_cast<int>(cv * VEC));
+      else if constexpr (scaled(J))
+        sl.take_dot_scaled(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), w[n * pl.HW + r]);
       else if constexpr (DOT)
         sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), mr);
       else
@@ -298,6 +316,59 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
   }
 }
 
+// Loads of each tensor in flight per thread in _pool_across: with VEC position terms held for the
+// whole walk (32 registers in half precision), one of x and one of dy (32 KB per SM at 4 blocks)
+// fit 64 registers in every dtype; two of each spilled in bfloat16.
+constexpr int kAcrossLoads = 1;
+
+// NCHW (HW % VEC == 0): per (n, c), the sum over space of x * (dy * t + pc + [c == ai] qc), one
+// position Term each (DOT_POS: CBAM's backward, sum_hw dx1 * x). Along rows a position's terms
+// would be read once per element (VEC 16-byte terms per vector); here the columns' geometry runs
+// with positions as columns (a ColumnPlan over channels): a thread holds its VEC positions' terms
+// and walks its R channels, so a term is read once per R channels. Per channel the thread sums its
+// VEC products, then the row's TX lanes by a butterfly; every lane walks all R rows (past the end
+// clamped, adding 0) so that each butterfly has its whole warp. Partials: slot (n, c, bc), the
+// block's column index bc < nbc ascending in hw.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_across(const T* __restrict__ x, const T* __restrict__ dy, const Term<at::acc_type<T, true>, false>* __restrict__ pt,
+                 ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
+  using acc_t = at::acc_type<T, true>;
+  constexpr int L = kAcrossLoads;
+  const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
+  int64_t chunk, bc, n;
+  block_of(pl.chunks, pl.nbc, chunk, bc, n);
+  // pl.C: positions (the columns), pl.HW: channels (the rows)
+  const int64_t cv = bc * pl.TX + tx, mine = cv < pl.cvecs ? cv : pl.cvecs - 1;
+  const bool live = cv < pl.cvecs;
+  const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+  Term<acc_t, false> tm[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) tm[k] = pt[n * pl.C + mine * VEC + k];
+  const T* base = x + n * pl.HW * pl.C + mine * VEC;
+  const int last = static_cast<int>(pl.HW) - 1;
+  for (int j = 0; j < pl.R; j += L) {  // marker: hot loop (pool_across)
+    Vec<T, VEC> xv[L], dv[L];
+    const T* at[L];
+#pragma unroll
+    for (int u = 0; u < L; ++u) at[u] = base + int64_t(::min(r0 + j + u, last)) * pl.C;
+    load_pair<L, true>(xv, dv, at, x, dy);
+#pragma unroll
+    for (int u = 0; u < L; ++u) {
+      const int c = r0 + j + u;
+      acc_t s = acc_t(0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t d = static_cast<acc_t>(dv[u].v[k]) * tm[k].s + tm[k].ph + (c == tm[k].ai ? tm[k].qh : acc_t(0));
+        s += d * static_cast<acc_t>(xv[u].v[k]);
+      }
+      s = live ? s : acc_t(0);  // (a lane past the last vector re-read the last one: a select, not 0 * NaN)
+      for (int o = 1; o < pl.TX; o *= 2) s += __shfl_xor_sync(0xffffffffu, s, o, pl.TX);
+      if (tx == 0 && c <= last) out.sum[out.slot(n, c, bc)] = s;
+    }
+  }
+}
+
 // NCHW (HW % VEC == 0): per-channel sum (and max, argmax; or the sum of dy * x, and the count of
 // maxima) over a piece of each row (RowPlan). A thread keeps one sum and max per vector slot v
 // (hw = 16-byte vector start + v), visiting its vectors in order, kLoads at a time; slots are
@@ -307,7 +378,7 @@ template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_rows(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                const at::acc_type<T, true>* __restrict__ w, RowPlan pl, PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(!positioned(J), "the pool with position terms runs down columns only");
+  static_assert(!positioned(J), "the pool with position terms: _pool_columns, _pool_across");
   constexpr bool MAXED = maxed(J), DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;

@@ -3,7 +3,9 @@
 // partials merge: per-thread slots, the lanes' butterfly, the row groups, the chunks) over random
 // inputs and checks sum, max and argmax against a direct computation with torch's rules. Integer
 // inputs make every sum exact, so an element read twice or missed changes the sum; small ranges
-// make ties; some rows are all -inf, some hold NaNs. Built and run by tests/test_next_plan.py.
+// make ties; some rows are all -inf, some hold NaNs. Also the NCHW passes that hold a position's
+// terms down a column of channels (_pool_across, _scale_columns): which elements each thread reads,
+// sums and writes. Built and run by tests/test_next_plan.py.
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -186,6 +188,96 @@ static void tiles(long N, long C, long HW, int vec, int sms, const std::vector<f
   }
 }
 
+// NCHW per-channel sums over space as _pool_across computes them (a ColumnPlan over channels:
+// positions are the columns): a thread walks all R rows of its group (loads past the last row or
+// vector clamped, their sums dropped), sums its VEC elements per row, then the row's TX lanes by
+// the butterfly; lane 0 writes slot (n, c, bc); the gate sums the nbc slots in order. Each slot
+// must be written exactly once.
+static void across(long N, long C, long HW, int vec, int sms, const std::vector<float>& x) {
+  const ColumnPlan pl(N, HW, C, vec, sms);  // pl.C: positions, pl.HW: channels
+  std::vector<float> slot(N * C * pl.nbc, 0.f);
+  std::vector<int> writes(slot.size(), 0);
+  const long last = C - 1;
+  for (long n = 0; n < N; ++n)
+    for (long bc = 0; bc < pl.nbc; ++bc)
+      for (long chunk = 0; chunk < pl.chunks; ++chunk)
+        for (int ty = 0; ty < pl.TY; ++ty) {
+          const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+          for (int j = 0; j < pl.R; ++j) {
+            const long c = r0 + j, cl = std::min(c, last);
+            std::vector<Lane> lane(pl.TX);
+            for (int tx = 0; tx < pl.TX; ++tx) {
+              const long cv = bc * pl.TX + tx, mine = cv < pl.cvecs ? cv : pl.cvecs - 1;
+              float s = 0.f;
+              for (int k = 0; k < vec; ++k) s += x[(n * C + cl) * HW + mine * vec + k];
+              lane[tx] = Lane{cv < pl.cvecs ? s : 0.f, 0.f, 0};
+            }
+            const Lane merged = lanes_merge(lane);
+            if (c <= last) {
+              const long o = (n * C + c) * pl.nbc + bc;
+              slot[o] = merged.s;
+              ++writes[o];
+            }
+          }
+        }
+  for (long n = 0; n < N; ++n)
+    for (long c = 0; c < C; ++c) {
+      float s = 0.f;
+      bool once = true;
+      for (long k = 0; k < pl.nbc; ++k) {
+        s += slot[(n * C + c) * pl.nbc + k];
+        once = once && writes[(n * C + c) * pl.nbc + k] == 1;
+      }
+      double want = 0;
+      for (long h = 0; h < HW; ++h) want += x[(n * C + c) * HW + h];
+      const bool ok = once && (std::isnan(want) ? std::isnan(s) : s == want);
+      if (!ok && failures++ < 10) std::printf("across n=%ld c=%ld: got %g (once: %d), want %g\n", n, c, s, once, want);
+    }
+}
+
+// NCHW dx as _scale_columns writes it: every element once by the walk of the thread holding its
+// positions, then each position's element at its channel of the max (ai, random) once more, by
+// that same thread after its walk (so the vector store and the rewrite are in program order).
+static void scale_columns(std::mt19937& rng, long N, long C, long HW, int vec, int sms) {
+  const ColumnPlan pl(N, HW, C, vec, sms);
+  std::vector<int> writer(N * C * HW, -1), writes(N * C * HW, 0), rewrites(N * C * HW, 0);
+  std::vector<int> ai(N * HW);
+  for (auto& a : ai) a = static_cast<int>(rng() % C);
+  int thread = 0;
+  for (long n = 0; n < N; ++n)
+    for (long bc = 0; bc < pl.nbc; ++bc)
+      for (long chunk = 0; chunk < pl.chunks; ++chunk)
+        for (int ty = 0; ty < pl.TY; ++ty)
+          for (int tx = 0; tx < pl.TX; ++tx, ++thread) {
+            const long cv = bc * pl.TX + tx;
+            if (cv >= pl.cvecs) continue;
+            const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+            const int r1 = static_cast<int>(std::min<int64_t>(int64_t(r0) + pl.R, C));
+            for (int r = r0; r < r1; ++r)
+              for (int k = 0; k < vec; ++k) {
+                const long e = (n * C + r) * HW + cv * vec + k;
+                ++writes[e];
+                writer[e] = thread;
+              }
+            for (int k = 0; k < vec; ++k) {
+              const int a = ai[n * HW + cv * vec + k];
+              if (a >= r0 && a < r1) {
+                const long e = (n * C + a) * HW + cv * vec + k;
+                rewrites[e] += writer[e] == thread ? 1 : 100;
+              }
+            }
+          }
+  for (long n = 0; n < N; ++n)
+    for (long c = 0; c < C; ++c)
+      for (long h = 0; h < HW; ++h) {
+        const long e = (n * C + c) * HW + h;
+        const int want = ai[n * HW + h] == c ? 1 : 0;
+        if ((writes[e] != 1 || rewrites[e] != want) && failures++ < 10)
+          std::printf("scale_columns n=%ld c=%ld hw=%ld: %d writes, %d rewrites (want 1, %d)\n", n, c, h, writes[e],
+                      rewrites[e], want);
+      }
+}
+
 // integers in a small range (exact sums, many ties); by trial: a first run of HW all -inf, and
 // NaNs (one or two) at random places
 static std::vector<float> input(std::mt19937& rng, int trial, long size, long HW) {
@@ -210,7 +302,9 @@ int main() {
     const std::vector<float> x = input(rng, trial, N * C * HW, HW);
     rows(rng, N, C, HW, vec, sms, x);      // x read as [N, C, HW]
     columns(N, C, HW, vec, sms, x);        // the same memory read as [N, HW, C]
-    cases += 2;
+    across(N, C, HW, vec, sms, x);         // [N, C, HW], summed along rows in the columns' geometry
+    scale_columns(rng, N, C, HW, vec, sms);
+    cases += 4;
   }
   // NCHW rows of any length through tiles (HW not a whole number of vectors, or short)
   for (int trial = 0; trial < 80; ++trial) {
