@@ -273,8 +273,8 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     max), where next_channel.cu covers it; for cbam, in channels_last the forward (the channel
     pool, the pool of x * s over channels: the rows kernel with C and H*W swapped, each channel
     weighted; the last pass y = x * s * t) and the CBAM and spatial attention backwards; in NCHW
-    the backwards (the forward runs today's kernels there). The forwards' last pass also with the
-    tail's residual (+res: one more stream read)."""
+    the backwards, and the forward in 4- and 8-byte types (in half precision it runs today's
+    kernels). The forwards' last pass also with the tail's residual (+res: one more stream read)."""
     v, HW = 16 // elem, H * W
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
@@ -283,13 +283,21 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     # Job: SUM 0, SUM_MAX 1, DOT 2, DOT_COUNT 3, SCALED_MAX 4, SCALED_DOT 5, DOT_POS 6 (next_pool.cuh);
     # Last: SCALE 0, DX 1, DX_SPLIT 2, SCALE_T 3, SCALE_ST 4, DX_T 5, DX_ST 6, then ADD (the forward's
     # tail with a residual) (next_last.cuh)
-    if op == "cbam" and not cl:  # the backwards where H*W is a whole number of vectors (cbam_backward)
+    if op == "cbam" and not cl:  # where H*W is a whole number of vectors (cbam_forward, cbam_backward)
         if HW % v:
             return []
         cols = f"void {ns}_scale_columns<{T}, {v}, ({ns}Last)"
+        rows_last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows)2, ({ns}Last)"
+        # the forward in 4- and 8-byte types (the weighted max down columns: next_pool.cuh); its last
+        # pass reads t as whole vectors of a row's positions (ROWS)
+        fwd = [] if elem < 4 else [
+            PassUse("next fwd cpool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)1>", "rows"),
+            PassUse("next fwd spool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)4>", "columns", over_channels=True),
+            PassUse("next fwd stscale", f"{rows_last}4, false>", "apply", reads=1, writes=1),
+            PassUse("next fwd stscale+res", f"{rows_last}4, true>", "apply", reads=2, writes=1)]
         # the last passes: a thread holds its positions' terms down R channels, columns_loads()
         # vectors of dy a trip (next_last.cuh); the dot with position terms: _pool_across
-        return [PassUse("next bwd sdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)5>", "columns", reads=2,
+        return fwd + [PassUse("next bwd sdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)5>", "columns", reads=2,
                         over_channels=True),
                 PassUse("next bwd cdot", f"void {ns}_pool_across<{T}, {v}>", "columns", reads=2, over_channels=True),
                 PassUse("next bwd dxST", f"{cols}6>", "columns", reads=1, writes=1, over_channels=True,

@@ -184,7 +184,9 @@ def test_next_path_tiles_plan():
         ("next sa dx", "columns", True)]
     assert "_pool_across<c10::Half, 8>" in nchw[1].kernel and "_scale_columns<" in nchw[2].kernel
     assert static.next_passes("cbam", 1024, 14, 14, False, "c10::Half", 2) == [], "196 is no whole number of vectors"
-    assert len(static.next_passes("cbam", 1024, 14, 14, False, "float", 4)) == 4
+    fp32 = static.next_passes("cbam", 1024, 14, 14, False, "float", 4)  # and the forward, down columns
+    assert [u.label for u in fp32[:2]] == ["next fwd cpool", "next fwd spool"] and len(fp32) == 8
+    assert "_pool_columns<float, 4, (attnfused::cuda::next::Job)4>" in fp32[1].kernel and fp32[1].over_channels
 
 
 def test_occupancy():

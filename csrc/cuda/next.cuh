@@ -80,7 +80,7 @@ bool spatial_forward(const at::Tensor& x, const SpatialWeights& sw, const Tail& 
 // CBAM forward: the channel forward's pool and gate (pass 1), x * s pooled over channels without
 // storing it (pass 2: the spatial pool's kernels weighting each channel by s), the conv and gate,
 // then y = x * s * t (pass 3). Fills the op's outputs and returns true, or returns false for NCHW
-// x (no weighted column pass yet) and where spatial_forward would.
+// x in half precision (no weighted column pass there yet) and where spatial_forward would.
 bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
                   at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
                   at::Tensor& hidden);

@@ -39,7 +39,8 @@ enum class Job {
   DOT,         // the sum of dy * x (the backward)
   DOT_COUNT,   // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
   SCALED_MAX,  // the sum, max and argmax of x * w, w [N, L] per element of the summed axis (CBAM's
-               // x1 = x * s pooled over channels; the product in acc_t, unrounded)
+               // x1 = x * s pooled over channels; the product in acc_t, unrounded; down columns
+               // (NCHW) in 4- and 8-byte types only)
   SCALED_DOT,  // the sum of dy * (x * w), w as for SCALED_MAX (CBAM's backward: sum_c dy * x1)
   DOT_POS,     // the sum of x * (dy * t + pc + [c == ai] qc), one Term (t, pc, qc, ai) per position
                // (CBAM's backward: sum_hw dx1 * x, dx1 the spatial half's input gradient; columns in
@@ -166,6 +167,15 @@ struct Slots {
       take_max_in_order(mx[v], mi[v], e, index);
     }
   }
+  // x * w, one weight for every slot (down columns: the row's weight)
+  __device__ __forceinline__ void take(const Vec<T, VEC>& xv, int index, acc_t w) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t e = static_cast<acc_t>(xv.v[v]) * w;
+      sum[v] += e;
+      take_max_in_order(mx[v], mi[v], e, index);
+    }
+  }
   // mref: each slot's channel max (counting)
   __device__ __forceinline__ void take_dot(const Vec<T, VEC>& xv, const Vec<T, VEC>& dv, const acc_t (&mref)[VEC]) {
 #pragma unroll
@@ -228,16 +238,18 @@ __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv
 // over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
 // kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
 // writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null; w:
-// [N, HW] a weight per row (SCALED_DOT: NCHW CBAM's sum over channels of dy * x * s), else null;
-// pt: [N, HW] the positions' terms (DOT_POS), else null. No weighted max (SCALED_MAX) here: its
-// weights and products need more than 64 registers with two loads in flight (ptxas issued the
-// second after the first one's use), so NCHW CBAM's forward stays on today's kernels.
+// [N, HW] a weight per row (NCHW CBAM: SCALED_DOT, the backward's sum over channels of dy * x * s;
+// SCALED_MAX, the forward's pool of x * s over channels), else null; pt: [N, HW] the positions'
+// terms (DOT_POS), else null. The weighted max in 2-byte types is not launched: with its eight
+// sums, maxima and indices, two vectors and their products, ptxas issued the second load after
+// the first one's use at 64 registers (one load in flight; loading the rows' weights first did not
+// change it), so NCHW CBAM's forward in half precision stays on today's kernels.
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                   const at::acc_type<T, true>* __restrict__ w, const Term<at::acc_type<T, true>, false>* __restrict__ pt,
                   ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(J != Job::SCALED_MAX, "the weighted max runs along rows only");
+  static_assert(J != Job::SCALED_MAX || sizeof(T) >= 4, "the weighted max down columns: 4- and 8-byte types");
   constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
@@ -268,21 +280,26 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
       for (int u = 0; u < L; ++u) {
         if constexpr (positioned(J))
           sl.take_dot_pos(xv[u], dv[u], pt[n * pl.HW + r + u], static_cast<int>(cv * VEC));
-        else if constexpr (scaled(J))
+        else if constexpr (scaled(J) && DOT)
           sl.take_dot_scaled(xv[u], dv[u], w[n * pl.HW + r + u]);
         else if constexpr (DOT)
           sl.take_dot(xv[u], dv[u], mr);
+        else if constexpr (scaled(J))
+          sl.take(xv[u], r + u, w[n * pl.HW + r + u]);
         else
           sl.take(xv[u], r + u);
       }
     }
+#pragma unroll 1  // (fewer than L rows)
     for (; r < r1; ++r, p += pl.C) {
       if constexpr (positioned(J))
         sl.take_dot_pos(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), pt[n * pl.HW + r], static_cast<int>(cv * VEC));
-      else if constexpr (scaled(J))
+      else if constexpr (scaled(J) && DOT)
         sl.take_dot_scaled(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), w[n * pl.HW + r]);
       else if constexpr (DOT)
         sl.take_dot(load_vec<T, VEC>(p), load_vec<T, VEC>(dy + (p - x)), mr);
+      else if constexpr (scaled(J))
+        sl.take(load_vec<T, VEC>(p), r, w[n * pl.HW + r]);
       else
         sl.take(load_vec<T, VEC>(p), r);
     }
