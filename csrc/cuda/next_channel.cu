@@ -1,8 +1,8 @@
 // The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
 // ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), the spatial forwards (spatial_pool, and
 // spatial attention: max, mean and argmax over channels by the same passes with C and H*W swapped,
-// then the conv and gate, then y = x * t), CBAM's forward (NCHW: not in half precision), and the spatial attention
-// and CBAM backwards. No per-sample math inside a streaming pass.
+// then the conv and gate, then y = x * t), CBAM's forward (NCHW: not in half precision), and the
+// spatial attention and CBAM backwards. No per-sample math inside a streaming pass.
 //   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
 //             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
 //   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
