@@ -116,7 +116,9 @@ class Flow:
             out = [at[t]] if t in at else []
             if t is not None and t < x.addr and t in at:
                 loops.add((at[t], k))  # a backward branch closes a loop; self-loops (t == addr) are not loops
-            if not ((is_branch(x) or x.base == "EXIT") and not x.pred):
+            # BRA.DIV / BRA.CONV branch only when the warp is (not) converged: they fall through too
+            conditional = x.pred or any(m in ("DIV", "CONV") for m in x.op.split(".")[1:])
+            if not ((is_branch(x) or x.base == "EXIT") and not conditional):
                 out.append(k + 1)
             self.succ.append(out)
         self.loops = sorted(loops)

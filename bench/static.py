@@ -223,6 +223,7 @@ class PassUse:
     writes: int = 0
     over_channels: bool = False  # a pool over channels (the new path's pools with C and H*W swapped)
     trip_vectors: int = 0  # 16-byte vectors of each streamed tensor a hot-loop trip reads (0: from the SASS)
+    lanes_per_vector: int = 1  # lanes sharing a vector of columns (each reading 1 / lanes of its rows)
 
 
 def passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N: int = BATCH) -> list[PassUse]:
@@ -273,8 +274,8 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
     max), where next_channel.cu covers it; for cbam, in channels_last the forward (the channel
     pool, the pool of x * s over channels: the rows kernel with C and H*W swapped, each channel
     weighted; the last pass y = x * s * t) and the CBAM and spatial attention backwards; in NCHW
-    the backwards, and the forward in 4- and 8-byte types (in half precision it runs today's
-    kernels). The forwards' last pass also with the tail's residual (+res: one more stream read)."""
+    the same where H*W is a whole number of vectors. The forwards' last pass also with the tail's
+    residual (+res: one more stream read)."""
     v, HW = 16 // elem, H * W
     ns = "attnfused::cuda::next::"
     small = N * C * H * W + SMS * 32 * THREADS * v <= 2 ** 31 - 1  # scale (next_channel.cu)
@@ -288,11 +289,14 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
             return []
         cols = f"void {ns}_scale_columns<{T}, {v}, ({ns}Last)"
         rows_last = f"void {ns}_scale<{T}, {v}, {idx}, ({ns}ScaleRows)2, ({ns}Last)"
-        # the forward in 4- and 8-byte types (the weighted max down columns: next_pool.cuh); its last
-        # pass reads t as whole vectors of a row's positions (ROWS)
-        fwd = [] if elem < 4 else [
-            PassUse("next fwd cpool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)1>", "rows"),
-            PassUse("next fwd spool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)4>", "columns", over_channels=True),
+        # the forward: the weighted max down columns (in 2-byte types two lanes per vector, each
+        # keeping half its positions: next_pool.cuh); its last pass reads t as whole vectors of a
+        # row's positions (ROWS)
+        spool = (PassUse("next fwd spool", f"void {ns}_pool_column_halves<{T}, {v}, true>", "columns", over_channels=True,
+                         lanes_per_vector=2) if elem == 2 else
+                 PassUse("next fwd spool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)4>", "columns", over_channels=True))
+        fwd = [
+            PassUse("next fwd cpool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)1>", "rows"), spool,
             PassUse("next fwd stscale", f"{rows_last}4, false>", "apply", reads=1, writes=1),
             PassUse("next fwd stscale+res", f"{rows_last}4, true>", "apply", reads=2, writes=1)]
         # the last passes: a thread holds its positions' terms down R channels, columns_loads()
@@ -496,8 +500,8 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         plan = plan_reduce(BATCH, A, B, "COL" if use.direction == "BOTH" else use.direction, vec)
     elif use.kind == "rows":
         plan = plan_next_rows(BATCH, K, L, vec)
-    elif use.kind == "columns":
-        plan = plan_next_columns(BATCH, K, L, vec)
+    elif use.kind == "columns":  # (with lanes per vector: a plan over parts of vectors)
+        plan = plan_next_columns(BATCH, K, L, vec // use.lanes_per_vector)
     elif use.kind == "tiles":
         plan = plan_next_tiles(BATCH, C, H * W, vec)
         blocks = min(blocks, KPOOL_BLOCKS)  # the grid holds kPoolBlocks blocks per SM
@@ -516,7 +520,8 @@ def shape_row(k: Kernel, use: PassUse, shape, cl: bool, elem: int, meas_us):
         # A trip_vectors pass also loads per-channel values of the stream's width in the loop.
         trip = use.trip_vectors or (1 if use.kind == "apply" else 0)
         per_trip = max(1, trip * vec * elem * use.reads if trip else hot.stream_loads * hot.stream_width)
-        row_bytes = plan["KB"] * vec * elem * use.reads if use.kind in ("reduce", "rows", "columns") else per_trip
+        row_bytes = (plan["KB"] * vec * elem * use.reads // use.lanes_per_vector
+                     if use.kind in ("reduce", "rows", "columns") else per_trip)
         trips = max(1.0, row_bytes / per_trip)
         shfl = math.log2(plan["TX"]) if plan["TX"] > 1 else 1.0
         h2 = analyze(k.flow.ins, hot.stream_width, row_trips=trips, shfl_trips=shfl, flow=k.flow)

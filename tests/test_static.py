@@ -138,6 +138,33 @@ def test_branchy_loop_counts_one_arm():
     assert h.instr == 13 - 2, h.instr
 
 
+# a shuffle the compiler guards with BRA.DIV (taken only when the warp has diverged, to a slow
+# path past the loop): the loop's own path falls through it
+DIV_LOOP = canned("_Zdiv", """
+    MOV R0, RZ
+    LDG.E.128.CONSTANT R4, desc[UR4][R2.64]
+    LDG.E.128.CONSTANT R8, desc[UR4][R2.64+0x1000]
+    BRA.DIV UR4, 0xc0
+    SHFL.BFLY PT, R12, R4, 0x1, 0x1f
+    FADD R13, R12, R8
+    IADD3 R0, R0, 0x1, RZ
+    ISETP.GE.AND P0, PT, R0, R7, PT
+    @!P0 BRA 0x10
+    EXIT
+    NOP
+    NOP
+    SHFL.BFLY PT, R12, R4, 0x1, 0x1f
+    BRA 0x50
+""")
+
+
+def test_divergence_guard_falls_through():
+    ins = sass.parse_sass(DIV_LOOP)["_Zdiv"]
+    h = sass.analyze(ins, 16)
+    assert h.loop == (1, 8) and h.stream_loads == 2
+    assert h.instr == 8, "the whole loop body, not the 3 instructions up to BRA.DIV"
+
+
 def test_spill_narrow_row_and_tail():
     ins = sass.parse_sass(SPILL_NARROW)["_Zspill"]
     h = sass.analyze(ins, 2, row_trips=4)
@@ -176,17 +203,18 @@ def test_next_path_tiles_plan():
     assert [u.kind for u in static.next_passes("se", 2048, 7, 7, True, "c10::Half", 2)] == \
         ["columns", "apply", "apply", "columns", "apply", "columns", "apply"]
     assert static.next_passes("se", 2, 2, 2, False, "c10::Half", 2) == [], "H*W < 8: a vector meets > 2 rows"
-    # NCHW CBAM: the backwards' passes where H*W is a whole number of vectors (positions' terms held
-    # down columns of channels), never the forward's
+    # NCHW CBAM where H*W is a whole number of vectors: the forward (the weighted max down columns;
+    # in 2-byte types two lanes per vector) and the backwards (positions' terms held down columns)
     nchw = static.next_passes("cbam", 512, 28, 28, False, "c10::Half", 2)
     assert [(u.label, u.kind, u.over_channels) for u in nchw] == [
-        ("next bwd sdot", "columns", True), ("next bwd cdot", "columns", True), ("next bwd dxST", "columns", True),
-        ("next sa dx", "columns", True)]
-    assert "_pool_across<c10::Half, 8>" in nchw[1].kernel and "_scale_columns<" in nchw[2].kernel
+        ("next fwd cpool", "rows", False), ("next fwd spool", "columns", True), ("next fwd stscale", "apply", False),
+        ("next fwd stscale+res", "apply", False), ("next bwd sdot", "columns", True),
+        ("next bwd cdot", "columns", True), ("next bwd dxST", "columns", True), ("next sa dx", "columns", True)]
+    assert "_pool_column_halves<c10::Half, 8, true>" in nchw[1].kernel and nchw[1].lanes_per_vector == 2
+    assert "_pool_across<c10::Half, 8>" in nchw[5].kernel and "_scale_columns<" in nchw[6].kernel
     assert static.next_passes("cbam", 1024, 14, 14, False, "c10::Half", 2) == [], "196 is no whole number of vectors"
-    fp32 = static.next_passes("cbam", 1024, 14, 14, False, "float", 4)  # and the forward, down columns
-    assert [u.label for u in fp32[:2]] == ["next fwd cpool", "next fwd spool"] and len(fp32) == 8
-    assert "_pool_columns<float, 4, (attnfused::cuda::next::Job)4>" in fp32[1].kernel and fp32[1].over_channels
+    fp32 = static.next_passes("cbam", 1024, 14, 14, False, "float", 4)
+    assert "_pool_columns<float, 4, (attnfused::cuda::next::Job)4>" in fp32[1].kernel and fp32[1].lanes_per_vector == 1
 
 
 def test_occupancy():
@@ -268,14 +296,12 @@ def test_end_to_end_on_the_built_library():
     for ln in today:
         assert ln.endswith(" ok") == ln.startswith("fwd apply"), ln
     # the new path's channel forward (its last pass also with the tail's residual) and backward passes
-    # at stage 1 in both layouts, CBAM's three backward passes and spatial attention's dx pass in both
-    # layouts, and in channels_last CBAM's three forward passes, none flagged
+    # at stage 1 in both layouts, CBAM's three forward and three backward passes and spatial
+    # attention's dx pass in both layouts, none flagged
     channel = ("fwd pool", "fwd scale", "fwd scale+res", "bwd dot", "bwd dx", "bwd dotT", "bwd dxT")
-    cbam_fwd = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res")
-    cbam_bwd = ("bwd sdot", "bwd cdot", "bwd dxST", "sa dx")
+    cbam = ("fwd cpool", "fwd spool", "fwd stscale", "fwd stscale+res", "bwd sdot", "bwd cdot", "bwd dxST", "sa dx")
     assert sorted(" ".join(ln.split()[i] for i in (0, 1, 2, 4)) for ln in new) == sorted(
-        [f"next {p} {lay}" for p in channel + cbam_bwd for lay in ("cl", "nchw")] +
-        [f"next {p} cl" for p in cbam_fwd]), out
+        [f"next {p} {lay}" for p in channel + cbam for lay in ("cl", "nchw")]), out
     assert all(ln.endswith(" ok (new path)") for ln in new), out
 
 

@@ -1,8 +1,8 @@
 // The new path's channel attention (next.cuh), run when $ATTNFUSED_CUDA_KERNELS=next
 // ($ATTNFUSED_CUDA_DEBUG=1 prints each call's plan), the spatial forwards (spatial_pool, and
 // spatial attention: max, mean and argmax over channels by the same passes with C and H*W swapped,
-// then the conv and gate, then y = x * t), CBAM's forward (NCHW: not in half precision), and the
-// spatial attention and CBAM backwards. No per-sample math inside a streaming pass.
+// then the conv and gate, then y = x * t), CBAM's forward, and the spatial attention and CBAM
+// backwards. No per-sample math inside a streaming pass.
 //   forward : pool over space (rows or tiles of NCHW, columns of channels_last) -> pooled vectors
 //             -> f over all samples (MLP: two batched products; conv) and the gate -> scale.  2R + 1W
 //   backward: sum over space of dy * x (and, tie rule "split", the count of each channel's max)
@@ -87,16 +87,18 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
                " chunks=" + std::to_string(pl.chunks) + " grid=" + std::to_string(grid);
   };
   if (is_channels_last(x) == space) {
-    const ColumnPlan pl(N, C, HW, V, sms);
+    // the weighted max in 2-byte types: two lanes per vector, each holding half its columns
+    constexpr bool halves = J == Job::SCALED_MAX && sizeof(T) == 2;
+    const ColumnPlan pl(N, C, HW, halves ? V / 2 : V, sms);
     alloc(N * pl.chunks * C);
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
-    launched("pool_columns", pl, pl.grid);
-    if constexpr (J == Job::SCALED_MAX && sizeof(T) < 4) {  // (none compiled: see _pool_columns)
-      TORCH_CHECK(false, "attnfused: the new kernels take the max of x * w down columns in 4- and 8-byte types only");
-    } else {
+    launched(halves ? "pool_column_halves" : "pool_columns", pl, pl.grid);
+    if constexpr (halves) {  // (a row group of a whole warp exchanges over the full warp)
+      pl.TX == 32 ? _pool_column_halves<T, V, true><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, w, pl, pp)
+                  : _pool_column_halves<T, V, false><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, w, pl, pp);
+    } else
       _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pt, pl, pp);
-    }
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
     TORCH_CHECK(space && !scaled(J) && !positioned(J),
                 "attnfused: the new kernels pool over channels, and with weights or position terms, only along whole vectors");
@@ -515,9 +517,7 @@ bool cbam_backward(const at::Tensor& dy, const at::Tensor& x, const ChannelWeigh
 bool cbam_forward(const at::Tensor& x, const ChannelWeights& cw, const SpatialWeights& sw, const Tail& tail,
                   at::Tensor& y, at::Tensor& pooled, at::Tensor& argmax, at::Tensor& smaps, at::Tensor& sargmax,
                   at::Tensor& hidden) {
-  // NCHW (the weighted pool down columns) in 4- and 8-byte types only (see _pool_columns), where
-  // the pool over channels covers x
-  if ((!is_channels_last(x) && x.element_size() < 4) || !covers(x, streamed(x, y, tail), Over::CHANNELS)) return false;
+  if (!covers(x, streamed(x, y, tail), Over::CHANNELS)) return false;
   AF_DISPATCH_CUDA_TYPES(x.scalar_type(), "next::cbam_forward", [&] {
     cbam_forward_vec<scalar_t, 16 / sizeof(scalar_t)>(x, cw, sw, tail, y, pooled, argmax, smaps, sargmax, hidden);
   });

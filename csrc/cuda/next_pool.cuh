@@ -234,6 +234,43 @@ __device__ __forceinline__ void load_pair(Vec<T, VEC> (&xv)[L], Vec<T, VEC> (&dv
   }
 }
 
+// The partials of a columns pass: thread (tx, ty) holds W slots, the block's columns tx * W + v (of
+// pl.TX * W); the block adds its TY row groups in order through shared memory and writes one
+// partial per column.
+template <typename T, int W, Job J>
+__device__ __forceinline__ void columns_partials(const Slots<T, W, J>& sl, int tx, int ty, const ColumnPlan& pl,
+                                                 int64_t n, int64_t bc, int64_t chunk,
+                                                 const PoolPartials<at::acc_type<T, true>>& out) {
+  using acc_t = at::acc_type<T, true>;
+  constexpr bool MAXED = maxed(J), KEEP_I = maxed(J) || counted(J);
+  __shared__ acc_t s_sum[kThreads * W];
+  __shared__ acc_t s_max[MAXED ? kThreads * W : 1];
+  __shared__ int s_idx[KEEP_I ? kThreads * W : 1];
+  const int TXV = pl.TX * W;
+#pragma unroll
+  for (int v = 0; v < W; ++v) {
+    s_sum[ty * TXV + tx * W + v] = sl.sum[v];
+    if (MAXED) s_max[ty * TXV + tx * W + v] = sl.mx[v];
+    if (KEEP_I) s_idx[ty * TXV + tx * W + v] = sl.mi[v];
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < TXV; j += kThreads) {
+    const int64_t c = bc * TXV + j;
+    if (c >= pl.C) continue;
+    acc_t s = s_sum[j], m = MAXED ? s_max[j] : acc_t(0);
+    int i = KEEP_I ? s_idx[j] : 0;
+    for (int g = 1; g < pl.TY; ++g) {  // row groups ascend in hw
+      s += s_sum[g * TXV + j];
+      if (MAXED) take_max_in_order(m, i, s_max[g * TXV + j], s_idx[g * TXV + j]);
+      if (counted(J)) i += s_idx[g * TXV + j];
+    }
+    const int64_t o = out.slot(n, c, chunk);
+    out.sum[o] = s;
+    if (MAXED) out.max[o] = m;
+    if (KEEP_I) out.idx[o] = i;
+  }
+}
+
 // channels_last: per-channel sum (and max, argmax; or the sum of dy * x, and the count of maxima)
 // over the rows hw of a chunk (ColumnPlan). A thread sums VEC channels down its R rows in order,
 // kLoads rows at a time; the block then adds its TY row groups in order through shared memory and
@@ -250,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
                   const at::acc_type<T, true>* __restrict__ w, const Term<at::acc_type<T, true>, false>* __restrict__ pt,
                   ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
   static_assert(J != Job::SCALED_MAX || sizeof(T) >= 4, "the weighted max down columns: 4- and 8-byte types");
-  constexpr bool MAXED = maxed(J), DOT = dotted(J), KEEP_I = maxed(J) || counted(J);
+  constexpr bool DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
   int64_t chunk, bc, n;
@@ -305,32 +342,74 @@ __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     }
   }
 
-  __shared__ acc_t s_sum[kThreads * VEC];
-  __shared__ acc_t s_max[MAXED ? kThreads * VEC : 1];
-  __shared__ int s_idx[KEEP_I ? kThreads * VEC : 1];
-  const int TXV = pl.TX * VEC;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    s_sum[ty * TXV + tx * VEC + v] = sl.sum[v];
-    if (MAXED) s_max[ty * TXV + tx * VEC + v] = sl.mx[v];
-    if (KEEP_I) s_idx[ty * TXV + tx * VEC + v] = sl.mi[v];
+  columns_partials(sl, tx, ty, pl, n, bc, chunk, out);
+}
+
+// NCHW in 2-byte types: the sum, max and argmax over channels of x * w (SCALED_MAX: CBAM's pool of
+// x1 = x * s, w [N, C] a weight per row). Down columns a thread of _pool_columns would hold eight
+// sums, maxima and indices for its vector's eight positions, and at 64 registers ptxas kept one
+// load in flight. Here two lanes share a vector of positions and each keeps half of them: per
+// trip of four rows, lane p loads rows r + p and r + 2 + p (two 16-byte vectors in flight), the
+// pair swaps halves (one shuffle per 4 bytes), and each lane takes rows r .. r + 3 of its half in
+// order. The plan is a ColumnPlan over half vectors (vec = VEC / 2: lane tx owns half tx & 1 of
+// vector tx / 2), so the partials and their merge are _pool_columns'.
+template <typename T, int VEC, bool WARP>
+__global__ void __launch_bounds__(kThreads, kPoolBlocks)
+    _pool_column_halves(const T* __restrict__ x, const at::acc_type<T, true>* __restrict__ w, ColumnPlan pl,
+                        PoolPartials<at::acc_type<T, true>> out) {
+  static_assert(sizeof(T) == 2 && VEC == 8, "2-byte types: a vector of eight, halves of four");
+  constexpr int H = VEC / 2;
+  using acc_t = at::acc_type<T, true>;
+  using Half = Vec<T, H>;  // 8 bytes: two 32-bit words
+  const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
+  int64_t chunk, bc, n;
+  block_of(pl.chunks, pl.nbc, chunk, bc, n);
+  // pl.C: positions (the columns), pl.HW: channels (the rows); pl.cvecs half vectors, an even count
+  const int64_t hv = bc * pl.TX + tx;
+  const int64_t first = ((hv < pl.cvecs ? hv : pl.cvecs - 1) & ~int64_t(1)) * H;  // the pair's vector
+  const int p = tx & 1;  // the lane's half: positions first + p * H ..
+  // the exchange's lanes: the whole warp when it is one row group (WARP: pl.TX == 32, so all its
+  // lanes run the same trips), else the pair (always in one row group)
+  const unsigned lanes = WARP ? 0xffffffffu : 3u << ((threadIdx.x % 32) & ~1u);
+  const int r0 = static_cast<int>(chunk * pl.chunk) + ty * pl.R;
+  const int r1 = static_cast<int>(::min(int64_t(r0) + pl.R, pl.HW));
+  Slots<T, H, Job::SCALED_MAX> sl(r0);
+  const int64_t row = pl.C;  // elements from one channel to the next
+  const T* a = x + n * pl.HW * row + first + (r0 + p) * row;  // lane p's first row, r0 + p
+  const acc_t* wr = w + n * pl.HW + r0;
+  auto half = [](uint32_t lo, uint32_t hi) {  // two 32-bit words as four elements
+    Half h;
+    memcpy(&h.v[0], &lo, 4);
+    memcpy(&h.v[2], &hi, 4);
+    return h;
+  };
+  int r = r0;
+  for (; r + 4 <= r1; r += 4, a += 4 * row, wr += 4) {  // marker: hot loop (pool_column_halves)
+    uint4 raw[2];
+    const T* const at[2] = {a, a + 2 * row};
+    load_raw<2>(raw, at);
+    // lane 0 keeps words (x, y) of its rows, lane 1 (z, w); the other half goes to the partner
+    const uint32_t k0 = p ? raw[0].z : raw[0].x, k1 = p ? raw[0].w : raw[0].y;
+    const uint32_t k2 = p ? raw[1].z : raw[1].x, k3 = p ? raw[1].w : raw[1].y;
+    const uint32_t g0 = __shfl_xor_sync(lanes, p ? raw[0].x : raw[0].z, 1);
+    const uint32_t g1 = __shfl_xor_sync(lanes, p ? raw[0].y : raw[0].w, 1);
+    const uint32_t g2 = __shfl_xor_sync(lanes, p ? raw[1].x : raw[1].z, 1);
+    const uint32_t g3 = __shfl_xor_sync(lanes, p ? raw[1].y : raw[1].w, 1);
+    // rows r .. r + 3 in order: lane 0 loaded r and r + 2, lane 1 r + 1 and r + 3
+    sl.take(p ? half(g0, g1) : half(k0, k1), r, wr[0]);
+    sl.take(p ? half(k0, k1) : half(g0, g1), r + 1, wr[1]);
+    sl.take(p ? half(g2, g3) : half(k2, k3), r + 2, wr[2]);
+    sl.take(p ? half(k2, k3) : half(g2, g3), r + 3, wr[3]);
   }
-  __syncthreads();
-  for (int j = threadIdx.x; j < TXV; j += kThreads) {
-    const int64_t c = bc * TXV + j;
-    if (c >= pl.C) continue;
-    acc_t s = s_sum[j], m = MAXED ? s_max[j] : acc_t(0);
-    int i = KEEP_I ? s_idx[j] : 0;
-    for (int g = 1; g < pl.TY; ++g) {  // row groups ascend in hw
-      s += s_sum[g * TXV + j];
-      if (MAXED) take_max_in_order(m, i, s_max[g * TXV + j], s_idx[g * TXV + j]);
-      if (counted(J)) i += s_idx[g * TXV + j];
-    }
-    const int64_t o = out.slot(n, c, chunk);
-    out.sum[o] = s;
-    if (MAXED) out.max[o] = m;
-    if (KEEP_I) out.idx[o] = i;
+  a -= p * row;  // row r, read by both lanes
+#pragma unroll 1  // (fewer than four rows: both lanes read each)
+  for (; r < r1; ++r, a += row, ++wr) {
+    uint4 v;
+    const Vec<T, VEC> whole = load_vec<T, VEC>(a);
+    memcpy(&v, &whole, 16);
+    sl.take(p ? half(v.z, v.w) : half(v.x, v.y), r, *wr);
   }
+  columns_partials(sl, tx, ty, pl, n, bc, chunk, out);
 }
 
 // Loads of each tensor in flight per thread in _pool_across: with VEC position terms held for the

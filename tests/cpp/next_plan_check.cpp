@@ -278,6 +278,73 @@ static void scale_columns(std::mt19937& rng, long N, long C, long HW, int vec, i
       }
 }
 
+// NCHW pooling over channels of x * w (w [N, C] per row) as _pool_column_halves computes it in
+// 2-byte types: a ColumnPlan over half vectors (vec / 2 positions); per trip of four rows lane p
+// reads rows r + p and r + 2 + p of its pair's vector, the pair swaps halves, and each lane takes
+// rows r .. r + 3 of its half in order; the rest of the rows (fewer than four) both lanes read;
+// then the row groups merge in order (columns_partials) and the chunks (the maps kernel).
+static void column_halves(long N, long C, long HW, int vec, int sms, const std::vector<float>& x,
+                          const std::vector<float>& w) {
+  const int H = vec / 2;
+  const ColumnPlan pl(N, HW, C, H, sms);  // pl.C: positions, pl.HW: channels
+  for (long n = 0; n < N; ++n)
+    for (long hw = 0; hw < HW; ++hw) {
+      const long hv = hw / H, v = hw % H, first = (hv & ~1L) * H;
+      const int p = static_cast<int>(hv & 1);
+      std::vector<Lane> parts;
+      for (long k = 0; k < pl.chunks; ++k) {
+        Lane merged{0.f, -std::numeric_limits<float>::infinity(), 0};
+        for (int ty = 0; ty < pl.TY; ++ty) {
+          const int r0 = static_cast<int>(k * pl.chunk) + ty * pl.R;
+          const int r1 = static_cast<int>(std::min<int64_t>(r0 + pl.R, C));
+          Lane g{0.f, -std::numeric_limits<float>::infinity(), r0};
+          using Words = std::vector<float>;  // a vector of `vec` elements as the kernel's 4 words (x, y, z, w)
+          auto load = [&](int row) { return Words(&x[(n * C + row) * HW + first], &x[(n * C + row) * HW + first] + vec); };
+          auto word = [&](const Words& a, int k) { return Words(a.begin() + k * (H / 2), a.begin() + (k + 1) * (H / 2)); };
+          auto half = [&](const Words& lo, const Words& hi) {
+            Words h(lo);
+            h.insert(h.end(), hi.begin(), hi.end());
+            return h;
+          };
+          auto take = [&](const Words& h, int row) {  // element v of the half the lane holds for `row`
+            const float e = h[v] * w[n * C + row];
+            g.s += e;
+            take_max_in_order(g.m, g.i, e, row);
+          };
+          int r = r0;
+          for (; r + 4 <= r1; r += 4) {
+            Words raw[2][2];  // [lane][u]: lane q reads rows r + q and r + 2 + q
+            for (int q = 0; q < 2; ++q)
+              for (int u = 0; u < 2; ++u) raw[q][u] = load(r + q + 2 * u);
+            // as the kernel: keep (x, y) or (z, w); send the other pair to the partner (xor 1)
+            auto keep = [&](int q, int u, int k) { return word(raw[q][u], q ? 2 + k : k); };
+            auto sent = [&](int q, int u, int k) { return word(raw[q][u], q ? k : 2 + k); };
+            const Words k0 = keep(p, 0, 0), k1 = keep(p, 0, 1), k2 = keep(p, 1, 0), k3 = keep(p, 1, 1);
+            const Words g0 = sent(1 - p, 0, 0), g1 = sent(1 - p, 0, 1), g2 = sent(1 - p, 1, 0), g3 = sent(1 - p, 1, 1);
+            take(p ? half(g0, g1) : half(k0, k1), r);
+            take(p ? half(k0, k1) : half(g0, g1), r + 1);
+            take(p ? half(g2, g3) : half(k2, k3), r + 2);
+            take(p ? half(k2, k3) : half(g2, g3), r + 3);
+          }
+          for (; r < r1; ++r) {
+            const Words a = load(r);
+            take(p ? half(word(a, 2), word(a, 3)) : half(word(a, 0), word(a, 1)), r);
+          }
+          if (ty == 0) merged = g;
+          else {
+            merged.s += g.s;
+            take_max_in_order(merged.m, merged.i, g.m, g.i);
+          }
+        }
+        parts.push_back(merged);
+      }
+      const Pooled got = gate(parts);
+      std::vector<float> vals(C);
+      for (long c = 0; c < C; ++c) vals[c] = x[(n * C + c) * HW + hw] * w[n * C + c];
+      check("column_halves", got, vals, n, hw);
+    }
+}
+
 // integers in a small range (exact sums, many ties); by trial: a first run of HW all -inf, and
 // NaNs (one or two) at random places
 static std::vector<float> input(std::mt19937& rng, int trial, long size, long HW) {
@@ -304,7 +371,10 @@ int main() {
     columns(N, C, HW, vec, sms, x);        // the same memory read as [N, HW, C]
     across(N, C, HW, vec, sms, x);         // [N, C, HW], summed along rows in the columns' geometry
     scale_columns(rng, N, C, HW, vec, sms);
-    cases += 4;
+    std::vector<float> w(N * C);           // small integer weights (exact products)
+    for (auto& e : w) e = static_cast<float>(1 + rng() % 3);
+    if (vec == 8) column_halves(N, C, HW, vec, sms, x, w);  // [N, C, HW] pooled over channels
+    cases += 5;
   }
   // NCHW rows of any length through tiles (HW not a whole number of vectors, or short)
   for (int trial = 0; trial < 80; ++trial) {
