@@ -183,9 +183,9 @@ def test_bit_identical_twice(case, dtype, lay, path):
 def test_next_path_runs(case, dtype, lay, monkeypatch, capfd):
     """Where the new kernels cover the inputs (channels_last with C, NCHW with H*W a whole number of
     16-byte vectors; tie rule "first"), both directions run them, not the validated kernels they
-    fall back to elsewhere (NCHW CBAM's forward in half precision, for now): each call's plan is
-    printed under $ATTNFUSED_CUDA_DEBUG=1. And their results match the float64 oracle (the parity
-    tests compare the values; this one proves which kernels made them)."""
+    fall back to elsewhere: each call's plan is printed under $ATTNFUSED_CUDA_DEBUG=1. And their
+    results match the float64 oracle (the parity tests compare the values; this one proves which
+    kernels made them)."""
     monkeypatch.setenv("ATTNFUSED_CUDA_KERNELS", "next")
     monkeypatch.setenv("ATTNFUSED_CUDA_DEBUG", "1")
     shape = (4, 64, 14, 14) if lay == "channels_last" else (4, 64, 16, 16)
@@ -194,12 +194,12 @@ def test_next_path_runs(case, dtype, lay, monkeypatch, capfd):
     capfd.readouterr()
     _train_step(case, x, w, layout(rand(*shape, dtype=dtype, device="cuda"), lay))
     err = capfd.readouterr().err
-    half_nchw_cbam = case.op == "cbam" and lay == "nchw" and dtype == torch.float16
-    directions = ("backward",) if half_nchw_cbam else ("forward", "backward")
-    for direction in directions:
+    for direction in ("forward", "backward"):
         assert f"attnfused next {case.op}_{direction} " in err, err
     if lay == "nchw" and case.op in ("cbam", "spatial"):  # a position's terms held down a column of channels
         assert "columns VEC=" in err, err
+    if lay == "nchw" and case.op == "cbam" and dtype == torch.float16:  # two lanes per vector of positions
+        assert "pool_column_halves" in err, err
     _check(case, shape, dtype, lay)
 
 
