@@ -58,8 +58,9 @@ struct Pooling {
 // row of contiguous vectors (space in NCHW, channels in channels_last) or a column of them (space
 // in channels_last, channels in NCHW). Short NCHW rows over space go through tiles. w (SCALED_MAX,
 // SCALED_DOT): [N, summed length] weights, x * w pooled (CBAM: x * s over channels; the max of
-// x * w along rows only). pt (DOT_POS, over space): [N, H*W] position terms, x * (dy * t + pc +
-// [c == ai] qc) summed (NCHW: _pool_across, partials per (n, c, column block)).
+// x * w down columns in 2-byte types by _pool_column_halves). pt (DOT_POS, over space): [N, H*W]
+// position terms, x * (dy * t + pc + [c == ai] qc) summed (NCHW: _pool_across, partials per
+// (n, c, column block)).
 template <typename T, int V, Job J>
 Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch& s, const at::Tensor& dy = at::Tensor(),
                                          const at::Tensor& mref = at::Tensor(),
@@ -94,11 +95,15 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
     pp.chunks = pl.chunks;
     pp.n_stride = pl.chunks * C, pp.c_stride = 1, pp.k_stride = C;
     launched(halves ? "pool_column_halves" : "pool_columns", pl, pl.grid);
+    const unsigned grid = static_cast<unsigned>(pl.grid);
     if constexpr (halves) {  // (a row group of a whole warp exchanges over the full warp)
-      pl.TX == 32 ? _pool_column_halves<T, V, true><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, w, pl, pp)
-                  : _pool_column_halves<T, V, false><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, w, pl, pp);
-    } else
-      _pool_columns<T, V, J><<<static_cast<unsigned>(pl.grid), kThreads, 0, stream>>>(px, pdy, pm, w, pt, pl, pp);
+      if (pl.TX == 32)
+        _pool_column_halves<T, V, true><<<grid, kThreads, 0, stream>>>(px, w, pl, pp);
+      else
+        _pool_column_halves<T, V, false><<<grid, kThreads, 0, stream>>>(px, w, pl, pp);
+    } else {
+      _pool_columns<T, V, J><<<grid, kThreads, 0, stream>>>(px, pdy, pm, w, pt, pl, pp);
+    }
   } else if (HW % V != 0) {  // rows of no whole number of vectors: tiles of rows through shared memory
     TORCH_CHECK(space && !scaled(J) && !positioned(J),
                 "attnfused: the new kernels pool over channels, and with weights or position terms, only along whole vectors");
@@ -132,8 +137,8 @@ Pooling<at::acc_type<T, true>> pool_pass(const at::Tensor& x, Over over, Scratch
 
 // The last pass over flat 16-byte vectors (V) in either layout (next_last.cuh): y = x * s[n, c],
 // or, x being dy, dx from the packed terms (DX; DX_SPLIT reads x through ct.x too; DX_T, DX_ST
-// from per-position terms, in NCHW by _scale_columns). A forward with a residual (ct.res) takes the tail
-// in the same pass.
+// from per-position terms, in NCHW by _scale_columns). A forward with a residual (ct.res) takes
+// the tail in the same pass.
 template <typename T, int V, Last P>
 std::string scale(const at::Tensor& x, at::Tensor& y, const ChannelTerms<at::acc_type<T, true>, P>& ct) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), numel = x.numel();
@@ -439,8 +444,8 @@ void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Spati
   if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());
 }
 
-// Spatial attention's backward (tie rule "first"): sum_c dy * x (pass 1), the gate
-// again and back through it and the conv, then dx = dy * t + pc + [c == sargmax] qc (pass 2).
+// Spatial attention's backward (tie rule "first"): sum_c dy * x (pass 1), the gate again and back
+// through it and the conv, then dx = dy * t + pc + [c == sargmax] qc (pass 2).
 template <typename T, int V>
 void spatial_backward_vec(const at::Tensor& dy, const at::Tensor& x, const SpatialWeights& sw, const at::Tensor& smaps,
                           const at::Tensor& sargmax, at::Tensor& dx, const at::Tensor& weight,

@@ -14,8 +14,8 @@ namespace next {
 // dx = dy * s + ph + [hw == argmax] qh (DX, tie rule "first"), or dx = dy * s + ph + (qh / count) *
 // [x == max] (DX_SPLIT: x streamed too); spatial attention's dx = dy * t + pc + [c == sargmax] qc
 // (DX_T), CBAM's dx = (dy * t + pc + [c == sargmax] qc) * s + ph + [hw == argmax] qh (DX_ST; in
-// NCHW both run as _scale_columns). A forward with ADD then takes the block's tail in the same pass: y +
-// residual (streamed beside x), relu if ct.relu (a select: no branch).
+// NCHW both run as _scale_columns). A forward with ADD then takes the block's tail in the same
+// pass: y + residual (streamed beside x), relu if ct.relu (a select: no branch).
 enum class Last { SCALE, DX, DX_SPLIT, SCALE_T, SCALE_ST, DX_T, DX_ST };
 
 // How a flat vector of x finds its channels' values.
@@ -213,8 +213,8 @@ constexpr int columns_loads() {
 // NCHW (H*W % VEC == 0): the spatial half's dx (DX_T, DX_ST). Along flat vectors a position's terms
 // would be read once per element (VEC 16-byte terms per vector of dy); here, in the columns'
 // geometry (a ColumnPlan over channels: positions are the columns), a thread holds its VEC
-// positions' t and pc and walks its R channels in order, columns_loads() vectors of dy at a time; DX_ST
-// reads each channel's Term (one 16-byte load, the same address across the row's lanes). A
+// positions' t and pc and walks its R channels in order, columns_loads() vectors of dy at a time;
+// DX_ST reads each channel's Term (one 16-byte load, the same address across the row's lanes). A
 // position's max share ([c == sargmax] qc) falls on one channel: after the walk, the thread writes
 // again each of its positions' element at that channel where the walk covered it (at most VEC
 // elements per R x VEC), so that the loop holds two values per position, not four, and fits 64

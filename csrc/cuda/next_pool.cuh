@@ -40,7 +40,7 @@ enum class Job {
   DOT_COUNT,   // the sum of dy * x and the count of x equal to the channel's max (tie rule "split")
   SCALED_MAX,  // the sum, max and argmax of x * w, w [N, L] per element of the summed axis (CBAM's
                // x1 = x * s pooled over channels; the product in acc_t, unrounded; down columns
-               // (NCHW) in 4- and 8-byte types only)
+               // (NCHW) in 2-byte types by _pool_column_halves)
   SCALED_DOT,  // the sum of dy * (x * w), w as for SCALED_MAX (CBAM's backward: sum_c dy * x1)
   DOT_POS,     // the sum of x * (dy * t + pc + [c == ai] qc), one Term (t, pc, qc, ai) per position
                // (CBAM's backward: sum_hw dx1 * x, dx1 the spatial half's input gradient; columns in
@@ -277,16 +277,16 @@ __device__ __forceinline__ void columns_partials(const Slots<T, W, J>& sl, int t
 // writes one partial per channel. mref: [N, C] the channels' maxima (DOT_COUNT), else null; w:
 // [N, HW] a weight per row (NCHW CBAM: SCALED_DOT, the backward's sum over channels of dy * x * s;
 // SCALED_MAX, the forward's pool of x * s over channels), else null; pt: [N, HW] the positions'
-// terms (DOT_POS), else null. The weighted max in 2-byte types is not launched: with its eight
-// sums, maxima and indices, two vectors and their products, ptxas issued the second load after
-// the first one's use at 64 registers (one load in flight; loading the rows' weights first did not
-// change it), so NCHW CBAM's forward in half precision stays on today's kernels.
+// terms (DOT_POS), else null. The weighted max in 2-byte types runs as _pool_column_halves: here,
+// with eight sums, maxima and indices, two vectors and their products, ptxas issued the second
+// load after the first one's use at 64 registers (one load in flight; loading the rows' weights
+// first did not change it).
 template <typename T, int VEC, Job J>
 __global__ void __launch_bounds__(kThreads, kPoolBlocks)
     _pool_columns(const T* __restrict__ x, const T* __restrict__ dy, const at::acc_type<T, true>* __restrict__ mref,
                   const at::acc_type<T, true>* __restrict__ w, const Term<at::acc_type<T, true>, false>* __restrict__ pt,
                   ColumnPlan pl, PoolPartials<at::acc_type<T, true>> out) {
-  static_assert(J != Job::SCALED_MAX || sizeof(T) >= 4, "the weighted max down columns: 4- and 8-byte types");
+  static_assert(J != Job::SCALED_MAX || sizeof(T) >= 4, "the weighted max of 2-byte types: _pool_column_halves");
   constexpr bool DOT = dotted(J);
   using acc_t = at::acc_type<T, true>;
   const int tx = threadIdx.x % pl.TX, ty = threadIdx.x / pl.TX;
