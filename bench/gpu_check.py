@@ -311,7 +311,7 @@ def build_steps(py: str, logdir: Path, slice_expr: str, dtype: str, block: str,
                  "--rep-ms", "40", "--name", f"bench_b128_rest_{dtype}"]
     bsmall = [*bench, "--blocks", ",".join(BENCH_BLOCKS), "--batch", "1,8", "--modes", "fwd", "--providers",
               "eager,cuda", "--rep-ms", "25", "--name", f"bench_b1_8_{dtype}"]
-    # the new kernels ($ATTNFUSED_CUDA_KERNELS=next) where they exist: SE (the channel op), CBAM (its forward)
+    # the new kernels ($ATTNFUSED_CUDA_KERNELS=next): SE (the channel op) and CBAM, forward and training step
     nxt = {"ATTNFUSED_CUDA_KERNELS": "next"}
     b128_next = [*bench, "--blocks", "se,cbam_fc", "--batch", "128", "--modes", "fwd,train", "--providers", "cuda",
                  "--rep-ms", "40", "--name", f"bench_b128_next_{dtype}"]
