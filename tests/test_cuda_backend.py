@@ -204,6 +204,21 @@ def test_next_path_runs(case, dtype, lay, monkeypatch, capfd):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_next_nchw_short_rows_exchange_in_pairs(dtype, monkeypatch, capfd):
+    """NCHW CBAM in half precision with fewer than 32 half vectors of positions per row group (8x8:
+    TX = 16): the weighted pool's lanes swap halves within their pair, not across the warp (the
+    other configuration of _pool_column_halves; the stage shapes take the full warp)."""
+    monkeypatch.setenv("ATTNFUSED_CUDA_KERNELS", "next")
+    monkeypatch.setenv("ATTNFUSED_CUDA_DEBUG", "1")
+    case, shape = CBAM_CASES[2], (3, 24, 8, 8)
+    capfd.readouterr()
+    _check(case, shape, dtype, "nchw")
+    err = capfd.readouterr().err
+    assert "pool_column_halves VEC=8 TX=16 " in err, err
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("lay", LAYOUTS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.float64), ids=str)
 @pytest.mark.parametrize("kind", ("grid", "zeros", "bf16", "nan"))
