@@ -292,16 +292,17 @@ def next_passes(op: str, C: int, H: int, W: int, cl: bool, T: str, elem: int, N:
         # the forward: the weighted max down columns (in 2-byte types two lanes per vector, each
         # keeping half its positions: next_pool.cuh); its last pass reads t as whole vectors of a
         # row's positions (ROWS)
-        spool = (PassUse("next fwd spool", f"void {ns}_pool_column_halves<{T}, {v}, true>", "columns", over_channels=True,
-                         lanes_per_vector=2) if elem == 2 else
-                 PassUse("next fwd spool", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)4>", "columns", over_channels=True))
-        fwd = [
-            PassUse("next fwd cpool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)1>", "rows"), spool,
-            PassUse("next fwd stscale", f"{rows_last}4, false>", "apply", reads=1, writes=1),
-            PassUse("next fwd stscale+res", f"{rows_last}4, true>", "apply", reads=2, writes=1)]
-        # the last passes: a thread holds its positions' terms down R channels, columns_loads()
-        # vectors of dy a trip (next_last.cuh); the dot with position terms: _pool_across
-        return fwd + [PassUse("next bwd sdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)5>", "columns", reads=2,
+        halves = elem == 2
+        spool = PassUse("next fwd spool", f"void {ns}_pool_column_halves<{T}, {v}, true>" if halves else
+                        f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)4>", "columns", over_channels=True,
+                        lanes_per_vector=2 if halves else 1)
+        # the backward's last passes: a thread holds its positions' terms down R channels,
+        # columns_loads() vectors of dy a trip (next_last.cuh); the dot with position terms: _pool_across
+        return [PassUse("next fwd cpool", f"void {ns}_pool_rows<{T}, {v}, ({ns}Job)1>", "rows"),
+                spool,
+                PassUse("next fwd stscale", f"{rows_last}4, false>", "apply", reads=1, writes=1),
+                PassUse("next fwd stscale+res", f"{rows_last}4, true>", "apply", reads=2, writes=1),
+                PassUse("next bwd sdot", f"void {ns}_pool_columns<{T}, {v}, ({ns}Job)5>", "columns", reads=2,
                         over_channels=True),
                 PassUse("next bwd cdot", f"void {ns}_pool_across<{T}, {v}>", "columns", reads=2, over_channels=True),
                 PassUse("next bwd dxST", f"{cols}6>", "columns", reads=1, writes=1, over_channels=True,
