@@ -4,7 +4,10 @@ host compiler and checks sum, max and argmax of every (sample, channel) in both 
 of whole vectors, and rows of any length through shared-memory tiles) against a direct computation
 with torch's rules: integer inputs (exact sums), many ties, -inf rows, NaNs. The pool over channels
 (spatial_pool) runs the same two passes with C and H*W swapped (rows of a position's channels,
-columns of a channel's positions): the random shapes here include such long runs of short rows."""
+columns of a channel's positions): the random shapes here include such long runs of short rows.
+The NCHW passes that hold a position's terms down a column of channels, CBAM's weighted pool in
+two lanes per vector, and the spatial conv's tiles of rows staged in shared memory are replayed
+too."""
 from __future__ import annotations
 
 import shutil

@@ -281,6 +281,20 @@ const Term<acc_t, SPLIT>* gate_backward(const ChannelWeights& cw, const ChannelA
   return terms;
 }
 
+// The spatial conv and gate over the whole batch (_spatial_gate: tiles of rows, the maps' rows and
+// halo staged in shared memory where they fit); DLOG (a backward): also dlog from the dot pass's
+// partials pp.
+template <typename acc_t, bool DLOG>
+void conv_gate(const SpatialArgs<acc_t>& g, int64_t N, const PoolPartials<acc_t>& pp = PoolPartials<acc_t>{}) {
+  const ConvTiles pl(N, g.H, g.W, g.k);
+  if (pl.grid == 0) return;
+  TORCH_CHECK(pl.grid < INT32_MAX, "attnfused: too many blocks for one launch (", pl.grid, ")");
+  const size_t bytes = tile_stage_bytes<acc_t, 2>(pl);
+  _spatial_gate<acc_t, DLOG><<<static_cast<unsigned>(pl.grid), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+      g, pl, bytes > 0, pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The spatial half's backward over all samples, from the partials pp of ds = sum over channels of
 // dy * (the half's input): dlog (the gate again from the saved maps), the per-position terms
 // [N, H*W] of the dx pass (carved from s) and the conv's per-sample weight gradients (g.dwp).
@@ -289,11 +303,14 @@ const Term<acc_t, false>* spatial_gate_backward(const SpatialArgs<acc_t>& g, con
                                                 Scratch& s, int64_t N) {
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t items = N * g.HW;
-  _spatial_dlog<acc_t><<<item_blocks(items), kThreads, 0, stream>>>(pp, N, g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  conv_gate<acc_t, true>(g, N, pp);
   auto* terms = static_cast<Term<acc_t, false>*>(s.carve(items * int64_t(sizeof(Term<acc_t, false>))));
-  _spatial_terms<acc_t><<<item_blocks(items), kThreads, 0, stream>>>(N, g, terms);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const ConvTiles pl(N, g.H, g.W, g.k);  // (the same tiles, over dlog's rows and halo)
+  if (pl.grid > 0) {
+    const size_t bytes = tile_stage_bytes<acc_t, 1>(pl);
+    _spatial_terms<acc_t><<<static_cast<unsigned>(pl.grid), kThreads, bytes, stream>>>(g, pl, bytes > 0, terms);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   // a warp per (n, o)
   _spatial_dweight<acc_t><<<item_blocks(N * (g.M * g.k * g.k + 1) * 32), kThreads, 0, stream>>>(N, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,8 +431,7 @@ void spatial_forward_vec(const at::Tensor& x, const SpatialWeights& sw, const Ta
   const auto pooling = pool_pass<T, V, Job::SUM_MAX>(x, Over::CHANNELS, s);
   _spatial_maps<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(pooling.pp, N, HW, C, g.smaps, g.sargmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(g, N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  conv_gate<acc_t, false>(g, N);
   // pass 2 (streams x, writes y)
   const std::string plan = pooling.plan + scale<T, V, Last::SCALE_T>(
                                              x, y, with_tail(ChannelTerms<acc_t, Last::SCALE_T>{nullptr, nullptr, nullptr, g.t}, tail));
@@ -437,8 +453,7 @@ void cbam_forward_vec(const at::Tensor& x, const ChannelWeights& cw, const Spati
   const auto pooling = pool_pass<T, V, Job::SCALED_MAX>(x, Over::CHANNELS, s, at::Tensor(), at::Tensor(), g.s);
   _spatial_maps<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(pooling.pp, N, HW, C, sp.smaps, sp.sargmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  _spatial_gate<acc_t><<<item_blocks(N * HW), kThreads, 0, stream>>>(sp, N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  conv_gate<acc_t, false>(sp, N);
   plan += " | " + pooling.plan +
           scale<T, V, Last::SCALE_ST>(x, y, with_tail(ChannelTerms<acc_t, Last::SCALE_ST>{g.s, nullptr, nullptr, sp.t}, tail));
   if (debug()) std::fprintf(stderr, "attnfused next cbam_forward %s: %s\n", c10::str(x.sizes()).c_str(), plan.c_str());

@@ -87,56 +87,86 @@ __global__ void __launch_bounds__(kThreads)
   out[t] = s;
 }
 
-// One thread per (n, hw) of the whole batch: the k x k conv of the maps (zero padding) and the
-// gate -> z and t [N, HW]. The maps are small and read through the cache.
+// The planes [P, H, W] of one sample (planes: plane 0; `stride` elements from one to the next) that
+// a tile of ConvTiles reads: rows [lo, hi) copied to shared memory when `staged`, as an image of
+// hi - lo rows whose row 0 is lo; else the planes in place. Every thread of the block calls it.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) _spatial_gate(SpatialArgs<acc_t> g, int64_t N) {
-  int64_t t, n, hw;
-  if (!item_of(N, g.HW, t, n, hw)) return;
-  const acc_t* mx = g.smaps + n * 2 * g.HW;
-  const acc_t z = small::spatial_conv_at(mx, mx + g.HW, g.maps, g.w, g.b, g.H, g.W, g.k, hw / g.W, hw % g.W);
-  g.z[t] = z;
-  g.t[t] = gate_fwd(z, g.gate);
+struct TilePlanes {
+  const acc_t* at;  // plane 0, row row0
+  int64_t stride;   // elements from one plane to the next
+  int64_t H, row0;  // the rows the conv sees, and the first one's row in the image
+};
+template <typename acc_t, int P>
+__device__ TilePlanes<acc_t> tile_planes(const acc_t* planes, int64_t stride, const ConvTiles& pl, bool staged,
+                                         int64_t lo, int64_t hi) {
+  extern __shared__ __align__(16) unsigned char stage_raw[];
+  if (!staged) return TilePlanes<acc_t>{planes, stride, pl.H, 0};
+  acc_t* st = reinterpret_cast<acc_t*>(stage_raw);
+  const int64_t count = (hi - lo) * pl.W;
+#pragma unroll
+  for (int m = 0; m < P; ++m)
+    for (int64_t e = threadIdx.x; e < count; e += kThreads) st[m * count + e] = planes[m * stride + lo * pl.W + e];
+  __syncthreads();
+  return TilePlanes<acc_t>{st, count, hi - lo, lo};
+}
+
+// The dynamic shared memory a tile kernel over P planes launches with (0: it reads them in place).
+template <typename acc_t, int P>
+size_t tile_stage_bytes(const ConvTiles& pl) {
+  return pl.stages(P, sizeof(acc_t)) ? size_t(pl.most_rows() * pl.W * P) * sizeof(acc_t) : 0;
+}
+
+// A block per tile of rows (ConvTiles), a thread per position of them: the k x k conv of the maps
+// (zero padding; the maps' rows and halo staged in shared memory) and the gate -> z and t [N, HW];
+// DLOG (the backward, the gate again from the saved maps): also ds = the dot pass's partials over
+// channels summed in order, and dlog = ds * gate'(z).
+template <typename acc_t, bool DLOG>
+__global__ void __launch_bounds__(kThreads)
+    _spatial_gate(SpatialArgs<acc_t> g, ConvTiles pl, bool staged, PoolPartials<acc_t> pp) {
+  int64_t n, i0, i1, lo, hi;
+  pl.rows(blockIdx.x, n, i0, i1, lo, hi);
+  const auto mp = tile_planes<acc_t, 2>(g.smaps + n * 2 * g.HW, g.HW, pl, staged, lo, hi);
+  for (int64_t q = threadIdx.x; q < (i1 - i0) * g.W; q += kThreads) {
+    const int64_t i = i0 + q / g.W, j = q - (q / g.W) * g.W, hw = i * g.W + j, t = n * g.HW + hw;
+    const acc_t z = small::spatial_conv_at(mp.at, mp.at + mp.stride, g.maps, g.w, g.b, mp.H, int64_t(g.W),
+                                           int64_t(g.k), i - mp.row0, j);
+    g.z[t] = z;
+    g.t[t] = gate_fwd(z, g.gate);
+    if constexpr (DLOG) {
+      int64_t o = pp.slot(n, hw, 0);
+      acc_t ds = pp.sum[o];
+      for (int64_t k = 1; k < pp.chunks; ++k) {
+        o += pp.k_stride;
+        ds += pp.sum[o];
+      }
+      g.dlog[t] = ds * gate_grad(z, g.gate);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------- the spatial gate, backward
 // From the dot pass's partials over channels (sum_c dy * x, or of dy * x1 in CBAM) to the input
 // gradient's per-position terms and the per-sample pieces of the conv's weight gradient
-// (SpatialWeights::grads sums them over samples), over the whole batch.
+// (SpatialWeights::grads sums them over samples), over the whole batch: _spatial_gate<DLOG> above,
+// then the two kernels below.
 
-// One thread per (n, hw): ds = the partials summed in order; the conv and the gate again from the
-// saved maps -> z, t; dlog = ds * gate'(z).
+// A block per tile of rows, a thread per position: the transposed conv of dlog (its rows and halo
+// staged) -> the maps' gradients, packed with t and the channel of the max: Term{t, pc = dmean /
+// C, qc = dmax, sargmax} (also pc and qc in g).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    _spatial_dlog(PoolPartials<acc_t> pp, int64_t N, SpatialArgs<acc_t> g) {
-  int64_t t, n, hw;
-  if (!item_of(N, g.HW, t, n, hw)) return;
-  int64_t o = pp.slot(n, hw, 0);
-  acc_t ds = pp.sum[o];
-  for (int64_t k = 1; k < pp.chunks; ++k) {
-    o += pp.k_stride;
-    ds += pp.sum[o];
+    _spatial_terms(SpatialArgs<acc_t> g, ConvTiles pl, bool staged, Term<acc_t, false>* __restrict__ terms) {
+  int64_t n, i0, i1, lo, hi;
+  pl.rows(blockIdx.x, n, i0, i1, lo, hi);
+  const auto dl = tile_planes<acc_t, 1>(g.dlog + n * g.HW, g.HW, pl, staged, lo, hi);
+  for (int64_t q = threadIdx.x; q < (i1 - i0) * g.W; q += kThreads) {
+    const int64_t i = i0 + q / g.W, j = q - (q / g.W) * g.W, t = n * g.HW + i * g.W + j;
+    acc_t dmax, dmean;
+    small::spatial_dmaps_at(dl.at, g.w, g.maps, dl.H, int64_t(g.W), int64_t(g.k), i - dl.row0, j, dmax, dmean);
+    g.pc[t] = dmean / acc_t(g.C);
+    g.qc[t] = dmax;
+    terms[t] = Term<acc_t, false>{g.t[t], g.pc[t], dmax, static_cast<int>(g.sargmax[t])};
   }
-  const acc_t* mx = g.smaps + n * 2 * g.HW;
-  const acc_t z = small::spatial_conv_at(mx, mx + g.HW, g.maps, g.w, g.b, g.H, g.W, g.k, hw / g.W, hw % g.W);
-  g.z[t] = z;
-  g.t[t] = gate_fwd(z, g.gate);
-  g.dlog[t] = ds * gate_grad(z, g.gate);
-}
-
-// One thread per (n, hw): the transposed conv of dlog -> the maps' gradients, packed with t and the
-// channel of the max: Term{t, pc = dmean / C, qc = dmax, sargmax} (also pc and qc in g).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    _spatial_terms(int64_t N, SpatialArgs<acc_t> g, Term<acc_t, false>* __restrict__ terms) {
-  int64_t t, n, hw;
-  if (!item_of(N, g.HW, t, n, hw)) return;
-  acc_t dmax, dmean;
-  small::spatial_dmaps_at(g.dlog + n * g.HW, g.w, g.maps, g.H, g.W, g.k, static_cast<int>(hw / g.W),
-                          static_cast<int>(hw % g.W), dmax, dmean);
-  g.pc[t] = dmean / acc_t(g.C);
-  g.qc[t] = dmax;
-  terms[t] = Term<acc_t, false>{g.t[t], g.pc[t], dmax, static_cast<int>(g.sargmax[t])};
 }
 
 // One warp per (n, o): the per-sample weight gradient dw[m, i, j] (o < M k k) = sum_hw dlog[hw]

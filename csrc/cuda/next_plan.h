@@ -133,6 +133,40 @@ struct ColumnPlan {
   }
 };
 
+// ---------------------------------------------------------------------------- the spatial conv, tiled
+// The k x k conv over a sample's maps (and its transpose over dlog) as tiles of TR whole rows: a
+// block of kThreads computes rows [i0, i1) of sample n (TR x W positions, TR >= 1) and first copies
+// rows [lo, hi) = [i0 - p, i1 + p) of the planes it reads, clamped to the image, into shared
+// memory, where they fit kStageBytes. The conv then sees an image of hi - lo rows whose row 0 is
+// lo: its zero padding falls where the image's does (a clamped edge is the image's edge, an
+// unclamped one has its halo staged), so each output is the same sum in the same order.
+constexpr int64_t kStageBytes = 48 * 1024;  // (the static shared memory limit: no opt-in)
+
+struct ConvTiles {
+  int64_t N = 0, H = 0, W = 0;
+  int p = 0, TR = 1;
+  int64_t tiles = 0, grid = 0;  // tiles per sample, blocks
+
+  ConvTiles() = default;
+  AF_HD ConvTiles(int64_t N_, int64_t H_, int64_t W_, int k) : N(N_), H(H_), W(W_), p((k - 1) / 2) {
+    TR = W >= kThreads ? 1 : static_cast<int>(kThreads / W);
+    if (TR > H) TR = static_cast<int>(H);
+    tiles = H > 0 ? cdiv(H, TR) : 0;
+    grid = N * tiles;
+  }
+  // the most rows a block stages, and whether `planes` planes of them fit (else it reads in place)
+  AF_HD int64_t most_rows() const { return TR + 2 * p < H ? TR + 2 * p : H; }
+  AF_HD bool stages(int planes, int64_t elem) const { return most_rows() * W * planes * elem <= kStageBytes; }
+  // block b: sample n, output rows [i0, i1), staged rows [lo, hi)
+  AF_HD void rows(int64_t b, int64_t& n, int64_t& i0, int64_t& i1, int64_t& lo, int64_t& hi) const {
+    n = b / tiles;
+    i0 = (b - n * tiles) * TR;
+    i1 = i0 + TR < H ? i0 + TR : H;
+    lo = i0 - p > 0 ? i0 - p : 0;
+    hi = i1 + p < H ? i1 + p : H;
+  }
+};
+
 }  // namespace next
 }  // namespace cuda
 }  // namespace attnfused

@@ -345,6 +345,58 @@ static void column_halves(long N, long C, long HW, int vec, int sms, const std::
     }
 }
 
+// The spatial conv in tiles of rows (ConvTiles): every output row of every sample computed by one
+// block; its staged rows [lo, hi) hold the rows its outputs read (within the image) and no more
+// than most_rows(); and the conv of the staged rows as an image of hi - lo rows whose row 0 is lo
+// (as _spatial_gate and _spatial_terms call small_math.h's conv with it) gives every output bit
+// for bit what the whole image gives. The conv here follows small::spatial_conv_at's loops.
+static float conv_at(const float* img, int64_t H, int64_t W, int k, const std::vector<float>& w, int64_t h,
+                     int64_t x) {
+  const int64_t p = (k - 1) / 2;
+  float acc = 0.25f;
+  for (int64_t dy = 0; dy < k; ++dy) {
+    const int64_t hh = h + dy - p;
+    if (hh < 0 || hh >= H) continue;
+    for (int64_t dx = 0; dx < k; ++dx) {
+      const int64_t ww = x + dx - p;
+      if (ww < 0 || ww >= W) continue;
+      acc += w[dy * k + dx] * img[hh * W + ww];
+    }
+  }
+  return acc;
+}
+
+static void conv_tiles(std::mt19937& rng, long N, long H, long W, int k) {
+  const ConvTiles pl(N, H, W, k);
+  std::vector<float> img(N * H * W), w(k * k);
+  for (auto& e : img) e = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 37.f;
+  for (auto& e : w) e = static_cast<float>(static_cast<int>(rng() % 201) - 100) / 13.f;
+  std::vector<int> done(N * H, 0);
+  for (long b = 0; b < pl.grid; ++b) {
+    int64_t n, i0, i1, lo, hi;
+    pl.rows(b, n, i0, i1, lo, hi);
+    const int64_t p = (k - 1) / 2;
+    const bool ok = n < N && 0 <= lo && lo <= std::max<int64_t>(0, i0 - p) && std::min<int64_t>(H, i1 + p) <= hi &&
+                    hi <= H && hi - lo <= pl.most_rows() && i1 - i0 <= pl.TR &&
+                    (W >= kThreads ? pl.TR == 1 : pl.TR * W <= kThreads);
+    if (!ok && failures++ < 10)
+      std::printf("conv_tiles H=%ld W=%ld k=%d block %ld: n=%ld rows [%ld, %ld) staged [%ld, %ld)\n", H, W, k, b, (long)n,
+                  (long)i0, (long)i1, (long)lo, (long)hi);
+    const std::vector<float> staged(img.begin() + (n * H + lo) * W, img.begin() + (n * H + hi) * W);
+    for (int64_t i = i0; i < i1; ++i) {
+      ++done[n * H + i];
+      for (int64_t x = 0; x < W; ++x) {
+        const float whole = conv_at(img.data() + n * H * W, H, W, k, w, i, x);
+        const float tile = conv_at(staged.data(), hi - lo, W, k, w, i - lo, x);
+        if (whole != tile && failures++ < 10)
+          std::printf("conv_tiles H=%ld W=%ld k=%d (%ld, %ld): staged %g, whole %g\n", H, W, k, (long)i, (long)x, tile, whole);
+      }
+    }
+  }
+  for (long r = 0; r < N * H; ++r)
+    if (done[r] != 1 && failures++ < 10) std::printf("conv_tiles H=%ld W=%ld k=%d: row %ld computed %d times\n", H, W, k, r, done[r]);
+}
+
 // integers in a small range (exact sums, many ties); by trial: a first run of HW all -inf, and
 // NaNs (one or two) at random places
 static std::vector<float> input(std::mt19937& rng, int trial, long size, long HW) {
@@ -385,6 +437,12 @@ int main() {
     const int sms = (trial % 4 == 0) ? 1 : (trial % 4 == 1 ? 3 : 132);
     const std::vector<float> x = input(rng, trial, N * C * HW, HW);
     tiles(N, C, HW, vec, sms, x);
+    ++cases;
+  }
+  // the spatial conv's tiles: small and large images, rows wider than a block, every odd k
+  for (int trial = 0; trial < 40; ++trial) {
+    const long N = 1 + rng() % 3, H = 1 + rng() % (trial % 2 ? 12 : 70), W = trial % 5 == 0 ? 257 + rng() % 300 : 1 + rng() % 90;
+    conv_tiles(rng, N, H, W, 1 + 2 * static_cast<int>(rng() % 4));
     ++cases;
   }
   std::printf("%d cases, %d failures\n", cases, failures);
